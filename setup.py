@@ -1,0 +1,93 @@
+"""bertforge: BERT-family pretraining (data_prep + pretrain packages).
+
+The CUDA extension in csrc/ is optional.  Switch ``BERTFORGE_CUDA_EXT``:
+  unset  build it when a CUDA build of torch and nvcc are both present, else skip quietly;
+  1      build it, and fail if that is impossible;
+  0      never build it (CPU-only install; ops fall back to their PyTorch references).
+Architectures: ``TORCH_CUDA_ARCH_LIST`` when set, else sm_80 and sm_90.
+Build the extension with ``pip install --no-build-isolation`` so it sees the installed torch.
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_GENCODE = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+
+
+def _cuda_extension():
+    """Return ([ext_modules], cmdclass) for csrc/, or ([], {}) when it is not to be built."""
+    switch = os.environ.get("BERTFORGE_CUDA_EXT", "").strip()
+    if switch == "0":
+        return [], {}
+    required = switch == "1"
+    reason = None
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except ImportError:
+        reason = "torch is not importable in the build environment (use --no-build-isolation)"
+    else:
+        if torch.version.cuda is None:
+            reason = f"torch {torch.__version__} is a CPU-only build"
+        elif shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+            reason = "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    if reason is None and not sources:
+        reason = "csrc/ holds no sources"
+    if reason is not None:
+        if required:
+            raise RuntimeError(f"BERTFORGE_CUDA_EXT=1 but the CUDA extension cannot be built: {reason}")
+        print(f"bertforge: skipping the CUDA extension ({reason}); ops use their PyTorch references")
+        return [], {}
+    nvcc_flags = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        nvcc_flags += DEFAULT_GENCODE
+    ext = CUDAExtension(
+        name="bertforge_C",
+        sources=sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _cuda_extension()
+
+setup(
+    name="bertforge",
+    version="0.1.0",
+    description="Pretrain BERT-family encoders: data_prep to WebDataset shards, DeepSpeed ZeRO training",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pretrain", "pretrain.*", "data_prep", "data_prep.*"]),
+    package_data={"pretrain": ["py.typed"], "data_prep": ["assets/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "webdataset>=0.2.90",
+        "tensorboard>=2.14",
+        "pyyaml>=6.0",
+        "numpy>=1.24",
+        "tokenizers>=0.15",
+        "jieba>=0.42",
+        "zstandard>=0.21",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "dev": ["pytest>=7.4", "transformers>=4.40"],
+        "mpi": ["mpi4py>=3.1"],
+    },
+    entry_points={
+        "console_scripts": [
+            "bertforge-pretrain=pretrain.cli:main",
+            "bertforge-data-prep=data_prep.cli:main",
+        ]
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
