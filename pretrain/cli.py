@@ -17,9 +17,9 @@ PLANNED = ["train", "eval", "export", "import", "bench", "demo", "config"]
 def available_commands(package: str, planned: list[str]) -> dict:
     found = {}
     for name in planned:
-        module_name = f"{package}.commands.{name.replace('-', '_')}"
+        module_name = f"{package}.commands.{name.replace('-', '_')}" + ("_" if name == "import" else "")
         try:
-            found[name] = importlib.import_module(module_name if name != "import" else f"{package}.commands.import_")
+            found[name] = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
             if err.name and err.name.startswith(f"{package}.commands"):
                 continue

@@ -412,10 +412,10 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
 def config_from_dict(data: dict, source: str | None = None, world_size: int | None = None) -> Config:
     problems: list[str] = []
     cfg = _build(Config, data, "", problems)
-    # Range and cross-field rules run too; a key already reported (it kept its default) is not
-    # reported a second time.
-    reported = {q.split(":", 1)[0].split("[", 1)[0] for q in problems}
-    problems.extend(q for q in validate(cfg, world_size) if q.split(":", 1)[0] not in reported)
+    # Range and cross-field rules run too, except those that mention a key already reported:
+    # that key kept its default, and a rule about the default would mislead.
+    reported = {q.split(":", 1)[0].split("[", 1)[0].rsplit(".", 1)[-1] for q in problems}
+    problems.extend(q for q in validate(cfg, world_size) if not any(k in q for k in reported))
     if problems:
         raise ConfigError(problems, source=source)
     return cfg

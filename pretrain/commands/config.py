@@ -1,0 +1,35 @@
+"""Resolve a config (defaults < YAML and its bases < key=value overrides), validate it, print it.
+
+Examples:
+  python -m pretrain config --config configs/bert-base.yaml training.max_steps=100
+  python -m pretrain config --config configs/bert-large-phase1.yaml --world-size 8
+Exit status 2 with every problem listed when the config is invalid.
+"""
+HELP = "resolve, validate and print a training config"
+
+
+def add_config_arguments(parser) -> None:
+    """--config FILE and key=value overrides: shared by every command that takes a training config."""
+    parser.add_argument("--config", required=True, help="YAML file (may extend another via `base:`)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="overrides, highest precedence (e.g. zero.stage=2 training.max_steps=100)")
+
+
+def add_arguments(parser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="data-parallel size, to check global = micro x accumulation x world")
+
+
+def run(args) -> int:
+    import sys
+
+    from pretrain.config import ConfigError, dump_config, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides, world_size=args.world_size)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    sys.stdout.write(dump_config(cfg))
+    return 0

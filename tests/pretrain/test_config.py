@@ -1,0 +1,132 @@
+"""The typed config tree: YAML + base + CLI overrides, and validation that reports every problem."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import Config, ConfigError, config_from_dict, load_config, parse_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = sorted(p for p in (REPO / "configs").glob("*.yaml"))
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_are_valid():
+    assert isinstance(config_from_dict({}), Config)
+
+
+def test_precedence_cli_over_file_over_base_over_defaults(tmp_path):
+    write(tmp_path, "base.yaml", "training:\n  max_steps: 10\n  seq_len: 64\nmodel:\n  num_layers: 3\n")
+    child = write(tmp_path, "child.yaml", "base: base.yaml\ntraining:\n  max_steps: 20\n")
+    cfg = load_config(child, ["training.seq_len=32"])
+    assert cfg.training.max_steps == 20      # file beats base
+    assert cfg.training.seq_len == 32        # CLI beats base
+    assert cfg.model.num_layers == 3         # base beats defaults
+    assert cfg.model.hidden_size == 768      # default
+
+
+def test_misspelled_key_gets_one_clear_message_with_suggestion(tmp_path):
+    path = write(tmp_path, "c.yaml", "model:\n  hiden_size: 128\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.problems == ["model.hiden_size: unknown key (did you mean 'model.hidden_size'?)"]
+    assert str(path) in str(err.value)
+
+
+def test_ill_typed_value_names_key_value_and_expected_type():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["training.max_steps=ten"])
+    assert err.value.problems == ["training.max_steps: got 'ten', expected an integer"]
+
+
+def test_all_problems_reported_together():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["zero.stage=7", "model.arch=bret", "optimizer.lrr=1", "model.num_heads=5",
+                           "training.precision=fp8"])
+    text = "\n".join(err.value.problems)
+    assert len(err.value.problems) == 5, text
+    assert "zero.stage: got 7, expected one of 0, 1, 2, 3" in text
+    assert "did you mean 'bert'" in text
+    assert "did you mean 'optimizer.lr'" in text
+    assert "must be divisible by model.num_heads (5)" in text
+    assert "training.precision: got 'fp8', expected one of 'fp32', 'bf16', 'fp16'" in text
+
+
+def test_batch_product_rule_prints_every_factor():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["training.micro_batch_size=8", "training.grad_accum_steps=2",
+                           "training.global_batch_size=64"], world_size=3)
+    assert "8 x 2 x 3 = 48 != 64" in str(err.value)
+    cfg = load_config(None, ["training.micro_batch_size=8", "training.global_batch_size=64"], world_size=4)
+    assert cfg.grad_accum_steps(4) == 2
+
+
+def test_ints_widen_to_float_but_bools_are_not_numbers():
+    assert load_config(None, ["optimizer.lr=1"]).optimizer.lr == 1.0
+    with pytest.raises(ConfigError, match="model.num_layers: got True, expected an integer"):
+        load_config(None, ["model.num_layers=true"])
+
+
+def test_base_cycle_and_missing_base_are_reported(tmp_path):
+    a = write(tmp_path, "a.yaml", "base: b.yaml\n")
+    write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(a)
+    c = write(tmp_path, "c.yaml", "base: nope.yaml\n")
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(c)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        parse_overrides(["max_steps"])
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_yaml_parses_through_the_real_cli(path):
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "config", "--config", str(path)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "model:" in proc.stdout
+
+
+def test_shipped_recipes_have_the_published_hyperparameters():
+    p1 = load_config(str(REPO / "configs/bert-large-phase1.yaml"), world_size=8)
+    assert (p1.training.seq_len, p1.training.global_batch_size, p1.training.max_steps) == (128, 65536, 7038)
+    assert (p1.optimizer.name, p1.optimizer.lr, p1.schedule.warmup_ratio) == ("lamb", 6e-3, 0.2843)
+    assert p1.grad_accum_steps(8) == 32
+    p2 = load_config(str(REPO / "configs/bert-large-phase2.yaml"), world_size=8)
+    assert (p2.training.seq_len, p2.training.global_batch_size, p2.training.max_steps) == (512, 32768, 1563)
+    assert (p2.optimizer.lr, p2.schedule.warmup_ratio, p2.training.max_predictions) == (4e-3, 0.128, 80)
+    assert p2.checkpoint.init_from
+    large = load_config(str(REPO / "configs/bert-large.yaml"))
+    assert (large.model.num_layers, large.model.hidden_size, large.model.num_heads) == (24, 1024, 16)
+
+
+def test_cli_reports_invalid_config_with_exit_2(tmp_path):
+    path = write(tmp_path, "bad.yaml", "model:\n  hidden_sise: 3\n")
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "config", "--config", path],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert "model.hidden_sise: unknown key (did you mean 'model.hidden_size'?)" in proc.stderr
+
+
+def test_every_field_is_documented():
+    import dataclasses
+    import inspect
+
+    import pretrain.config as config_module
+    source = inspect.getsource(config_module)
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.type if isinstance(section.type, type) else
+                                    getattr(config_module, section.type)):
+            # each field line is followed by a docstring line
+            idx = source.index(f"    {f.name}: ", source.index(f"class {type(getattr(Config(), section.name)).__name__}"))
+            next_line = source[idx:].splitlines()[1].strip()
+            assert next_line.startswith('"""'), f"{section.name}.{f.name} has no docstring"
