@@ -1,0 +1,332 @@
+"""Training data: data_prep's WebDataset shards, in a global order that makes resume exact.
+
+Design (docs/training.md has the longer story):
+
+* **One global sample order**, a pure function of (seed, epoch): shards are permuted per epoch,
+  grouped into windows of about ``data.shuffle_buffer`` samples, and samples are permuted inside
+  each window.  Epochs follow one another without a seam, so every optimizer step has a full
+  batch and no rank ever waits at an epoch end.
+* **A position is one integer**, the number of samples consumed.  Optimizer step ``s`` takes the
+  global positions ``[s*G, (s+1)*G)`` (G = global batch); micro-batch ``m`` of rank ``r`` takes the
+  slice ``(m*world + r)*micro ...``.  The samples of a step therefore do not depend on the world
+  size or the accumulation, and a resume (with any world size) continues with the same batches.
+* **Random access into the tar files** through a member index, so loader workers fetch exactly the
+  samples they are given: no duplicates, no gaps, whatever the number of workers.
+* **Dynamic masking** calls data_prep's masking code seeded by (seed, epoch, sample index).
+"""
+from __future__ import annotations
+
+import bisect
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pretrain.config import DataConfig, EvalConfig, TrainingConfig
+
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class DataPosition:
+    samples_consumed: int = 0
+
+
+@dataclass
+class Split:
+    """One split (train or val) of a shard directory, as described by its manifest."""
+    name: str
+    dir: str
+    shard_paths: list[str]
+    shard_sizes: list[int]
+    manifest: dict
+    fingerprint: str
+    tokenizer_hash: Optional[str]
+    tokenizer_dir: Optional[str]
+    seq_len: int
+    max_predictions: int
+    dynamic: bool
+    whole_word: bool
+    mlm_probability: float
+    special: dict
+    vocab_size: int
+    has_sentence_labels: bool
+    offsets: list[int] = field(default_factory=list)   # cumulative sample counts
+
+    def __post_init__(self):
+        self.offsets = list(np.cumsum([0] + self.shard_sizes).tolist())
+
+    @property
+    def num_samples(self) -> int:
+        return self.offsets[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# Opening a split, with the checks that keep a run from training on the wrong data
+# --------------------------------------------------------------------------------------------
+def open_split(data_cfg: DataConfig, name: str, training_cfg: TrainingConfig, model_vocab_size: int,
+               required: bool = True) -> Optional[Split]:
+    from data_prep import shards as dp_shards
+
+    if not data_cfg.dir:
+        raise DataError("data.dir is empty: point it at a directory written by `python -m data_prep shards`")
+    manifest = dp_shards.read_manifest(data_cfg.dir)
+    info = dp_shards.split_info(manifest, name)
+    if not info["shards"]:
+        if required:
+            raise DataError(f"{data_cfg.dir}: the manifest lists no {name} shards")
+        return None
+    seq_len = info["seq_len"]
+    if seq_len != training_cfg.seq_len:
+        raise DataError(f"{data_cfg.dir}: shards were built for seq_len {seq_len} but training.seq_len is "
+                        f"{training_cfg.seq_len}")
+    if info["vocab_size"] > model_vocab_size:
+        raise DataError(f"{data_cfg.dir}: tokenizer vocabulary {info['vocab_size']} exceeds model.vocab_size "
+                        f"{model_vocab_size}")
+    tokenizer_dir = _check_tokenizer(data_cfg, info)
+    mlm_probability = data_cfg.mlm_probability if data_cfg.mlm_probability is not None else info["mlm_probability"]
+    return Split(
+        name=name, dir=data_cfg.dir,
+        shard_paths=[os.path.join(data_cfg.dir, s["name"]) for s in info["shards"]],
+        shard_sizes=[int(s["samples"]) for s in info["shards"]],
+        manifest=manifest, fingerprint=info["fingerprint"], tokenizer_hash=info["tokenizer_hash"],
+        tokenizer_dir=tokenizer_dir, seq_len=seq_len,
+        max_predictions=min(info["max_predictions"], training_cfg.max_predictions)
+        if not info["dynamic"] else training_cfg.max_predictions,
+        dynamic=info["dynamic"], whole_word=info["whole_word"], mlm_probability=mlm_probability,
+        special=info["special_ids"], vocab_size=info["vocab_size"],
+        has_sentence_labels=info["has_sentence_labels"],
+    )
+
+
+def _check_tokenizer(data_cfg: DataConfig, info: dict) -> Optional[str]:
+    """Refuse shards made with another tokenizer than the run's (when the run names one)."""
+    from data_prep import vocab as dp_vocab
+
+    if data_cfg.tokenizer is None:
+        return info.get("tokenizer_dir")
+    run_hash = dp_vocab.tokenizer_hash(data_cfg.tokenizer)
+    if info["tokenizer_hash"] != run_hash:
+        raise DataError(f"{data_cfg.dir}: shards were tokenized with tokenizer {info['tokenizer_hash']} but "
+                        f"data.tokenizer ({data_cfg.tokenizer}) hashes to {run_hash}; rebuild the shards "
+                        f"with this tokenizer or point data.tokenizer at the one they were made with")
+    return data_cfg.tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# The global order
+# --------------------------------------------------------------------------------------------
+class GlobalOrder:
+    """Maps a global position to (epoch, sample index); a pure function of (seed, shard sizes)."""
+
+    def __init__(self, shard_sizes: list[int], seed: int, window_samples: int, shuffle: bool = True):
+        self.sizes = list(shard_sizes)
+        self.total = sum(self.sizes)
+        self.seed = seed
+        self.shuffle = shuffle and window_samples > 0
+        mean_shard = max(1, self.total // max(1, len(self.sizes)))
+        self.window_shards = max(1, -(-window_samples // mean_shard)) if self.shuffle else 1
+        self.starts = np.cumsum([0] + self.sizes)
+        self._epoch_cache: tuple[int, list] | None = None
+        self._window_cache: tuple[tuple[int, int], np.ndarray] | None = None
+
+    def _epoch_windows(self, epoch: int) -> list:
+        """[(window_start_position, [shard ids])] for one epoch."""
+        if self._epoch_cache and self._epoch_cache[0] == epoch:
+            return self._epoch_cache[1]
+        shards = np.arange(len(self.sizes))
+        if self.shuffle:
+            shards = np.random.default_rng([self.seed, epoch, 0x5A4D]).permutation(shards)
+        windows, pos = [], 0
+        for i in range(0, len(shards), self.window_shards):
+            group = shards[i:i + self.window_shards].tolist()
+            windows.append((pos, group))
+            pos += sum(self.sizes[s] for s in group)
+        self._epoch_cache = (epoch, windows)
+        return windows
+
+    def _window_samples(self, epoch: int, w: int, group: list[int]) -> np.ndarray:
+        if self._window_cache and self._window_cache[0] == (epoch, w):
+            return self._window_cache[1]
+        samples = np.concatenate([np.arange(self.starts[s], self.starts[s + 1]) for s in group])
+        if self.shuffle:
+            samples = np.random.default_rng([self.seed, epoch, w]).permutation(samples)
+        self._window_cache = ((epoch, w), samples)
+        return samples
+
+    def __call__(self, position: int) -> tuple[int, int]:
+        epoch, offset = divmod(position, self.total)
+        windows = self._epoch_windows(epoch)
+        w = bisect.bisect_right([start for start, _ in windows], offset) - 1
+        start, group = windows[w]
+        return epoch, int(self._window_samples(epoch, w, group)[offset - start])
+
+
+class RankPositions(Sampler):
+    """The global positions this rank reads, in order, forever, from ``start``."""
+
+    def __init__(self, start: int, rank: int, world_size: int, micro: int, accum: int):
+        self.start, self.rank, self.world, self.micro, self.accum = start, rank, world_size, micro, accum
+
+    def __iter__(self) -> Iterator[int]:
+        global_batch = self.micro * self.accum * self.world
+        base = self.start
+        while True:
+            for m in range(self.accum):
+                first = base + (m * self.world + self.rank) * self.micro
+                yield from range(first, first + self.micro)
+            base += global_batch
+
+    def __len__(self):  # infinite; DataLoader only needs it for len(), which we never call
+        raise TypeError("RankPositions is infinite")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading samples
+# --------------------------------------------------------------------------------------------
+def tar_index(path: str) -> list[dict]:
+    """Members of a WebDataset tar grouped by sample key, in file order: [{ext: (offset, size)}]."""
+    samples: list[dict] = []
+    keys: dict[str, int] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = os.path.basename(member.name)
+                key, _, ext = base.partition(".")
+                key = os.path.join(os.path.dirname(member.name), key)
+                if key not in keys:
+                    keys[key] = len(samples)
+                    samples.append({})
+                samples[keys[key]][ext] = (member.offset_data, member.size)
+    except (tarfile.TarError, OSError) as err:
+        raise DataError(f"{path}: cannot read shard ({err}); run `python -m data_prep verify` on its directory")
+    return samples
+
+
+def _decode(ext: str, raw: bytes):
+    if ext.endswith("npy"):
+        return np.load(io.BytesIO(raw), allow_pickle=False)
+    if ext.endswith("json"):
+        return json.loads(raw)
+    if ext in ("cls", "txt", "label") or ext.endswith("cls"):
+        return raw.decode()
+    return raw
+
+
+class ShardSamples(Dataset):
+    """Map-style dataset: global position -> one training example (numpy arrays)."""
+
+    def __init__(self, split: Split, order: GlobalOrder, seed: int):
+        self.split, self.order, self.seed = split, order, seed
+        self._index: dict[int, list[dict]] = {}
+        self._files: dict[int, object] = {}
+
+    def _read(self, sample: int) -> dict:
+        shard = bisect.bisect_right(self.split.offsets, sample) - 1
+        if shard not in self._index:
+            self._index[shard] = tar_index(self.split.shard_paths[shard])
+            if len(self._index[shard]) != self.split.shard_sizes[shard]:
+                raise DataError(f"{self.split.shard_paths[shard]}: holds {len(self._index[shard])} samples but the "
+                                f"manifest says {self.split.shard_sizes[shard]}")
+        if shard not in self._files:
+            if len(self._files) >= 16:
+                self._files.pop(next(iter(self._files))).close()
+            self._files[shard] = open(self.split.shard_paths[shard], "rb")
+        f = self._files[shard]
+        out = {}
+        for ext, (offset, size) in self._index[shard][sample - self.split.offsets[shard]].items():
+            f.seek(offset)
+            out[ext] = _decode(ext, f.read(size))
+        return out
+
+    def __getitem__(self, position: int) -> dict:
+        epoch, sample = self.order(position)
+        from data_prep.loader import example_from_sample
+        return example_from_sample(self._read(sample), self.split, seed=self.seed, epoch=epoch, index=sample)
+
+    def __len__(self):
+        return self.split.num_samples
+
+
+def collate(examples: list[dict], pad_id: int, pad_to_multiple_of: int, max_predictions: int) -> dict:
+    """Pad a list of examples into a batch of int64 tensors (attention_mask 1 = real token)."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    n = len(examples)
+    input_ids = np.full((n, width), pad_id, dtype=np.int64)
+    token_type_ids = np.zeros((n, width), dtype=np.int64)
+    attention_mask = np.zeros((n, width), dtype=np.int64)
+    positions = np.zeros((n, max_predictions), dtype=np.int64)
+    labels = np.full((n, max_predictions), IGNORE_INDEX, dtype=np.int64)
+    for i, e in enumerate(examples):
+        length = len(e["input_ids"])
+        input_ids[i, :length] = e["input_ids"]
+        token_type_ids[i, :length] = e["token_type_ids"]
+        attention_mask[i, :length] = 1
+        k = min(len(e["masked_lm_positions"]), max_predictions)
+        positions[i, :k] = e["masked_lm_positions"][:k]
+        labels[i, :k] = e["masked_lm_labels"][:k]
+    batch = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask,
+             "masked_lm_positions": positions, "masked_lm_labels": labels}
+    if "sentence_label" in examples[0]:
+        batch["sentence_labels"] = np.array([e["sentence_label"] for e in examples], dtype=np.int64)
+    return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+
+class _Collate:
+    def __init__(self, split: Split, pad_to_multiple_of: int):
+        self.pad_id, self.multiple, self.max_predictions = split.special["pad"], pad_to_multiple_of, split.max_predictions
+
+    def __call__(self, examples):
+        return collate(examples, self.pad_id, self.multiple, self.max_predictions)
+
+
+def _loader(dataset, sampler, micro: int, data_cfg: DataConfig, split: Split) -> DataLoader:
+    workers = data_cfg.num_workers
+    return DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=workers,
+                      collate_fn=_Collate(split, data_cfg.pad_to_multiple_of),
+                      pin_memory=data_cfg.pin_memory and torch.cuda.is_available(),
+                      prefetch_factor=data_cfg.prefetch_factor if workers else None,
+                      persistent_workers=False, drop_last=False)
+
+
+def build_train_loader(split: Split, data_cfg: DataConfig, training_cfg: TrainingConfig, *,
+                       position: DataPosition, rank: int, world_size: int, accum: int) -> DataLoader:
+    order = GlobalOrder(split.shard_sizes, training_cfg.seed, data_cfg.shuffle_buffer)
+    sampler = RankPositions(position.samples_consumed, rank, world_size, training_cfg.micro_batch_size, accum)
+    return _loader(ShardSamples(split, order, training_cfg.seed), sampler, training_cfg.micro_batch_size,
+                   data_cfg, split)
+
+
+class _EvalPositions(Sampler):
+    """Whole batches of the held-out split in file order, batch k on rank k % world (no repeats)."""
+
+    def __init__(self, total: int, rank: int, world_size: int, micro: int, max_batches: int):
+        self.total, self.rank, self.world, self.micro, self.max_batches = total, rank, world_size, micro, max_batches
+
+    def __iter__(self):
+        batches = -(-self.total // self.micro)
+        if self.max_batches:
+            batches = min(batches, self.max_batches * self.world)
+        for b in range(self.rank, batches, self.world):
+            yield from range(b * self.micro, min((b + 1) * self.micro, self.total))
+
+
+def build_eval_loader(split: Split, data_cfg: DataConfig, training_cfg: TrainingConfig, eval_cfg: EvalConfig, *,
+                      rank: int, world_size: int) -> DataLoader:
+    micro = eval_cfg.micro_batch_size or training_cfg.micro_batch_size
+    order = GlobalOrder(split.shard_sizes, training_cfg.seed, 0, shuffle=False)
+    sampler = _EvalPositions(split.num_samples, rank, world_size, micro, eval_cfg.max_batches)
+    return _loader(ShardSamples(split, order, training_cfg.seed), sampler, micro, data_cfg, split)

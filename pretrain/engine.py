@@ -1,0 +1,143 @@
+"""The only module that talks to DeepSpeed.
+
+``deepspeed_config`` derives DeepSpeed's JSON from our Config in one place (micro batch x
+accumulation x data-parallel size computed once); ``build_engine`` wraps model + client optimizer;
+``Stepper`` runs one optimizer step of micro-batches, skipping steps whose loss is not finite.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from pretrain.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """DeepSpeed's config, derived from ours (the single source of truth)."""
+    t, z = cfg.training, cfg.zero
+    accum = cfg.grad_accum_steps(world_size)
+    ds = {
+        "train_batch_size": t.micro_batch_size * accum * world_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optimizer.max_grad_norm,
+        "steps_per_print": 10**9,           # we log ourselves
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0,
+                 "initial_scale_power": t.initial_loss_scale_power,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "zero_optimization": {
+            "stage": z.stage,
+            "overlap_comm": z.overlap_comm,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": z.reduce_bucket_size,
+            "allgather_bucket_size": z.reduce_bucket_size,
+        },
+    }
+    if z.offload_optimizer == "cpu":
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if z.offload_params == "cpu":
+        ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if z.stage == 3:
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    return ds
+
+
+def init_distributed(backend: str, timeout_s: int) -> None:
+    """Join the process group (env:// variables already exported by the entry point)."""
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                               verbose=False)
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int):
+    """deepspeed.initialize with our client optimizer; returns the engine."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=deepspeed_config(cfg, world_size))
+    return engine
+
+
+class SkippableStep:
+    """Wrap a client optimizer's ``step`` so the trainer can veto one update.
+
+    DeepSpeed's ZeRO wrapper calls the client optimizer's ``step``; for fp32/bf16 DeepSpeed has
+    no overflow check of its own, so a non-finite loss would poison the weights.  The trainer
+    sets ``skip`` before the boundary micro-step; the update is dropped, DeepSpeed's bookkeeping
+    (micro-step counters, gradient buffers) still advances.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.skip = False
+        self._step = optimizer.step
+
+        def step(*args, **kwargs):
+            if self.skip:
+                return None
+            return self._step(*args, **kwargs)
+
+        optimizer.step = step
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+class Stepper:
+    """One optimizer step = ``accum`` micro-batches through the DeepSpeed engine."""
+
+    def __init__(self, engine, optimizer: torch.optim.Optimizer, scheduler, accum: int, device: torch.device):
+        self.engine, self.scheduler, self.accum, self.device = engine, scheduler, accum, device
+        self.guard = SkippableStep(optimizer)
+
+    def step(self, next_batch: Callable[[], dict]) -> tuple[dict, bool]:
+        """Run the micro-batches; return (summed detached metrics, whether the update was applied)."""
+        totals: Optional[dict] = None
+        for micro in range(self.accum):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in next_batch().items()}
+            out = self.engine(**batch)
+            stats = _output_stats(out)
+            totals = stats if totals is None else {k: totals[k] + stats[k] for k in totals}
+            if micro == self.accum - 1:
+                # One host sync per optimizer step: every rank must agree whether to skip.
+                bad = all_reduce_sum((~torch.isfinite(totals["loss_sum"])).float().reshape(1))
+                self.guard.skip = bool(bad.item() > 0)
+            self.engine.backward(out.loss)
+            self.engine.step()
+        applied = not self.guard.skip and not _fp16_overflowed(self.engine)
+        self.guard.skip = False
+        if applied:
+            self.scheduler.step()
+        return totals, applied
+
+
+def _fp16_overflowed(engine) -> bool:
+    return bool(getattr(engine, "skipped_steps", 0)) and bool(getattr(engine.optimizer, "overflow", False))
+
+
+def _output_stats(out) -> dict:
+    """Detached sums for metrics (no host sync here)."""
+    zero = torch.zeros((), device=out.loss.device)
+    return {
+        "loss_sum": out.loss.detach().float(),
+        "mlm_loss_sum": out.mlm_loss.detach().float(),
+        "sentence_loss_sum": out.sentence_loss.detach().float() if out.sentence_loss is not None else zero,
+        "mlm_correct": out.mlm_correct.float(), "mlm_count": out.mlm_count.float(),
+        "sentence_correct": out.sentence_correct.float() if out.sentence_correct is not None else zero,
+        "sentence_count": out.sentence_count.float() if out.sentence_count is not None else zero,
+        "micro_batches": torch.ones((), device=out.loss.device),
+    }

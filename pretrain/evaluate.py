@@ -1,0 +1,44 @@
+"""Held-out evaluation: MLM accuracy and perplexity, NSP/SOP accuracy, summed over all ranks."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pretrain.engine import all_reduce_sum
+
+
+@torch.no_grad()
+def evaluate(model, loader, device: torch.device, max_batches: int = 0) -> dict:
+    """Run ``model`` (a DeepSpeed engine or a plain module) in eval mode over ``loader``.
+
+    Every rank must call this (the sums are all-reduced); losses are averaged per masked token
+    and per sentence pair, so the result does not depend on the batch size.
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        out = model(**batch)
+        sums += torch.stack([
+            out.mlm_loss.double() * out.mlm_count, out.mlm_correct.double(), out.mlm_count.double(),
+            (out.sentence_loss.double() * out.sentence_count) if out.sentence_loss is not None else sums[3] * 0,
+            out.sentence_correct.double() if out.sentence_correct is not None else sums[4] * 0,
+            out.sentence_count.double() if out.sentence_count is not None else sums[5] * 0,
+        ])
+    if was_training:
+        model.train()
+    mlm_loss_sum, mlm_correct, mlm_count, sent_loss_sum, sent_correct, sent_count = \
+        all_reduce_sum(sums).tolist()
+    if mlm_count == 0:
+        return {}
+    mlm_loss = mlm_loss_sum / mlm_count
+    out = {"eval/mlm_loss": mlm_loss, "eval/mlm_accuracy": mlm_correct / mlm_count,
+           "eval/perplexity": math.exp(min(mlm_loss, 50.0)), "eval/masked_tokens": mlm_count}
+    if sent_count:
+        out["eval/sentence_loss"] = sent_loss_sum / sent_count
+        out["eval/sentence_accuracy"] = sent_correct / sent_count
+    return out

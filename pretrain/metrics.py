@@ -1,0 +1,143 @@
+"""Monitoring: TensorBoard scalars, a JSONL log, a progress bar with ETA, throughput/MFU, a PNG.
+
+Only rank 0 writes.  Values arrive as plain floats already reduced across ranks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Optional
+
+# Dense bf16/fp16 tensor-core peak TFLOP/s by device-name substring (first match wins).
+PEAK_TFLOPS = [
+    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0), ("B200", 2250.0),
+    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0),
+    ("V100", 125.0), ("T4", 65.0),
+]
+
+
+def peak_tflops_for(device_name: str, override: Optional[float] = None) -> Optional[float]:
+    """Peak TFLOP/s for MFU: the override if given, else the table entry, else None (no MFU)."""
+    if override:
+        return override
+    for key, value in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return value
+    return None
+
+
+def throughput(seqs: int, tokens: int, seconds: float, flops_per_seq: float,
+               peak_tflops: Optional[float]) -> dict:
+    """seq/s, tokens/s, achieved TFLOP/s and MFU (fraction of peak) over an interval."""
+    seconds = max(seconds, 1e-9)
+    tflops = seqs * flops_per_seq / seconds / 1e12
+    out = {"perf/seq_per_s": seqs / seconds, "perf/tokens_per_s": tokens / seconds, "perf/tflops": tflops}
+    if peak_tflops:
+        out["perf/mfu"] = tflops / peak_tflops
+    return out
+
+
+class MetricsLogger:
+    """TensorBoard + JSONL + tqdm progress bar on rank 0; a no-op elsewhere."""
+
+    def __init__(self, run_dir: str, *, rank: int, max_steps: int, start_step: int,
+                 tensorboard: bool = True, progress_bar: bool = True):
+        self.enabled = rank == 0
+        self.run_dir = run_dir
+        self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
+        self.writer = None
+        self.bar = None
+        if not self.enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"), purge_step=start_step + 1)
+        self.jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        if progress_bar:
+            from tqdm import tqdm
+            self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, values: dict, kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+        record = {"kind": kind, "step": step, "time": time.time(), **values}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.bar is not None and kind == "train":
+            self.bar.set_postfix(loss=f"{values.get('train/loss', float('nan')):.3f}",
+                                 lr=f"{values.get('train/lr', 0.0):.2e}",
+                                 seq_s=f"{values.get('perf/seq_per_s', 0.0):.1f}")
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
+        self.jsonl.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(jsonl_path: str, png_path: str) -> Optional[str]:
+    """Loss and accuracy curves (train and held-out) from the JSONL log into one PNG."""
+    records = read_jsonl(jsonl_path) if os.path.exists(jsonl_path) else []
+    train = [r for r in records if r["kind"] == "train"]
+    held = [r for r in records if r["kind"] == "eval"]
+    if not train:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("train/loss", "train total"), ("train/mlm_loss", "train MLM"),
+                       ("train/sentence_loss", "train NSP/SOP")):
+        pts = [(r["step"], r[key]) for r in train if key in r]
+        if pts:
+            ax_loss.plot(*zip(*pts), label=label)
+    pts = [(r["step"], r["eval/mlm_loss"]) for r in held if "eval/mlm_loss" in r]
+    if pts:
+        ax_loss.plot(*zip(*pts), "o-", label="held-out MLM")
+    ax_loss.set(xlabel="step", ylabel="loss", title="Loss")
+    for key, label, style in (("train/mlm_accuracy", "train MLM", "-"), ("train/sentence_accuracy", "train NSP/SOP", "-"),
+                              ("eval/mlm_accuracy", "held-out MLM", "o-"),
+                              ("eval/sentence_accuracy", "held-out NSP/SOP", "o-")):
+        source = held if key.startswith("eval") else train
+        pts = [(r["step"], r[key]) for r in source if key in r]
+        if pts:
+            ax_acc.plot(*zip(*pts), style, label=label)
+    ax_acc.set(xlabel="step", ylabel="accuracy", title="Accuracy", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path

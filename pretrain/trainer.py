@@ -1,0 +1,279 @@
+"""The training loop: build everything from the Config, train, evaluate, checkpoint, stop cleanly.
+
+Exit codes (documented in docs/training.md and used by launch/slurm):
+  0   finished: training.max_steps reached, final checkpoint saved
+  75  checkpointed after SIGTERM/SIGUSR1, please requeue (EX_TEMPFAIL)
+  1   error (e.g. too many consecutive non-finite losses)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pretrain import checkpoint as ckpt
+from pretrain.config import Config
+from pretrain.data import DataPosition, build_eval_loader, build_train_loader, open_split
+from pretrain.distributed import DistEnv
+from pretrain.engine import Stepper, all_reduce_sum, build_engine, init_distributed
+from pretrain.evaluate import evaluate
+from pretrain.metrics import MetricsLogger, peak_tflops_for, plot_curves, throughput
+
+log = logging.getLogger(__name__)
+
+EXIT_DONE, EXIT_ERROR, EXIT_REQUEUE = 0, 1, 75
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, checkpoints and exits 75."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = signum
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def device_for(dist_env: DistEnv) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist_env.local_rank)
+        return torch.device("cuda", dist_env.local_rank)
+    return torch.device("cpu")
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once."""
+    cfg: Config
+    dist_env: DistEnv
+    device: torch.device
+    engine: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    model: torch.nn.Module
+    accum: int
+
+
+def build_run(cfg: Config, dist_env: DistEnv) -> Run:
+    from pretrain.model import build_model
+    from pretrain.optim import attach_zero_layout, build_optimizer, build_scheduler
+    from pretrain.weights import load_weights
+
+    device = device_for(dist_env)
+    init_distributed("nccl" if device.type == "cuda" else "gloo", cfg.training.collective_timeout_s)
+    seed_everything(cfg.training.seed, 0)          # identical initial weights on every rank
+    model = build_model(cfg.model, cfg.kernels)
+    if cfg.checkpoint.init_from:
+        _, state_dict, _ = load_weights(cfg.checkpoint.init_from)
+        model.load_state_dict(state_dict)
+    model.to(device)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.kernels.lamb)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.training.max_steps)
+    engine = build_engine(cfg, model, optimizer, dist_env.world_size)
+    attach_zero_layout(engine, optimizer)
+    seed_everything(cfg.training.seed, dist_env.rank)  # per-rank dropout streams
+    return Run(cfg, dist_env, device, engine, optimizer, scheduler, model,
+               cfg.grad_accum_steps(dist_env.world_size))
+
+
+def consolidated_state_dict(run: Run) -> Optional[dict]:
+    """Full fp32 model weights on rank 0 (gathers partitions under ZeRO-3), None elsewhere."""
+    import deepspeed
+
+    params = list(run.model.parameters())
+    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if run.cfg.zero.stage == 3 \
+        else _nullcontext()
+    with gather:
+        if run.dist_env.rank != 0:
+            return None
+        return {k: v.detach().float().cpu().clone() for k, v in run.model.state_dict().items()}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train(cfg: Config, dist_env: DistEnv) -> int:
+    run = build_run(cfg, dist_env)
+    rank = dist_env.rank
+    run_dir = cfg.logging.run_dir
+    ckpt_root = os.path.join(run_dir, cfg.checkpoint.dir)
+    train_split = open_split(cfg.data, "train", cfg.training, cfg.model.vocab_size)
+    prints = ckpt.fingerprints(cfg, train_split.fingerprint, train_split.tokenizer_hash)
+    extra = {"tokenizer": train_split.tokenizer_dir, "fingerprints": prints}
+
+    state = ckpt.TrainerState(step=0, samples_consumed=0, world_size=dist_env.world_size)
+    logger_messages = []
+    if cfg.checkpoint.resume == "auto":
+        loaded, diffs = ckpt.load(run.engine, ckpt_root, rank=rank, scheduler=run.scheduler,
+                                  current_prints=prints, allow_mismatch=cfg.checkpoint.allow_fingerprint_mismatch)
+        if loaded is not None:
+            logger_messages.append(f"resumed from {ckpt.latest_tag(ckpt_root)} at step {loaded.step}, "
+                                   f"sample {loaded.samples_consumed}")
+            if loaded.world_size != dist_env.world_size:
+                logger_messages.append(
+                    f"world size changed {loaded.world_size} -> {dist_env.world_size}: the global sample order "
+                    f"does not depend on the world size, so training continues at global sample "
+                    f"{loaded.samples_consumed} with the same batches; new ranks without a saved RNG state "
+                    f"start fresh dropout streams")
+            logger_messages += [f"fingerprint mismatch allowed: {d}" for d in diffs]
+            state = loaded
+
+    logger = MetricsLogger(run_dir, rank=rank, max_steps=cfg.training.max_steps, start_step=state.step,
+                           tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
+    for message in logger_messages:
+        logger.message(message)
+    stop = StopSignal()
+    try:
+        code = _loop(run, state, train_split, logger, stop, ckpt_root, prints, extra)
+    finally:
+        logger.close()
+    if rank == 0 and code == EXIT_DONE:
+        plot_curves(logger.jsonl_path, os.path.join(run_dir, "curves.png"))
+    return code
+
+
+def _loop(run: Run, state: ckpt.TrainerState, train_split, logger: MetricsLogger, stop: StopSignal,
+          ckpt_root: str, prints: dict, extra: dict) -> int:
+    cfg, dist_env = run.cfg, run.dist_env
+    t = cfg.training
+    global_batch = t.micro_batch_size * run.accum * dist_env.world_size
+    loader = build_train_loader(train_split, cfg.data, t, position=DataPosition(state.samples_consumed),
+                                rank=dist_env.rank, world_size=dist_env.world_size, accum=run.accum)
+    batches = iter(loader)
+    stepper = Stepper(run.engine, run.optimizer, run.scheduler, run.accum, run.device)
+    from pretrain.model import flops_per_sequence
+    flops_per_seq = flops_per_sequence(cfg.model, t.seq_len)
+    device_name = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"
+    peak = peak_tflops_for(device_name, cfg.logging.peak_tflops)
+
+    window = _Window()
+    consecutive_nonfinite = 0
+
+    def next_batch():
+        began = time.perf_counter()
+        batch = next(batches)
+        window.loader_wait += time.perf_counter() - began
+        window.tokens += int(batch["attention_mask"].sum())
+        return batch
+
+    def save():
+        ckpt.save(run.engine, ckpt_root, state, cfg=cfg, scheduler=run.scheduler, prints=prints,
+                  consolidated_state_dict=consolidated_state_dict(run), rank=dist_env.rank,
+                  keep_last=cfg.checkpoint.keep_last, extra=extra)
+
+    while state.step < t.max_steps:
+        totals, applied = stepper.step(next_batch)
+        state.step += 1
+        state.samples_consumed += global_batch
+        window.add(totals)
+        if applied:
+            consecutive_nonfinite = 0
+        else:
+            state.skipped_steps += 1
+            consecutive_nonfinite += 1
+            logger.message(f"step {state.step}: non-finite loss, update skipped "
+                           f"({consecutive_nonfinite} in a row, {state.skipped_steps} in all)")
+            if consecutive_nonfinite >= t.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{consecutive_nonfinite} consecutive steps with a non-finite loss (training.max_nonfinite_steps="
+                    f"{t.max_nonfinite_steps}) at step {state.step}: lower optimizer.lr, check the data, or use "
+                    f"precision bf16/fp32")
+        if state.step % cfg.logging.every_steps == 0 or state.step == t.max_steps:
+            values = window.reduce(run, global_batch, flops_per_seq, peak)
+            values["train/skipped_steps"] = float(state.skipped_steps)
+            logger.log(state.step, values)
+            window = _Window()
+        if cfg.eval.every_steps and (state.step % cfg.eval.every_steps == 0 or state.step == t.max_steps):
+            logger.log(state.step, run_eval(run), kind="eval")
+        logger.advance(state.step)
+        if stop.received is not None:
+            save()
+            logger.message(f"signal {stop.received} received: checkpoint saved at step {state.step}; "
+                           f"exiting with {EXIT_REQUEUE} (requeue me)")
+            return EXIT_REQUEUE
+        if state.step % cfg.checkpoint.every_steps == 0 or state.step == t.max_steps:
+            save()
+    return EXIT_DONE
+
+
+def run_eval(run: Run) -> dict:
+    cfg = run.cfg
+    val_split = open_split(cfg.data, "val", cfg.training, cfg.model.vocab_size, required=False)
+    if val_split is None:
+        return {}
+    loader = build_eval_loader(val_split, cfg.data, cfg.training, cfg.eval, rank=run.dist_env.rank,
+                               world_size=run.dist_env.world_size)
+    return evaluate(run.engine, loader, run.device, max_batches=cfg.eval.max_batches)
+
+
+class _Window:
+    """Metrics accumulated between two log lines (tensors stay on device until ``reduce``)."""
+
+    def __init__(self):
+        self.totals: Optional[dict] = None
+        self.steps = 0
+        self.tokens = 0
+        self.loader_wait = 0.0
+        self.began = time.perf_counter()
+
+    def add(self, totals: dict) -> None:
+        self.totals = totals if self.totals is None else {k: self.totals[k] + totals[k] for k in totals}
+        self.steps += 1
+
+    def reduce(self, run: Run, global_batch: int, flops_per_seq: float, peak: Optional[float]) -> dict:
+        keys = sorted(self.totals)
+        local = torch.stack([self.totals[k] for k in keys] + [torch.tensor(float(self.tokens), device=run.device),
+                                                               torch.tensor(self.loader_wait, device=run.device)])
+        summed = all_reduce_sum(local.float()).tolist()
+        tot = dict(zip(keys + ["tokens", "loader_wait"], summed))
+        micro = max(tot["micro_batches"], 1.0)
+        seconds = time.perf_counter() - self.began
+        values = {
+            "train/loss": tot["loss_sum"] / micro,
+            "train/mlm_loss": tot["mlm_loss_sum"] / micro,
+            "train/mlm_accuracy": tot["mlm_correct"] / max(tot["mlm_count"], 1.0),
+            "train/lr": run.scheduler.get_last_lr()[0],
+            "train/grad_norm": _grad_norm(run.engine),
+            "perf/step_time_s": seconds / max(self.steps, 1),
+            "perf/loader_wait_s": tot["loader_wait"] / run.dist_env.world_size / max(self.steps, 1),
+        }
+        if tot["sentence_count"] > 0:
+            values["train/sentence_loss"] = tot["sentence_loss_sum"] / micro
+            values["train/sentence_accuracy"] = tot["sentence_correct"] / tot["sentence_count"]
+        if run.cfg.training.precision == "fp16":
+            values["train/loss_scale"] = float(run.engine.optimizer.cur_scale)
+        values.update(throughput(self.steps * global_batch, int(tot["tokens"]), seconds, flops_per_seq, peak))
+        if run.device.type == "cuda":
+            values["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+        return values
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if torch.is_tensor(norm) else norm)
