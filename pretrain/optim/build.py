@@ -1,0 +1,80 @@
+"""Build the client optimizer (LAMB or AdamW) with BERT's weight-decay parameter groups.
+
+No weight decay on biases and normalisation weights.  A parameter is "no decay" when it is
+1-D (biases, LayerNorm weight and bias) or its name contains "bias" or "norm"
+(case-insensitive: ``LayerNorm``, ``layer_norm``, ``norm1``); everything else (matrices,
+embedding tables) decays.  The rule is by parameter, not by module type, so it also catches
+ALBERT's factorized projections' biases and any custom norm modules.
+
+Gradient clipping: under DeepSpeed (``deepspeed=True``, the default) the optimizer never clips;
+put ``gradient_clipping: opt_cfg.max_grad_norm`` in the DeepSpeed config (see
+:func:`deepspeed_config_entries`).  Without DeepSpeed, Lamb clips by global norm itself;
+AdamW does not, so call ``torch.nn.utils.clip_grad_norm_`` before ``step()``.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from pretrain.config import OptimizerConfig
+from pretrain.optim.lamb import Lamb
+
+
+def is_no_decay(name: str, param: torch.Tensor) -> bool:
+    """Biases and normalisation weights: 1-D tensors, or names containing 'bias' / 'norm'."""
+    lowered = name.lower()
+    return param.ndim <= 1 or "bias" in lowered or "norm" in lowered
+
+
+def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Two groups of the trainable parameters: decay (``weight_decay``) and no-decay (0, and
+    excluded from LAMB's layer adaptation).  Empty groups are dropped; names are kept per group
+    (key ``names``, ignored by the optimizers) for logging and tests."""
+    decay, no_decay = {"params": [], "names": []}, {"params": [], "names": []}
+    for name, param in named_params:
+        if not param.requires_grad:
+            continue
+        group = no_decay if is_no_decay(name, param) else decay
+        group["params"].append(param)
+        group["names"].append(name)
+    decay.update(weight_decay=weight_decay, exclude_from_adaptation=False)
+    no_decay.update(weight_decay=0.0, exclude_from_adaptation=True)
+    return [g for g in (decay, no_decay) if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, opt_cfg: OptimizerConfig, kernels_lamb: str = "reference", *,
+                    deepspeed: bool = True) -> torch.optim.Optimizer:
+    """The client optimizer for ``model`` from the ``optimizer`` config section.
+
+    ``kernels_lamb``: ``kernels.lamb`` ("reference" | "fused").  ``deepspeed``: whether DeepSpeed
+    will wrap the optimizer (then it does the clipping, and a Lamb needs
+    :func:`~pretrain.optim.zero_norms.attach_zero_layout` after ``deepspeed.initialize``).
+    """
+    groups = param_groups(model.named_parameters(), opt_cfg.weight_decay)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    betas = (float(opt_cfg.betas[0]), float(opt_cfg.betas[1]))
+    if opt_cfg.name == "lamb":
+        return Lamb(groups, lr=opt_cfg.lr, betas=betas, eps=opt_cfg.eps, bias_correction=opt_cfg.bias_correction,
+                    min_trust_ratio=opt_cfg.min_trust_ratio, max_trust_ratio=opt_cfg.max_trust_ratio,
+                    nvlamb=opt_cfg.nvlamb, max_grad_norm=0.0 if deepspeed else opt_cfg.max_grad_norm,
+                    impl=kernels_lamb)
+    if opt_cfg.name == "adamw":
+        for group in groups:
+            del group["exclude_from_adaptation"]  # a LAMB notion
+        on_cuda = all(p.is_cuda for group in groups for p in group["params"])
+        # fused is the fastest CUDA path; DeepSpeed hands the optimizer fp32 CUDA partitions.
+        return torch.optim.AdamW(groups, lr=opt_cfg.lr, betas=betas, eps=opt_cfg.eps,
+                                 fused=True if on_cuda else None)
+    raise ValueError(f"unknown optimizer {opt_cfg.name!r}: expected 'lamb' or 'adamw'")
+
+
+def deepspeed_config_entries(opt_cfg: OptimizerConfig) -> dict:
+    """The DeepSpeed config keys the client optimizers rely on (merge into the DeepSpeed config).
+
+    ``gradient_clipping``: global-norm clipping is DeepSpeed's job under DeepSpeed.
+    ``zero_allow_untested_optimizer``: ZeRO refuses client optimizers it does not know (Lamb)
+    without it.
+    """
+    return {"gradient_clipping": float(opt_cfg.max_grad_norm), "zero_allow_untested_optimizer": True}
