@@ -84,7 +84,7 @@ def build_run(cfg: Config, dist_env: DistEnv) -> Run:
     model = build_model(cfg.model, cfg.kernels)
     if cfg.checkpoint.init_from:
         _, state_dict, _ = load_weights(cfg.checkpoint.init_from)
-        model.load_state_dict(state_dict)
+        model.load_consolidated_state_dict(state_dict)
     model.to(device)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.kernels.lamb)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.training.max_steps)
@@ -123,7 +123,7 @@ def train(cfg: Config, dist_env: DistEnv) -> int:
     ckpt_root = os.path.join(run_dir, cfg.checkpoint.dir)
     train_split = open_split(cfg.data, "train", cfg.training, cfg.model.vocab_size)
     prints = ckpt.fingerprints(cfg, train_split.fingerprint, train_split.tokenizer_hash)
-    extra = {"tokenizer": train_split.tokenizer_dir, "fingerprints": prints}
+    extra = {"tokenizer_dir": train_split.tokenizer_dir, "fingerprints": prints}
 
     state = ckpt.TrainerState(step=0, samples_consumed=0, world_size=dist_env.world_size)
     logger_messages = []
@@ -185,6 +185,8 @@ def _loop(run: Run, state: ckpt.TrainerState, train_split, logger: MetricsLogger
                   consolidated_state_dict=consolidated_state_dict(run), rank=dist_env.rank,
                   keep_last=cfg.checkpoint.keep_last, extra=extra)
 
+    if state.step == 0 and cfg.eval.every_steps:
+        logger.log(0, run_eval(run), kind="eval")   # the untrained baseline, for comparison
     while state.step < t.max_steps:
         totals, applied = stepper.step(next_batch)
         state.step += 1
