@@ -1,0 +1,20 @@
+"""The BERT-family model: ``build_model(model_cfg, kernels_cfg)`` -> BertForPretraining.
+
+Plain torch; it knows nothing of DeepSpeed, launchers or config files.  See docs/model.md.
+"""
+from __future__ import annotations
+
+from pretrain.config import KernelsConfig, ModelConfig
+from pretrain.model.attention import build_attention_mask, positions_from_segments
+from pretrain.model.bert import (IGNORE_INDEX, BertForPretraining, PretrainOutput, flops_per_sequence,
+                                 no_weight_decay, pad_vocab, padded_vocab_size, unpad_vocab)
+
+
+def build_model(model_cfg: ModelConfig, kernels_cfg: KernelsConfig | None = None) -> BertForPretraining:
+    """A freshly initialized model (BERT init, fp32, on CPU); the engine moves and wraps it."""
+    return BertForPretraining(model_cfg, kernels_cfg)
+
+
+__all__ = ["BertForPretraining", "IGNORE_INDEX", "PretrainOutput", "build_attention_mask", "build_model",
+           "flops_per_sequence", "no_weight_decay", "pad_vocab", "padded_vocab_size",
+           "positions_from_segments", "unpad_vocab"]

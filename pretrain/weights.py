@@ -1,0 +1,129 @@
+"""The consolidated-weights format: one directory any tool can read without DeepSpeed.
+
+    CKPT_DIR/model.pt      torch.save of the model's fp32 state dict, vocabulary UNPADDED
+                           (embeddings.word.weight has model.vocab_size rows), CPU tensors
+    CKPT_DIR/config.yaml   the resolved run config (pretrain.config.dump_config)
+    CKPT_DIR/extra.json    free-form JSON metadata, e.g. {"tokenizer_dir": ..., "fingerprints": {...}}
+
+Unpadded, so the file does not depend on pad_vocab_multiple (a speed detail): load it into a
+model with ``model.load_consolidated_state_dict(state_dict)``, which re-pads.  Each file is
+written to a temporary name and moved into place with os.replace (atomic on one filesystem).
+
+``load_weights`` accepts a checkpoint directory, its model.pt, or a checkpoint root holding a
+``latest`` text file that names the checkpoint subdirectory to use.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from pretrain.config import Config, dump_config, load_config
+
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "config.yaml"
+EXTRA_FILE = "extra.json"
+LATEST_FILE = "latest"
+# Prefixes that wrappers add to parameter names: torch.compile, DDP / DeepSpeed engines.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def _atomic_write(path: str, write) -> None:
+    """Call write(file_object) on a temporary file beside ``path``, then move it into place."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def canonical_state_dict(state_dict: dict, config: Config) -> dict:
+    """Wrapper prefixes stripped, fp32 CPU tensors, vocabulary unpadded."""
+    from pretrain.model import unpad_vocab
+    clean = {}
+    for key, tensor in state_dict.items():
+        for prefix in WRAPPER_PREFIXES:
+            key = key[len(prefix):] if key.startswith(prefix) else key
+        clean[key] = tensor
+    return unpad_vocab(clean, config.model)
+
+
+def save_weights(ckpt_dir: str, config: Config, state_dict: dict, extra: dict | None = None) -> None:
+    """Write model.pt, config.yaml and extra.json into ckpt_dir (created if needed)."""
+    import torch
+    os.makedirs(ckpt_dir, exist_ok=True)
+    try:
+        extra_text = json.dumps(extra or {}, indent=2, sort_keys=True)
+    except TypeError as err:
+        raise TypeError(f"save_weights: extra must be JSON-serializable ({err})") from None
+    weights = canonical_state_dict(state_dict, config)
+    _atomic_write(os.path.join(ckpt_dir, MODEL_FILE), lambda f: torch.save(weights, f))
+    _atomic_write(os.path.join(ckpt_dir, EXTRA_FILE), lambda f: f.write(extra_text.encode()))
+    _atomic_write(os.path.join(ckpt_dir, CONFIG_FILE), lambda f: f.write(dump_config(config).encode()))
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """The directory holding model.pt: ``path`` itself, its parent (path is model.pt), or ``latest``."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path} does not exist")
+    if os.path.isfile(path):
+        if os.path.basename(path) == MODEL_FILE:
+            return os.path.dirname(os.path.abspath(path))
+        raise ValueError(f"{path}: expected a checkpoint directory (holding {MODEL_FILE} and {CONFIG_FILE}), "
+                         f"got a file")
+    if os.path.isfile(os.path.join(path, MODEL_FILE)):
+        return path
+    latest = os.path.join(path, LATEST_FILE)
+    if os.path.isfile(latest):
+        with open(latest, encoding="utf-8") as f:
+            name = f.read().strip()
+        target = os.path.join(path, name)
+        if not name or not os.path.isfile(os.path.join(target, MODEL_FILE)):
+            raise FileNotFoundError(f"{latest} names {name!r}, but {target} holds no {MODEL_FILE}")
+        return target
+    raise FileNotFoundError(f"{path}: expected a checkpoint directory holding {MODEL_FILE} and {CONFIG_FILE}, "
+                            f"or a checkpoint root with a '{LATEST_FILE}' file naming one; found neither")
+
+
+def load_weights(path: str) -> tuple[Config, dict, dict]:
+    """(Config, unpadded fp32 state dict, extra) from a checkpoint written by save_weights."""
+    import torch
+    ckpt_dir = resolve_checkpoint_dir(path)
+    config_path = os.path.join(ckpt_dir, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{ckpt_dir}: holds {MODEL_FILE} but no {CONFIG_FILE} (the run's resolved config)")
+    config = load_config(config_path)
+    model_path = os.path.join(ckpt_dir, MODEL_FILE)
+    try:
+        state_dict = torch.load(model_path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{model_path}: not a readable torch state dict ({err})") from None
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{model_path}: expected a state dict (name -> tensor), got {type(state_dict).__name__}")
+    return config, state_dict, _read_extra(os.path.join(ckpt_dir, EXTRA_FILE))
+
+
+def _read_extra(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        try:
+            extra = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(extra, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(extra).__name__}")
+    return extra
+
+
+def load_model(path: str, kernels_cfg=None):
+    """(model in eval mode, Config, extra) rebuilt from a consolidated-weights checkpoint."""
+    from pretrain.model import build_model
+    config, state_dict, extra = load_weights(path)
+    model = build_model(config.model, kernels_cfg)
+    model.load_consolidated_state_dict(state_dict)
+    return model.eval(), config, extra
