@@ -1,0 +1,141 @@
+"""Stage 2, clean: normalise text, drop junk, de-duplicate exactly across the whole corpus.
+
+``clean_text`` is a pure function of (text, options).  ``clean_documents`` streams documents in
+global order, drops empty, short and duplicate ones (first occurrence wins) and counts every drop.
+De-duplication keeps one 64-bit hash per unique document in an open-addressing table (about 16
+bytes per document), never the texts, so memory stays bounded by the number of documents, not
+their size.
+"""
+from __future__ import annotations
+
+import hashlib
+import html
+import re
+import unicodedata
+from array import array
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Iterator, NamedTuple
+
+UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD", "none")
+
+# Control and invisible format characters (whitespace controls are left to the whitespace step,
+# and ZWJ/ZWNJ stay: scripts and emoji need them).  U+FFFD comes from lossy upstream decoding.
+INVISIBLE = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u00ad\u200b\u200e\u200f\u202a-\u202e"
+                       "\u2060-\u2064\u2066-\u2069\ufeff\ufff9-\ufffb\ufffd\ufffe\uffff]")
+HTML_TAG_NAMES = ("a|abbr|b|big|blockquote|body|br|caption|center|cite|code|dd|del|div|dl|dt|em|font|"
+                  "h[1-6]|head|hr|html|i|img|ins|kbd|li|meta|nowiki|ol|p|pre|ref|references|s|small|span|"
+                  "strike|strong|sub|sup|table|tbody|td|th|thead|tr|tt|u|ul|var|wbr|section|article|nav|"
+                  "header|footer|script|style|noscript|link|input|form|label|button|iframe|figure|"
+                  "figcaption|onlyinclude|includeonly|noinclude")
+HTML_TAG = re.compile(rf"</?(?:{HTML_TAG_NAMES})\b[^<>]{{0,500}}?/?>", re.I)
+HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
+SCRIPT_STYLE = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>", re.S | re.I)
+HTML_ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[a-zA-Z][a-zA-Z0-9]{1,31});")
+
+
+@dataclass(frozen=True)
+class CleanOptions:
+    unicode_form: str = "NFKC"  # NFKC also folds full-width digits/letters (common in Chinese text)
+    strip_markup: bool = True  # stray HTML tags, comments and entities
+    min_doc_chars: int = 20  # shorter documents (after cleaning) are dropped
+    dedup: bool = True  # exact de-duplication of documents across the corpus
+
+
+class CleanDoc(NamedTuple):
+    text: str
+    source: str
+    line: int | None
+    digest: bytes  # 16-byte blake2b of the cleaned text (dedup key and split key)
+
+
+def clean_text(text: str, options: CleanOptions = CleanOptions()) -> str:
+    """Normalised text with markup and invisible characters removed; paragraphs kept as lines."""
+    if options.strip_markup:
+        if "<" in text:
+            text = HTML_COMMENT.sub(" ", SCRIPT_STYLE.sub(" ", text))
+            text = HTML_TAG.sub(" ", text)
+        if "&" in text:
+            text = HTML_ENTITY.sub(lambda m: html.unescape(m.group(0)), text)
+    if options.unicode_form != "none":
+        text = unicodedata.normalize(options.unicode_form, text)
+    text = INVISIBLE.sub("", text)
+    # splitlines() knows every Unicode line break; split() every Unicode space (incl. U+3000).
+    lines = (" ".join(line.split()) for line in text.splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+def text_digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+class HashSet64:
+    """A set of 64-bit hashes in one flat array (linear probing; 0 marks an empty slot)."""
+
+    MAX_LOAD = 0.7
+
+    def __init__(self, capacity: int = 1 << 16):
+        capacity = 1 << max(4, (capacity - 1).bit_length())
+        self._slots = array("Q", bytes(8 * capacity))
+        self._mask = capacity - 1
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._slots) * 8
+
+    def add(self, h: int) -> bool:
+        """Insert ``h``; True if it was new.  ``h`` must be uniformly distributed (a hash)."""
+        h = h or 1
+        slots, mask = self._slots, self._mask
+        i = h & mask
+        while True:
+            v = slots[i]
+            if v == 0:
+                break
+            if v == h:
+                return False
+            i = (i + 1) & mask
+        slots[i] = h
+        self._size += 1
+        if self._size > self.MAX_LOAD * len(slots):
+            self._grow()
+        return True
+
+    def _grow(self) -> None:
+        old = self._slots
+        self._slots = array("Q", bytes(16 * len(old)))
+        self._mask = len(self._slots) - 1
+        self._size = 0
+        for v in old:
+            if v:
+                self.add(v)
+
+
+def clean_documents(docs: Iterable, options: CleanOptions, counts: Counter) -> Iterator[CleanDoc]:
+    """Clean, filter and de-duplicate a document stream, counting what is dropped and why.
+
+    ``counts`` gets: docs_read, docs_kept, dropped_empty, dropped_short, dropped_duplicate,
+    chars_read, chars_kept.
+    """
+    seen = HashSet64() if options.dedup else None
+    for doc in docs:
+        counts["docs_read"] += 1
+        counts["chars_read"] += len(doc.text)
+        text = clean_text(doc.text, options)
+        if not text:
+            counts["dropped_empty"] += 1
+            continue
+        if len(text) < options.min_doc_chars:
+            counts["dropped_short"] += 1
+            continue
+        digest = text_digest(text)
+        if seen is not None and not seen.add(int.from_bytes(digest[:8], "little")):
+            counts["dropped_duplicate"] += 1
+            continue
+        counts["docs_kept"] += 1
+        counts["chars_kept"] += len(text)
+        yield CleanDoc(text, doc.source, doc.line, digest)

@@ -1,0 +1,212 @@
+"""Stage 4, vocabulary: train a BERT WordPiece tokenizer, or import an existing vocab.txt/tokenizer.json.
+
+A tokenizer directory holds ``tokenizer.json`` (HF tokenizers), ``vocab.txt`` (for the model export),
+``tokenizer_config.json`` + ``special_tokens_map.json`` (so transformers' BertTokenizerFast loads it)
+and ``vocab_info.json`` (hash, size, case, special ids; written last: its presence marks the directory
+complete).  The tokenizer hash is the sha256 of the canonical JSON of tokenizer.json.
+
+HF's WordPiece trainer assigns ids to ``##x`` tokens in hash-map order, which makes the vocabulary
+differ between runs (huggingface/tokenizers#1794).  We pre-register every ``##x`` the corpus can
+produce, in sorted order, so training is a pure function of the text and the settings.
+"""
+from __future__ import annotations
+
+import json
+import string
+import unicodedata
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from data_prep.errors import PrepError
+from data_prep.fsutil import atomic_write_json, atomic_write_text, canonical_json, sha256_text
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+INFO_FILE = "vocab_info.json"
+TOKENIZER_FORMAT = "bertforge-tokenizer/1"
+# Ranges BertNormalizer(handle_chinese_chars=True) surrounds with spaces: never inside a word.
+CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+              (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    sha256: str
+    vocab_size: int
+    lowercase: bool
+    pad_id: int
+    unk_id: int
+    cls_id: int
+    sep_id: int
+    mask_id: int
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        return (self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id)
+
+    @property
+    def token_dtype(self) -> str:
+        """Smallest numpy dtype that holds every token id (shards store input ids in it)."""
+        return "uint16" if self.vocab_size <= 1 << 16 else "int32"
+
+
+def is_cjk_char(ch: str) -> bool:
+    cp = ord(ch)
+    return any(lo <= cp <= hi for lo, hi in CJK_RANGES)
+
+
+def build_bert_tokenizer(vocab: dict[str, int], lowercase: bool):
+    """A BERT WordPiece tokenizer (BertNormalizer, BertPreTokenizer, [CLS] A [SEP] B [SEP])."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise PrepError(f"vocabulary lacks the special tokens {missing}; expected all of {list(SPECIAL_TOKENS)}")
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##",
+                                     max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=None, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return tok
+
+
+def _may_continue_a_word(ch: str) -> bool:
+    # BertPreTokenizer splits on whitespace and punctuation; CJK characters are isolated by the
+    # normalizer.  Every other character can appear inside a word, so may need a "##ch" token.
+    if ch.isspace() or ch in string.punctuation or is_cjk_char(ch):
+        return False
+    return not unicodedata.category(ch).startswith("P")
+
+
+def train_wordpiece(texts: Callable[[], Iterable[str]], vocab_size: int, lowercase: bool,
+                    min_frequency: int = 2):
+    """Train on ``texts()`` (called twice: once for the alphabet, once for training)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                            strip_accents=None, lowercase=lowercase)
+    chars: set[str] = set()
+    for text in texts():
+        chars.update(normalizer.normalize_str(text))
+    if not chars:
+        raise PrepError("no text to train the vocabulary on (all input was empty or dropped)")
+    continuations = ["##" + ch for ch in sorted(chars) if _may_continue_a_word(ch)]
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=list(SPECIAL_TOKENS) + continuations,
+                                        continuing_subword_prefix="##", show_progress=False)
+    raw = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    raw.normalizer = normalizer
+    raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    raw.train_from_iterator(texts(), trainer)
+    # Rebuild: the pre-registered "##x" become ordinary vocabulary entries, not special tokens.
+    return build_bert_tokenizer(raw.get_vocab(), lowercase)
+
+
+def tokenizer_hash(tokenizer) -> str:
+    return sha256_text(canonical_json(json.loads(tokenizer.to_str())))
+
+
+def tokenizer_info(tokenizer) -> TokenizerInfo:
+    lowercase = _lowercase_of(json.loads(tokenizer.to_str()))
+    ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    missing = [t for t, i in ids.items() if i is None]
+    if missing:
+        raise PrepError(f"tokenizer lacks the special tokens {missing}; expected all of {list(SPECIAL_TOKENS)}")
+    return TokenizerInfo(sha256=tokenizer_hash(tokenizer), vocab_size=tokenizer.get_vocab_size(),
+                         lowercase=lowercase, pad_id=ids["[PAD]"], unk_id=ids["[UNK]"], cls_id=ids["[CLS]"],
+                         sep_id=ids["[SEP]"], mask_id=ids["[MASK]"])
+
+
+def _lowercase_of(spec: dict) -> bool:
+    norm = spec.get("normalizer") or {}
+    parts = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+    return any(p.get("type") == "Lowercase" or (p.get("type") == "BertNormalizer" and p.get("lowercase"))
+               for p in parts)
+
+
+def save_tokenizer_dir(tokenizer, out_dir: Path, extra: dict | None = None) -> TokenizerInfo:
+    """Write the tokenizer directory (see module doc); vocab_info.json last, atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = tokenizer_info(tokenizer)
+    vocab = tokenizer.get_vocab()
+    by_id = sorted(vocab.items(), key=lambda kv: kv[1])
+    if [i for _, i in by_id] != list(range(len(by_id))):
+        raise PrepError("tokenizer ids are not contiguous 0..N-1; cannot write vocab.txt")
+    atomic_write_text(out_dir / "tokenizer.json", tokenizer.to_str(pretty=True))
+    atomic_write_text(out_dir / "vocab.txt", "".join(t + "\n" for t, _ in by_id))
+    atomic_write_json(out_dir / "tokenizer_config.json", {
+        "tokenizer_class": "BertTokenizer", "do_lower_case": info.lowercase, "tokenize_chinese_chars": True,
+        "strip_accents": None, "model_max_length": 512, "unk_token": "[UNK]", "sep_token": "[SEP]",
+        "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"})
+    atomic_write_json(out_dir / "special_tokens_map.json", {
+        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+        "mask_token": "[MASK]"})
+    atomic_write_json(out_dir / INFO_FILE, {"format": TOKENIZER_FORMAT, **asdict(info), **(extra or {})})
+    return info
+
+
+def _read_vocab_txt(path: Path) -> dict[str, int]:
+    vocab: dict[str, int] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as err:
+        raise PrepError(f"{path}: invalid UTF-8 at byte {err.start}; expected a vocab.txt (one token per line)")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for lineno, token in enumerate(lines, 1):
+        token = token.rstrip("\r")
+        if not token:
+            raise PrepError(f"{path}:{lineno}: empty token; expected one token per line")
+        if token in vocab:
+            raise PrepError(f"{path}:{lineno}: token {token!r} repeats line {vocab[token] + 1}")
+        vocab[token] = lineno - 1
+    if not vocab:
+        raise PrepError(f"{path}: empty vocabulary file")
+    return vocab
+
+
+def read_tokenizer(path: Path, lowercase: bool | None = None):
+    """Load a tokenizer from a directory (tokenizer.json preferred, else vocab.txt) or either file.
+
+    ``lowercase`` matters only for a bare vocab.txt: None takes ``do_lower_case`` from a
+    tokenizer_config.json beside it, else True (uncased, like bert-base-uncased).
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "tokenizer.json", path / "vocab.txt"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise PrepError(f"tokenizer not found: {path} holds neither tokenizer.json nor vocab.txt "
+                            "(make one with `python -m data_prep vocab`)")
+        path = found
+    elif not path.is_file():
+        raise PrepError(f"tokenizer not found: {path} (expected a directory from `python -m data_prep vocab`, "
+                        "a tokenizer.json or a vocab.txt)")
+    if path.suffix == ".json":
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception on bad files
+            raise PrepError(f"{path}: not a valid tokenizers JSON file ({err})") from err
+        spec = json.loads(tok.to_str())
+        if (spec.get("model") or {}).get("type") != "WordPiece":
+            raise PrepError(f"{path}: model type is {(spec.get('model') or {}).get('type')!r}; expected WordPiece")
+        tokenizer_info(tok)  # checks the special tokens
+        return tok
+    if lowercase is None:
+        config = path.parent / "tokenizer_config.json"
+        lowercase = bool(json.loads(config.read_text()).get("do_lower_case", True)) if config.is_file() else True
+    return build_bert_tokenizer(_read_vocab_txt(path), lowercase)
+
+
+def load_tokenizer_dir(path: Path):
+    """(tokenizer, TokenizerInfo) of a directory written by save_tokenizer_dir."""
+    tok = read_tokenizer(path)
+    return tok, tokenizer_info(tok)
