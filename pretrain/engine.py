@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import types
 from typing import Callable, Optional
 
 import torch
@@ -57,6 +58,12 @@ def init_distributed(backend: str, timeout_s: int) -> None:
 
     if dist.is_initialized():
         return
+    if backend == "gloo":
+        # CPU runs (CI) use plain gloo collectives.  DeepSpeed would otherwise JIT-compile its
+        # shared-memory comm op on first use: slow on a fresh machine, and a process killed
+        # mid-build leaves a lock in torch's extension cache that hangs every later start.
+        import deepspeed.ops
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                verbose=False)
 
@@ -71,7 +78,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Opt
 
 
 class SkippableStep:
-    """Wrap a client optimizer's ``step`` so the trainer can veto one update.
+    """Wrap a client optimizer's ``step`` so the trainer can veto one update (install it before
+    the LR scheduler is built, which wraps ``step`` in turn).
 
     DeepSpeed's ZeRO wrapper calls the client optimizer's ``step``; for fp32/bf16 DeepSpeed has
     no overflow check of its own, so a non-finite loss would poison the weights.  The trainer
@@ -81,14 +89,16 @@ class SkippableStep:
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.skip = False
-        self._step = optimizer.step
+        guarded = optimizer.step
+        guard = self
 
-        def step(*args, **kwargs):
-            if self.skip:
+        def step(_optimizer, *args, **kwargs):
+            if guard.skip:
                 return None
-            return self._step(*args, **kwargs)
+            return guarded(*args, **kwargs)
 
-        optimizer.step = step
+        # A bound method, as torch's LR schedulers expect to wrap one.
+        optimizer.step = types.MethodType(step, optimizer)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -100,9 +110,8 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 class Stepper:
     """One optimizer step = ``accum`` micro-batches through the DeepSpeed engine."""
 
-    def __init__(self, engine, optimizer: torch.optim.Optimizer, scheduler, accum: int, device: torch.device):
-        self.engine, self.scheduler, self.accum, self.device = engine, scheduler, accum, device
-        self.guard = SkippableStep(optimizer)
+    def __init__(self, engine, guard: SkippableStep, scheduler, accum: int, device: torch.device):
+        self.engine, self.guard, self.scheduler, self.accum, self.device = engine, guard, scheduler, accum, device
 
     def step(self, next_batch: Callable[[], dict]) -> tuple[dict, bool]:
         """Run the micro-batches; return (summed detached metrics, whether the update was applied)."""

@@ -22,7 +22,7 @@ from pretrain import checkpoint as ckpt
 from pretrain.config import Config
 from pretrain.data import DataPosition, build_eval_loader, build_train_loader, open_split
 from pretrain.distributed import DistEnv
-from pretrain.engine import Stepper, all_reduce_sum, build_engine, init_distributed
+from pretrain.engine import SkippableStep, Stepper, all_reduce_sum, build_engine, init_distributed
 from pretrain.evaluate import evaluate
 from pretrain.metrics import MetricsLogger, peak_tflops_for, plot_curves, throughput
 
@@ -68,6 +68,7 @@ class Run:
     device: torch.device
     engine: object
     optimizer: torch.optim.Optimizer
+    guard: SkippableStep
     scheduler: object
     model: torch.nn.Module
     accum: int
@@ -87,11 +88,12 @@ def build_run(cfg: Config, dist_env: DistEnv) -> Run:
         model.load_consolidated_state_dict(state_dict)
     model.to(device)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.kernels.lamb)
+    guard = SkippableStep(optimizer)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.training.max_steps)
     engine = build_engine(cfg, model, optimizer, dist_env.world_size)
     attach_zero_layout(engine, optimizer)
     seed_everything(cfg.training.seed, dist_env.rank)  # per-rank dropout streams
-    return Run(cfg, dist_env, device, engine, optimizer, scheduler, model,
+    return Run(cfg, dist_env, device, engine, optimizer, guard, scheduler, model,
                cfg.grad_accum_steps(dist_env.world_size))
 
 
@@ -164,7 +166,7 @@ def _loop(run: Run, state: ckpt.TrainerState, train_split, logger: MetricsLogger
     loader = build_train_loader(train_split, cfg.data, t, position=DataPosition(state.samples_consumed),
                                 rank=dist_env.rank, world_size=dist_env.world_size, accum=run.accum)
     batches = iter(loader)
-    stepper = Stepper(run.engine, run.optimizer, run.scheduler, run.accum, run.device)
+    stepper = Stepper(run.engine, run.guard, run.scheduler, run.accum, run.device)
     from pretrain.model import flops_per_sequence
     flops_per_seq = flops_per_sequence(cfg.model, t.seq_len)
     device_name = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"
