@@ -12,6 +12,7 @@ produce, in sorted order, so training is a pure function of the text and the set
 from __future__ import annotations
 
 import json
+import re
 import string
 import unicodedata
 from dataclasses import asdict, dataclass
@@ -48,6 +49,9 @@ class TokenizerInfo:
     def token_dtype(self) -> str:
         """Smallest numpy dtype that holds every token id (shards store input ids in it)."""
         return "uint16" if self.vocab_size <= 1 << 16 else "int32"
+
+
+CJK_CHAR = re.compile("[" + "".join(f"{chr(lo)}-{chr(hi)}" for lo, hi in CJK_RANGES) + "]")
 
 
 def is_cjk_char(ch: str) -> bool:

@@ -1,0 +1,151 @@
+"""One work unit -> one shard: tokenize, build instances for each duplicate, shuffle, mask, write.
+
+Runs inside a worker process (or inline with one worker).  Everything random is drawn from
+generators seeded by (seed, stream, split, unit index[, duplicate]), never by worker or time, so
+a shard's bytes depend only on its unit's documents and the settings.
+"""
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.encode import encode_documents
+from data_prep.instances import create_instances, materialize
+from data_prep.masking import MaskingConfig, continuation_table, mask_tokens
+from data_prep.shards import SPLIT_CODES, ShardWriter, npy_bytes, sample_key, shard_name
+
+# Independent random streams of a unit (the second entry of every seed list).
+STREAM_INSTANCES, STREAM_SHUFFLE, STREAM_STATIC_MASK = 1, 2, 3
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    out_dir: str
+    tokenizer_dir: str
+    seq_len: int
+    objective: str
+    masking: str
+    whole_word_mask: bool
+    dupe_factor: int
+    max_predictions: int
+    masked_lm_prob: float
+    short_seq_prob: float
+    seed: int
+    vocab_size: int
+    token_dtype: str
+    cls_id: int
+    sep_id: int
+    mask_id: int
+    special_ids: tuple[int, ...]
+
+    @property
+    def label_key(self) -> str | None:
+        return {"nsp": "nsp_label", "sop": "sop_label"}.get(self.objective)
+
+    def fields(self) -> list[str]:
+        """Member extensions of every sample, in the order they are written."""
+        out = ["input_ids.npy", "token_type_ids.npy"]
+        if self.masking == "dynamic" and self.whole_word_mask:
+            out.append("word_starts.npy")
+        if self.masking == "static":
+            out += ["masked_lm_positions.npy", "masked_lm_ids.npy"]
+        if self.label_key:
+            out.append(f"{self.label_key}.cls")
+        return out
+
+    def masking_config(self) -> MaskingConfig:
+        return MaskingConfig(vocab_size=self.vocab_size, mask_id=self.mask_id, special_ids=self.special_ids,
+                             masked_lm_prob=self.masked_lm_prob, max_predictions=self.max_predictions)
+
+
+@dataclass
+class WorkUnit:
+    split: str
+    index: int  # shard index within the split
+    ordinal: int  # position among all units (train and val), for node slices
+    texts: list[str]
+    digest: str  # hash of the unit's document hashes: a rerun reuses a shard only if it matches
+    chars: int
+
+
+_cache: dict = {}
+
+
+def _tokenizer_and_table(settings: ShardSettings):
+    key = settings.tokenizer_dir
+    if key not in _cache:
+        from data_prep.vocab import read_tokenizer
+
+        tok = read_tokenizer(Path(key))
+        _cache.clear()
+        _cache[key] = (tok, continuation_table(tok.get_vocab()))
+    return _cache[key]
+
+
+def init_worker() -> None:
+    """Worker process setup: one tokenizer thread per process, so N workers use N cores."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def build_shard(unit: WorkUnit, settings: ShardSettings) -> dict:
+    """Write ``<out>/<split>-<index>.tar`` for ``unit``; returns its manifest record."""
+    tok, is_continuation = _tokenizer_and_table(settings)
+    encoded = encode_documents(unit.texts, tok, max_segment_tokens=settings.seq_len - 3,
+                               is_continuation=is_continuation if settings.whole_word_mask else None)
+    split_code = SPLIT_CODES[unit.split]
+    instances = []
+    for dupe in range(settings.dupe_factor):
+        rng = np.random.default_rng([settings.seed, STREAM_INSTANCES, split_code, unit.index, dupe])
+        instances.extend(create_instances(encoded, settings.objective, settings.seq_len,
+                                          settings.short_seq_prob, rng))
+    order = np.random.default_rng([settings.seed, STREAM_SHUFFLE, split_code, unit.index]).permutation(
+        len(instances))
+    counts = _write_samples(unit, settings, encoded, [instances[i] for i in order.tolist()])
+    counts.update(name=shard_name(unit.split, unit.index), split=unit.split, index=unit.index,
+                  unit_sha256=unit.digest, documents=len(unit.texts), sentences=encoded.num_sentences,
+                  text_chars=unit.chars)
+    # Not part of the manifest (it varies run to run): the pipeline pops it for its summary.
+    counts["_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return counts
+
+
+def _write_samples(unit: WorkUnit, settings: ShardSettings, encoded, instances) -> dict:
+    dtype = np.dtype(settings.token_dtype)
+    static = settings.masking == "static"
+    keep_starts = settings.masking == "dynamic" and settings.whole_word_mask
+    want_starts = settings.whole_word_mask
+    masking = settings.masking_config() if static else None
+    mask_rng = np.random.default_rng([settings.seed, STREAM_STATIC_MASK, SPLIT_CODES[unit.split], unit.index])
+    tokens = masked = label_ones = 0
+    writer = ShardWriter(Path(settings.out_dir) / shard_name(unit.split, unit.index))
+    try:
+        for position, inst in enumerate(instances):
+            ids, types, starts = materialize(inst, encoded.tokens, settings.cls_id, settings.sep_id,
+                                             encoded.word_starts if want_starts else None)
+            fields = {}
+            if static:
+                result = mask_tokens(ids, mask_rng, masking, starts)
+                ids = result.input_ids
+                masked += len(result.masked_lm_positions)
+            fields["input_ids.npy"] = npy_bytes(ids.astype(dtype))
+            fields["token_type_ids.npy"] = npy_bytes(types)
+            if keep_starts:
+                fields["word_starts.npy"] = npy_bytes(starts)
+            if static:
+                fields["masked_lm_positions.npy"] = npy_bytes(result.masked_lm_positions.astype(np.uint16))
+                fields["masked_lm_ids.npy"] = npy_bytes(result.masked_lm_ids.astype(dtype))
+            if settings.label_key:
+                fields[f"{settings.label_key}.cls"] = b"%d" % inst.label
+                label_ones += inst.label
+            writer.add(sample_key(unit.split, unit.index, position), fields)
+            tokens += len(ids)
+        record = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    record.update(tokens=tokens, masked_positions=masked, sentence_label_ones=label_ones)
+    return record

@@ -1,0 +1,117 @@
+"""Documents of a work unit -> sentence-split token ids in one flat array (CSR layout).
+
+Sentences are tokenized with the tokenizers batch API (Rust, one thread per worker process); the
+result is one int32 array of every token of the unit plus the [start, end) of each segment and the
+range of segments of each document, so that building instances only moves integers around.
+
+Segments are sentences; a sentence longer than ``max_segment_tokens`` is cut into pieces of that
+size, and sentences with no tokens are dropped.  Whole-word flags (``word_starts``) are computed
+here when asked: from WordPiece ``##`` continuations, and for CJK text from jieba word boundaries
+(jieba runs only on sentences that contain CJK characters).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+
+from data_prep.sentences import split_sentences
+from data_prep.vocab import CJK_CHAR, is_cjk_char
+
+ENCODE_BATCH = 2048  # sentences per encode_batch call
+
+
+@dataclass
+class EncodedUnit:
+    tokens: np.ndarray  # int32 [T]: every token of the unit, sentence after sentence
+    word_starts: np.ndarray | None  # bool [T] when whole-word flags were asked for
+    seg_start: list[int]  # segment i is tokens[seg_start[i]:seg_end[i]]
+    seg_end: list[int]
+    doc_first: list[int]  # document d is segments doc_first[d] .. doc_end[d]-1 (never empty)
+    doc_end: list[int]
+    num_sentences: int
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.doc_first)
+
+
+_jieba = None
+
+
+def _jieba_tokenizer():
+    global _jieba
+    if _jieba is None:
+        import jieba
+
+        jieba.setLogLevel(logging.WARNING)
+        _jieba = jieba.Tokenizer()
+        _jieba.initialize()
+    return _jieba
+
+
+def jieba_word_starts(sentence: str, offsets: list[tuple[int, int]], starts: np.ndarray) -> None:
+    """Clear ``starts[i]`` for CJK tokens inside (not at the start of) a jieba word, in place."""
+    word_begins = set()
+    pos = 0
+    for word in _jieba_tokenizer().cut(sentence):
+        word_begins.add(pos)
+        pos += len(word)
+    for i, (begin, end) in enumerate(offsets):
+        if end > begin and is_cjk_char(sentence[begin]):
+            starts[i] = begin in word_begins
+
+
+def encode_documents(texts: list[str], tokenizer, *, max_segment_tokens: int,
+                     is_continuation: np.ndarray | None = None) -> EncodedUnit:
+    """Split, tokenize and lay out ``texts``.  ``is_continuation`` (bool over the vocabulary)
+    switches on whole-word flags."""
+    sentences: list[str] = []
+    doc_sizes: list[int] = []
+    for text in texts:
+        parts = split_sentences(text)
+        sentences.extend(parts)
+        doc_sizes.append(len(parts))
+    ids_per_sentence: list[list[int]] = []
+    cjk: list[tuple[int, str, list]] = []  # (sentence index, sentence, token offsets) for jieba
+    for lo in range(0, len(sentences), ENCODE_BATCH):
+        batch = sentences[lo: lo + ENCODE_BATCH]
+        encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
+        ids_per_sentence.extend(enc.ids for enc in encodings)
+        if is_continuation is not None:
+            cjk.extend((lo + i, s, encodings[i].offsets) for i, s in enumerate(batch) if CJK_CHAR.search(s))
+    lengths = np.fromiter((len(x) for x in ids_per_sentence), dtype=np.int64, count=len(ids_per_sentence))
+    tokens = np.fromiter(chain.from_iterable(ids_per_sentence), dtype=np.int32, count=int(lengths.sum()))
+    word_starts = None
+    if is_continuation is not None:
+        word_starts = ~is_continuation[tokens]
+        sentence_at = np.concatenate(([0], np.cumsum(lengths)))
+        for index, sentence, offsets in cjk:
+            begin = int(sentence_at[index])
+            jieba_word_starts(sentence, offsets, word_starts[begin: begin + len(offsets)])
+    return _layout(tokens, word_starts, lengths, doc_sizes, max_segment_tokens, len(sentences))
+
+
+def _layout(tokens, word_starts, lengths: np.ndarray, doc_sizes: list[int], max_segment_tokens: int,
+            num_sentences: int) -> EncodedUnit:
+    ends = np.cumsum(lengths).tolist()
+    starts = [e - n for e, n in zip(ends, lengths.tolist())]
+    seg_start, seg_end, doc_first, doc_end = [], [], [], []
+    s = 0
+    for size in doc_sizes:
+        first = len(seg_start)
+        for begin, end in zip(starts[s: s + size], ends[s: s + size]):
+            while end - begin > max_segment_tokens:  # an over-long sentence becomes several segments
+                seg_start.append(begin)
+                seg_end.append(begin + max_segment_tokens)
+                begin += max_segment_tokens
+            if end > begin:
+                seg_start.append(begin)
+                seg_end.append(end)
+        s += size
+        if len(seg_start) > first:
+            doc_first.append(first)
+            doc_end.append(len(seg_start))
+    return EncodedUnit(tokens, word_starts, seg_start, seg_end, doc_first, doc_end, num_sentences)

@@ -1,0 +1,175 @@
+"""Stage 5, instances: segment pairs (NSP, SOP) or packed sentences (RoBERTa) from an encoded unit.
+
+Instances are token *ranges* into ``EncodedUnit.tokens`` (segments of a document are contiguous
+there, and truncation only trims ends), so building them moves integers, not tokens.
+
+* ``nsp``: BERT's create_instances_from_document: a target length (``short_seq_prob`` of the time
+  a random one in [2, max]), chunks of whole sentences, A = a random prefix of the chunk, B = the
+  rest (label 0) or, half of the time, text from a random other document of the same unit
+  (label 1, the unused sentences are put back); then the pair is truncated to fit, each removal
+  from the front or back at random.  One change: BERT's script must use a random B whenever the
+  chunk is a single sentence, which skews the labels towards 1 on corpora of short documents
+  (one paragraph per line); we split such a sentence at a random token instead, so the label
+  is a fair coin whatever the document lengths.
+* ``sop``: ALBERT: the same chunks, A and B always consecutive, swapped half of the time (label 1).
+* ``full-sentences``: RoBERTa: whole sentences packed in order up to the sequence length, across
+  document boundaries ([SEP] between documents), no sentence label.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from data_prep.encode import EncodedUnit
+
+OBJECTIVES = ("nsp", "sop", "full-sentences")
+RANDOM_DOC_TRIES = 10
+NO_LABEL = -1
+
+
+class Instance(NamedTuple):
+    a: tuple[tuple[int, int], ...]  # token ranges of segment A ([SEP] after each range)
+    b: tuple[int, int] | None  # token range of segment B (pairs) or None
+    label: int  # nsp: 1 = B is random; sop: 1 = swapped; full-sentences: -1
+
+
+def truncate_pair(a: tuple[int, int], b: tuple[int, int], max_tokens: int, rng) -> tuple:
+    """Trim the longer of A, B one token at a time until they fit, each time at a random end.
+
+    Same distribution as BERT's truncate_seq_pair, drawn in closed form: how many tokens each
+    side loses is fixed by the lengths, and how many of those come off the front is binomial.
+    """
+    la, lb = a[1] - a[0], b[1] - b[0]
+    excess = la + lb - max_tokens
+    if excess <= 0:
+        return a, b
+    gap = abs(la - lb)
+    first = min(excess, gap)  # from the longer side until both are equal
+    rest = excess - first
+    cut_a = (first if la > lb else 0) + rest // 2
+    cut_b = (first if la <= lb else 0) + rest - rest // 2  # ties trim B first, as the script does
+    front_a, front_b = (int(x) for x in rng.binomial([cut_a, cut_b], 0.5))
+    return (a[0] + front_a, a[1] - (cut_a - front_a)), (b[0] + front_b, b[1] - (cut_b - front_b))
+
+
+def _split_segment(start: int, end: int, rng) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    if end - start < 2:
+        return None
+    cut = int(rng.integers(start + 1, end))
+    return (start, cut), (cut, end)
+
+
+def _random_b(unit: EncodedUnit, doc: int, target: int, rng) -> tuple[int, int]:
+    """A range of at least ``target`` tokens (or to the document's end) from another document."""
+    other = doc
+    for _ in range(RANDOM_DOC_TRIES):
+        other = int(rng.integers(0, unit.num_docs))
+        if other != doc:
+            break
+    first = int(rng.integers(unit.doc_first[other], unit.doc_end[other]))
+    end = first
+    while end < unit.doc_end[other]:
+        end += 1
+        if unit.seg_end[end - 1] - unit.seg_start[first] >= target:
+            break
+    return unit.seg_start[first], unit.seg_end[end - 1]
+
+
+def pair_instances(unit: EncodedUnit, doc: int, rng, max_tokens: int, short_seq_prob: float,
+                   objective: str) -> list[Instance]:
+    """NSP or SOP instances of one document (``max_tokens`` = seq_len - 3)."""
+    target = max_tokens
+    if rng.random() < short_seq_prob:
+        target = int(rng.integers(2, max_tokens + 1))
+    s_start, s_end = unit.seg_start, unit.seg_end
+    out: list[Instance] = []
+    chunk_first, i, end = unit.doc_first[doc], unit.doc_first[doc], unit.doc_end[doc]
+    while i < end:
+        if i == end - 1 or s_end[i] - s_start[chunk_first] >= target:
+            n = i + 1 - chunk_first
+            a_segs = int(rng.integers(1, n)) if n >= 2 else 1
+            a = (s_start[chunk_first], s_end[chunk_first + a_segs - 1])
+            if objective == "nsp" and rng.random() < 0.5:
+                b, label = _random_b(unit, doc, target - (a[1] - a[0]), rng), 1
+                i = chunk_first + a_segs - 1  # put the unused sentences back
+            elif n >= 2:
+                b, label = (s_start[chunk_first + a_segs], s_end[i]), 0
+            else:
+                halves = _split_segment(a[0], a[1], rng)
+                if halves is None:
+                    if objective == "nsp":  # a one-token document: only a random B is possible
+                        b, label = _random_b(unit, doc, target - 1, rng), 1
+                    else:
+                        chunk_first = i = i + 1
+                        continue
+                else:
+                    (a, b), label = halves, 0
+            if objective == "sop":
+                label = int(rng.random() < 0.5)
+                if label:
+                    a, b = b, a
+            a, b = truncate_pair(a, b, max_tokens, rng)
+            out.append(Instance((a,), b, label))
+            chunk_first = i + 1
+        i += 1
+    return out
+
+
+def packed_instances(unit: EncodedUnit, seq_len: int) -> list[Instance]:
+    """RoBERTa FULL-SENTENCES: [CLS] sentences... [SEP] (next document) ... [SEP], up to seq_len."""
+    out: list[Instance] = []
+    ranges: list[tuple[int, int]] = []
+    used = 1  # [CLS]
+    for doc in range(unit.num_docs):
+        for seg in range(unit.doc_first[doc], unit.doc_end[doc]):
+            start, end = unit.seg_start[seg], unit.seg_end[seg]
+            new_range = not ranges or seg == unit.doc_first[doc]
+            cost = (end - start) + (1 if new_range else 0)  # a new range brings its [SEP]
+            if used + cost > seq_len and ranges:
+                out.append(Instance(tuple(ranges), None, NO_LABEL))
+                ranges, used, new_range = [], 1, True
+                cost = (end - start) + 1
+            if new_range:
+                ranges.append((start, end))
+            else:
+                ranges[-1] = (ranges[-1][0], end)
+            used += cost
+    if ranges:
+        out.append(Instance(tuple(ranges), None, NO_LABEL))
+    return out
+
+
+def create_instances(unit: EncodedUnit, objective: str, seq_len: int, short_seq_prob: float,
+                     rng: np.random.Generator) -> list[Instance]:
+    """All instances of one pass (one duplicate) over the unit, in document order."""
+    if objective == "full-sentences":
+        return packed_instances(unit, seq_len)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    out: list[Instance] = []
+    for doc in range(unit.num_docs):
+        out.extend(pair_instances(unit, doc, rng, seq_len - 3, short_seq_prob, objective))
+    return out
+
+
+def materialize(inst: Instance, tokens: np.ndarray, cls_id: int, sep_id: int,
+                word_starts: np.ndarray | None = None):
+    """(input_ids int32, token_type_ids uint8, word_starts uint8 or None) of one instance."""
+    pieces = list(inst.a) + ([inst.b] if inst.b is not None else [])
+    length = 1 + sum(e - s for s, e in pieces) + len(pieces)
+    ids = np.empty(length, dtype=np.int32)
+    types = np.zeros(length, dtype=np.uint8)
+    starts = np.ones(length, dtype=np.uint8) if word_starts is not None else None
+    ids[0] = cls_id
+    pos = 1
+    for k, (s, e) in enumerate(pieces):
+        ids[pos: pos + e - s] = tokens[s:e]
+        if starts is not None:
+            starts[pos: pos + e - s] = word_starts[s:e]
+        if inst.b is not None and k == len(pieces) - 1:
+            types[pos: pos + e - s + 1] = 1  # segment B and its [SEP]
+        pos += e - s
+        ids[pos] = sep_id
+        pos += 1
+    return ids, types, starts

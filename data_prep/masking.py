@@ -1,0 +1,165 @@
+"""Masked-LM masking: the one implementation used by data_prep (static) and the training loader (dynamic).
+
+Numpy only, no tokenizer: the loader calls it per sample.  The recipe is BERT's
+(create_pretraining_data.py): choose ``round(masked_lm_prob * n)`` of the ``n`` maskable tokens
+(at least 1, at most ``max_predictions``) by visiting whole words in a random order and taking a
+word only if it still fits; then each chosen token becomes [MASK] with probability 0.8, a random
+token with 0.1, and stays itself with 0.1.  Special tokens ([CLS] [SEP] [PAD] [UNK]? no: every
+id in ``special_ids``) are never chosen and never drawn as random replacements.
+
+Whole-word masking: ``word_starts[i]`` is true when token ``i`` begins a word; a word is a start
+token plus the continuation tokens after it.  Without ``word_starts`` every token is its own word.
+English word starts come from WordPiece (a token not starting with ``##``); Chinese ones from
+jieba at prep time, stored in the shards (see docs/data-format.md).
+
+Reproducibility: dynamic masking seeds a fresh generator with ``masking_rng(seed, epoch,
+sample_index)``, so a resumed run masks every sample exactly as before.  Static masking uses the
+same function at prep time with epoch 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import NamedTuple
+
+import numpy as np
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    vocab_size: int
+    mask_id: int
+    special_ids: tuple[int, ...]  # never masked, never used as a random replacement
+    masked_lm_prob: float = 0.15
+    max_predictions: int = 20
+    mask_token_prob: float = 0.8  # chosen token -> [MASK]
+    random_token_prob: float = 0.1  # chosen token -> random token (the rest keep their token)
+
+    def __post_init__(self):
+        if not 0.0 < self.masked_lm_prob < 1.0:
+            raise ValueError(f"masked_lm_prob must be in (0, 1), got {self.masked_lm_prob}")
+        if self.max_predictions < 1:
+            raise ValueError(f"max_predictions must be >= 1, got {self.max_predictions}")
+        if self.mask_token_prob < 0 or self.random_token_prob < 0 or \
+                self.mask_token_prob + self.random_token_prob > 1.0:
+            raise ValueError("mask_token_prob and random_token_prob must be >= 0 and sum to <= 1")
+        if len(set(self.special_ids)) >= self.vocab_size:
+            raise ValueError("the vocabulary holds nothing but special tokens")
+
+    @cached_property
+    def is_special(self) -> np.ndarray:
+        table = np.zeros(self.vocab_size, dtype=bool)
+        table[list(self.special_ids)] = True
+        return table
+
+
+class MaskedSample(NamedTuple):
+    input_ids: np.ndarray  # copy of the input with the chosen positions replaced (same dtype)
+    masked_lm_positions: np.ndarray  # int64 [P], ascending, P <= max_predictions
+    masked_lm_ids: np.ndarray  # original ids at those positions (the labels), input dtype [P]
+
+
+def masking_rng(seed: int, epoch: int, sample_index: int) -> np.random.Generator:
+    """The generator of one sample's masking in one epoch: a pure function of the three integers."""
+    return np.random.default_rng([int(seed), int(epoch), int(sample_index)])
+
+
+def num_to_predict(num_maskable: int, config: MaskingConfig) -> int:
+    if num_maskable <= 0:
+        return 0
+    wanted = int(num_maskable * config.masked_lm_prob + 0.5)  # round half up
+    return min(config.max_predictions, max(1, wanted), num_maskable)
+
+
+def _choose_words(sizes: np.ndarray, budget: int, rng: np.random.Generator) -> np.ndarray:
+    """Word indices chosen greedily in a random order, skipping words that no longer fit."""
+    order = rng.permutation(len(sizes))
+    if budget >= int(sizes.sum()):
+        return order
+    chosen = []
+    rest = order
+    while budget > 0:
+        rest = rest[sizes[rest] <= budget]  # a word that does not fit now never will
+        if len(rest) == 0:
+            break
+        filled = np.cumsum(sizes[rest])
+        k = int(np.searchsorted(filled, budget, side="right"))  # words that fit, in order (>= 1)
+        chosen.append(rest[:k])
+        budget -= int(filled[k - 1])
+        rest = rest[k + 1:]  # the next word overflowed: skip it, as BERT's script does
+    return np.concatenate(chosen) if chosen else order[:0]
+
+
+def mask_tokens(input_ids: np.ndarray, rng: np.random.Generator, config: MaskingConfig,
+                word_starts: np.ndarray | None = None) -> MaskedSample:
+    """Mask one sample (1-D ids, unpadded or padded: [PAD] is special).  Pure given ``rng``'s state.
+
+    ``word_starts``: optional bool/uint8 array like ``input_ids`` for whole-word masking.
+    """
+    ids = np.asarray(input_ids)
+    candidates = np.flatnonzero(~config.is_special[ids])
+    budget = num_to_predict(len(candidates), config)
+    if budget == 0:
+        return MaskedSample(ids.copy(), np.zeros(0, np.int64), ids[:0].copy())
+    if word_starts is None:  # every token is a word: the first ``budget`` of a random order
+        positions = np.sort(candidates[rng.permutation(len(candidates))[:budget]])
+    else:
+        starts = np.asarray(word_starts, dtype=bool)[candidates]
+        starts[0] = True
+        starts[1:] |= np.diff(candidates) > 1  # a token after a special token starts a word
+        word_of = np.cumsum(starts) - 1
+        sizes = np.bincount(word_of)
+        take = np.zeros(len(sizes), dtype=bool)
+        take[_choose_words(sizes, budget, rng)] = True
+        positions = candidates[take[word_of]]
+    labels = ids[positions]
+    masked = ids.copy()
+    draw = rng.random(len(positions))
+    masked[positions[draw < config.mask_token_prob]] = config.mask_id
+    random_at = positions[(draw >= config.mask_token_prob) &
+                          (draw < config.mask_token_prob + config.random_token_prob)]
+    if random_at.size:
+        masked[random_at] = random_tokens(len(random_at), rng, config)
+    return MaskedSample(masked, positions.astype(np.int64), labels)
+
+
+def random_tokens(n: int, rng: np.random.Generator, config: MaskingConfig) -> np.ndarray:
+    """``n`` ids uniform over the non-special vocabulary (specials are redrawn)."""
+    out = rng.integers(0, config.vocab_size, size=n)
+    bad = config.is_special[out]
+    while True in bad:
+        out[bad] = rng.integers(0, config.vocab_size, size=int(bad.sum()))
+        bad = config.is_special[out]
+    return out
+
+
+def mask_sample(input_ids: np.ndarray, config: MaskingConfig, *, seed: int, epoch: int, sample_index: int,
+                word_starts: np.ndarray | None = None) -> MaskedSample:
+    """Dynamic masking of one stored sample: ``mask_tokens`` with ``masking_rng(seed, epoch, sample_index)``."""
+    return mask_tokens(input_ids, masking_rng(seed, epoch, sample_index), config, word_starts)
+
+
+def labels_from_positions(length: int, positions: np.ndarray, masked_lm_ids: np.ndarray,
+                          ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Full-length int64 label vector: the original id at masked positions, ``ignore_index`` elsewhere."""
+    labels = np.full(length, ignore_index, dtype=np.int64)
+    labels[np.asarray(positions, dtype=np.int64)] = masked_lm_ids
+    return labels
+
+
+def word_starts_from_wordpiece(input_ids: np.ndarray, is_continuation: np.ndarray) -> np.ndarray:
+    """English whole-word flags: a token starts a word unless its vocabulary entry begins with ``##``.
+
+    ``is_continuation``: bool table over the vocabulary (see ``continuation_table``).
+    """
+    return ~is_continuation[np.asarray(input_ids)]
+
+
+def continuation_table(vocab: dict[str, int]) -> np.ndarray:
+    table = np.zeros(max(vocab.values()) + 1, dtype=bool)
+    for token, i in vocab.items():
+        if token.startswith("##"):
+            table[i] = True
+    return table

@@ -1,0 +1,437 @@
+"""Orchestration: documents -> work units -> shards on N worker processes, resumable, node-sliced.
+
+Determinism whatever the worker count: the main process reads, cleans and de-duplicates the
+corpus in its fixed global order and cuts it into work units of ``text_per_shard_mb`` of text per
+split (a document's split is a hash of its text and the seed).  Unit k of a split becomes shard k,
+built by whichever worker is free from nothing but the unit and the settings.  Node slices
+(``num_nodes``/``node_rank``) partition the same units by ordinal; ``merge`` joins their manifests.
+
+Resume: each finished shard gets a record in ``progress/`` (written after the tar is renamed into
+place).  A rerun rebuilds a unit's shard unless its record has the same settings fingerprint and
+unit digest and the tar is there with the recorded size.  Memory: the dedup table plus at most
+``2 x workers`` units in flight.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from data_prep import __version__
+from data_prep.builder import ShardSettings, WorkUnit, build_shard, init_worker
+from data_prep.clean import CleanOptions, clean_documents
+from data_prep.config import PrepConfig
+from data_prep.errors import ErrorPolicy, PrepError
+from data_prep.fsutil import atomic_write_json, canonical_json, sha256_text
+from data_prep.readers import ReadOptions, expand_inputs, iter_documents
+from data_prep.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, SHARD_NAME, SPLITS
+from data_prep.vocab import INFO_FILE, read_tokenizer, save_tokenizer_dir, tokenizer_info
+
+PROGRESS_DIR = "progress"
+TOKENIZER_SUBDIR = "tokenizer"
+MB = 1_000_000
+
+
+def node_manifest_name(rank: int, num_nodes: int) -> str:
+    return f"manifest.node-{rank:05d}-of-{num_nodes:05d}.json"
+
+
+def read_options(cfg: PrepConfig) -> ReadOptions:
+    i = cfg.input
+    return ReadOptions(format=i.format, doc_separator=i.doc_separator, jsonl_field=i.jsonl_field,
+                       max_line_bytes=i.max_line_bytes)
+
+
+def clean_options(cfg: PrepConfig) -> CleanOptions:
+    c = cfg.clean
+    return CleanOptions(unicode_form=c.unicode_form, strip_markup=c.strip_markup,
+                        min_doc_chars=c.min_doc_chars, dedup=c.dedup)
+
+
+def cleaned_documents(cfg: PrepConfig, policy: ErrorPolicy, counts: Counter):
+    if not cfg.input.paths:
+        raise PrepError("no input: give --input FILES... (or input.paths in the config)")
+    paths = expand_inputs(cfg.input.paths)
+    counts["input_files"] = len(paths)
+    return clean_documents(iter_documents(paths, read_options(cfg), policy), clean_options(cfg), counts)
+
+
+def split_of(digest: bytes, seed: int, val_fraction: float) -> str:
+    """train or val for a document: a pure function of its text hash and the seed."""
+    if val_fraction <= 0:
+        return "train"
+    draw = hashlib.blake2b(digest + b"split:%d" % seed, digest_size=8).digest()
+    return "val" if int.from_bytes(draw, "little") < val_fraction * 2.0 ** 64 else "train"
+
+
+def iter_work_units(docs: Iterable, seed: int, val_fraction: float, unit_chars: int) -> Iterator[WorkUnit]:
+    """Cut the document stream into units of about ``unit_chars`` characters per split."""
+    texts = {s: [] for s in SPLITS}
+    chars = {s: 0 for s in SPLITS}
+    hashers = {s: hashlib.sha256() for s in SPLITS}
+    index = {s: 0 for s in SPLITS}
+    ordinal = 0
+
+    def emit(split):
+        nonlocal ordinal
+        unit = WorkUnit(split, index[split], ordinal, texts[split], hashers[split].hexdigest(), chars[split])
+        index[split] += 1
+        ordinal += 1
+        texts[split], chars[split], hashers[split] = [], 0, hashlib.sha256()
+        return unit
+
+    for doc in docs:
+        split = split_of(doc.digest, seed, val_fraction)
+        texts[split].append(doc.text)
+        chars[split] += len(doc.text)
+        hashers[split].update(doc.digest)
+        if chars[split] >= unit_chars:
+            yield emit(split)
+    for split in SPLITS:
+        if texts[split]:
+            yield emit(split)
+
+
+def shard_settings(cfg: PrepConfig, out_dir: Path, info) -> ShardSettings:
+    s = cfg.shards
+    return ShardSettings(
+        out_dir=str(out_dir), tokenizer_dir=str(out_dir / TOKENIZER_SUBDIR), seq_len=s.seq_len,
+        objective=s.objective, masking=s.masking, whole_word_mask=s.whole_word_mask, dupe_factor=s.dupe_factor,
+        max_predictions=s.max_predictions, masked_lm_prob=s.masked_lm_prob, short_seq_prob=s.short_seq_prob,
+        seed=cfg.seed, vocab_size=info.vocab_size, token_dtype=info.token_dtype, cls_id=info.cls_id,
+        sep_id=info.sep_id, mask_id=info.mask_id, special_ids=info.special_ids)
+
+
+def settings_fingerprint(cfg: PrepConfig, info) -> str:
+    """What a shard's bytes depend on besides its unit's documents."""
+    s = cfg.shards
+    return sha256_text(canonical_json({
+        "format_version": FORMAT_VERSION, "tokenizer": info.sha256, "seed": cfg.seed,
+        "seq_len": s.seq_len, "objective": s.objective, "masking": s.masking, "whole_word_mask": s.whole_word_mask,
+        "dupe_factor": s.dupe_factor, "max_predictions": s.max_predictions, "masked_lm_prob": s.masked_lm_prob,
+        "short_seq_prob": s.short_seq_prob}))
+
+
+def clear_outputs(out_dir: Path) -> None:
+    """Remove what a shards run writes (and nothing else) from ``out_dir``."""
+    for f in out_dir.glob("*.tar"):
+        if SHARD_NAME.match(f.name):
+            f.unlink()
+    for f in list(out_dir.glob("manifest*.json")):
+        f.unlink()
+    shutil.rmtree(out_dir / PROGRESS_DIR, ignore_errors=True)
+    shutil.rmtree(out_dir / TOKENIZER_SUBDIR, ignore_errors=True)
+
+
+def prepare_out_dir(out_dir: Path, tokenizer, info, fingerprint: str, overwrite: bool) -> None:
+    """Refuse a directory made with another tokenizer or settings; install the tokenizer copy."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        clear_outputs(out_dir)
+    hint = "use a new --out directory, or --overwrite to replace its shards"
+    existing_tok = out_dir / TOKENIZER_SUBDIR / INFO_FILE
+    if existing_tok.is_file():
+        old = json.loads(existing_tok.read_text()).get("sha256")
+        if old != info.sha256:
+            raise PrepError(f"{out_dir}: its shards were tokenized with tokenizer {old[:12]}..., but this run's "
+                            f"tokenizer is {info.sha256[:12]}... (mismatched tokenizer); {hint}")
+    for f in [*out_dir.glob("manifest*.json"), *(out_dir / PROGRESS_DIR).glob("*.json")]:
+        old = json.loads(f.read_text()).get("fingerprint")
+        if old != fingerprint:
+            raise PrepError(f"{f}: written with other shard settings or seed (fingerprint {str(old)[:12]}... vs "
+                            f"{fingerprint[:12]}...); {hint}")
+    if not existing_tok.is_file():
+        save_tokenizer_dir(tokenizer, out_dir / TOKENIZER_SUBDIR)
+    (out_dir / PROGRESS_DIR).mkdir(exist_ok=True)
+
+
+def _finished_record(out_dir: Path, unit: WorkUnit, fingerprint: str) -> dict | None:
+    from data_prep.shards import shard_name
+
+    name = shard_name(unit.split, unit.index)
+    path = out_dir / PROGRESS_DIR / f"{name}.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    tar = out_dir / name
+    if record.get("fingerprint") != fingerprint or record.get("unit_sha256") != unit.digest or \
+            not tar.is_file() or tar.stat().st_size != record.get("bytes"):
+        return None
+    return record
+
+
+class Progress:
+    """A tqdm bar of documents read (docs/s) with tokens/s of finished shards; silent off a TTY."""
+
+    def __init__(self, enabled: bool, desc: str):
+        from tqdm import tqdm
+
+        self.start = time.time()
+        self.tokens = 0
+        self.shards = 0
+        self.bar = tqdm(desc=desc, unit=" docs", disable=not (enabled and sys.stderr.isatty()),
+                        mininterval=0.5, dynamic_ncols=True)
+
+    def docs(self, iterable):
+        for doc in iterable:
+            self.bar.update(1)
+            yield doc
+
+    def shard_done(self, record: dict) -> None:
+        self.tokens += record["tokens"]
+        self.shards += 1
+        rate = self.tokens / max(1e-9, time.time() - self.start)
+        self.bar.set_postfix_str(f"{self.shards} shards, {rate:,.0f} tokens/s", refresh=False)
+
+    def close(self):
+        self.bar.close()
+
+
+def _run_units(units: Iterable[WorkUnit], settings: ShardSettings, cfg: PrepConfig, out_dir: Path,
+               fingerprint: str, progress: Progress, stats: Counter) -> list[dict]:
+    """Build the shards of this node's units (skipping finished ones); records of all its units."""
+    records: list[dict] = []
+
+    def done(record: dict) -> None:
+        stats["peak_worker_rss_mb"] = max(stats["peak_worker_rss_mb"], record.pop("_peak_rss_mb", 0))
+        record["fingerprint"] = fingerprint
+        atomic_write_json(out_dir / PROGRESS_DIR / f"{record['name']}.json", record)
+        records.append(record)
+        stats["shards_built"] += 1
+        progress.shard_done(record)
+
+    def todo() -> Iterator[WorkUnit]:
+        for unit in units:
+            stats["units_total"] += 1
+            stats[f"units_{unit.split}"] = max(stats[f"units_{unit.split}"], unit.index + 1)
+            if unit.ordinal % cfg.num_nodes != cfg.node_rank:
+                continue
+            record = _finished_record(out_dir, unit, fingerprint)
+            if record is not None:
+                records.append(record)
+                stats["shards_skipped"] += 1
+                continue
+            yield unit
+
+    if cfg.workers <= 1:
+        init_worker()
+        for unit in todo():
+            done(build_shard(unit, settings))
+        return records
+    import multiprocessing
+
+    with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=init_worker) as pool:
+        pending = set()
+        try:
+            for unit in todo():
+                while len(pending) >= 2 * cfg.workers:  # back-pressure: bounded units in flight
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        done(f.result())
+                pending.add(pool.submit(build_shard, unit, settings))
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    done(f.result())
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+    return records
+
+
+def build_shards(cfg: PrepConfig, tokenizer_source, out_dir, *, overwrite: bool = False) -> dict:
+    """The shards stage: returns the manifest written (or, on a multi-node slice, the node manifest)."""
+    out_dir = Path(out_dir)
+    tokenizer = read_tokenizer(Path(tokenizer_source), cfg.vocab.lowercase if cfg.vocab.tokenizer else None)
+    info = tokenizer_info(tokenizer)
+    fingerprint = settings_fingerprint(cfg, info)
+    prepare_out_dir(out_dir, tokenizer, info, fingerprint, overwrite)
+    settings = shard_settings(cfg, out_dir.resolve(), info)
+    policy = ErrorPolicy(cfg.on_error)
+    counts: Counter = Counter()
+    stats: Counter = Counter()
+    started = time.time()
+    progress = Progress(cfg.progress, f"shards -> {out_dir}")
+    try:
+        docs = progress.docs(cleaned_documents(cfg, policy, counts))
+        units = iter_work_units(docs, cfg.seed, cfg.shards.val_fraction,
+                                max(1, int(cfg.shards.text_per_shard_mb * MB)))
+        records = _run_units(units, settings, cfg, out_dir, fingerprint, progress, stats)
+    finally:
+        progress.close()
+    counts.update({f"skipped_{k}": v for k, v in policy.counts.items()})
+    manifest = assemble_manifest(cfg, info, fingerprint, settings, records, counts, stats)
+    if cfg.num_nodes == 1:
+        remove_stale_shards(out_dir, manifest["units"])
+        atomic_write_json(out_dir / MANIFEST, manifest)
+    else:
+        manifest["node"] = {"rank": cfg.node_rank, "num_nodes": cfg.num_nodes}
+        atomic_write_json(out_dir / node_manifest_name(cfg.node_rank, cfg.num_nodes), manifest)
+    print_summary(out_dir, manifest, stats, time.time() - started)
+    return manifest
+
+
+def assemble_manifest(cfg: PrepConfig, info, fingerprint: str, settings: ShardSettings, records: list[dict],
+                      counts: Counter, stats: Counter) -> dict:
+    records = sorted(records, key=lambda r: (SPLITS.index(r["split"]), r["index"]))
+    shards = [{k: v for k, v in r.items() if k != "fingerprint"} for r in records]
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "data_prep_version": __version__,
+        "fingerprint": fingerprint, "seed": cfg.seed,
+        "tokenizer": {"sha256": info.sha256, "vocab_size": info.vocab_size, "lowercase": info.lowercase,
+                      "dir": TOKENIZER_SUBDIR,
+                      "special_ids": {"pad": info.pad_id, "unk": info.unk_id, "cls": info.cls_id,
+                                      "sep": info.sep_id, "mask": info.mask_id}},
+        "sample_format": {
+            "objective": settings.objective, "masking": settings.masking,
+            "whole_word_mask": settings.whole_word_mask, "seq_len": settings.seq_len,
+            "max_predictions": settings.max_predictions, "masked_lm_prob": settings.masked_lm_prob,
+            "short_seq_prob": settings.short_seq_prob, "dupe_factor": settings.dupe_factor,
+            "token_dtype": settings.token_dtype, "sentence_label_key": settings.label_key,
+            "fields": settings.fields()},
+        "config": {"input": vars(cfg.input), "clean": vars(cfg.clean),
+                   "shards": {"val_fraction": cfg.shards.val_fraction,
+                              "text_per_shard_mb": cfg.shards.text_per_shard_mb}},
+        "corpus": dict(sorted(counts.items())),
+        "units": {s: stats[f"units_{s}"] for s in SPLITS},
+        "splits": split_totals(shards),
+        "shards": shards,
+    }
+
+
+def split_totals(shards: list[dict]) -> dict:
+    totals = {}
+    for split in SPLITS:
+        mine = [s for s in shards if s["split"] == split]
+        totals[split] = {k: sum(s[k] for s in mine) for k in ("samples", "tokens", "documents", "bytes")}
+        totals[split]["shards"] = len(mine)
+    return totals
+
+
+def remove_stale_shards(out_dir: Path, units: dict) -> None:
+    """Shards (and records) left by an earlier run over a larger corpus are not part of this one."""
+    for f in out_dir.glob("*.tar"):
+        m = SHARD_NAME.match(f.name)
+        if m and int(m.group(2)) >= units.get(m.group(1), 0):
+            f.unlink()
+            (out_dir / PROGRESS_DIR / f"{f.name}.json").unlink(missing_ok=True)
+
+
+def print_summary(out_dir: Path, manifest: dict, stats: Counter, elapsed: float) -> None:
+    c = manifest["corpus"]
+    mb = c.get("chars_read", 0) / MB
+    lines = [f"data_prep shards: {out_dir}",
+             f"  input     {c.get('input_files', 0)} files, {c.get('docs_read', 0):,} documents, "
+             f"{mb:,.1f} M characters"]
+    dropped = {k: v for k, v in c.items() if k.startswith(("dropped_", "skipped_")) and v}
+    lines.append("  dropped   " + (", ".join(f"{k} {v:,}" for k, v in dropped.items()) or "nothing"))
+    for split, t in manifest["splits"].items():
+        lines.append(f"  {split:<9} {t['shards']} shards, {t['samples']:,} samples, {t['tokens']:,} tokens")
+    lines.append(f"  shards    {stats['shards_built']} built, {stats['shards_skipped']} already done (resumed)")
+    built_tokens = sum(s["tokens"] for s in manifest["shards"])
+    lines.append(f"  time      {elapsed:,.1f} s: {c.get('docs_read', 0) / max(elapsed, 1e-9):,.0f} documents/s, "
+                 f"{built_tokens / max(elapsed, 1e-9):,.0f} tokens/s, {mb / max(elapsed, 1e-9):.2f} M chars/s")
+    print("\n".join(lines), file=sys.stderr)
+
+
+def _training_texts(cfg: PrepConfig, policy: ErrorPolicy, counts: Counter):
+    limit = int(cfg.vocab.max_text_mb * MB) if cfg.vocab.max_text_mb else None
+    used = 0
+    for doc in cleaned_documents(cfg, policy, counts):
+        if limit is not None and used >= limit:
+            return
+        used += len(doc.text)
+        yield doc.text
+
+
+def vocab_fingerprint(cfg: PrepConfig) -> str:
+    files = [(str(p.resolve()), p.stat().st_size) for p in expand_inputs(cfg.input.paths)]
+    v = cfg.vocab
+    return sha256_text(canonical_json({"files": files, "input": vars(cfg.input) | {"paths": None},
+                                       "clean": vars(cfg.clean), "vocab_size": v.vocab_size,
+                                       "lowercase": v.lowercase, "min_frequency": v.min_frequency,
+                                       "max_text_mb": v.max_text_mb}))
+
+
+def prepare_vocab(cfg: PrepConfig, out_dir) -> dict:
+    """The vocab stage: train (or import ``vocab.tokenizer``) into ``out_dir``; skipped when done."""
+    from data_prep.vocab import train_wordpiece
+
+    out_dir = Path(out_dir)
+    info_path = out_dir / INFO_FILE
+    previous = json.loads(info_path.read_text()) if info_path.is_file() else None
+    started = time.time()
+    if cfg.vocab.tokenizer:
+        tok = read_tokenizer(Path(cfg.vocab.tokenizer), cfg.vocab.lowercase)
+        if previous and previous.get("sha256") == tokenizer_info(tok).sha256:
+            print(f"data_prep vocab: {out_dir} already holds this tokenizer; skipped", file=sys.stderr)
+            return previous
+        save_tokenizer_dir(tok, out_dir, {"source": str(cfg.vocab.tokenizer)})
+    else:
+        fingerprint = vocab_fingerprint(cfg)
+        if previous and previous.get("training_fingerprint") == fingerprint:
+            print(f"data_prep vocab: {out_dir} was trained on these inputs and settings; skipped", file=sys.stderr)
+            return previous
+        policy, counts = ErrorPolicy(cfg.on_error), Counter()
+        quiet = ErrorPolicy(cfg.on_error, max_warnings=0)  # the second pass meets the same problems
+        passes = iter([lambda: _training_texts(cfg, policy, counts), lambda: _training_texts(cfg, quiet, Counter())])
+        tok = train_wordpiece(lambda: next(passes)(), cfg.vocab.vocab_size, cfg.vocab.lowercase,
+                              cfg.vocab.min_frequency)
+        counts.update({f"skipped_{k}": v for k, v in policy.counts.items()})
+        save_tokenizer_dir(tok, out_dir, {"training_fingerprint": fingerprint, "requested_vocab_size":
+                                          cfg.vocab.vocab_size, "corpus": dict(sorted(counts.items()))})
+    info = json.loads(info_path.read_text())
+    print(f"data_prep vocab: {out_dir}: {info['vocab_size']:,} tokens, "
+          f"{'uncased' if info['lowercase'] else 'cased'}, sha256 {info['sha256'][:12]}..., "
+          f"{time.time() - started:.1f} s", file=sys.stderr)
+    return info
+
+
+def run_all(cfg: PrepConfig, *, overwrite: bool = False) -> dict:
+    """``run --config``: vocab into <out>/tokenizer, then shards into <out>/shards."""
+    if not cfg.out:
+        raise PrepError("no output directory: set out in the config or give --out")
+    out = Path(cfg.out)
+    prepare_vocab(cfg, out / TOKENIZER_SUBDIR)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the shard stage runs one tokenizer thread per worker
+    return build_shards(cfg, out / TOKENIZER_SUBDIR, out / "shards", overwrite=overwrite)
+
+
+def merge_node_manifests(out_dir) -> dict:
+    """Join the per-node manifests of a multi-node run into manifest.json, checking completeness."""
+    out_dir = Path(out_dir)
+    parts = sorted(out_dir.glob("manifest.node-*-of-*.json"))
+    if not parts:
+        raise PrepError(f"{out_dir}: no node manifests (manifest.node-*-of-*.json) to merge")
+    manifests = [json.loads(p.read_text()) for p in parts]
+    num_nodes = manifests[0]["node"]["num_nodes"]
+    ranks = sorted(m["node"]["rank"] for m in manifests)
+    problems = []
+    if ranks != list(range(num_nodes)) or any(m["node"]["num_nodes"] != num_nodes for m in manifests):
+        problems.append(f"expected node manifests of ranks 0..{num_nodes - 1}, found ranks {ranks}")
+    for m, p in zip(manifests, parts):
+        if m["fingerprint"] != manifests[0]["fingerprint"] or m["units"] != manifests[0]["units"]:
+            problems.append(f"{p.name}: other settings or input than {parts[0].name}")
+    shards = [s for m in manifests for s in m["shards"]]
+    for split in SPLITS:
+        have = sorted(s["index"] for s in shards if s["split"] == split)
+        if have != list(range(manifests[0]["units"][split])):
+            problems.append(f"{split}: shard indices {have[:5]}... do not cover 0..{manifests[0]['units'][split] - 1}")
+    if problems:
+        raise PrepError(f"{out_dir}: cannot merge:\n" + "\n".join(f"  - {p}" for p in problems))
+    merged = {k: v for k, v in manifests[0].items() if k != "node"}
+    merged["shards"] = sorted(shards, key=lambda s: (SPLITS.index(s["split"]), s["index"]))
+    merged["splits"] = split_totals(merged["shards"])
+    merged["nodes"] = num_nodes
+    remove_stale_shards(out_dir, merged["units"])
+    atomic_write_json(out_dir / MANIFEST, merged)
+    return merged

@@ -1,0 +1,216 @@
+"""Stage 7, shards: names, sample keys, the byte-deterministic tar writer, the manifest and readers.
+
+A shard is a plain (uncompressed) POSIX tar that stock ``webdataset.WebDataset`` reads: one member
+per array, named ``<key>.<field>.npy`` / ``<key>.<field>.cls``, members of a sample adjacent.
+Headers carry fixed metadata (mtime 0, uid/gid 0, no user names, mode 0644), so the bytes depend
+on the content alone.  A shard is written under a temporary name and renamed when complete.
+docs/data-format.md describes every field.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from data_prep.errors import PrepError
+from data_prep.fsutil import remove_stale_temps, temp_path_for
+
+FORMAT_NAME = "bertforge-wds"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+SPLIT_CODES = {"train": 0, "val": 1}
+BLOCK = tarfile.BLOCKSIZE
+RECORD = tarfile.RECORDSIZE
+SHARD_NAME = re.compile(r"^(train|val)-(\d{6,})\.tar$")
+KEY = re.compile(r"^(train|val)-(\d{6,})-(\d{6,})$")
+POSITION_BITS, SHARD_BITS = 24, 24
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def sample_key(split: str, shard_index: int, position: int) -> str:
+    return f"{split}-{shard_index:06d}-{position:06d}"
+
+
+def sample_id(split: str, shard_index: int, position: int) -> int:
+    """A stable integer naming a sample: split code, shard index and position packed in 50 bits."""
+    if position >= 1 << POSITION_BITS or shard_index >= 1 << SHARD_BITS:
+        raise ValueError(f"shard {shard_index} position {position} exceeds the sample id layout")
+    return (SPLIT_CODES[split] << (SHARD_BITS + POSITION_BITS)) | (shard_index << POSITION_BITS) | position
+
+
+def parse_key(key: str) -> tuple[str, int, int]:
+    m = KEY.match(os.path.basename(key))
+    if not m:
+        raise ValueError(f"not a data_prep sample key: {key!r}")
+    return m.group(1), int(m.group(2)), int(m.group(3))
+
+
+_NPY_HEADERS: dict[tuple[str, int], bytes] = {}
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """The exact bytes ``np.save`` writes for a 1-D array (format 1.0), with the header cached."""
+    arr = np.ascontiguousarray(arr)
+    key = (arr.dtype.str, arr.shape[0])
+    header = _NPY_HEADERS.get(key)
+    if header is None:
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(arr))
+        header = buf.getvalue()
+        if len(_NPY_HEADERS) < 4096:
+            _NPY_HEADERS[key] = header
+    return header + arr.tobytes()
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+
+
+class ShardWriter:
+    """Write one shard under a temp name; ``commit()`` renames it into place and returns its stats."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        remove_stale_temps(self.path)
+        self.tmp = temp_path_for(self.path)
+        self._f = open(self.tmp, "wb")
+        self._sha = hashlib.sha256()
+        self.bytes = 0
+        self.samples = 0
+
+    def _write(self, data: bytes) -> None:
+        self._f.write(data)
+        self._sha.update(data)
+        self.bytes += len(data)
+
+    def add(self, key: str, fields: dict[str, bytes]) -> None:
+        """One sample: ``fields`` maps extension (``input_ids.npy``) to bytes, written in that order."""
+        for ext, data in fields.items():
+            self._write(_tar_header(f"{key}.{ext}", len(data)))
+            self._write(data)
+            if len(data) % BLOCK:
+                self._write(b"\0" * (BLOCK - len(data) % BLOCK))
+        self.samples += 1
+
+    def commit(self) -> dict:
+        self._write(b"\0" * (2 * BLOCK))  # end-of-archive marker
+        if self.bytes % RECORD:
+            self._write(b"\0" * (RECORD - self.bytes % RECORD))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+        return {"bytes": self.bytes, "sha256": self._sha.hexdigest(), "samples": self.samples}
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: raw bytes}) per sample of a shard, in file order (stdlib tarfile)."""
+    current, fields = None, {}
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = os.path.basename(member.name).partition(".")
+            if key != current:
+                if current is not None:
+                    yield current, fields
+                current, fields = key, {}
+            fields[ext] = tar.extractfile(member).read()
+    if current is not None:
+        yield current, fields
+
+
+def decode_fields(fields: dict[str, bytes]) -> dict:
+    """Raw member bytes -> numpy arrays (``.npy``) and ints (``.cls``)."""
+    out = {}
+    for ext, data in fields.items():
+        name, _, kind = ext.rpartition(".")
+        if kind == "npy":
+            out[name] = np.load(io.BytesIO(data), allow_pickle=False)
+        elif kind == "cls":
+            out[name] = int(data)
+        else:
+            out[ext] = data
+    return out
+
+
+def read_manifest(out_dir) -> dict:
+    """The manifest of a finished shard directory, with ``dir`` (its absolute path) added."""
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise PrepError(f"{out_dir}: no {MANIFEST}; expected a directory written by `python -m data_prep shards` "
+                        "(an unfinished multi-node run needs `python -m data_prep merge` first)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise PrepError(f"{path}: not valid JSON ({err})") from err
+    if manifest.get("format") != FORMAT_NAME:
+        raise PrepError(f"{path}: format is {manifest.get('format')!r}; expected {FORMAT_NAME!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise PrepError(f"{path}: format_version {manifest.get('format_version')} is not supported by this "
+                        f"data_prep (it reads version {FORMAT_VERSION}); rebuild the shards")
+    manifest["dir"] = str(Path(out_dir).resolve())
+    return manifest
+
+
+def split_info(manifest: dict, split: str) -> dict:
+    """What a training loader needs about one split: shards (name, samples, ...) and sample format."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    fmt = manifest["sample_format"]
+    tok = manifest["tokenizer"]
+    tok_dir = tok.get("dir")
+    if tok_dir and manifest.get("dir"):
+        tok_dir = str(Path(manifest["dir"]) / tok_dir)
+    return {
+        "shards": [s for s in manifest["shards"] if s["split"] == split],
+        "seq_len": fmt["seq_len"],
+        "max_predictions": fmt["max_predictions"],
+        "dynamic": fmt["masking"] == "dynamic",
+        "whole_word": fmt["whole_word_mask"],
+        "mlm_probability": fmt["masked_lm_prob"],
+        "objective": fmt["objective"],
+        "has_sentence_labels": fmt["objective"] in ("nsp", "sop"),
+        "sentence_label_key": fmt.get("sentence_label_key"),
+        "token_dtype": fmt["token_dtype"],
+        "vocab_size": tok["vocab_size"],
+        "special_ids": dict(tok["special_ids"]),
+        "tokenizer_hash": tok["sha256"],
+        "tokenizer_dir": tok_dir,
+        "fingerprint": manifest["fingerprint"],
+        "seed": manifest["seed"],
+    }
+
+
+def iter_samples(out_dir, split: str = "train", limit: int | None = None) -> Iterator[dict]:
+    """Decoded samples of a split in manifest order, each with ``__key__`` and ``__shard__``."""
+    manifest = read_manifest(out_dir)
+    n = 0
+    for shard in split_info(manifest, split)["shards"]:
+        for key, fields in iter_tar_samples(Path(out_dir) / shard["name"]):
+            if limit is not None and n >= limit:
+                return
+            sample = decode_fields(fields)
+            sample["__key__"], sample["__shard__"] = key, shard["name"]
+            yield sample
+            n += 1
