@@ -197,7 +197,8 @@ def to_hf_state_dict(state_dict: dict, m: ModelConfig) -> dict:
     import torch
     from pretrain.model import unpad_vocab
     state_dict = unpad_vocab(state_dict, m)
-    names = {k: v for k, v in key_map(m).items() if k in _expected_ours(m)}
+    expected = _expected_ours(m)
+    names = {k: v for k, v in key_map(m).items() if k in expected}
     missing = sorted(set(names) - set(state_dict))
     if missing:
         raise ValueError(f"state dict lacks {len(missing)} parameter(s) a model.{m.arch} model needs: "
@@ -222,7 +223,8 @@ def from_hf_state_dict(hf: dict, m: ModelConfig, source: str = "HF state dict") 
     for copy, original in tied_copies(m).items():
         if copy in hf and original in hf and not torch.equal(hf[copy], hf[original]):
             raise ValueError(f"{source}: {copy} differs from {original}; an untied MLM decoder is not supported")
-    names = {k: v for k, v in key_map(m).items() if k in _expected_ours(m)}
+    expected = _expected_ours(m)
+    names = {k: v for k, v in key_map(m).items() if k in expected}
     wanted = [h for v in names.values() for h in (v if isinstance(v, tuple) else (v,))]
     missing = [h for h in wanted if h not in hf]
     if missing:
@@ -246,47 +248,44 @@ def export_checkpoint(checkpoint: str, out_dir: str, tokenizer_dir: str | None =
     config, state_dict, extra = load_weights(checkpoint)
     m = config.model
     architecture = hf_architecture(m)
+    tokenizer_dir = tokenizer_dir or extra.get("tokenizer_dir") or config.data.tokenizer
+    spec = _tokenizer_spec(tokenizer_dir, m) if tokenizer_dir else None  # bad tokenizer: fail before writing
     model = getattr(transformers, architecture)(hf_config(m))
     model.load_state_dict(to_hf_state_dict(state_dict, m), strict=True)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
-    tokenizer_dir = tokenizer_dir or extra.get("tokenizer_dir") or config.data.tokenizer
-    if tokenizer_dir:
-        export_tokenizer(tokenizer_dir, out_dir, m)
+    if spec:
+        export_tokenizer(tokenizer_dir, out_dir, spec)
     else:
         warnings.warn(f"no tokenizer known for {checkpoint} (pass --tokenizer DIR): {out_dir} has the weights "
                       "but no tokenizer files, so AutoTokenizer.from_pretrained will not load it", stacklevel=2)
     return {"architecture": architecture, "out_dir": out_dir, "tokenizer": tokenizer_dir or None}
 
 
-def export_tokenizer(tokenizer_dir: str, out_dir: str, m: ModelConfig) -> None:
+def export_tokenizer(tokenizer_dir: str, out_dir: str, spec: dict) -> None:
     """Copy tokenizer.json / vocab.txt and write a tokenizer_config.json AutoTokenizer understands."""
-    files = [f for f in ("tokenizer.json", "vocab.txt") if os.path.isfile(os.path.join(tokenizer_dir, f))]
-    if not files:
-        raise FileNotFoundError(f"tokenizer directory {tokenizer_dir}: expected tokenizer.json or vocab.txt in it")
-    for name in files:
+    for name in spec["files"]:
         shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
-    spec = _tokenizer_spec(tokenizer_dir)
-    if spec["vocab"] and "vocab.txt" not in files:
+    if spec["vocab"] and "vocab.txt" not in spec["files"]:
         with open(os.path.join(out_dir, "vocab.txt"), "w", encoding="utf-8") as f:
             f.writelines(token + "\n" for token in sorted(spec["vocab"], key=spec["vocab"].get))
-    size = len(spec["vocab"]) if spec["vocab"] else None
-    if size is not None and size > m.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_dir} has {size} tokens but model.vocab_size is {m.vocab_size}")
     settings = dict(SPECIAL_TOKENS, tokenizer_class=spec["class"], do_lower_case=spec["lowercase"],
-                    model_max_length=m.max_position_embeddings)
+                    model_max_length=spec["model_max_length"])
     if spec["strip_accents"] is not None:
         settings["strip_accents"] = spec["strip_accents"]
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(settings, f, indent=2)
 
 
-def _tokenizer_spec(tokenizer_dir: str) -> dict:
-    """Tokenizer class, lowercasing, accent stripping and WordPiece vocab of a tokenizer directory."""
-    spec = {"class": "BertTokenizerFast", "lowercase": None, "strip_accents": None, "vocab": None}
-    path = os.path.join(tokenizer_dir, "tokenizer.json")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
+def _tokenizer_spec(tokenizer_dir: str, m: ModelConfig) -> dict:
+    """Files, class, lowercasing, accent stripping and WordPiece vocab of a tokenizer directory."""
+    files = [f for f in ("tokenizer.json", "vocab.txt") if os.path.isfile(os.path.join(tokenizer_dir, f))]
+    if not files:
+        raise FileNotFoundError(f"tokenizer directory {tokenizer_dir}: expected tokenizer.json or vocab.txt in it")
+    spec = {"files": files, "class": "BertTokenizerFast", "lowercase": None, "strip_accents": None,
+            "vocab": None, "model_max_length": m.max_position_embeddings}
+    if "tokenizer.json" in files:
+        with open(os.path.join(tokenizer_dir, "tokenizer.json"), encoding="utf-8") as f:
             data = json.load(f)
         model = data.get("model") or {}
         if model.get("type") == "WordPiece":
@@ -294,10 +293,12 @@ def _tokenizer_spec(tokenizer_dir: str) -> dict:
         else:
             spec["class"] = "PreTrainedTokenizerFast"
         spec["lowercase"], spec["strip_accents"] = _normalizer_flags(data.get("normalizer"))
-    vocab_path = os.path.join(tokenizer_dir, "vocab.txt")
-    if spec["vocab"] is None and os.path.isfile(vocab_path):
-        with open(vocab_path, encoding="utf-8") as f:
+    if spec["vocab"] is None and "vocab.txt" in files:
+        with open(os.path.join(tokenizer_dir, "vocab.txt"), encoding="utf-8") as f:
             spec["vocab"] = {line.rstrip("\n"): i for i, line in enumerate(f)}
+    if spec["vocab"] and len(spec["vocab"]) > m.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_dir} has {len(spec['vocab'])} tokens but model.vocab_size is "
+                         f"{m.vocab_size}")
     if spec["lowercase"] is None:
         spec["lowercase"] = _declared_lowercase(tokenizer_dir)
     if spec["lowercase"] is None:  # only a vocab.txt: an uncased vocabulary has no capital letters

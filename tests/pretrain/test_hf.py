@@ -1,0 +1,347 @@
+"""Consolidated weights, HuggingFace export/import parity, tokenizer export, CLI.  Tiny CPU models.
+
+transformers never touches the network here: configs are built in the test, models are saved to
+and loaded from tmp_path.
+"""
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+from tokenizers import BertWordPieceTokenizer  # noqa: E402
+
+from pretrain.cli import main  # noqa: E402
+from pretrain.config import Config, ModelConfig, load_config  # noqa: E402
+from pretrain.hf import export_checkpoint, import_hf  # noqa: E402
+from pretrain.model import build_model  # noqa: E402
+from pretrain.weights import load_model, load_weights, save_weights  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VOCAB = 101
+WORDS = ["the", "quick", "brown", "fox", "jump", "over", "lazy", "dog", "##es", "##ed", "##s", "a"]
+
+
+def tiny(**overrides) -> ModelConfig:
+    base = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                max_position_embeddings=64)
+    return ModelConfig(**{**base, **overrides})
+
+
+def run_config(model_cfg: ModelConfig) -> Config:
+    cfg = Config(model=model_cfg)
+    cfg.training.seq_len = model_cfg.max_position_embeddings
+    return cfg
+
+
+def perturb(model):
+    """Move every parameter off its init (LayerNorm 1/0, zero biases) so name mix-ups would show."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def padded_batch():
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(5, VOCAB, (3, 12), generator=g)
+    attention_mask = torch.ones(3, 12, dtype=torch.long)
+    attention_mask[1, 8:] = 0
+    attention_mask[2, 4:] = 0
+    token_type_ids = torch.zeros_like(input_ids)
+    token_type_ids[:, 5:] = 1
+    positions = torch.tensor([[1, 3, 6, 10], [2, 5, 7, 0], [1, 3, 0, 0]])
+    return dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids), positions
+
+
+def assert_rel_close(got, expected, tol=1e-5):
+    """max |got - expected| <= tol * max |expected| (relative to the logits' scale)."""
+    assert got.shape == expected.shape
+    err = (got - expected).abs().max().item() / expected.abs().max().item()
+    assert err <= tol, f"relative error {err:.2e} > {tol}"
+
+
+def hf_logits(hf_model, inputs, positions):
+    """(MLM logits gathered at positions as [B*P, V], sentence logits or None) of an HF model."""
+    with torch.no_grad():
+        out = hf_model(**inputs)
+    logits = out.prediction_logits if hasattr(out, "prediction_logits") else out.logits
+    gathered = logits[torch.arange(logits.size(0))[:, None], positions].reshape(-1, logits.size(-1))
+    sentence = getattr(out, "seq_relationship_logits", None)
+    sentence = getattr(out, "sop_logits", None) if sentence is None else sentence
+    return gathered, sentence
+
+
+def load_hf(hf_dir, architecture):
+    model, info = getattr(transformers, architecture).from_pretrained(
+        hf_dir, output_loading_info=True, attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+def write_tokenizer(directory, lowercase=True, tokenizer_json=True):
+    """A tiny WordPiece tokenizer: vocab.txt (+ tokenizer.json), as data_prep would leave it."""
+    os.makedirs(directory, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + ([] if lowercase else ["The"])
+    vocab_path = os.path.join(directory, "vocab.txt")
+    with open(vocab_path, "w", encoding="utf-8") as f:
+        f.write("\n".join(vocab) + "\n")
+    if tokenizer_json:
+        BertWordPieceTokenizer(vocab_path, lowercase=lowercase).save(os.path.join(directory, "tokenizer.json"))
+        if not lowercase:
+            os.remove(vocab_path)  # tokenizer.json alone must be enough (vocab.txt is then derived)
+    return str(directory)
+
+
+def save_ours(tmp_path, model_cfg, extra=None, name="ckpt"):
+    model = perturb(build_model(model_cfg))
+    ckpt = str(tmp_path / name)
+    save_weights(ckpt, run_config(model_cfg), model.state_dict(), extra)
+    return model, ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Consolidated-weights format
+# ---------------------------------------------------------------------------------------------
+def test_save_and_load_weights_round_trip(tmp_path):
+    model_cfg = tiny()
+    model, ckpt = save_ours(tmp_path, model_cfg, extra={"tokenizer_dir": "/tok", "fingerprints": {"data": "ab"}})
+    assert sorted(os.listdir(ckpt)) == ["config.yaml", "extra.json", "model.pt"]  # no temp files left
+    config, state_dict, extra = load_weights(ckpt)
+    assert config == run_config(model_cfg)
+    assert extra == {"tokenizer_dir": "/tok", "fingerprints": {"data": "ab"}}
+    assert state_dict["embeddings.word.weight"].shape == (VOCAB, 32)  # stored unpadded
+    for key, tensor in model.consolidated_state_dict().items():
+        assert torch.equal(state_dict[key], tensor), key
+    loaded, _, _ = load_model(ckpt)
+    inputs, positions = padded_batch()
+    torch.testing.assert_close(loaded(**inputs, masked_lm_positions=positions).mlm_logits,
+                               model(**inputs, masked_lm_positions=positions).mlm_logits)
+
+
+def test_save_weights_strips_wrapper_prefixes(tmp_path):
+    model_cfg = tiny()
+    model = build_model(model_cfg)
+    wrapped = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
+    save_weights(str(tmp_path / "c"), run_config(model_cfg), wrapped)
+    assert set(load_weights(str(tmp_path / "c"))[1]) == set(model.state_dict())
+    with pytest.raises(TypeError, match="JSON-serializable"):
+        save_weights(str(tmp_path / "d"), run_config(model_cfg), model.state_dict(), extra={"x": object()})
+
+
+def test_load_weights_follows_latest(tmp_path):
+    _, ckpt = save_ours(tmp_path / "checkpoints", tiny(), name="step-000100")
+    (tmp_path / "checkpoints" / "latest").write_text("step-000100\n")
+    config, state_dict, _ = load_weights(str(tmp_path / "checkpoints"))
+    assert config.model == tiny() and "encoder.layers.1.ffn.up.weight" in state_dict
+    assert load_weights(os.path.join(ckpt, "model.pt"))[0] == config
+
+
+def test_load_weights_errors_name_the_path(tmp_path):
+    missing = str(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=f"{missing} does not exist"):
+        load_weights(missing)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'empty'}: expected a checkpoint directory holding model.pt"):
+        load_weights(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "latest").write_text("step-000007")
+    with pytest.raises(FileNotFoundError, match="latest names 'step-000007'"):
+        load_weights(str(tmp_path / "empty"))
+    _, ckpt = save_ours(tmp_path, tiny())
+    os.remove(os.path.join(ckpt, "config.yaml"))
+    with pytest.raises(FileNotFoundError, match=f"{ckpt}: holds model.pt but no config.yaml"):
+        load_weights(ckpt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export parity: ours -> HF
+# ---------------------------------------------------------------------------------------------
+EXPORT_CASES = {
+    "bert_nsp": (tiny(), "BertForPreTraining"),
+    "bert_no_sentence_head": (tiny(sentence_head="none"), "BertForMaskedLM"),
+    "bert_pre_ln": (tiny(layer_norm_position="pre"), "MegatronBertForPreTraining"),
+    "albert_factorized_shared": (tiny(arch="albert", embedding_size=16, share_layers=True, num_layers=3,
+                                      sentence_head="sop", hidden_act="gelu_tanh"), "AlbertForPreTraining"),
+    "albert_factorized_unshared": (tiny(arch="albert", embedding_size=16, sentence_head="sop"), "AlbertForPreTraining"),
+    "albert_no_projection": (tiny(arch="albert", sentence_head="sop", share_layers=True), "AlbertForPreTraining"),
+    "albert_no_sentence_head": (tiny(arch="albert", embedding_size=16, sentence_head="none"), "AlbertForMaskedLM"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_export_matches_transformers(tmp_path, case):
+    model_cfg, architecture = EXPORT_CASES[case]
+    model, ckpt = save_ours(tmp_path, model_cfg)
+    with pytest.warns(UserWarning, match="no tokenizer known"):
+        summary = export_checkpoint(ckpt, str(tmp_path / "hf"))
+    assert summary["architecture"] == architecture
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [architecture]
+    hf_model = load_hf(str(tmp_path / "hf"), architecture)
+    assert hf_model.config.vocab_size == VOCAB  # never the padded size
+    inputs, positions = padded_batch()
+    with torch.no_grad():
+        ours = model(**inputs, masked_lm_positions=positions)
+    hf_mlm, hf_sentence = hf_logits(hf_model, inputs, positions)
+    real = inputs["attention_mask"][torch.arange(3)[:, None], positions].reshape(-1).bool()
+    assert_rel_close(ours.mlm_logits[real], hf_mlm[real])
+    if model_cfg.sentence_head == "none":
+        assert ours.sentence_logits is None and hf_sentence is None
+    else:
+        assert_rel_close(ours.sentence_logits, hf_sentence)
+
+
+def test_pre_ln_albert_cannot_be_exported(tmp_path):
+    _, ckpt = save_ours(tmp_path, tiny(arch="albert", sentence_head="sop", layer_norm_position="pre"))
+    with pytest.raises(ValueError, match="layer_norm_position=pre with model.arch=albert has no HuggingFace"):
+        export_checkpoint(ckpt, str(tmp_path / "hf"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Import parity: HF -> ours
+# ---------------------------------------------------------------------------------------------
+def hf_common(**overrides):
+    base = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=64, type_vocab_size=2)
+    return {**base, **overrides}
+
+
+IMPORT_CASES = {
+    "BertForPreTraining": lambda: transformers.BertConfig(**hf_common()),
+    "BertForMaskedLM": lambda: transformers.BertConfig(**hf_common(hidden_act="gelu_new")),
+    "MegatronBertForPreTraining": lambda: transformers.MegatronBertConfig(**hf_common()),
+    "AlbertForPreTraining": lambda: transformers.AlbertConfig(**hf_common(embedding_size=16, num_hidden_layers=3)),
+    "AlbertForPreTraining-unshared": lambda: transformers.AlbertConfig(
+        **hf_common(embedding_size=16, num_hidden_groups=2, hidden_act="gelu")),
+    "AlbertForMaskedLM": lambda: transformers.AlbertConfig(**hf_common(embedding_size=32)),
+}
+
+
+@pytest.mark.parametrize("case", list(IMPORT_CASES))
+def test_import_matches_transformers(tmp_path, case):
+    architecture = case.split("-")[0]
+    torch.manual_seed(0)
+    hf_model = perturb(getattr(transformers, architecture)(IMPORT_CASES[case]()))
+    hf_model.save_pretrained(str(tmp_path / "hf"))
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")]) == 0
+    model, config, extra = load_model(str(tmp_path / "ours"))
+    assert extra["source"]["format"] == "huggingface" and "tokenizer_dir" not in extra
+    m = config.model
+    assert m.arch == ("albert" if case.startswith("Albert") else "bert")
+    assert (m.num_layers, m.hidden_dropout) == (hf_model.config.num_hidden_layers, hf_model.config.hidden_dropout_prob)
+    assert m.sentence_head == ("none" if case.endswith("MaskedLM") else "sop" if "Albert" in case else "nsp")
+    assert m.share_layers == (case in ("AlbertForPreTraining", "AlbertForMaskedLM"))  # HF default: 1 group
+    assert load_config(str(tmp_path / "ours" / "config.yaml")) == config  # a valid run config
+    inputs, positions = padded_batch()
+    hf_model = load_hf(str(tmp_path / "hf"), architecture)
+    with torch.no_grad():
+        ours = model(**inputs, masked_lm_positions=positions)
+    hf_mlm, hf_sentence = hf_logits(hf_model, inputs, positions)
+    real = inputs["attention_mask"][torch.arange(3)[:, None], positions].reshape(-1).bool()
+    assert_rel_close(ours.mlm_logits[real], hf_mlm[real])
+    if hf_sentence is not None:
+        assert_rel_close(ours.sentence_logits, hf_sentence)
+
+
+def test_export_then_import_round_trips_exactly(tmp_path):
+    model_cfg = tiny(arch="albert", embedding_size=16, share_layers=True, sentence_head="sop")
+    model, ckpt = save_ours(tmp_path, model_cfg)
+    tokenizer = write_tokenizer(tmp_path / "tok")
+    assert main(["export", "--checkpoint", ckpt, "--out", str(tmp_path / "hf"), "--tokenizer", tokenizer]) == 0
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    config, state_dict, extra = load_weights(str(tmp_path / "back"))
+    assert config.model == model_cfg
+    original = model.consolidated_state_dict()
+    assert set(state_dict) == set(original)
+    for key in original:
+        assert torch.equal(state_dict[key], original[key]), key
+    assert sorted(os.listdir(extra["tokenizer_dir"])) == ["tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer export
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("lowercase,tokenizer_json", [(True, True), (False, True), (True, False)],
+                         ids=["uncased", "cased_tokenizer_json_only", "uncased_vocab_txt_only"])
+def test_exported_tokenizer_round_trips_with_auto_tokenizer(tmp_path, lowercase, tokenizer_json):
+    tokenizer_dir = write_tokenizer(tmp_path / "tok", lowercase=lowercase, tokenizer_json=tokenizer_json)
+    _, ckpt = save_ours(tmp_path, tiny())
+    export_checkpoint(ckpt, str(tmp_path / "hf"), tokenizer_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert isinstance(tokenizer, transformers.BertTokenizerFast)
+    ids = tokenizer("The quick brown foxes jumped")["input_ids"]
+    first = "the" if lowercase else "The"
+    assert tokenizer.convert_ids_to_tokens(ids) == ["[CLS]", first, "quick", "brown", "fox", "##es", "jump",
+                                                    "##ed", "[SEP]"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == f"{first} quick brown foxes jumped"
+    settings = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert settings["do_lower_case"] is lowercase
+    assert (tmp_path / "hf" / "vocab.txt").read_text().split("\n")[5:8] == ["the", "quick", "brown"]
+
+
+def test_export_uses_the_tokenizer_recorded_in_the_checkpoint(tmp_path):
+    tokenizer_dir = write_tokenizer(tmp_path / "tok")
+    _, ckpt = save_ours(tmp_path, tiny(), extra={"tokenizer_dir": tokenizer_dir})
+    assert export_checkpoint(ckpt, str(tmp_path / "hf"))["tokenizer"] == tokenizer_dir
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert tokenizer.tokenize("Lazy dogs") == ["lazy", "dog", "##s"]
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_rejected(tmp_path):
+    tokenizer_dir = write_tokenizer(tmp_path / "tok")
+    _, ckpt = save_ours(tmp_path, tiny(vocab_size=10))
+    with pytest.raises(ValueError, match="has 17 tokens but model.vocab_size is 10"):
+        export_checkpoint(ckpt, str(tmp_path / "hf"), tokenizer_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and bad input
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command,flag", [("export", "--checkpoint"), ("import", "--hf")])
+def test_cli_help(command, flag):
+    result = subprocess.run([sys.executable, "-m", "pretrain", command, "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert flag in result.stdout and "--out" in result.stdout
+
+
+def test_export_errors_name_the_path(tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    assert main(["export", "--checkpoint", missing, "--out", str(tmp_path / "hf")]) == 1
+    assert f"export: error: checkpoint not found: {missing} does not exist" in capsys.readouterr().err
+    (tmp_path / "no_weights").mkdir()
+    assert main(["export", "--checkpoint", str(tmp_path / "no_weights"), "--out", str(tmp_path / "hf")]) == 1
+    assert f"{tmp_path / 'no_weights'}: expected a checkpoint directory holding model.pt" in capsys.readouterr().err
+    _, ckpt = save_ours(tmp_path, tiny())
+    assert main(["export", "--checkpoint", ckpt, "--out", str(tmp_path / "hf"), "--tokenizer", str(tmp_path)]) == 1
+    assert f"tokenizer directory {tmp_path}: expected tokenizer.json or vocab.txt" in capsys.readouterr().err
+
+
+def test_import_errors_name_the_path(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert main(["import", "--hf", str(tmp_path / "missing"), "--out", out]) == 1
+    assert f"HF model directory not found: {tmp_path / 'missing'}" in capsys.readouterr().err
+    (tmp_path / "no_config").mkdir()
+    assert main(["import", "--hf", str(tmp_path / "no_config"), "--out", out]) == 1
+    assert f"{tmp_path / 'no_config'}: expected a transformers model directory with config.json" in capsys.readouterr().err
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    assert main(["import", "--hf", str(gpt2), "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert f"{gpt2 / 'config.json'}: model_type 'gpt2'" in err and "AlbertForPreTraining" in err
+    transformers.BertConfig(**hf_common(), architectures=["BertModel"]).save_pretrained(str(tmp_path / "encoder"))
+    assert main(["import", "--hf", str(tmp_path / "encoder"), "--out", out]) == 1
+    assert "architectures ['BertModel'] (model_type 'bert') is not supported" in capsys.readouterr().err
+    grouped = transformers.AlbertConfig(**hf_common(num_hidden_layers=4, num_hidden_groups=2),
+                                        architectures=["AlbertForPreTraining"])
+    grouped.save_pretrained(str(tmp_path / "grouped"))
+    assert main(["import", "--hf", str(tmp_path / "grouped"), "--out", out]) == 1
+    assert "num_hidden_groups=2, inner_group_num=1 is not supported" in capsys.readouterr().err
+    assert not os.path.exists(out)
