@@ -1,0 +1,77 @@
+// Host-side interface between the torch bindings (*.cpp) and the plain-CUDA kernels (*_kernel.cu).
+//
+// This header must stay free of torch headers: the .cu files include it and are compiled by plain
+// nvcc in CI (no CUDA build of torch there).  Every launcher takes raw device pointers, sizes, a
+// dtype code and a cudaStream_t, launches asynchronously on that stream and returns the launch
+// status (cudaGetLastError() after the launch, or cudaErrorInvalidValue for arguments it cannot
+// handle).  Shapes and dtypes are validated by the .cpp callers; the launchers re-check only what
+// would otherwise be memory-unsafe.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+extern "C" {
+
+// Element types understood by the launchers.
+typedef enum {
+  BF_FLOAT32 = 0,
+  BF_FLOAT16 = 1,
+  BF_BFLOAT16 = 2,
+  BF_BOOL = 3,  // one byte per element, nonzero = true (torch.bool storage)
+} bf_dtype_t;
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm (layer_norm_kernel.cu)
+//
+// Rows of length `hidden` (1 <= hidden <= BF_LN_MAX_HIDDEN), contiguous.  x/residual/y/sum_out
+// have dtype `x_dtype` (float32, float16, bfloat16); gamma/beta/bias_add have dtype `w_dtype`
+// (float32 or x_dtype).  Statistics are float32.
+//   s = x + bias_add + residual  (each term optional; added in float32, rounded to x_dtype when at
+//                                 least one term is present, so that y == LN(s) for the s returned)
+//   y = (s - mean(s)) * rsqrt(var(s) + eps) * gamma + beta
+// residual, bias_add, sum_out may be NULL.  mean_out/rstd_out: [rows] float32.
+#define BF_LN_MAX_HIDDEN 8192
+
+cudaError_t bf_layer_norm_fwd(const void* x, const void* residual, const void* bias_add,
+                              const void* gamma, const void* beta, void* y, void* sum_out,
+                              float* mean_out, float* rstd_out, int64_t rows, int hidden, float eps,
+                              bf_dtype_t x_dtype, bf_dtype_t w_dtype, cudaStream_t stream);
+
+// Backward.  s is the tensor that was normalised (x, or the pre-norm sum when there were
+// additions); dsum (may be NULL) is an extra gradient added to dx (the gradient that reached the
+// pre-norm sum through return_sum).  dx has x_dtype.  dgamma/dbeta/dbias_add have w_dtype;
+// dbias_add may be NULL (then it is not computed).  `workspace` holds num_parts * 3 * hidden
+// floats where num_parts comes from bf_layer_norm_bwd_num_parts() for the same arguments; it
+// receives per-block column partial sums that a second kernel reduces in a fixed order (the
+// result is deterministic).
+int bf_layer_norm_bwd_num_parts(int64_t rows, int hidden, bf_dtype_t x_dtype, bf_dtype_t w_dtype,
+                                int device);
+cudaError_t bf_layer_norm_bwd(const void* dy, const void* s, const float* mean, const float* rstd,
+                              const void* gamma, const void* dsum, void* dx, void* dgamma,
+                              void* dbeta, void* dbias_add, float* workspace, int num_parts,
+                              int64_t rows, int hidden, bf_dtype_t x_dtype, bf_dtype_t w_dtype,
+                              cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// Scaled masked softmax (softmax_kernel.cu)
+//
+// x, y: [batch, heads, q_len, k_len] contiguous, dtype x_dtype.  For each row (b, h, q):
+//   z_k = scale * x_k + m_k,  y = softmax(z) over k, where elements whose mask says "masked"
+//   (bool mask false, or additive mask <= BF_SOFTMAX_MASKED_THRESHOLD, -inf included) get
+//   probability exactly 0, and a row with no unmasked element gives all zeros.
+// mask may be NULL; otherwise mask element (b, h, q, k) is at
+//   mask + b*mask_stride_b + h*mask_stride_h + q*mask_stride_q + k       (elements, not bytes)
+// (a zero stride broadcasts), with mask_dtype BF_BOOL, BF_FLOAT32 or x_dtype.
+#define BF_SOFTMAX_MASKED_THRESHOLD (-10000.0f)
+
+cudaError_t bf_softmax_fwd(const void* x, const void* mask, void* y, int64_t batch, int heads,
+                           int q_len, int k_len, int64_t mask_stride_b, int64_t mask_stride_h,
+                           int64_t mask_stride_q, float scale, bf_dtype_t x_dtype,
+                           bf_dtype_t mask_dtype, cudaStream_t stream);
+
+// dx = scale * y * (dy - sum_k(dy * y)); all [rows, k_len] contiguous, dtype x_dtype.
+cudaError_t bf_softmax_bwd(const void* y, const void* dy, void* dx, int64_t rows, int k_len,
+                           float scale, bf_dtype_t x_dtype, cudaStream_t stream);
+
+}  // extern "C"
