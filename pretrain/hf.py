@@ -299,10 +299,9 @@ def _tokenizer_spec(tokenizer_dir: str, m: ModelConfig) -> dict:
     if spec["vocab"] and len(spec["vocab"]) > m.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_dir} has {len(spec['vocab'])} tokens but model.vocab_size is "
                          f"{m.vocab_size}")
-    if spec["lowercase"] is None:
-        spec["lowercase"] = _declared_lowercase(tokenizer_dir)
-    if spec["lowercase"] is None:  # only a vocab.txt: an uncased vocabulary has no capital letters
-        spec["lowercase"] = not any(t.lower() != t for t in spec["vocab"] or {} if not t.startswith("["))
+    if spec["lowercase"] is None:  # a bare vocab.txt: as data_prep reads it, uncased unless declared
+        declared = _declared_lowercase(tokenizer_dir)
+        spec["lowercase"] = True if declared is None else declared
     return spec
 
 

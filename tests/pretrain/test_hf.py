@@ -86,17 +86,20 @@ def load_hf(hf_dir, architecture):
     return model.eval()
 
 
-def write_tokenizer(directory, lowercase=True, tokenizer_json=True):
-    """A tiny WordPiece tokenizer: vocab.txt (+ tokenizer.json), as data_prep would leave it."""
+def write_tokenizer(directory, lowercase=True, files=("tokenizer.json", "vocab.txt")):
+    """A tiny WordPiece tokenizer directory, as data_prep leaves it (or only some of its files)."""
     os.makedirs(directory, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + ([] if lowercase else ["The"])
     vocab_path = os.path.join(directory, "vocab.txt")
     with open(vocab_path, "w", encoding="utf-8") as f:
         f.write("\n".join(vocab) + "\n")
-    if tokenizer_json:
+    if "tokenizer.json" in files:
         BertWordPieceTokenizer(vocab_path, lowercase=lowercase).save(os.path.join(directory, "tokenizer.json"))
-        if not lowercase:
-            os.remove(vocab_path)  # tokenizer.json alone must be enough (vocab.txt is then derived)
+    if "vocab.txt" not in files:
+        os.remove(vocab_path)  # tokenizer.json alone must be enough (vocab.txt is then derived)
+    elif not lowercase:  # a bare cased vocab.txt says so in tokenizer_config.json (uncased is the default)
+        with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"do_lower_case": False}, f)
     return str(directory)
 
 
@@ -267,10 +270,11 @@ def test_export_then_import_round_trips_exactly(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Tokenizer export
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("lowercase,tokenizer_json", [(True, True), (False, True), (True, False)],
-                         ids=["uncased", "cased_tokenizer_json_only", "uncased_vocab_txt_only"])
-def test_exported_tokenizer_round_trips_with_auto_tokenizer(tmp_path, lowercase, tokenizer_json):
-    tokenizer_dir = write_tokenizer(tmp_path / "tok", lowercase=lowercase, tokenizer_json=tokenizer_json)
+@pytest.mark.parametrize("lowercase,files", [(True, ("tokenizer.json", "vocab.txt")), (False, ("tokenizer.json",)),
+                                             (True, ("vocab.txt",)), (False, ("vocab.txt",))],
+                         ids=["uncased", "cased_tokenizer_json_only", "uncased_vocab_txt_only", "cased_vocab_txt_only"])
+def test_exported_tokenizer_round_trips_with_auto_tokenizer(tmp_path, lowercase, files):
+    tokenizer_dir = write_tokenizer(tmp_path / "tok", lowercase=lowercase, files=files)
     _, ckpt = save_ours(tmp_path, tiny())
     export_checkpoint(ckpt, str(tmp_path / "hf"), tokenizer_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
