@@ -248,10 +248,14 @@ def _run_units(units: Iterable[WorkUnit], settings: ShardSettings, cfg: PrepConf
     return records
 
 
-def build_shards(cfg: PrepConfig, tokenizer_source, out_dir, *, overwrite: bool = False) -> dict:
-    """The shards stage: returns the manifest written (or, on a multi-node slice, the node manifest)."""
+def build_shards(cfg: PrepConfig, tokenizer_source, out_dir, *, overwrite: bool = False,
+                 lowercase: bool | None = None) -> dict:
+    """The shards stage: returns the manifest written (or, on a multi-node slice, the node manifest).
+
+    ``lowercase`` only matters when ``tokenizer_source`` is a bare vocab.txt (see read_tokenizer).
+    """
     out_dir = Path(out_dir)
-    tokenizer = read_tokenizer(Path(tokenizer_source), cfg.vocab.lowercase if cfg.vocab.tokenizer else None)
+    tokenizer = read_tokenizer(Path(tokenizer_source), lowercase)
     info = tokenizer_info(tokenizer)
     fingerprint = settings_fingerprint(cfg, info)
     prepare_out_dir(out_dir, tokenizer, info, fingerprint, overwrite)

@@ -1,0 +1,188 @@
+"""verify, stats and inspect: checks and views of a finished shard directory."""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.fsutil import TMP_PREFIX, sha256_file
+from data_prep.loader import example_from_sample
+from data_prep.shards import (SHARD_NAME, SPLITS, decode_fields, iter_tar_samples, parse_key, read_manifest,
+                              split_info)
+
+
+def verify_dir(out_dir, deep: bool = True) -> tuple[list[str], list[str]]:
+    """(problems, warnings).  Every shard's size and sha256 against the manifest; with ``deep``, also
+    its samples: keys in order, the expected fields, and the sample and token counts."""
+    from data_prep.vocab import INFO_FILE, read_tokenizer, tokenizer_hash
+
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    problems, warnings = [], []
+    tok_dir = out_dir / manifest["tokenizer"]["dir"]
+    if not (tok_dir / INFO_FILE).is_file():
+        problems.append(f"{tok_dir}: tokenizer copy missing")
+    elif tokenizer_hash(read_tokenizer(tok_dir)) != manifest["tokenizer"]["sha256"]:
+        problems.append(f"{tok_dir}: tokenizer does not hash to the manifest's {manifest['tokenizer']['sha256']}")
+    fields = manifest["sample_format"]["fields"]
+    listed = set()
+    for shard in manifest["shards"]:
+        path = out_dir / shard["name"]
+        listed.add(shard["name"])
+        if not path.is_file():
+            problems.append(f"{shard['name']}: missing")
+            continue
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            problems.append(f"{shard['name']}: {size} bytes, manifest says {shard['bytes']} (truncated or replaced?)")
+            continue
+        if sha256_file(path) != shard["sha256"]:
+            problems.append(f"{shard['name']}: sha256 differs from the manifest (corrupted)")
+            continue
+        if deep:
+            problems.extend(_check_samples(path, shard, fields))
+    for f in sorted(out_dir.iterdir()):
+        if SHARD_NAME.match(f.name) and f.name not in listed:
+            warnings.append(f"{f.name}: not in the manifest (left from another run?)")
+        elif f.name.startswith(TMP_PREFIX):
+            warnings.append(f"{f.name}: temporary file of an interrupted run (a rerun removes it)")
+    return problems, warnings
+
+
+def _check_samples(path: Path, shard: dict, fields: list[str]) -> list[str]:
+    samples = tokens = 0
+    try:
+        for key, members in iter_tar_samples(path):
+            split, index, position = parse_key(key)
+            if (split, index, position) != (shard["split"], shard["index"], samples):
+                return [f"{shard['name']}: sample {samples} has key {key!r}, expected position {samples}"]
+            if list(members) != fields:
+                return [f"{shard['name']}: sample {key} has fields {list(members)}, expected {fields}"]
+            tokens += len(decode_fields({"input_ids.npy": members["input_ids.npy"]})["input_ids"])
+            samples += 1
+    except Exception as err:  # a damaged tar or npy member: report, do not crash the check
+        return [f"{shard['name']}: unreadable ({type(err).__name__}: {err})"]
+    if (samples, tokens) != (shard["samples"], shard["tokens"]):
+        return [f"{shard['name']}: {samples} samples / {tokens} tokens, manifest says "
+                f"{shard['samples']} / {shard['tokens']}"]
+    return []
+
+
+def iter_split_samples(out_dir: Path, manifest: dict, split: str, limit: int | None):
+    n = 0
+    for shard in split_info(manifest, split)["shards"]:
+        for key, members in iter_tar_samples(Path(out_dir) / shard["name"]):
+            if limit is not None and n >= limit:
+                return
+            yield key, members
+            n += 1
+
+
+def collect_stats(out_dir, split: str = "train", limit: int | None = None, epoch: int = 0) -> dict:
+    """Lengths, tokens, masking (as stored, or as the loader would mask in ``epoch``) and labels."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    info = split_info(manifest, split)
+    special = info["special_ids"]
+    seq_len = info["seq_len"]
+    lengths, labels = [], Counter()
+    tokens = unk = maskable = masked = as_mask = as_same = 0
+    for ordinal, (key, members) in enumerate(iter_split_samples(out_dir, manifest, split, limit)):
+        raw = decode_fields(members)
+        ex = example_from_sample(raw, info, seed=manifest["seed"], epoch=epoch, index=ordinal)
+        ids, positions = ex["input_ids"], ex["masked_lm_positions"]
+        lengths.append(len(ids))
+        tokens += len(ids)
+        unk += int(np.count_nonzero(ids == special["unk"]))
+        original = np.array(ex["input_ids"])
+        original[positions] = ex["masked_lm_labels"]
+        maskable += int(np.count_nonzero(~np.isin(original, list(special.values()))))
+        masked += len(positions)
+        shown = ex["input_ids"][positions]
+        as_mask += int(np.count_nonzero(shown == special["mask"]))
+        as_same += int(np.count_nonzero(shown == ex["masked_lm_labels"]))
+        if "sentence_label" in ex:
+            labels[ex["sentence_label"]] += 1
+    n = len(lengths)
+    hist_edges = np.linspace(0, seq_len, 9).astype(int)
+    hist = np.histogram(lengths, bins=hist_edges)[0].tolist() if n else []
+    ones = labels.get(1, 0)
+    total_labels = sum(labels.values())
+    return {
+        "split": split, "samples": n, "tokens": tokens, "mean_length": tokens / n if n else 0.0,
+        "fill": tokens / (n * seq_len) if n else 0.0, "unk_fraction": unk / tokens if tokens else 0.0,
+        "length_histogram": {"edges": hist_edges.tolist(), "counts": hist},
+        "masking": {"mode": "dynamic (epoch %d)" % epoch if info["dynamic"] else "static",
+                    "rate": masked / maskable if maskable else 0.0, "masked": masked,
+                    "as_mask": as_mask / masked if masked else 0.0, "kept": as_same / masked if masked else 0.0,
+                    "random": (masked - as_mask - as_same) / masked if masked else 0.0},
+        "sentence_labels": ({"key": info["sentence_label_key"], "ones": ones, "total": total_labels,
+                             "fraction_ones": ones / total_labels if total_labels else 0.0,
+                             "ci95": 1.96 * math.sqrt(0.25 / total_labels) if total_labels else 0.0}
+                            if total_labels else None),
+        "manifest_totals": manifest["splits"][split],
+    }
+
+
+def format_stats(s: dict) -> str:
+    lines = [f"split {s['split']}: {s['samples']:,} samples, {s['tokens']:,} tokens, mean length "
+             f"{s['mean_length']:.1f} ({100 * s['fill']:.1f}% of seq_len), [UNK] {100 * s['unk_fraction']:.2f}%"]
+    h = s["length_histogram"]
+    if h["counts"]:
+        lines.append("length histogram:")
+        peak = max(h["counts"]) or 1
+        for lo, hi, c in zip(h["edges"], h["edges"][1:], h["counts"]):
+            lines.append(f"  {lo:>5}-{hi:<5} {c:>9,} {'#' * round(40 * c / peak)}")
+    m = s["masking"]
+    lines.append(f"masking ({m['mode']}): {100 * m['rate']:.2f}% of maskable tokens, {m['masked']:,} positions: "
+                 f"{100 * m['as_mask']:.1f}% [MASK], {100 * m['random']:.1f}% random, {100 * m['kept']:.1f}% kept")
+    lab = s["sentence_labels"]
+    if lab:
+        lines.append(f"{lab['key']}: {100 * lab['fraction_ones']:.2f}% label 1 ({lab['ones']:,} of {lab['total']:,}; "
+                     f"a fair coin gives 50 +- {100 * lab['ci95']:.2f}%)")
+    return "\n".join(lines)
+
+
+def render_samples(out_dir, n: int = 5, split: str = "train", epoch: int = 0) -> str:
+    """Samples decoded to word pieces: [MASK:orig] masked, {rand>orig} replaced, <orig> kept."""
+    from data_prep.vocab import read_tokenizer
+
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    info = split_info(manifest, split)
+    tok = read_tokenizer(out_dir / manifest["tokenizer"]["dir"])
+    label_words = {"nsp_label": {0: "B follows A", 1: "B is random"}, "sop_label": {0: "in order", 1: "swapped"}}
+    out = []
+    for ordinal, (key, members) in enumerate(iter_split_samples(out_dir, manifest, split, n)):
+        raw = decode_fields(members)
+        ex = example_from_sample(raw, info, seed=manifest["seed"], epoch=epoch, index=ordinal)
+        original = np.array(ex["input_ids"])
+        original[ex["masked_lm_positions"]] = ex["masked_lm_labels"]
+        marks = dict(zip(ex["masked_lm_positions"].tolist(), ex["masked_lm_labels"].tolist()))
+        pieces = []
+        for i, (shown, orig) in enumerate(zip(ex["input_ids"].tolist(), original.tolist())):
+            word = tok.id_to_token(orig)
+            if i in marks:
+                if shown == info["special_ids"]["mask"]:
+                    word = f"[MASK:{word}]"
+                elif shown != orig:
+                    word = f"{{{tok.id_to_token(shown)}>{word}}}"
+                else:
+                    word = f"<{word}>"
+            pieces.append(word)
+        head = f"{key}  {len(original)} tokens, {len(marks)} masked"
+        if "sentence_label" in ex:
+            head += f", {info['sentence_label_key']}={ex['sentence_label']} " \
+                    f"({label_words[info['sentence_label_key']][ex['sentence_label']]})"
+        out.append(head + "\n  " + " ".join(pieces))
+    return "\n\n".join(out)
+
+
+def stats_json(s: dict) -> str:
+    return json.dumps(s, indent=2)
+
+
+__all__ = ["verify_dir", "collect_stats", "format_stats", "render_samples", "stats_json", "SPLITS"]
