@@ -153,13 +153,13 @@ def _albert_modules(m: ModelConfig) -> dict:
              "mlm_head.dense": "predictions.dense", "mlm_head.norm": "predictions.LayerNorm",
              "pooler": "albert.pooler", "sentence_head": "sop_classifier.classifier"}
     for i in range(1 if m.share_layers else m.num_layers):
-        names.update({f"encoder.layers.{i}.{ours}": _prefixed(f"albert.encoder.albert_layer_groups.{i}.albert_layers.0.", hf)
-                      for ours, hf in ALBERT_LAYER.items()})
+        group = f"albert.encoder.albert_layer_groups.{i}.albert_layers.0."
+        names.update({f"encoder.layers.{i}.{ours}": _prefixed(group, hf) for ours, hf in ALBERT_LAYER.items()})
     return names
 
 
-def _prefixed(prefix: str, hf):
-    return tuple(prefix + h for h in hf) if isinstance(hf, tuple) else prefix + hf
+def _prefixed(prefix: str, hf, suffix: str = ""):
+    return tuple(prefix + h + suffix for h in hf) if isinstance(hf, tuple) else prefix + hf + suffix
 
 
 def key_map(m: ModelConfig) -> dict:
@@ -168,7 +168,7 @@ def key_map(m: ModelConfig) -> dict:
     names = {}
     for ours, hf in modules.items():
         for param in ("weight",) if ours in EMBEDDING_TABLES else ("weight", "bias"):
-            names[f"{ours}.{param}"] = tuple(f"{h}.{param}" for h in hf) if isinstance(hf, tuple) else f"{hf}.{param}"
+            names[f"{ours}.{param}"] = _prefixed("", hf, suffix=f".{param}")
     head = "predictions" if m.arch == "albert" else "cls.predictions"
     names["mlm_head.decoder_bias"] = f"{head}.bias"
     return names
@@ -318,7 +318,8 @@ def _normalizer_flags(normalizer) -> tuple:
         flags = [_normalizer_flags(n) for n in normalizer.get("normalizers", [])]
         lowercase = any(lc for lc, _ in flags)
         strip = next((s for _, s in flags if s is not None), None)
-        strip = True if strip is None and any(n.get("type") == "StripAccents" for n in normalizer["normalizers"]) else strip
+        if strip is None and any(n.get("type") == "StripAccents" for n in normalizer["normalizers"]):
+            strip = True
         return lowercase, strip
     return False, None
 

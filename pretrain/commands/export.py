@@ -13,7 +13,8 @@ HELP = "export a checkpoint to a HuggingFace transformers directory (weights + t
 
 def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                        help="checkpoint directory (model.pt + config.yaml), or a checkpoint root with a 'latest' file")
+                        help="checkpoint directory (model.pt + config.yaml), or a checkpoint root with a "
+                             "'latest' file")
     parser.add_argument("--out", required=True, metavar="HFDIR", help="output directory (created if needed)")
     parser.add_argument("--tokenizer", default=None, metavar="TOKDIR",
                         help="tokenizer directory (tokenizer.json and/or vocab.txt); default: the checkpoint's")

@@ -13,8 +13,10 @@ HELP = "import a HuggingFace BERT/ALBERT directory as a checkpoint to continue p
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--hf", required=True, metavar="HFDIR", help="transformers model directory (config.json + weights)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory (created if needed)")
+    parser.add_argument("--hf", required=True, metavar="HFDIR",
+                        help="transformers model directory (config.json + weights)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output checkpoint directory (created if needed)")
 
 
 def run(args) -> int:

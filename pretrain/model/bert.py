@@ -262,7 +262,10 @@ class BertForPretraining(nn.Module):
 
     def mlm_logits(self, hidden, masked_lm_positions=None):
         """[B*P, vocab_size] logits at masked_lm_positions, or [B*S, vocab_size] at every position."""
-        selected = hidden.flatten(0, 1) if masked_lm_positions is None else gather_positions(hidden, masked_lm_positions)
+        if masked_lm_positions is None:
+            selected = hidden.flatten(0, 1)
+        else:
+            selected = gather_positions(hidden, masked_lm_positions)
         return self.mlm_head(selected, self.embeddings.word.weight)
 
     def sentence_logits(self, hidden):
@@ -270,7 +273,8 @@ class BertForPretraining(nn.Module):
         return self.sentence_head(torch.tanh(self.pooler(hidden[:, 0])))
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, masked_lm_positions=None,
-                masked_lm_labels=None, sentence_labels=None, segment_ids=None, position_ids=None) -> PretrainOutput:
+                masked_lm_labels=None, sentence_labels=None, segment_ids=None,
+                position_ids=None) -> PretrainOutput:
         hidden = self.encode(input_ids, attention_mask, token_type_ids, segment_ids, position_ids)
         out = PretrainOutput(mlm_logits=self.mlm_logits(hidden, masked_lm_positions))
         if self.sentence_head is not None:

@@ -5,6 +5,7 @@ and loaded from tmp_path.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ from tokenizers import BertWordPieceTokenizer  # noqa: E402
 
 from pretrain.cli import main  # noqa: E402
 from pretrain.config import Config, ModelConfig, load_config  # noqa: E402
-from pretrain.hf import export_checkpoint, import_hf  # noqa: E402
+from pretrain.hf import export_checkpoint  # noqa: E402
 from pretrain.model import build_model  # noqa: E402
 from pretrain.weights import load_model, load_weights, save_weights  # noqa: E402
 
@@ -149,17 +150,18 @@ def test_load_weights_follows_latest(tmp_path):
 
 def test_load_weights_errors_name_the_path(tmp_path):
     missing = str(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match=f"{missing} does not exist"):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{missing} does not exist")):
         load_weights(missing)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'empty'}: expected a checkpoint directory holding model.pt"):
+    expected = f"{tmp_path / 'empty'}: expected a checkpoint directory holding model.pt"
+    with pytest.raises(FileNotFoundError, match=re.escape(expected)):
         load_weights(str(tmp_path / "empty"))
     (tmp_path / "empty" / "latest").write_text("step-000007")
     with pytest.raises(FileNotFoundError, match="latest names 'step-000007'"):
         load_weights(str(tmp_path / "empty"))
     _, ckpt = save_ours(tmp_path, tiny())
     os.remove(os.path.join(ckpt, "config.yaml"))
-    with pytest.raises(FileNotFoundError, match=f"{ckpt}: holds model.pt but no config.yaml"):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{ckpt}: holds model.pt but no config.yaml")):
         load_weights(ckpt)
 
 
@@ -172,7 +174,8 @@ EXPORT_CASES = {
     "bert_pre_ln": (tiny(layer_norm_position="pre"), "MegatronBertForPreTraining"),
     "albert_factorized_shared": (tiny(arch="albert", embedding_size=16, share_layers=True, num_layers=3,
                                       sentence_head="sop", hidden_act="gelu_tanh"), "AlbertForPreTraining"),
-    "albert_factorized_unshared": (tiny(arch="albert", embedding_size=16, sentence_head="sop"), "AlbertForPreTraining"),
+    "albert_factorized_unshared": (tiny(arch="albert", embedding_size=16, sentence_head="sop"),
+                                   "AlbertForPreTraining"),
     "albert_no_projection": (tiny(arch="albert", sentence_head="sop", share_layers=True), "AlbertForPreTraining"),
     "albert_no_sentence_head": (tiny(arch="albert", embedding_size=16, sentence_head="none"), "AlbertForMaskedLM"),
 }
@@ -237,7 +240,8 @@ def test_import_matches_transformers(tmp_path, case):
     assert extra["source"]["format"] == "huggingface" and "tokenizer_dir" not in extra
     m = config.model
     assert m.arch == ("albert" if case.startswith("Albert") else "bert")
-    assert (m.num_layers, m.hidden_dropout) == (hf_model.config.num_hidden_layers, hf_model.config.hidden_dropout_prob)
+    assert m.num_layers == hf_model.config.num_hidden_layers
+    assert m.hidden_dropout == hf_model.config.hidden_dropout_prob
     assert m.sentence_head == ("none" if case.endswith("MaskedLM") else "sop" if "Albert" in case else "nsp")
     assert m.share_layers == (case in ("AlbertForPreTraining", "AlbertForMaskedLM"))  # HF default: 1 group
     assert load_config(str(tmp_path / "ours" / "config.yaml")) == config  # a valid run config
@@ -272,7 +276,8 @@ def test_export_then_import_round_trips_exactly(tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("lowercase,files", [(True, ("tokenizer.json", "vocab.txt")), (False, ("tokenizer.json",)),
                                              (True, ("vocab.txt",)), (False, ("vocab.txt",))],
-                         ids=["uncased", "cased_tokenizer_json_only", "uncased_vocab_txt_only", "cased_vocab_txt_only"])
+                         ids=["uncased", "cased_tokenizer_json_only", "uncased_vocab_txt_only",
+                              "cased_vocab_txt_only"])
 def test_exported_tokenizer_round_trips_with_auto_tokenizer(tmp_path, lowercase, files):
     tokenizer_dir = write_tokenizer(tmp_path / "tok", lowercase=lowercase, files=files)
     _, ckpt = save_ours(tmp_path, tiny())
@@ -321,7 +326,8 @@ def test_export_errors_name_the_path(tmp_path, capsys):
     assert f"export: error: checkpoint not found: {missing} does not exist" in capsys.readouterr().err
     (tmp_path / "no_weights").mkdir()
     assert main(["export", "--checkpoint", str(tmp_path / "no_weights"), "--out", str(tmp_path / "hf")]) == 1
-    assert f"{tmp_path / 'no_weights'}: expected a checkpoint directory holding model.pt" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'no_weights'}: expected a checkpoint directory holding model.pt" in err
     _, ckpt = save_ours(tmp_path, tiny())
     assert main(["export", "--checkpoint", ckpt, "--out", str(tmp_path / "hf"), "--tokenizer", str(tmp_path)]) == 1
     assert f"tokenizer directory {tmp_path}: expected tokenizer.json or vocab.txt" in capsys.readouterr().err
@@ -333,7 +339,8 @@ def test_import_errors_name_the_path(tmp_path, capsys):
     assert f"HF model directory not found: {tmp_path / 'missing'}" in capsys.readouterr().err
     (tmp_path / "no_config").mkdir()
     assert main(["import", "--hf", str(tmp_path / "no_config"), "--out", out]) == 1
-    assert f"{tmp_path / 'no_config'}: expected a transformers model directory with config.json" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'no_config'}: expected a transformers model directory with config.json" in err
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))

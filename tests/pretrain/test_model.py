@@ -229,8 +229,12 @@ def test_reference_attention_matches_sdpa(position):
     torch.testing.assert_close(reference(**b).mlm_logits, sdpa(**b).mlm_logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernels", [KernelsConfig(attention="fused_softmax"), KernelsConfig(layer_norm="fused"),
-                                     KernelsConfig(layer_norm="reference")], ids=["fused_softmax", "ln_fused", "ln_ref"])
+OPS_PATHS = {"fused_softmax": KernelsConfig(attention="fused_softmax"),
+             "ln_fused": KernelsConfig(layer_norm="fused"),
+             "ln_reference": KernelsConfig(layer_norm="reference")}
+
+
+@pytest.mark.parametrize("kernels", list(OPS_PATHS.values()), ids=list(OPS_PATHS))
 @pytest.mark.parametrize("position", ["post", "pre"])
 def test_ops_kernel_paths_match_torch(kernels, position):
     require_ops("scaled_masked_softmax" if kernels.attention == "fused_softmax" else "layer_norm")
@@ -344,4 +348,5 @@ def test_flops_per_sequence_bert_base_and_large():
     assert round(flops_per_sequence(large, 128) / 1e9, 1) == 240.5
     assert round(flops_per_sequence(large, 512) / 1e9) == 1020
     L, H, V, S = 12, 768, 30522, 128
-    assert flops_per_sequence(base, S) == pytest.approx((72 * L * H**2 + 12 * L * H * S + 0.9 * (H**2 + H * V)) * S)
+    per_token = 72 * L * H**2 + 12 * L * H * S + 0.15 * 6 * (H**2 + H * V)
+    assert flops_per_sequence(base, S) == pytest.approx(per_token * S)
