@@ -1,0 +1,102 @@
+"""The main job, end to end on the small corpus shipped in data_prep/assets/:
+
+  1. data_prep run   WordPiece vocabulary + NSP instances + WebDataset shards (configs/data/demo.yaml)
+  2. pretrain train  a tiny BERT (configs/debug.yaml), held-out evaluation during training
+  3. pretrain eval   held-out MLM / NSP accuracy of the final checkpoint
+  4. pretrain export a HuggingFace directory, loaded back with transformers for a fill-mask check
+  5. a summary, with the TensorBoard command
+
+Each step runs the same public command a user would type, in a subprocess.
+"""
+HELP = "prep the bundled corpus, pretrain a tiny BERT, evaluate, export: the quickstart"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", default="demo_out", help="working directory for every output")
+    parser.add_argument("--data-config", default=None, help="default: configs/data/demo.yaml of this checkout")
+    parser.add_argument("--train-config", default=None, help="default: configs/debug.yaml of this checkout")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="training overrides")
+
+
+def run(args) -> int:
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    data_config = args.data_config or os.path.join(repo, "configs", "data", "demo.yaml")
+    train_config = args.train_config or os.path.join(repo, "configs", "debug.yaml")
+    out = os.path.abspath(args.out)
+    data_dir, run_dir, hf_dir = os.path.join(out, "data"), os.path.join(out, "run"), os.path.join(out, "hf")
+    py = sys.executable
+    began = time.time()
+
+    def step(title: str, cmd: list) -> None:
+        print(f"\n=== {title}\n$ {' '.join(cmd)}", flush=True)
+        code = subprocess.call(cmd)
+        if code != 0:
+            raise SystemExit(f"demo: `{' '.join(cmd)}` failed with exit status {code}")
+
+    step("1/4 data_prep: vocabulary, instances, shards",
+         [py, "-m", "data_prep", "run", "--config", data_config, "--out", data_dir])
+    step("2/4 pretrain: tiny BERT on the shards",
+         [py, "-m", "pretrain", "train", "--config", train_config, f"data.dir={data_dir}/shards",
+          f"data.tokenizer={data_dir}/tokenizer", f"logging.run_dir={run_dir}", *args.overrides])
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    eval_json = os.path.join(out, "eval_metrics.json")
+    step("3/4 evaluate the final checkpoint on the held-out split",
+         [py, "-m", "pretrain", "eval", "--checkpoint", ckpt_root, "--out", eval_json])
+    step("4/4 export to HuggingFace format",
+         [py, "-m", "pretrain", "export", "--checkpoint", ckpt_root, "--out", hf_dir])
+    fill_mask = _fill_mask_check(hf_dir)
+    _summary(run_dir, eval_json, hf_dir, fill_mask, time.time() - began)
+    return 0
+
+
+def _fill_mask_check(hf_dir: str) -> str:
+    """Load the export with transformers alone and predict a masked word (proves the export)."""
+    try:
+        import torch
+        from transformers import AutoTokenizer, BertForPreTraining
+    except ImportError:
+        return "transformers not installed: skipped the HF load check"
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = BertForPreTraining.from_pretrained(hf_dir).eval()
+    text = f"it is a truth universally acknowledged that a single man must be in want of a {tok.mask_token} ."
+    enc = tok(text, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).prediction_logits
+    where = (enc["input_ids"][0] == tok.mask_token_id).nonzero()[0, 0]
+    top = [tok.convert_ids_to_tokens(int(i)) for i in logits[0, where].topk(5).indices]
+    return f"transformers.BertForPreTraining fills '{text}' with {top}"
+
+
+def _summary(run_dir: str, eval_json: str, hf_dir: str, fill_mask: str, seconds: float) -> None:
+    import json
+    import os
+
+    from pretrain.metrics import read_jsonl
+
+    records = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    evals = [r for r in records if r["kind"] == "eval" and "eval/mlm_accuracy" in r]
+    trains = [r for r in records if r["kind"] == "train"]
+    final = json.load(open(eval_json))
+    print("\n=== summary")
+    if evals:
+        first = evals[0]
+        print(f"held-out MLM accuracy  step {first['step']}: {first['eval/mlm_accuracy']:.3f}  ->  "
+              f"final: {final.get('eval/mlm_accuracy', float('nan')):.3f}")
+        if "eval/sentence_accuracy" in first:
+            print(f"held-out NSP accuracy  step {first['step']}: {first['eval/sentence_accuracy']:.3f}  ->  "
+                  f"final: {final.get('eval/sentence_accuracy', float('nan')):.3f}")
+        print(f"held-out perplexity    step {first['step']}: {first['eval/perplexity']:.1f}  ->  "
+              f"final: {final.get('eval/perplexity', float('nan')):.1f}")
+    if trains:
+        print(f"training throughput    {trains[-1].get('perf/seq_per_s', float('nan')):.1f} seq/s (last window)")
+    print(f"curves                 {os.path.join(run_dir, 'curves.png')}")
+    print(f"HuggingFace export     {hf_dir}")
+    print(f"                       {fill_mask}")
+    print(f"TensorBoard            tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
+    print(f"total time             {seconds:.0f} s")
