@@ -75,6 +75,9 @@ class LayerNorm(nn.Module):
     def forward(self, x, residual=None, return_sum: bool = False):
         if self.impl != "torch":
             from pretrain import ops  # imported only when a non-torch path is selected
+            if residual is not None and residual.dtype != x.dtype:  # e.g. autocast: add in the wider dtype
+                wide = torch.promote_types(x.dtype, residual.dtype)
+                x, residual = x.to(wide), residual.to(wide)
             return ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual,
                                   return_sum=return_sum, impl="auto" if self.impl == "fused" else "reference")
         total = x if residual is None else x + residual

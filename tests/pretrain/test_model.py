@@ -214,6 +214,16 @@ def test_fully_padded_rows_stay_finite(attention):
 # ---------------------------------------------------------------------------------------------
 # Kernel paths
 # ---------------------------------------------------------------------------------------------
+def assert_same_outputs_and_grads(model, expected_model, b):
+    got, expected = model(**b), expected_model(**b)
+    torch.testing.assert_close(got.mlm_logits, expected.mlm_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.sentence_logits, expected.sentence_logits, rtol=1e-5, atol=1e-5)
+    got.loss.backward()
+    expected.loss.backward()
+    for (name, p), q in zip(expected_model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def same_weights(reference, kernels: KernelsConfig, cfg: ModelConfig):
     model = build_model(cfg, kernels).eval()
     model.load_state_dict(reference.state_dict())
@@ -224,9 +234,7 @@ def same_weights(reference, kernels: KernelsConfig, cfg: ModelConfig):
 def test_reference_attention_matches_sdpa(position):
     cfg = tiny(layer_norm_position=position)
     sdpa = perturbed(build_model(cfg))
-    reference = same_weights(sdpa, KernelsConfig(attention="reference"), cfg)
-    b = batch()
-    torch.testing.assert_close(reference(**b).mlm_logits, sdpa(**b).mlm_logits, rtol=1e-5, atol=1e-5)
+    assert_same_outputs_and_grads(same_weights(sdpa, KernelsConfig(attention="reference"), cfg), sdpa, batch())
 
 
 OPS_PATHS = {"fused_softmax": KernelsConfig(attention="fused_softmax"),
@@ -242,9 +250,7 @@ def test_ops_kernel_paths_match_torch(kernels, position):
     torch_model = perturbed(build_model(cfg))
     model = same_weights(torch_model, kernels, cfg)
     b = batch()
-    expected, got = torch_model(**b), model(**b)
-    torch.testing.assert_close(got.mlm_logits, expected.mlm_logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got.sentence_logits, expected.sentence_logits, rtol=1e-5, atol=1e-5)
+    assert_same_outputs_and_grads(model, torch_model, b)
     segments = torch.tensor([[1] * 6 + [2] * 6, [1] * 9 + [0] * 3, [1] * 5 + [0] * 7])
     torch.testing.assert_close(model.encode(b["input_ids"], segment_ids=segments),
                                torch_model.encode(b["input_ids"], segment_ids=segments), rtol=1e-5, atol=1e-5)
