@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.encode import encode_documents
-from data_prep.instances import create_instances, materialize
+from data_prep.instances import create_instances, instance_rng, materialize
 from data_prep.masking import MaskingConfig, continuation_table, mask_tokens
 from data_prep.shards import SPLIT_CODES, ShardWriter, npy_bytes, sample_key, shard_name
 
@@ -99,7 +99,7 @@ def build_shard(unit: WorkUnit, settings: ShardSettings) -> dict:
     split_code = SPLIT_CODES[unit.split]
     instances = []
     for dupe in range(settings.dupe_factor):
-        rng = np.random.default_rng([settings.seed, STREAM_INSTANCES, split_code, unit.index, dupe])
+        rng = instance_rng(settings.seed, STREAM_INSTANCES, split_code, unit.index, dupe)
         instances.extend(create_instances(encoded, settings.objective, settings.seq_len,
                                           settings.short_seq_prob, rng))
     order = np.random.default_rng([settings.seed, STREAM_SHUFFLE, split_code, unit.index]).permutation(

@@ -29,7 +29,7 @@ UNSUPPORTED_MAGIC = [
     (b"\x7fELF", "an executable (ELF)"),
 ]
 EXTENSION_CODEC = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".lzma": "xz", ".zst": "zstd"}
-READ_CHUNK = 1 << 20
+READ_CHUNK = 1 << 16  # small enough that a truncated archive loses little of the text before the damage
 
 
 def codec_errors() -> tuple:

@@ -17,6 +17,7 @@ there, and truncation only trims ends), so building them moves integers, not tok
 """
 from __future__ import annotations
 
+import random
 from typing import NamedTuple
 
 import numpy as np
@@ -34,6 +35,12 @@ class Instance(NamedTuple):
     label: int  # nsp: 1 = B is random; sop: 1 = swapped; full-sentences: -1
 
 
+def instance_rng(*key: int) -> random.Random:
+    """A random.Random seeded from a tuple of non-negative ints through numpy's SeedSequence."""
+    state = np.random.SeedSequence(list(key)).generate_state(4, dtype=np.uint32)
+    return random.Random(int.from_bytes(state.tobytes(), "little"))
+
+
 def truncate_pair(a: tuple[int, int], b: tuple[int, int], max_tokens: int, rng) -> tuple:
     """Trim the longer of A, B one token at a time until they fit, each time at a random end.
 
@@ -49,14 +56,19 @@ def truncate_pair(a: tuple[int, int], b: tuple[int, int], max_tokens: int, rng) 
     rest = excess - first
     cut_a = (first if la > lb else 0) + rest // 2
     cut_b = (first if la <= lb else 0) + rest - rest // 2  # ties trim B first, as the script does
-    front_a, front_b = (int(x) for x in rng.binomial([cut_a, cut_b], 0.5))
+    front_a, front_b = _coin_heads(rng, cut_a), _coin_heads(rng, cut_b)
     return (a[0] + front_a, a[1] - (cut_a - front_a)), (b[0] + front_b, b[1] - (cut_b - front_b))
+
+
+def _coin_heads(rng, n: int) -> int:
+    """Binomial(n, 1/2): the number of ones among n random bits."""
+    return bin(rng.getrandbits(n)).count("1") if n > 0 else 0
 
 
 def _split_segment(start: int, end: int, rng) -> tuple[tuple[int, int], tuple[int, int]] | None:
     if end - start < 2:
         return None
-    cut = int(rng.integers(start + 1, end))
+    cut = rng.randrange(start + 1, end)
     return (start, cut), (cut, end)
 
 
@@ -64,10 +76,10 @@ def _random_b(unit: EncodedUnit, doc: int, target: int, rng) -> tuple[int, int]:
     """A range of at least ``target`` tokens (or to the document's end) from another document."""
     other = doc
     for _ in range(RANDOM_DOC_TRIES):
-        other = int(rng.integers(0, unit.num_docs))
+        other = rng.randrange(unit.num_docs)
         if other != doc:
             break
-    first = int(rng.integers(unit.doc_first[other], unit.doc_end[other]))
+    first = rng.randrange(unit.doc_first[other], unit.doc_end[other])
     end = first
     while end < unit.doc_end[other]:
         end += 1
@@ -81,14 +93,14 @@ def pair_instances(unit: EncodedUnit, doc: int, rng, max_tokens: int, short_seq_
     """NSP or SOP instances of one document (``max_tokens`` = seq_len - 3)."""
     target = max_tokens
     if rng.random() < short_seq_prob:
-        target = int(rng.integers(2, max_tokens + 1))
+        target = rng.randrange(2, max_tokens + 1)
     s_start, s_end = unit.seg_start, unit.seg_end
     out: list[Instance] = []
     chunk_first, i, end = unit.doc_first[doc], unit.doc_first[doc], unit.doc_end[doc]
     while i < end:
         if i == end - 1 or s_end[i] - s_start[chunk_first] >= target:
             n = i + 1 - chunk_first
-            a_segs = int(rng.integers(1, n)) if n >= 2 else 1
+            a_segs = rng.randrange(1, n) if n >= 2 else 1
             a = (s_start[chunk_first], s_end[chunk_first + a_segs - 1])
             if objective == "nsp" and rng.random() < 0.5:
                 b, label = _random_b(unit, doc, target - (a[1] - a[0]), rng), 1
@@ -141,8 +153,12 @@ def packed_instances(unit: EncodedUnit, seq_len: int) -> list[Instance]:
 
 
 def create_instances(unit: EncodedUnit, objective: str, seq_len: int, short_seq_prob: float,
-                     rng: np.random.Generator) -> list[Instance]:
-    """All instances of one pass (one duplicate) over the unit, in document order."""
+                     rng: random.Random) -> list[Instance]:
+    """All instances of one pass (one duplicate) over the unit, in document order.
+
+    ``rng`` is a ``random.Random``: its scalar draws are ~10x cheaper than numpy's, and its
+    stream is stable across Python versions (see ``instance_rng``).
+    """
     if objective == "full-sentences":
         return packed_instances(unit, seq_len)
     if objective not in OBJECTIVES:

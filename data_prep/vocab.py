@@ -112,6 +112,9 @@ def train_wordpiece(texts: Callable[[], Iterable[str]], vocab_size: int, lowerca
 
 
 def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the canonical tokenizer.json; ``tokenizer`` is a Tokenizer or a path read_tokenizer takes."""
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = read_tokenizer(Path(tokenizer))
     return sha256_text(canonical_json(json.loads(tokenizer.to_str())))
 
 

@@ -22,8 +22,9 @@ DROP_BLOCKS = re.compile(r"<(math|gallery|timeline|syntaxhighlight|source|score|
                          r"[^>]*>.*?</\1\s*>", re.S | re.I)
 INNER_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
 INNER_TABLE = re.compile(r"\{\|(?:(?!\{\||\|\}).)*\|\}", re.S)
-INNER_FILE_LINK = re.compile(r"\[\[(?:File|Image|Category|Media|[a-z]{2,3}(?:-[a-z]+)?):[^\[\]]*\]\]", re.I)
-INNER_LINK = re.compile(r"\[\[([^\[\]|]*)(?:\|([^\[\]]*))?\]\]")
+LINK_PREFIX = r"(?:[Ff]ile|[Ii]mage|[Cc]ategory|[Mm]edia|[a-z]{2,3}(?:-[a-z]+)?):"
+INNER_FILE_LINK = re.compile(rf"\[\[{LINK_PREFIX}[^\[\]]*\]\]")  # files, categories, interlanguage
+INNER_LINK = re.compile(rf"\[\[(?!{LINK_PREFIX})([^\[\]|]*)(?:\|([^\[\]]*))?\]\]")
 EXTERNAL_LINK = re.compile(r"\[(?:https?|ftp)://[^\s\]]+(?:\s+([^\]]*))?\]")
 BOLD_ITALIC = re.compile(r"'{2,}")
 HEADING = re.compile(r"^\s*=+\s*(.*?)\s*=+\s*$", re.M)
@@ -47,8 +48,12 @@ def strip_wiki_markup(text: str) -> str:
     text = DROP_BLOCKS.sub("", text)
     text = _remove_nested(INNER_TEMPLATE, text)
     text = _remove_nested(INNER_TABLE, text)
-    text = _remove_nested(INNER_FILE_LINK, text)
-    text = INNER_LINK.sub(lambda m: m.group(2) if m.group(2) is not None else m.group(1), text)
+    while True:  # links inside file captions first, then the (now innermost) file link
+        before = text
+        text = INNER_LINK.sub(lambda m: m.group(2) if m.group(2) is not None else m.group(1), text)
+        text = INNER_FILE_LINK.sub("", text)
+        if text == before:
+            break
     text = EXTERNAL_LINK.sub(lambda m: m.group(1) or "", text)
     text = BOLD_ITALIC.sub("", text)
     text = HEADING.sub("", text)  # section titles are not sentences
