@@ -162,7 +162,9 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
     def _clip_divisor(self) -> Tensor | float:
-        """``max(1, global_grad_norm / max_grad_norm)`` over every group (1.0 when not clipping)."""
+        """``max(1, (global_grad_norm + 1e-6) / max_grad_norm)`` over every group (1.0 when not
+        clipping): the factor of ``torch.nn.utils.clip_grad_norm_`` and DeepSpeed's clipping, so a
+        run without DeepSpeed clips exactly as one with it."""
         if self.max_grad_norm <= 0:
             return 1.0
         if self._layouts:
@@ -171,7 +173,7 @@ class Lamb(torch.optim.Optimizer):
         if not grads:
             return 1.0
         total = lamb_reference.per_tensor_sq_norms(grads).sum().sqrt().to(grads[0].device)
-        return (total / self.max_grad_norm).clamp(min=1.0)
+        return ((total + 1e-6) / self.max_grad_norm).clamp(min=1.0)
 
     def _kernels_for(self, device: torch.device) -> LambKernels:
         if self._kernels is None:
