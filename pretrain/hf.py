@@ -281,7 +281,8 @@ def _tokenizer_spec(tokenizer_dir: str, m: ModelConfig) -> dict:
     """Files, class, lowercasing, accent stripping and WordPiece vocab of a tokenizer directory."""
     files = [f for f in ("tokenizer.json", "vocab.txt") if os.path.isfile(os.path.join(tokenizer_dir, f))]
     if not files:
-        raise FileNotFoundError(f"tokenizer directory {tokenizer_dir}: expected tokenizer.json or vocab.txt in it")
+        raise FileNotFoundError(f"tokenizer directory {tokenizer_dir}: expected tokenizer.json or vocab.txt in it "
+                                "(pass --tokenizer DIR to export with another one)")
     spec = {"files": files, "class": "BertTokenizerFast", "lowercase": None, "strip_accents": None,
             "vocab": None, "model_max_length": m.max_position_embeddings}
     if "tokenizer.json" in files:
