@@ -1,0 +1,252 @@
+"""The shards stage end to end: formats, determinism across workers, WWM, splits, resume, nodes."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from data_prep.errors import InputError, PrepError
+from data_prep.loader import example_from_sample
+from data_prep.pipeline import merge_node_manifests
+from data_prep.shards import iter_samples, read_manifest, split_info
+from data_prep.vocab import read_tokenizer
+from tests.data_prep.conftest import REPO, ZH_DOCS, english_docs, run_shards, shard_bytes, write_lines
+
+CLS, SEP = 2, 3
+
+
+@pytest.fixture(scope="module")
+def small_en(tmp_path_factory) -> Path:
+    return write_lines(tmp_path_factory.mktemp("small") / "en.txt", english_docs(60_000))
+
+
+@pytest.mark.parametrize("objective", ["nsp", "sop", "full-sentences"])
+@pytest.mark.parametrize("masking", ["static", "dynamic"])
+def test_objectives_and_masking_modes_read_with_stock_webdataset(small_en, tokenizer_dir, tmp_path, objective,
+                                                                 masking):
+    out = tmp_path / "shards"
+    manifest = run_shards([small_en], tokenizer_dir, out, shards__objective=objective, shards__masking=masking,
+                          shards__seq_len=64, shards__max_predictions=10)
+    fmt = manifest["sample_format"]
+    expected = ["input_ids.npy", "token_type_ids.npy"]
+    expected += ["masked_lm_positions.npy", "masked_lm_ids.npy"] if masking == "static" else []
+    expected += {"nsp": ["nsp_label.cls"], "sop": ["sop_label.cls"]}.get(objective, [])
+    assert fmt["fields"] == expected and fmt["token_dtype"] == "uint16"
+    urls = [str(out / s["name"]) for s in manifest["shards"]]
+    info = split_info(read_manifest(out), "train")
+    samples = tokens = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode():
+        assert sorted(k for k in sample if not k.startswith("__")) == sorted(expected)
+        ids, types = sample["input_ids.npy"], sample["token_type_ids.npy"]
+        assert ids.dtype == np.uint16 and types.dtype == np.uint8 and len(ids) == len(types) <= 64
+        assert ids[0] == CLS and ids[-1] == SEP
+        if objective == "full-sentences":
+            assert not types.any()
+        else:
+            first_sep = int(np.argmax(ids == SEP))
+            assert not types[: first_sep + 1].any() and types[first_sep + 1:].all()
+            assert sample[f"{objective}_label.cls"] in (0, 1)
+        if masking == "static":
+            pos = sample["masked_lm_positions.npy"]
+            assert pos.dtype == np.uint16 and sample["masked_lm_ids.npy"].dtype == np.uint16
+            assert 1 <= len(pos) <= 10 and len(pos) == len(sample["masked_lm_ids.npy"])
+        example = example_from_sample(sample, info, seed=1, epoch=0, index=samples)
+        assert 1 <= len(example["masked_lm_positions"]) <= 10
+        samples += 1
+        tokens += len(ids)
+    assert samples == sum(s["samples"] for s in manifest["shards"]) > 0
+    assert tokens == sum(s["tokens"] for s in manifest["shards"])
+
+
+def test_shards_identical_for_one_and_two_workers(en_corpus, tokenizer_dir, tmp_path):
+    flat = dict(shards__masking="static", shards__whole_word_mask=True, shards__dupe_factor=2)
+    one = run_shards([en_corpus], tokenizer_dir, tmp_path / "w1", workers=1, **flat)
+    two = run_shards([en_corpus], tokenizer_dir, tmp_path / "w2", workers=2, **flat)
+    assert len(one["shards"]) >= 4
+    assert shard_bytes(tmp_path / "w1") == shard_bytes(tmp_path / "w2")
+    assert one == two
+    assert (tmp_path / "w1" / "manifest.json").read_bytes() == (tmp_path / "w2" / "manifest.json").read_bytes()
+
+
+def test_english_whole_word_masking(small_en, tokenizer_dir, tmp_path):
+    out = tmp_path / "wwm"
+    run_shards([small_en], tokenizer_dir, out, shards__masking="static", shards__whole_word_mask=True)
+    vocab = read_tokenizer(tokenizer_dir).get_vocab()
+    is_piece = np.zeros(len(vocab), bool)
+    is_piece[[i for t, i in vocab.items() if t.startswith("##")]] = True
+    partial = multi = 0
+    for s in iter_samples(out, "train"):
+        original = s["input_ids"].astype(np.int64)
+        original[s["masked_lm_positions"]] = s["masked_lm_ids"]
+        chosen = np.zeros(len(original), bool)
+        chosen[s["masked_lm_positions"]] = True
+        special = np.isin(original, [CLS, SEP])
+        # A word starts at a non-## piece, or right after [CLS]/[SEP] (truncation can cut a word).
+        word = np.cumsum(~is_piece[original] | np.r_[True, special[:-1]])
+        for w in np.unique(word[chosen]):
+            members = word == w
+            partial += int(not chosen[members].all())
+            multi += int(members.sum() > 1)
+    assert partial == 0 and multi > 50  # many multi-piece words, each masked whole
+
+
+def test_chinese_whole_word_masking_uses_jieba(zh_tokenizer_dir, tmp_path):
+    corpus = write_lines(tmp_path / "zh.txt", ZH_DOCS * 2)
+    tok = read_tokenizer(zh_tokenizer_dir)
+    # jieba's words: 中华人民共和国 and 人工智能 are one word each, 自然语言处理 is 自然语言 + 处理.
+    expected = {"中华人民共和国": [1, 0, 0, 0, 0, 0, 0], "人工智能": [1, 0, 0, 0], "自然语言处理": [1, 0, 0, 0, 1, 0]}
+    patterns = {w: tok.encode(w, add_special_tokens=False).ids for w in expected}
+    out = tmp_path / "zh"
+    run_shards([corpus], zh_tokenizer_dir, out, shards__masking="dynamic", shards__whole_word_mask=True,
+               clean__dedup=False, clean__min_doc_chars=5, shards__val_fraction=0.0)
+    found = {w: 0 for w in expected}
+    for s in iter_samples(out, "train"):
+        ids, starts = s["input_ids"].tolist(), s["word_starts"]
+        assert starts.dtype == np.uint8 and len(starts) == len(ids)
+        for w, pattern in patterns.items():
+            for i in range(1, len(ids) - len(pattern) + 1):
+                if ids[i: i + len(pattern)] == pattern:
+                    found[w] += 1
+                    assert starts[i: i + len(pattern)].tolist() == expected[w], w
+    assert min(found.values()) >= 2
+    static = tmp_path / "zh_static"
+    run_shards([corpus], zh_tokenizer_dir, static, shards__masking="static", shards__whole_word_mask=True,
+               clean__dedup=False, clean__min_doc_chars=5, shards__val_fraction=0.0, shards__dupe_factor=20)
+    partial = whole = 0
+    for s in iter_samples(static, "train"):
+        original = s["input_ids"].astype(np.int64)
+        original[s["masked_lm_positions"]] = s["masked_lm_ids"]
+        chosen = set(s["masked_lm_positions"].tolist())
+        ids = original.tolist()
+        pattern = patterns["中华人民共和国"]
+        for i in range(1, len(ids) - len(pattern) + 1):
+            if ids[i: i + len(pattern)] == pattern and ids[i - 1] != SEP and ids[i - 1] != CLS:
+                hit = [p in chosen for p in range(i, i + len(pattern))]
+                partial += int(any(hit) and not all(hit))
+                whole += int(all(hit))
+    assert partial == 0 and whole >= 1
+
+
+def test_val_split_is_by_document(en_corpus, tokenizer_dir, tmp_path):
+    out = tmp_path / "split"
+    manifest = run_shards([en_corpus], tokenizer_dir, out, shards__val_fraction=0.2,
+                          shards__objective="full-sentences")
+    docs = {s: sum(sh["documents"] for sh in manifest["shards"] if sh["split"] == s) for s in ("train", "val")}
+    total = docs["train"] + docs["val"]
+    assert abs(docs["val"] / total - 0.2) < 4 * np.sqrt(0.2 * 0.8 / total)
+    tok = read_tokenizer(tokenizer_dir)
+    text = {s: " ".join(tok.decode(x["input_ids"].tolist()) for x in iter_samples(out, s)) for s in ("train", "val")}
+    val_docs = [d for d in english_docs() if len(d) > 200][:400]
+    in_val = [d for d in val_docs if tok.decode(tok.encode(d[:150]).ids) in text["val"]]
+    assert in_val and not any(tok.decode(tok.encode(d[:150]).ids) in text["train"] for d in in_val)
+
+
+def test_rerun_skips_and_mismatches_are_refused(small_en, tokenizer_dir, zh_tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "re"
+    first = run_shards([small_en], tokenizer_dir, out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    capsys.readouterr()
+    assert run_shards([small_en], tokenizer_dir, out) == first
+    assert f"0 built, {len(before)} already done" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == before
+    with pytest.raises(PrepError, match="mismatched tokenizer"):
+        run_shards([small_en], zh_tokenizer_dir, out)
+    with pytest.raises(PrepError, match="other shard settings"):
+        run_shards([small_en], tokenizer_dir, out, shards__seq_len=256)
+    again = run_shards([small_en], tokenizer_dir, out, overwrite=True, shards__seq_len=256)
+    assert again["sample_format"]["seq_len"] == 256
+
+
+def test_changed_input_rebuilds_only_changed_units(en_corpus, tokenizer_dir, tmp_path, capsys):
+    corpus = tmp_path / "grow.txt"
+    corpus.write_text(en_corpus.read_text())
+    out = tmp_path / "grow"
+    first = run_shards([corpus], tokenizer_dir, out)
+    with open(corpus, "a") as f:
+        f.write("A brand new final paragraph, long enough to be kept by the cleaner.\n")
+    capsys.readouterr()
+    second = run_shards([corpus], tokenizer_dir, out)
+    summary = capsys.readouterr().err
+    changed = [a["name"] for a, b in zip(first["shards"], second["shards"]) if a["sha256"] != b["sha256"]]
+    assert len(changed) == 1 and f"1 built, {len(first['shards']) - 1} already done" in summary
+
+
+def test_stop_on_bad_input_keeps_shards_and_skip_resumes(en_corpus, tokenizer_dir, tmp_path, capsys):
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(en_corpus.read_text())
+    (corpus / "b.txt").write_bytes(b"fine line of text here\n\xff\xfe broken line\nlast good line of text\n")
+    out = tmp_path / "bad"
+    with pytest.raises(InputError, match=r"b\.txt:2: invalid UTF-8"):
+        run_shards([corpus], tokenizer_dir, out)
+    written = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    assert written and not (out / "manifest.json").exists()
+    capsys.readouterr()
+    manifest = run_shards([corpus], tokenizer_dir, out, on_error="skip")
+    assert "already done" in capsys.readouterr().err
+    assert manifest["corpus"]["skipped_invalid_utf8"] == 1
+    for name, data in written.items():
+        assert (out / name).read_bytes() == data
+    from data_prep.report import verify_dir
+    assert verify_dir(out) == ([], [])
+
+
+def test_node_slices_merge_to_the_single_node_result(en_corpus, tokenizer_dir, tmp_path):
+    whole = run_shards([en_corpus], tokenizer_dir, tmp_path / "one")
+    nodes = tmp_path / "nodes"
+    parts = [run_shards([en_corpus], tokenizer_dir, nodes, num_nodes=3, node_rank=r) for r in (0, 2)]
+    assert all(len(p["shards"]) < len(whole["shards"]) for p in parts)
+    with pytest.raises(PrepError, match="ranks 0..2, found ranks \\[0, 2\\]"):
+        merge_node_manifests(nodes)
+    run_shards([en_corpus], tokenizer_dir, nodes, num_nodes=3, node_rank=1)
+    merged = merge_node_manifests(nodes)
+    assert {k: v for k, v in merged.items() if k != "nodes"} == whole
+    assert shard_bytes(nodes) == shard_bytes(tmp_path / "one")
+
+
+def test_resume_after_a_killed_run(tmp_path):
+    corpus = write_lines(tmp_path / "en.txt", english_docs(500_000))
+    tok = tmp_path / "tok"
+    cli = [sys.executable, "-m", "data_prep"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    subprocess.run(cli + ["vocab", "--input", str(corpus), "--vocab-size", "1000", "--out", str(tok)],
+                   check=True, env=env, cwd=tmp_path, capture_output=True)
+    args = ["shards", "--input", str(corpus), "--tokenizer", str(tok), "--text-per-shard-mb", "0.02",
+            "--masking", "static", "--no-progress"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cli + args + ["--out", str(killed)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list((killed / "progress").glob("*.json"))) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "manifest.json").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(cli + args + ["--out", str(killed)], env=env, cwd=tmp_path, capture_output=True,
+                             text=True, check=True)
+    assert "already done (resumed)" in resumed.stderr and " 0 already done" not in resumed.stderr
+    clean = tmp_path / "clean"
+    subprocess.run(cli + args + ["--out", str(clean)], env=env, cwd=tmp_path, capture_output=True, check=True)
+    assert shard_bytes(killed) == shard_bytes(clean)
+    assert json.loads((killed / "manifest.json").read_text()) == json.loads((clean / "manifest.json").read_text())
+    assert not list(killed.glob(".tmp-*"))
+
+
+def test_gzip_input_and_dedup_counts_reach_the_manifest(tokenizer_dir, tmp_path):
+    docs = english_docs(30_000)
+    path = tmp_path / "dup.txt.gz"
+    repeated = [d for d in docs if len(d) >= 40][:10]
+    path.write_bytes(gzip.compress("\n".join(docs + repeated + ["tiny"]).encode()))
+    manifest = run_shards([path], tokenizer_dir, tmp_path / "out")
+    corpus = manifest["corpus"]
+    assert corpus["dropped_duplicate"] == 10 and corpus["dropped_short"] >= 1
+    assert corpus["docs_kept"] == sum(s["documents"] for s in manifest["shards"])
