@@ -138,7 +138,8 @@ def _barrier() -> None:
 
 
 def save(engine, root: str, state: TrainerState, *, cfg: Config, scheduler, prints: dict,
-         consolidated_state_dict: Optional[dict], rank: int, keep_last: int, extra: dict) -> str:
+         consolidated_state_dict: Optional[dict], rank: int, keep_last: int, extra: dict,
+         crash_before_commit: bool = False) -> str:
     """Save a checkpoint for ``state.step`` on every rank; return its directory.
 
     ``consolidated_state_dict`` is the full fp32 model state on rank 0 (None elsewhere).
@@ -159,6 +160,8 @@ def save(engine, root: str, state: TrainerState, *, cfg: Config, scheduler, prin
     if rank == 0:
         save_weights(tmp_dir, cfg, consolidated_state_dict, extra=extra)
         atomic_write_text(os.path.join(tmp_dir, FINGERPRINTS), json.dumps(prints, indent=2))
+    if crash_before_commit:   # fault injection for tests: die with the save half done
+        os._exit(137)
     _barrier()
     if rank == 0:
         if os.path.isdir(final_dir):          # re-saving the same step (e.g. signal at the end)

@@ -321,7 +321,11 @@ class _Collate:
 
 def _loader(dataset, sampler, micro: int, data_cfg: DataConfig, split: Split) -> DataLoader:
     workers = data_cfg.num_workers
-    return DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=workers,
+    # Its own generator: DataLoader draws a worker seed when an iterator starts, and drawing it
+    # from the global RNG would shift the dropout stream of a resumed run against a straight one.
+    # (Workers need no randomness of their own: masking is seeded per sample.)
+    generator = torch.Generator().manual_seed(0)
+    return DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=workers, generator=generator,
                       collate_fn=_Collate(split, data_cfg.pad_to_multiple_of),
                       pin_memory=data_cfg.pin_memory and torch.cuda.is_available(),
                       prefetch_factor=data_cfg.prefetch_factor if workers else None,

@@ -118,7 +118,13 @@ class _nullcontext:
         return False
 
 
-def train(cfg: Config, dist_env: DistEnv) -> int:
+def train(cfg: Config, dist_env: DistEnv, *, stop_after_step: Optional[int] = None,
+          fault: Optional[str] = None) -> int:
+    """Train to ``training.max_steps`` (or checkpoint and return 75 at ``stop_after_step``).
+
+    ``fault`` names a fault to inject for tests: ``kill-during-save@STEP`` ends the process
+    abruptly in the middle of the checkpoint save of that step.
+    """
     run = build_run(cfg, dist_env)
     rank = dist_env.rank
     run_dir = cfg.logging.run_dir
@@ -150,7 +156,7 @@ def train(cfg: Config, dist_env: DistEnv) -> int:
         logger.message(message)
     stop = StopSignal()
     try:
-        code = _loop(run, state, train_split, logger, stop, ckpt_root, prints, extra)
+        code = _loop(run, state, train_split, logger, stop, ckpt_root, prints, extra, stop_after_step, fault)
     finally:
         logger.close()
     if rank == 0 and code == EXIT_DONE:
@@ -159,7 +165,7 @@ def train(cfg: Config, dist_env: DistEnv) -> int:
 
 
 def _loop(run: Run, state: ckpt.TrainerState, train_split, logger: MetricsLogger, stop: StopSignal,
-          ckpt_root: str, prints: dict, extra: dict) -> int:
+          ckpt_root: str, prints: dict, extra: dict, stop_after_step: Optional[int], fault: Optional[str]) -> int:
     cfg, dist_env = run.cfg, run.dist_env
     t = cfg.training
     global_batch = t.micro_batch_size * run.accum * dist_env.world_size
@@ -183,9 +189,10 @@ def _loop(run: Run, state: ckpt.TrainerState, train_split, logger: MetricsLogger
         return batch
 
     def save():
+        crash = fault == f"kill-during-save@{state.step}"
         ckpt.save(run.engine, ckpt_root, state, cfg=cfg, scheduler=run.scheduler, prints=prints,
                   consolidated_state_dict=consolidated_state_dict(run), rank=dist_env.rank,
-                  keep_last=cfg.checkpoint.keep_last, extra=extra)
+                  keep_last=cfg.checkpoint.keep_last, extra=extra, crash_before_commit=crash)
 
     if state.step == 0 and cfg.eval.every_steps:
         logger.log(0, run_eval(run), kind="eval")   # the untrained baseline, for comparison
@@ -214,10 +221,13 @@ def _loop(run: Run, state: ckpt.TrainerState, train_split, logger: MetricsLogger
         if cfg.eval.every_steps and (state.step % cfg.eval.every_steps == 0 or state.step == t.max_steps):
             logger.log(state.step, run_eval(run), kind="eval")
         logger.advance(state.step)
-        if stop.received is not None:
+        if stop.received is not None or (stop_after_step is not None and state.step >= stop_after_step
+                                          and state.step < t.max_steps):
             save()
-            logger.message(f"signal {stop.received} received: checkpoint saved at step {state.step}; "
-                           f"exiting with {EXIT_REQUEUE} (requeue me)")
+            why = f"signal {stop.received} received" if stop.received is not None else \
+                f"--stop-after-step {stop_after_step} reached"
+            logger.message(f"{why}: checkpoint saved at step {state.step}; exiting with {EXIT_REQUEUE} "
+                           f"(checkpointed, not finished: requeue or rerun to continue)")
             return EXIT_REQUEUE
         if state.step % cfg.checkpoint.every_steps == 0 or state.step == t.max_steps:
             save()

@@ -13,6 +13,15 @@ HELP = "pretrain (DeepSpeed ZeRO) from a YAML config"
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
+    parser.add_argument("--stop-after-step", type=int, default=None, metavar="N",
+                        help="checkpoint and exit with status 75 after step N (the schedule still "
+                             "spans training.max_steps); rerun the same command to continue")
+    parser.add_argument("--fault", default=None, help=argparse_suppress())
+
+
+def argparse_suppress():
+    import argparse
+    return argparse.SUPPRESS  # test-only fault injection, e.g. kill-during-save@4
 
 
 def run(args) -> int:
@@ -33,8 +42,17 @@ def run(args) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if dist_env.rank == 0 else logging.WARNING,
                         format=f"[rank {dist_env.rank}] %(levelname)s %(name)s: %(message)s")
-    from pretrain.trainer import train
-    return train(cfg, dist_env)
+    from pretrain.trainer import EXIT_ERROR, NonFiniteLossError, train
+    from pretrain.data import DataError
+    from pretrain.checkpoint import CheckpointError
+    try:
+        return train(cfg, dist_env, stop_after_step=args.stop_after_step, fault=args.fault)
+    except (DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def _cuda() -> bool:

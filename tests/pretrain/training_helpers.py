@@ -1,0 +1,106 @@
+"""Shared by the training tests: shards built once per session, and multi-rank launches.
+
+Ranks are started as plain subprocesses with the torch.distributed variables (what torchrun
+would set), so the real `python -m pretrain train` entry point runs, with gloo on CPU.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_CORPUS = REPO / "data_prep" / "assets" / "demo_corpus_en.txt.gz"
+
+# A model small enough that a 2-rank CPU step takes well under a second.
+TINY = [
+    "model.vocab_size=2048", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+    "model.intermediate_size=64", "training.micro_batch_size=8", "training.global_batch_size=16",
+    "training.precision=fp32", "logging.every_steps=1", "logging.progress_bar=false",
+    "eval.every_steps=0", "checkpoint.every_steps=1000", "data.num_workers=0",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_shards(out: Path, masking: str, objective: str = "nsp", lines: int = 1500) -> Path:
+    """Tokenizer + shards from the first ``lines`` paragraphs of the bundled corpus, via the CLI."""
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = out / "corpus.txt"
+    with gzip.open(DEMO_CORPUS, "rt", encoding="utf-8") as f:
+        corpus.write_text("".join(line for _, line in zip(range(lines), f)), encoding="utf-8")
+    config = out / "data.yaml"
+    config.write_text(f"""
+out: {out}
+seed: 7
+workers: 1
+progress: false
+input: {{paths: [{corpus}], format: text}}
+vocab: {{vocab_size: 2048, min_frequency: 2}}
+shards: {{seq_len: 128, objective: {objective}, masking: {masking}, max_predictions: 20,
+          val_fraction: 0.05, text_per_shard_mb: 0.05}}
+""")
+    proc = subprocess.run([sys.executable, "-m", "data_prep", "run", "--config", str(config)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def data_overrides(data_root: Path) -> list[str]:
+    return [f"data.dir={data_root / 'shards'}", f"data.tokenizer={data_root / 'tokenizer'}"]
+
+
+@dataclass
+class Launch:
+    codes: list[int]
+    logs: list[str]
+    run_dir: Path
+
+    def metrics(self, kind: str = "train") -> list[dict]:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
+
+    def losses(self) -> dict[int, float]:
+        return {r["step"]: r["train/loss"] for r in self.metrics()}
+
+    def explain(self) -> str:
+        return "\n".join(f"--- rank {i} (exit {c})\n{log[-4000:]}" for i, (c, log) in enumerate(zip(self.codes, self.logs)))
+
+
+def launch(run_dir: Path, overrides: list[str], nproc: int = 2, extra_args: list[str] = (),
+           config: str = "configs/debug.yaml", timeout: int = 300, env: dict | None = None) -> Launch:
+    """Run `python -m pretrain train` on ``nproc`` local ranks; wait for all of them."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs, log_paths = [], []
+    for rank in range(nproc):
+        rank_env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu",
+                    "OMP_NUM_THREADS": "1", **(env or {})}
+        log_path = run_dir / f"rank{rank}.{port}.log"
+        log_paths.append(log_path)
+        with open(log_path, "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "pretrain", "train", "--config", str(REPO / config),
+                 f"logging.run_dir={run_dir}", *overrides, *extra_args],
+                cwd=REPO, env=rank_env, stdout=log, stderr=subprocess.STDOUT))
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            codes.append(-9)
+    return Launch(codes, [p.read_text() for p in log_paths], run_dir)
