@@ -73,13 +73,15 @@ def lamb_update_reference(params: Sequence[Tensor], grads: Sequence[Tensor], exp
 
 @torch.no_grad()
 def per_tensor_sq_norms(tensors: Sequence[Tensor]) -> Tensor:
-    """Sums of squares of each tensor, as one fp32 1-D tensor (empty list -> empty tensor).
+    """Sums of squares of each tensor as one 1-D tensor, in fp32 (fp64 when any tensor is fp64);
+    an empty list gives an empty tensor.
 
     Sums of squares (not norms) are what partial shards of one tensor add up across ranks.
     """
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     if len(tensors) == 0:
-        return torch.zeros(0, dtype=torch.float32)
-    norms = torch._foreach_norm([t.float() for t in tensors], 2)
+        return torch.zeros(0, dtype=dtype)
+    norms = torch._foreach_norm([t.to(dtype) for t in tensors], 2)
     return torch.stack(norms).square_()
 
 

@@ -76,10 +76,11 @@ class PartitionLayout:
         device = self.flat.device
         index = torch.tensor([s.tensor_index for s in self.segments], dtype=torch.long, device=device)
         partial = torch.stack([per_tensor_sq_norms(param_views).to(device),
-                               per_tensor_sq_norms(update_views).to(device)]) if self.segments else \
-            torch.zeros(2, 0, dtype=torch.float32, device=device)
-        totals = torch.zeros(2, self.num_tensors, dtype=torch.float32, device=device)
-        totals.index_add_(1, index, partial)
+                               per_tensor_sq_norms(update_views).to(device)])
+        # The same dtype on every rank (a rank may hold no segment): fp64 masters only with fp64.
+        dtype = torch.float64 if self.flat.dtype == torch.float64 else torch.float32
+        totals = torch.zeros(2, self.num_tensors, dtype=dtype, device=device)
+        totals.index_add_(1, index, partial.to(dtype))
         if self.world_size > 1:
             _all_reduce_sum(totals, self.process_group)
         norms = totals.sqrt_()[:, index]
