@@ -22,6 +22,18 @@ std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy, const at::Tensor& s
                                        bool want_dbias_add);
 at::Tensor softmax_fwd(const at::Tensor& x, const std::optional<at::Tensor>& mask, double scale);
 at::Tensor softmax_bwd(const at::Tensor& y, const at::Tensor& dy, double scale);
+void lamb_update(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                 const std::vector<at::Tensor>& exp_avgs,
+                 const std::vector<at::Tensor>& exp_avg_sqs,
+                 const std::vector<at::Tensor>& updates, const std::vector<double>& weight_decays,
+                 double beta1, double beta2, double eps, double bc1, double bc2,
+                 const std::optional<at::Tensor>& grad_scale, double grad_scale_value,
+                 const std::optional<at::Tensor>& sq_norms_out);
+void lamb_apply(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& updates,
+                const std::vector<at::Tensor>& model_params, const at::Tensor& param_norms,
+                const at::Tensor& update_norms, const std::vector<bool>& adapt,
+                const std::optional<at::Tensor>& lr, double lr_value, double min_trust_ratio,
+                double max_trust_ratio);
 }  // namespace bertforge
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -38,4 +50,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("mask"), py::arg("scale"));
   m.def("softmax_bwd", &bertforge::softmax_bwd, "scaled masked softmax backward", py::arg("y"),
         py::arg("dy"), py::arg("scale"));
+  m.attr("LAMB_CHUNK") = BF_LAMB_CHUNK;
+  m.def("lamb_update", &bertforge::lamb_update,
+        "multi-tensor LAMB phase 1 (moments, raw updates, optional per-tensor sums of squares)",
+        py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+        py::arg("updates"), py::arg("weight_decays"), py::arg("beta1"), py::arg("beta2"),
+        py::arg("eps"), py::arg("bc1"), py::arg("bc2"), py::arg("grad_scale"),
+        py::arg("grad_scale_value"), py::arg("sq_norms_out"));
+  m.def("lamb_apply", &bertforge::lamb_apply,
+        "multi-tensor LAMB phase 2 (trust ratios from given norms, parameter update)",
+        py::arg("params"), py::arg("updates"), py::arg("model_params"), py::arg("param_norms"),
+        py::arg("update_norms"), py::arg("adapt"), py::arg("lr"), py::arg("lr_value"),
+        py::arg("min_trust_ratio"), py::arg("max_trust_ratio"));
 }

@@ -119,7 +119,7 @@ inline int team_size_for(int64_t n) {
   return t;
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Blocks for a grid-stride row loop: enough to cover every row group, capped (the loop covers
 // the rest) so very large row counts do not create millions of tiny blocks.

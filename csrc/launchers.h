@@ -74,4 +74,50 @@ cudaError_t bf_softmax_fwd(const void* x, const void* mask, void* y, int64_t bat
 cudaError_t bf_softmax_bwd(const void* y, const void* dy, void* dx, int64_t rows, int k_len,
                            float scale, bf_dtype_t x_dtype, cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------------
+// Multi-tensor LAMB (lamb_kernel.cu)
+//
+// Each launch covers a list of tensors described by an array of bf_lamb_tensor_t in DEVICE
+// memory, sorted by chunk_begin.  Tensor i is split into ceil(numel / BF_LAMB_CHUNK) chunks
+// numbered chunk_begin .. chunk_begin + chunks - 1 (one thread block per chunk, grid-stride), so
+// one launch steps every tensor.  Entries have numel >= 1.  All element pointers are contiguous;
+// p, m, v, u are float32; g has the launch's grad dtype; model has the launch's model dtype.
+#define BF_LAMB_CHUNK 65536
+
+typedef struct {
+  void* p;             // float32 parameter (master weight)
+  const void* g;       // gradient (phase 1)
+  void* m;             // float32 exp_avg (phase 1)
+  void* v;             // float32 exp_avg_sq (phase 1)
+  void* u;             // float32 update: written by phase 1, read by phase 2
+  void* model;         // phase 2 only, may be NULL: receives the new p in the model dtype
+  int64_t numel;
+  int64_t chunk_begin;
+  float weight_decay;  // phase 1
+  int32_t index;       // position in the caller's tensor lists (norm / sq-norm entries)
+  int32_t vec;         // 1: every pointer of this entry is 16-byte aligned (vector path)
+  int32_t adapt;       // phase 2: apply the trust ratio (else ratio 1)
+} bf_lamb_tensor_t;
+
+// Phase 1: g = grad / grad_scale; m = beta1*m + (1-beta1)*g; v = beta2*v + (1-beta2)*g*g;
+// u = (m / bc1) / (sqrt(v / bc2) + eps) + weight_decay * p.  grad_scale is *grad_scale_ptr when
+// that is non-NULL (a device scalar, no host sync), else grad_scale.  When sq_out is non-NULL
+// (float32 [2][sq_stride], pre-zeroed) it receives per tensor index the sums of squares of p
+// (row 0) and u (row 1); chunk_sq is then a scratch of 2 * total_chunks floats (deterministic
+// two-stage reduction).
+// The hyper-parameters are doubles so that (1 - beta) is formed in double precision and then
+// rounded, as PyTorch does for the reference's Python-float arithmetic.
+cudaError_t bf_lamb_update(const bf_lamb_tensor_t* tensors, int num_tensors, int64_t total_chunks,
+                           double beta1, double beta2, double eps, double bc1, double bc2,
+                           const float* grad_scale_ptr, float grad_scale, bf_dtype_t grad_dtype,
+                           float* chunk_sq, float* sq_out, int64_t sq_stride, cudaStream_t stream);
+
+// Phase 2: r = (pn > 0 && un > 0) ? pn / un : 1 with pn = param_norms[index], un =
+// update_norms[index]; r = min(max(r, min_ratio), max_ratio); r = adapt ? r : 1;
+// p -= (r * lr) * u; model = p (cast) when model != NULL.  lr is *lr_ptr when non-NULL.
+cudaError_t bf_lamb_apply(const bf_lamb_tensor_t* tensors, int num_tensors, int64_t total_chunks,
+                          const float* param_norms, const float* update_norms, const float* lr_ptr,
+                          float lr, float min_ratio, float max_ratio, bf_dtype_t model_dtype,
+                          int has_model, cudaStream_t stream);
+
 }  // extern "C"

@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <climits>
+#include <cstdint>
 #include <string>
 
 #include "launchers.h"
@@ -45,6 +46,10 @@ inline void check_cuda_tensor(const at::Tensor& t, const char* name, const at::T
 inline int checked_int(int64_t v, const char* what) {
   TORCH_CHECK(v >= 0 && v <= INT_MAX, "bertforge: ", what, " = ", v, " does not fit in int32");
   return static_cast<int>(v);
+}
+
+inline bool is_aligned_to(const void* p, int bytes) {
+  return (reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes)) == 0;
 }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
