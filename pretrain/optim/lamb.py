@@ -193,11 +193,14 @@ class Lamb(torch.optim.Optimizer):
         by_step: dict[int, list[Tensor]] = defaultdict(list)
         for p in group["params"]:
             if id(p) not in self._whole_tensors:
+                if self._is_state_initialization(p):
+                    self._state_of(p)
+                    continue
                 raise UnknownTensorError(
                     f"Lamb was asked to step a tensor of shape {tuple(p.shape)} it was not built with. Under "
-                    f"DeepSpeed ZeRO this is a flat partition of many parameters: call "
+                    f"DeepSpeed this is a ZeRO flat partition of many parameters or an fp32 master copy: call "
                     f"pretrain.optim.attach_zero_layout(engine) after deepspeed.initialize, otherwise the "
-                    f"trust ratios would be computed per partition instead of per parameter tensor.")
+                    f"trust ratios could be computed per partition instead of per parameter tensor.")
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
@@ -208,6 +211,13 @@ class Lamb(torch.optim.Optimizer):
         adapt = self.adapts(group)
         for step, params in by_step.items():
             self._lamb(group, params, [p.grad for p in params], step, adapt, grad_scale, layout=None)
+
+    def _is_state_initialization(self, p: Tensor) -> bool:
+        """DeepSpeed's FP16_UnfusedOptimizer (ZeRO 0 with fp16/bf16) calls ``step()`` with all-zero
+        gradients inside ``deepspeed.initialize``, before any layout can be attached, to create the
+        optimizer state of its fp32 master copies.  Such a call on a tensor without state creates
+        the state and updates nothing (a LAMB step on zero gradients would still apply weight decay)."""
+        return not self.state[p] and p.grad is not None and not bool(p.grad.any())
 
     def _step_partition(self, group: dict, layout: PartitionLayout, grad_scale: Tensor | float) -> None:
         flat = layout.flat

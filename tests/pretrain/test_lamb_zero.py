@@ -102,6 +102,17 @@ SCENARIOS = {
     "zero3": ("lamb", {"stage": 3, "stage3_param_persistence_threshold": 0}, 1, False),
     "zero2_naive": ("lamb", {"stage": 2}, 1, True),
     "zero2_adamw": ("adamw", {"stage": 2}, 1, False),
+    "zero2_unattached": ("lamb", {"stage": 2}, 1, None),  # None: attach nothing, expect a refusal
+    # bf16 weights: DeepSpeedZeroOptimizer (stage 1, bf16 grads), BF16_Optimizer (stage 1, fp32 grad
+    # accumulation), FP16_UnfusedOptimizer (stage 0: per-tensor fp32 masters).
+    "zero1_bf16": ("lamb", {"stage": 1}, 1, False),
+    "zero1_bf16_fp32_accum": ("lamb", {"stage": 1}, 1, False),
+    "zero0_bf16": ("lamb", {"stage": 0}, 1, False),
+}
+EXTRA_DS_CONFIG = {
+    "zero1_bf16": {"bf16": {"enabled": True}},
+    "zero1_bf16_fp32_accum": {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}},
+    "zero0_bf16": {"bf16": {"enabled": True}},
 }
 
 
@@ -132,11 +143,13 @@ def run_scenario(name: str, rank: int) -> dict:
     micro = GLOBAL_BATCH // WORLD // accum
     ds_config = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": micro,
                  "gradient_accumulation_steps": accum, "zero_optimization": zero, "steps_per_print": 10**9,
-                 **deepspeed_config_entries(cfg)}
+                 **deepspeed_config_entries(cfg), **EXTRA_DS_CONFIG.get(name, {})}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if naive:
         _register_naive_layouts(engine)
         attached = "naive"
+    elif naive is None:
+        attached = "nothing"
     else:
         attached = attach_zero_layout(engine)
     layouts = [[[s.tensor_index, s.start, s.length, s.tensor_offset] for s in layout.segments]
@@ -146,8 +159,9 @@ def run_scenario(name: str, rank: int) -> dict:
     for step in range(STEPS):
         local_x = x[step].chunk(WORLD)[rank].chunk(accum)
         local_y = y[step].chunk(WORLD)[rank].chunk(accum)
+        dtype = next(engine.module.parameters()).dtype
         for mx, my in zip(local_x, local_y):
-            engine.backward(loss_fn(engine, mx, my))
+            engine.backward(loss_fn(engine, mx.to(dtype), my.to(dtype)))
             engine.step()
         trajectory.append(_snapshot(engine))
     engine.destroy()
@@ -306,6 +320,31 @@ def test_adamw_under_zero2_follows_unpartitioned_reference(zero_runs):
     difference = max_relative_difference(result["trajectory"], reference_trajectory("adamw"))
     print(f"adamw zero2: max relative trajectory difference {difference:.2e}")
     assert difference <= RTOL
+
+
+def test_lamb_refuses_zero_partitions_without_layout(zero_runs):
+    """Without attach_zero_layout, Lamb raises instead of using per-partition trust ratios."""
+    for rank in range(WORLD):
+        error = zero_runs[rank]["zero2_unattached"].get("error", "")
+        assert error.startswith("UnknownTensorError") and "attach_zero_layout" in error
+
+
+@pytest.mark.parametrize("scenario, attached", [
+    ("zero1_bf16", "zero-1/2"),
+    ("zero1_bf16_fp32_accum", "bf16-optimizer"),
+    ("zero0_bf16", "whole-tensor copies"),
+])
+def test_lamb_attaches_to_bf16_optimizers(zero_runs, scenario, attached):
+    """bf16 weights: the layout is derived (and checked against memory at attach) for each of
+    DeepSpeed's bf16 optimizer wrappers, and training moves every tensor, identically on both ranks.
+    (Trajectories are not compared: bf16 rounding dominates any fp32 reference.)"""
+    result = _scenario(zero_runs, scenario)
+    assert result["attached"] == attached
+    first, last = result["trajectory"][0], result["trajectory"][-1]
+    for name, start in first.items():
+        assert start.dtype == torch.bfloat16 and torch.isfinite(last[name]).all()
+        assert not torch.equal(start, last[name]), name
+    assert max_relative_difference(zero_runs[1][scenario]["trajectory"], result["trajectory"]) == 0.0
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:

@@ -181,6 +181,26 @@ def test_lamb_refuses_a_flat_tensor_without_layout():
         opt.step()
 
 
+def test_zero_gradient_step_on_unknown_tensors_only_creates_state():
+    """DeepSpeed's FP16_UnfusedOptimizer steps its fp32 copies once with zero grads inside initialize."""
+    model = _tiny_model(torch.float32)
+    opt = build_optimizer(model, OptimizerConfig())
+    copies = [p.detach().clone().requires_grad_() for p in opt.param_groups[0]["params"]]
+    for c in copies:
+        c.grad = torch.zeros_like(c)
+    before = [c.detach().clone() for c in copies]
+    opt.param_groups[0]["params"] = copies
+    opt.step()
+    assert all(torch.equal(c, b) for c, b in zip(copies, before))
+    assert all(opt.state[c]["step"] == 0 for c in copies)
+    copies[0].grad = torch.ones_like(copies[0])
+    with pytest.raises(UnknownTensorError):
+        opt.step()  # a real step still needs the copies registered (attach_zero_layout)
+    opt.register_whole_tensors(copies)
+    opt.step()
+    assert opt.state[copies[0]]["step"] == 1 and not torch.equal(copies[0], before[0])
+
+
 def test_layout_gives_whole_tensor_norms_and_matches_per_tensor_lamb():
     """A flat buffer with a padding gap, stepped through a layout, equals per-tensor LAMB."""
     torch.manual_seed(0)
