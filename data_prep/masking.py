@@ -54,6 +54,20 @@ class MaskingConfig:
         table[list(self.special_ids)] = True
         return table
 
+    @cached_property
+    def is_maskable(self) -> np.ndarray:
+        return ~self.is_special
+
+    @cached_property
+    def replacement_ids(self) -> np.ndarray:
+        """The ids a random replacement is drawn from (uniformly): every non-special id."""
+        return np.flatnonzero(self.is_maskable)
+
+    @cached_property
+    def thresholds(self) -> np.ndarray:
+        # A uniform draw below the first is [MASK], below the second a random token, else kept.
+        return np.array([self.mask_token_prob, self.mask_token_prob + self.random_token_prob])
+
 
 class MaskedSample(NamedTuple):
     input_ids: np.ndarray  # copy of the input with the chosen positions replaced (same dtype)
@@ -97,42 +111,34 @@ def mask_tokens(input_ids: np.ndarray, rng: np.random.Generator, config: Masking
     """Mask one sample (1-D ids, unpadded or padded: [PAD] is special).  Pure given ``rng``'s state.
 
     ``word_starts``: optional bool/uint8 array like ``input_ids`` for whole-word masking.
+    Draws, in order: a permutation of the words, one uniform per chosen token (mask / random /
+    keep), then the random replacement ids.
     """
     ids = np.asarray(input_ids)
-    candidates = np.flatnonzero(~config.is_special[ids])
-    budget = num_to_predict(len(candidates), config)
+    candidates = np.flatnonzero(config.is_maskable[ids])
+    budget = num_to_predict(candidates.size, config)
     if budget == 0:
         return MaskedSample(ids.copy(), np.zeros(0, np.int64), ids[:0].copy())
     if word_starts is None:  # every token is a word: the first ``budget`` of a random order
-        positions = np.sort(candidates[rng.permutation(len(candidates))[:budget]])
+        positions = np.sort(candidates[rng.permutation(candidates.size)[:budget]])
     else:
         starts = np.asarray(word_starts, dtype=bool)[candidates]
         starts[0] = True
         starts[1:] |= np.diff(candidates) > 1  # a token after a special token starts a word
         word_of = np.cumsum(starts) - 1
         sizes = np.bincount(word_of)
-        take = np.zeros(len(sizes), dtype=bool)
+        take = np.zeros(sizes.size, dtype=bool)
         take[_choose_words(sizes, budget, rng)] = True
         positions = candidates[take[word_of]]
     labels = ids[positions]
     masked = ids.copy()
-    draw = rng.random(len(positions))
-    masked[positions[draw < config.mask_token_prob]] = config.mask_id
-    random_at = positions[(draw >= config.mask_token_prob) &
-                          (draw < config.mask_token_prob + config.random_token_prob)]
+    kind = np.searchsorted(config.thresholds, rng.random(positions.size), side="right")
+    masked[positions[kind == 0]] = config.mask_id
+    random_at = positions[kind == 1]
     if random_at.size:
-        masked[random_at] = random_tokens(len(random_at), rng, config)
+        pool = config.replacement_ids
+        masked[random_at] = pool[rng.integers(0, pool.size, random_at.size)]
     return MaskedSample(masked, positions.astype(np.int64), labels)
-
-
-def random_tokens(n: int, rng: np.random.Generator, config: MaskingConfig) -> np.ndarray:
-    """``n`` ids uniform over the non-special vocabulary (specials are redrawn)."""
-    out = rng.integers(0, config.vocab_size, size=n)
-    bad = config.is_special[out]
-    while True in bad:
-        out[bad] = rng.integers(0, config.vocab_size, size=int(bad.sum()))
-        bad = config.is_special[out]
-    return out
 
 
 def mask_sample(input_ids: np.ndarray, config: MaskingConfig, *, seed: int, epoch: int, sample_index: int,

@@ -344,6 +344,11 @@ def print_summary(out_dir: Path, manifest: dict, stats: Counter, elapsed: float)
     built_tokens = sum(s["tokens"] for s in manifest["shards"])
     lines.append(f"  time      {elapsed:,.1f} s: {c.get('docs_read', 0) / max(elapsed, 1e-9):,.0f} documents/s, "
                  f"{built_tokens / max(elapsed, 1e-9):,.0f} tokens/s, {mb / max(elapsed, 1e-9):.2f} M chars/s")
+    import resource
+
+    main_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    lines.append(f"  memory    peak RSS {main_rss:,.0f} MB main process, {stats['peak_worker_rss_mb']:,.0f} MB "
+                 f"largest worker (the main process is the worker when workers=1)")
     print("\n".join(lines), file=sys.stderr)
 
 

@@ -73,12 +73,34 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return header + arr.tobytes()
 
 
-def _tar_header(name: str, size: int) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+def _ustar_template() -> bytearray:
+    info = tarfile.TarInfo("x")
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0, 0o644, 0, 0, "", ""
+    return bytearray(info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict"))
+
+
+_USTAR = _ustar_template()  # fixed metadata: mtime 0, uid/gid 0, mode 0644, no user names
+# The checksum is the byte sum of the header with its own field as spaces: the fixed part once.
+_FIXED_SUM = sum(_USTAR) - sum(_USTAR[0:100]) - sum(_USTAR[124:136]) - sum(_USTAR[148:156]) + 8 * ord(" ")
+
+
+_ZEROS = bytes(BLOCK)
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The 512-byte USTAR header tarfile would write for a regular file with our fixed metadata.
+
+    Built from a template (tarfile's own code costs ~80 us a member, most of a shard's write time).
+    """
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or size >= 8 ** 11:
+        raise ValueError(f"member {name!r} of {size} bytes does not fit a USTAR header")
+    size_field = b"%011o\0" % size
+    header = _USTAR.copy()
+    header[0:len(raw)] = raw
+    header[124:136] = size_field
+    header[148:156] = b"%06o\0 " % (_FIXED_SUM + sum(raw) + sum(size_field))
+    return bytes(header)
 
 
 class ShardWriter:
@@ -100,11 +122,13 @@ class ShardWriter:
 
     def add(self, key: str, fields: dict[str, bytes]) -> None:
         """One sample: ``fields`` maps extension (``input_ids.npy``) to bytes, written in that order."""
+        parts = []
         for ext, data in fields.items():
-            self._write(_tar_header(f"{key}.{ext}", len(data)))
-            self._write(data)
+            parts.append(tar_header(f"{key}.{ext}", len(data)))
+            parts.append(data)
             if len(data) % BLOCK:
-                self._write(b"\0" * (BLOCK - len(data) % BLOCK))
+                parts.append(_ZEROS[: BLOCK - len(data) % BLOCK])
+        self._write(b"".join(parts))  # one write and one hash update per sample
         self.samples += 1
 
     def commit(self) -> dict:
