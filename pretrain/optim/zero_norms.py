@@ -21,7 +21,7 @@ loudly at attach time instead of training with wrong trust ratios.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
@@ -59,6 +59,7 @@ class PartitionLayout:
     """Group whose ranks hold the other partitions (None: the default group)."""
     world_size: int = 1
     """Number of partitions; 1 means nothing to reduce."""
+    _index: Optional[Tensor] = field(default=None, repr=False, compare=False)
 
     @property
     def num_tensors(self) -> int:
@@ -68,13 +69,20 @@ class PartitionLayout:
         """The segments of a tensor shaped like ``flat`` (the partition, its grad or a moment)."""
         return [flat_like.narrow(0, s.start, s.length) for s in self.segments]
 
+    def _segment_tensor_index(self) -> Tensor:
+        """``tensor_index`` of every segment, as a device tensor built once (not every step)."""
+        if self._index is None or self._index.device != self.flat.device:
+            self._index = torch.tensor([s.tensor_index for s in self.segments], dtype=torch.long,
+                                       device=self.flat.device)
+        return self._index
+
     def whole_tensor_norms(self, param_views: Sequence[Tensor], update_views: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Norms of the whole tensors each segment belongs to: (param norms, update norms) per segment.
 
         A collective over ``process_group``: every rank of it must call this for the same layout.
         """
         device = self.flat.device
-        index = torch.tensor([s.tensor_index for s in self.segments], dtype=torch.long, device=device)
+        index = self._segment_tensor_index()
         partial = torch.stack([per_tensor_sq_norms(param_views).to(device),
                                per_tensor_sq_norms(update_views).to(device)])
         # The same dtype on every rank (a rank may hold no segment): fp64 masters only with fp64.
