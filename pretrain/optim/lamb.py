@@ -55,6 +55,8 @@ class LambKernels:
     name: str
     update: Callable[..., list[Tensor]]
     apply: Callable[..., None]
+    fuses_norms: bool = False
+    """``update`` accepts ``sq_norms_out`` (float32 ``[2, n]``: sums of squares of params, updates)."""
 
 
 REFERENCE = LambKernels("reference", lamb_reference.lamb_update_reference, lamb_reference.lamb_apply_reference)
@@ -85,7 +87,7 @@ def resolve_lamb_kernels(impl: str, device: torch.device) -> LambKernels:
     if not fused.available():
         _log_fallback_once(f"{FUSED_MODULE}.available() is false")
         return REFERENCE
-    return LambKernels("fused", fused.lamb_update, fused.lamb_apply)
+    return LambKernels("fused", fused.lamb_update, fused.lamb_apply, fuses_norms=True)
 
 
 class Lamb(torch.optim.Optimizer):
@@ -237,16 +239,25 @@ class Lamb(torch.optim.Optimizer):
         if layout is not None:
             params, grads, exp_avgs, exp_avg_sqs = (layout.views(t[0]) for t in (params, grads, exp_avgs, exp_avg_sqs))
         beta1, beta2 = group["betas"]
-        updates = kernels.update(params, grads, exp_avgs, exp_avg_sqs, beta1=beta1, beta2=beta2, eps=group["eps"],
-                                 weight_decays=[group["weight_decay"]] * len(params), step=step,
-                                 bias_correction=group["bias_correction"], grad_scale=grad_scale)
+        options = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decays=[group["weight_decay"]] * len(params),
+                       step=step, bias_correction=group["bias_correction"], grad_scale=grad_scale)
+        if kernels.fuses_norms:
+            sq_norms = torch.empty(2, len(params), dtype=torch.float32, device=layout_device(params, layout))
+            updates = kernels.update(params, grads, exp_avgs, exp_avg_sqs, sq_norms_out=sq_norms, **options)
+        else:
+            updates = kernels.update(params, grads, exp_avgs, exp_avg_sqs, **options)
+            sq_norms = torch.stack([lamb_reference.per_tensor_sq_norms(params),
+                                    lamb_reference.per_tensor_sq_norms(updates)])
         if layout is not None:
-            param_norms, update_norms = layout.whole_tensor_norms(params, updates)  # collective
+            param_norms, update_norms = layout.whole_tensor_norms(sq_norms)  # a collective
         elif params:
-            param_norms = lamb_reference.per_tensor_sq_norms(params).to(params[0].device).sqrt_()
-            update_norms = lamb_reference.per_tensor_sq_norms(updates).to(params[0].device).sqrt_()
+            param_norms, update_norms = sq_norms.to(params[0].device).sqrt().unbind(0)
         else:
             return
         kernels.apply(params, updates, lr=group["lr"], param_norms=param_norms, update_norms=update_norms,
                       adapt=[adapt] * len(params), min_trust_ratio=self.min_trust_ratio,
                       max_trust_ratio=self.max_trust_ratio)
+
+
+def layout_device(params: list[Tensor], layout: Optional[PartitionLayout]) -> torch.device:
+    return layout.flat.device if layout is not None else params[0].device

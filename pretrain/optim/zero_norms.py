@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pretrain.ops.lamb import per_tensor_sq_norms
 
 logger = logging.getLogger(__name__)
 
@@ -76,19 +75,19 @@ class PartitionLayout:
                                        device=self.flat.device)
         return self._index
 
-    def whole_tensor_norms(self, param_views: Sequence[Tensor], update_views: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    def whole_tensor_norms(self, segment_sq_norms: Tensor) -> tuple[Tensor, Tensor]:
         """Norms of the whole tensors each segment belongs to: (param norms, update norms) per segment.
 
-        A collective over ``process_group``: every rank of it must call this for the same layout.
+        ``segment_sq_norms``: ``[2, len(segments)]`` sums of squares of the parameter and update
+        segments on this rank.  A collective over ``process_group``: every rank of it must call
+        this for the same layout (a rank holding no segment passes a ``[2, 0]`` tensor).
         """
         device = self.flat.device
         index = self._segment_tensor_index()
-        partial = torch.stack([per_tensor_sq_norms(param_views).to(device),
-                               per_tensor_sq_norms(update_views).to(device)])
         # The same dtype on every rank (a rank may hold no segment): fp64 masters only with fp64.
         dtype = torch.float64 if self.flat.dtype == torch.float64 else torch.float32
         totals = torch.zeros(2, self.num_tensors, dtype=dtype, device=device)
-        totals.index_add_(1, index, partial.to(dtype))
+        totals.index_add_(1, index, segment_sq_norms.to(device, dtype))
         if self.world_size > 1:
             _all_reduce_sum(totals, self.process_group)
         norms = totals.sqrt_()[:, index]

@@ -224,7 +224,8 @@ def test_layout_gives_whole_tensor_norms_and_matches_per_tensor_lamb():
     torch.testing.assert_close(flat[:12].reshape(3, 4), whole[0], rtol=1e-6, atol=0)
     torch.testing.assert_close(flat[14:21], whole[1], rtol=1e-6, atol=0)
     assert flat[12:14].eq(0).all() and flat[21:].eq(0).all()  # padding untouched
-    param_norms, _ = layout.whole_tensor_norms(layout.views(flat), layout.views(flat))
+    segment_sq = per_tensor_sq_norms(layout.views(flat))
+    param_norms, _ = layout.whole_tensor_norms(torch.stack([segment_sq, segment_sq]))
     torch.testing.assert_close(param_norms, torch.stack([whole[0].norm(), whole[1].norm()]), rtol=1e-6, atol=0)
 
 
@@ -326,6 +327,31 @@ def test_fused_falls_back_to_reference_with_one_message(monkeypatch, caplog, mod
         for _ in range(3):
             assert resolve_lamb_kernels("fused", torch.device(device)).name == "reference"
     assert len([r for r in caplog.records if "fused kernel not used" in r.message]) == 1
+
+
+def test_kernels_that_fuse_the_norms_are_used_for_them():
+    """A kernel filling ``sq_norms_out`` (as pretrain.ops.lamb_fused does) replaces the norm pass."""
+    from pretrain.ops.lamb import lamb_apply_reference, lamb_update_reference
+    calls = []
+
+    def update_with_norms(params, grads, exp_avgs, exp_avg_sqs, *, sq_norms_out, **options):
+        updates = lamb_update_reference(params, grads, exp_avgs, exp_avg_sqs, **options)
+        sq_norms_out.copy_(torch.stack([per_tensor_sq_norms(params), per_tensor_sq_norms(updates)]))
+        calls.append(len(params))
+        return updates
+
+    models = [_tiny_model(torch.float32) for _ in range(2)]
+    opts = [build_optimizer(m, OptimizerConfig(), deepspeed=False) for m in models]
+    opts[1]._kernels = lamb_module.LambKernels("fake-fused", update_with_norms, lamb_apply_reference,
+                                               fuses_norms=True)
+    for x, y in _batches(2, torch.float32):
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            _loss(model, x, y).backward()
+            opt.step()
+    assert calls == [2, 4, 2, 4]  # decay group (2 matrices), no-decay group (4 vectors), twice
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert torch.equal(p, q)
 
 
 def test_per_tensor_sq_norms():
