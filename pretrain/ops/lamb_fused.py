@@ -107,10 +107,10 @@ def _scalar_arg(x: Scalar, device: torch.device) -> Tuple[Optional[Tensor], floa
 
 
 def _common_unsupported(tensors: Sequence[Tensor], device: torch.device) -> Optional[str]:
-    if not available():
+    if not _ext.use_kernel("auto", "lamb", device.type == "cuda", None):
+        if device.type != "cuda":
+            return f"tensors on {device.type}, the kernel needs CUDA"
         return f"CUDA kernels unavailable: {_ext.extension_status()}"
-    if device.type != "cuda":
-        return f"tensors on {device.type}, the kernel needs CUDA"
     for t in tensors:
         if t.device != device:
             return "tensors on more than one device"
