@@ -233,7 +233,8 @@ class Lamb(torch.optim.Optimizer):
               grad_scale: Tensor | float, layout: Optional[PartitionLayout]) -> None:
         """Both LAMB phases for tensors of one group at one step count.  With a layout, ``params``
         is the flat partition and the tensor lists are its segments, normed across ranks."""
-        kernels = self._kernels_for(params[0].device)
+        device = params[0].device
+        kernels = self._kernels_for(device)
         exp_avgs = [self.state[p]["exp_avg"] for p in params]
         exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
         if layout is not None:
@@ -242,7 +243,7 @@ class Lamb(torch.optim.Optimizer):
         options = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decays=[group["weight_decay"]] * len(params),
                        step=step, bias_correction=group["bias_correction"], grad_scale=grad_scale)
         if kernels.fuses_norms:
-            sq_norms = torch.empty(2, len(params), dtype=torch.float32, device=layout_device(params, layout))
+            sq_norms = torch.empty(2, len(params), dtype=torch.float32, device=device)
             updates = kernels.update(params, grads, exp_avgs, exp_avg_sqs, sq_norms_out=sq_norms, **options)
         else:
             updates = kernels.update(params, grads, exp_avgs, exp_avg_sqs, **options)
@@ -251,13 +252,9 @@ class Lamb(torch.optim.Optimizer):
         if layout is not None:
             param_norms, update_norms = layout.whole_tensor_norms(sq_norms)  # a collective
         elif params:
-            param_norms, update_norms = sq_norms.to(params[0].device).sqrt().unbind(0)
+            param_norms, update_norms = sq_norms.to(device).sqrt().unbind(0)
         else:
             return
         kernels.apply(params, updates, lr=group["lr"], param_norms=param_norms, update_norms=update_norms,
                       adapt=[adapt] * len(params), min_trust_ratio=self.min_trust_ratio,
                       max_trust_ratio=self.max_trust_ratio)
-
-
-def layout_device(params: list[Tensor], layout: Optional[PartitionLayout]) -> torch.device:
-    return layout.flat.device if layout is not None else params[0].device

@@ -14,7 +14,6 @@ tolerance.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
