@@ -153,7 +153,10 @@ def save(engine, root: str, state: TrainerState, *, cfg: Config, scheduler, prin
             if stale.startswith(".tmp-"):
                 shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     _barrier()
-    engine.save_checkpoint(root, tag=tmp_tag, save_latest=False)
+    # universal_checkpoint_info lets DeepSpeed's ds_to_universal re-partition the optimizer state
+    # when a run resumes with another world size (see load()).
+    engine.save_checkpoint(root, tag=tmp_tag, save_latest=False,
+                           client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
     # Every rank writes its own RNG state: dropout masks differ per rank.
     torch.save({"trainer": state.__dict__, "rng": rng_state(), "scheduler": scheduler.state_dict()},
                os.path.join(tmp_dir, f"rank{rank:05d}_{TRAINER_STATE}"))
@@ -174,19 +177,59 @@ def save(engine, root: str, state: TrainerState, *, cfg: Config, scheduler, prin
     return final_dir
 
 
+def saved_world_size(root: str) -> Optional[int]:
+    """World size of the run that wrote ``root/latest`` (None when there is no checkpoint)."""
+    tag = latest_tag(root)
+    if tag is None:
+        return None
+    saved = torch.load(os.path.join(root, tag, f"rank{0:05d}_{TRAINER_STATE}"), weights_only=False)
+    return int(saved["trainer"]["world_size"])
+
+
+def _to_universal(root: str, tag: str, rank: int) -> str:
+    """Convert a checkpoint to DeepSpeed's universal format (re-partitionable for any world size)
+    on rank 0; return the tag to load it by.  The engine must be built with load_universal."""
+    import subprocess
+    import sys
+
+    universal_tag = f".universal-{tag}"
+    target = os.path.join(root, universal_tag)
+    if rank == 0 and not os.path.isdir(target):
+        tmp = target + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               os.path.join(root, tag), "--output_folder", tmp, "--num_extract_workers", "1",
+                               "--num_merge_workers", "1"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CheckpointError(f"converting {os.path.join(root, tag)} to DeepSpeed's universal format for a "
+                                  f"new world size failed:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, target)
+    _barrier()
+    return universal_tag
+
+
 def load(engine, root: str, *, rank: int, scheduler, current_prints: dict, allow_mismatch: bool,
-         load_optimizer: bool = True) -> tuple[Optional[TrainerState], list[str]]:
-    """Resume from ``root/latest`` if there is one.  Returns (state or None, fingerprint diffs)."""
+         load_optimizer: bool = True, universal: bool = False) -> tuple[Optional[TrainerState], list[str]]:
+    """Resume from ``root/latest`` if there is one.  Returns (state or None, fingerprint diffs).
+
+    ``universal``: the checkpoint was written with another world size; it is converted to
+    DeepSpeed's universal format first (the engine was built with ``load_universal``).
+    """
     tag = latest_tag(root)
     if tag is None:
         return None, []
     ckpt_dir = os.path.join(root, tag)
     with open(os.path.join(ckpt_dir, FINGERPRINTS), encoding="utf-8") as f:
         diffs = check_fingerprints(json.load(f), current_prints, ckpt_dir, allow_mismatch)
-    load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=load_optimizer,
+    load_tag = _to_universal(root, tag, rank) if universal else tag
+    load_path, _ = engine.load_checkpoint(root, tag=load_tag, load_optimizer_states=load_optimizer,
                                           load_lr_scheduler_states=False)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt_dir}")
+    if universal:
+        _barrier()
+        if rank == 0:
+            shutil.rmtree(os.path.join(root, load_tag), ignore_errors=True)
     own = os.path.join(ckpt_dir, f"rank{rank:05d}_{TRAINER_STATE}")
     fallback = os.path.join(ckpt_dir, f"rank{0:05d}_{TRAINER_STATE}")
     saved = torch.load(own if os.path.exists(own) else fallback, weights_only=False)
@@ -194,3 +237,15 @@ def load(engine, root: str, *, rank: int, scheduler, current_prints: dict, allow
     if os.path.exists(own):
         set_rng_state(saved["rng"])
     return TrainerState(**saved["trainer"]), diffs
+
+
+def load_optimizer_from(engine, init_from: str) -> str:
+    """Phase 2: load another run's optimizer state (not its step, data position or schedule)."""
+    from pretrain.weights import resolve_checkpoint_dir
+
+    ckpt_dir = os.path.abspath(resolve_checkpoint_dir(init_from))
+    load_path, _ = engine.load_checkpoint(os.path.dirname(ckpt_dir), tag=os.path.basename(ckpt_dir),
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load the optimizer state of {ckpt_dir}")
+    return ckpt_dir

@@ -15,22 +15,24 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import Config
+from pretrain.optim import deepspeed_config_entries
 
 log = logging.getLogger(__name__)
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """DeepSpeed's config, derived from ours (the single source of truth)."""
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
+    """DeepSpeed's config, derived from ours (the single source of truth).
+
+    ``load_universal``: the checkpoint to resume from was written with another world size and is
+    loaded through DeepSpeed's universal (re-partitionable) format."""
     t, z = cfg.training, cfg.zero
     accum = cfg.grad_accum_steps(world_size)
     ds = {
         "train_batch_size": t.micro_batch_size * accum * world_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.optimizer.max_grad_norm,
         "steps_per_print": 10**9,           # we log ourselves
         "wall_clock_breakdown": False,
-        "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0,
                  "initial_scale_power": t.initial_loss_scale_power,
@@ -43,12 +45,15 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
             "allgather_bucket_size": z.reduce_bucket_size,
         },
     }
+    ds.update(deepspeed_config_entries(cfg.optimizer))   # gradient clipping, client-optimizer permission
     if z.offload_optimizer == "cpu":
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if z.offload_params == "cpu":
         ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
     if z.stage == 3:
         ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     return ds
 
 
@@ -68,12 +73,13 @@ def init_distributed(backend: str, timeout_s: int) -> None:
                                verbose=False)
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int):
+def build_engine(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int,
+                 load_universal: bool = False):
     """deepspeed.initialize with our client optimizer; returns the engine."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, world_size))
+                                           config=deepspeed_config(cfg, world_size, load_universal))
     return engine
 
 

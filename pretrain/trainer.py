@@ -74,7 +74,7 @@ class Run:
     accum: int
 
 
-def build_run(cfg: Config, dist_env: DistEnv) -> Run:
+def build_run(cfg: Config, dist_env: DistEnv, load_universal: bool = False) -> Run:
     from pretrain.model import build_model
     from pretrain.optim import attach_zero_layout, build_optimizer, build_scheduler
     from pretrain.weights import load_weights
@@ -90,7 +90,7 @@ def build_run(cfg: Config, dist_env: DistEnv) -> Run:
     optimizer = build_optimizer(model, cfg.optimizer, cfg.kernels.lamb)
     guard = SkippableStep(optimizer)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.training.max_steps)
-    engine = build_engine(cfg, model, optimizer, dist_env.world_size)
+    engine = build_engine(cfg, model, optimizer, dist_env.world_size, load_universal)
     attach_zero_layout(engine, optimizer)
     seed_everything(cfg.training.seed, dist_env.rank)  # per-rank dropout streams
     return Run(cfg, dist_env, device, engine, optimizer, guard, scheduler, model,
@@ -125,19 +125,22 @@ def train(cfg: Config, dist_env: DistEnv, *, stop_after_step: Optional[int] = No
     ``fault`` names a fault to inject for tests: ``kill-during-save@STEP`` ends the process
     abruptly in the middle of the checkpoint save of that step.
     """
-    run = build_run(cfg, dist_env)
-    rank = dist_env.rank
     run_dir = cfg.logging.run_dir
     ckpt_root = os.path.join(run_dir, cfg.checkpoint.dir)
+    resuming = cfg.checkpoint.resume == "auto" and ckpt.latest_tag(ckpt_root) is not None
+    new_world = resuming and ckpt.saved_world_size(ckpt_root) != dist_env.world_size
+    run = build_run(cfg, dist_env, load_universal=new_world)
+    rank = dist_env.rank
     train_split = open_split(cfg.data, "train", cfg.training, cfg.model.vocab_size)
     prints = ckpt.fingerprints(cfg, train_split.fingerprint, train_split.tokenizer_hash)
     extra = {"tokenizer_dir": train_split.tokenizer_dir, "fingerprints": prints}
 
     state = ckpt.TrainerState(step=0, samples_consumed=0, world_size=dist_env.world_size)
     logger_messages = []
-    if cfg.checkpoint.resume == "auto":
+    if resuming:
         loaded, diffs = ckpt.load(run.engine, ckpt_root, rank=rank, scheduler=run.scheduler,
-                                  current_prints=prints, allow_mismatch=cfg.checkpoint.allow_fingerprint_mismatch)
+                                  current_prints=prints, allow_mismatch=cfg.checkpoint.allow_fingerprint_mismatch,
+                                  universal=new_world)
         if loaded is not None:
             logger_messages.append(f"resumed from {ckpt.latest_tag(ckpt_root)} at step {loaded.step}, "
                                    f"sample {loaded.samples_consumed}")
@@ -145,11 +148,19 @@ def train(cfg: Config, dist_env: DistEnv, *, stop_after_step: Optional[int] = No
                 logger_messages.append(
                     f"world size changed {loaded.world_size} -> {dist_env.world_size}: the global sample order "
                     f"does not depend on the world size, so training continues at global sample "
-                    f"{loaded.samples_consumed} with the same batches; new ranks without a saved RNG state "
-                    f"start fresh dropout streams")
+                    f"{loaded.samples_consumed} with the same batches; the optimizer state was re-partitioned "
+                    f"through DeepSpeed's universal checkpoint format; ranks without a saved RNG state start "
+                    f"fresh dropout streams")
             logger_messages += [f"fingerprint mismatch allowed: {d}" for d in diffs]
             state = loaded
 
+    if state.step == 0 and cfg.checkpoint.init_from:
+        source = cfg.checkpoint.init_from
+        if cfg.checkpoint.init_optimizer:
+            source = ckpt.load_optimizer_from(run.engine, cfg.checkpoint.init_from)
+        logger_messages.append(f"initialized from {source}: weights"
+                               + (" and optimizer state" if cfg.checkpoint.init_optimizer else "")
+                               + "; step, data position and schedule start afresh")
     logger = MetricsLogger(run_dir, rank=rank, max_steps=cfg.training.max_steps, start_step=state.step,
                            tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
     for message in logger_messages:

@@ -41,7 +41,7 @@ def test_two_ranks_each_zero_stage_reduce_the_loss(dynamic_data, tmp_path, stage
     losses = [r["train/mlm_loss"] for r in run.metrics()]
     assert len(losses) == 16
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-    assert last < first - 0.3, f"ZeRO-{stage}: MLM loss did not go down: {losses}"
+    assert last < first - 0.15, f"ZeRO-{stage}: MLM loss did not go down: {losses}"
     assert (run.run_dir / "checkpoints" / "latest").read_text().strip() == "step-000016"
 
 
@@ -70,15 +70,23 @@ def test_exact_resume_static_masking_zero1(static_data, tmp_path):
     _resume_matches(static_data, tmp_path, ["zero.stage=1"])
 
 
-def test_resume_with_another_world_size_says_what_it_did(dynamic_data, tmp_path):
-    overrides = TINY + data_overrides(dynamic_data) + ["training.max_steps=6", "zero.stage=1"]
+def test_resume_with_another_world_size_continues_the_same_trajectory(dynamic_data, tmp_path):
+    """2 ranks -> 1 rank (ZeRO-2 optimizer partitions re-split through DeepSpeed's universal format).
+    Dropout off, so the only difference from a straight 2-rank run is the summation order."""
+    overrides = TINY + data_overrides(dynamic_data) + ["training.max_steps=6", "zero.stage=2",
+                                                       "model.hidden_dropout=0", "model.attention_dropout=0"]
+    straight = launch(tmp_path / "straight", overrides)
+    assert straight.codes == [0, 0], straight.explain()
     first = launch(tmp_path / "run", overrides, extra_args=["--stop-after-step", "3"])
     assert first.codes == [75, 75], first.explain()
     second = launch(tmp_path / "run", overrides, nproc=1)
     assert second.codes == [0], second.explain()
     assert "world size changed 2 -> 1" in second.logs[0]
     assert "continues at global sample 48" in second.logs[0]
-    assert sorted(second.losses()) == [1, 2, 3, 4, 5, 6]
+    resumed = second.losses()
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(straight.losses()[step], rel=1e-5), step
 
 
 def test_signal_checkpoints_exits_75_and_resume_finishes(dynamic_data, tmp_path):
@@ -154,3 +162,18 @@ def test_golden_losses(dynamic_data, tmp_path):
         GOLDEN.write_text(json.dumps({"losses": losses}, indent=1) + "\n")
     expected = json.loads(GOLDEN.read_text())["losses"]
     assert losses == pytest.approx(expected, rel=1e-5, abs=0)
+
+
+def test_phase2_starts_from_phase1_weights_and_optimizer_state(dynamic_data, tmp_path):
+    base = TINY + data_overrides(dynamic_data) + ["zero.stage=1", "optimizer.lr=0.02", "schedule.warmup_steps=1"]
+    phase1 = launch(tmp_path / "p1", base + ["training.max_steps=12"], nproc=1)
+    assert phase1.codes == [0], phase1.explain()
+    phase2 = launch(tmp_path / "p2", base + ["training.max_steps=3", "training.global_batch_size=32",
+                                             f"checkpoint.init_from={tmp_path / 'p1' / 'checkpoints'}",
+                                             "checkpoint.init_optimizer=true"], nproc=1)
+    assert phase2.codes == [0], phase2.explain()
+    assert "weights and optimizer state; step, data position and schedule start afresh" in phase2.logs[0]
+    fresh_first = launch(tmp_path / "fresh", base + ["training.max_steps=3"], nproc=1).metrics()[0]
+    p2_first = phase2.metrics()[0]
+    assert p2_first["train/mlm_loss"] < fresh_first["train/mlm_loss"] - 0.3
+    assert sorted(phase2.losses()) == [1, 2, 3]
