@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.encode import encode_documents
-from data_prep.instances import create_instances, instance_rng, materialize
-from data_prep.masking import MaskingConfig, continuation_table, mask_tokens
+from data_prep.instances import create_instances, fill_row, instance_rng
+from data_prep.masking import MaskingConfig, continuation_table, mask_batch
 from data_prep.shards import SPLIT_CODES, ShardWriter, npy_bytes, sample_key, shard_name
 
 # Independent random streams of a unit (the second entry of every seed list).
@@ -48,7 +48,7 @@ class ShardSettings:
 
     def fields(self) -> list[str]:
         """Member extensions of every sample, in the order they are written."""
-        out = ["input_ids.npy", "token_type_ids.npy"]
+        out = ["input_ids.npy"]
         if self.masking == "dynamic" and self.whole_word_mask:
             out.append("word_starts.npy")
         if self.masking == "static":
@@ -113,36 +113,48 @@ def build_shard(unit: WorkUnit, settings: ShardSettings) -> dict:
     return counts
 
 
+BATCH_ROWS = 4096  # samples materialized (and statically masked) at a time
+
+
 def _write_samples(unit: WorkUnit, settings: ShardSettings, encoded, instances) -> dict:
     dtype = np.dtype(settings.token_dtype)
     static = settings.masking == "static"
-    keep_starts = settings.masking == "dynamic" and settings.whole_word_mask
-    want_starts = settings.whole_word_mask
+    wwm = settings.whole_word_mask
     masking = settings.masking_config() if static else None
     mask_rng = np.random.default_rng([settings.seed, STREAM_STATIC_MASK, SPLIT_CODES[unit.split], unit.index])
+    label_key = settings.label_key
+    pad_id = settings.special_ids[0]
     tokens = masked = label_ones = 0
     writer = ShardWriter(Path(settings.out_dir) / shard_name(unit.split, unit.index))
     try:
-        for position, inst in enumerate(instances):
-            ids, types, starts = materialize(inst, encoded.tokens, settings.cls_id, settings.sep_id,
-                                             encoded.word_starts if want_starts else None)
-            fields = {}
-            if static:
-                result = mask_tokens(ids, mask_rng, masking, starts)
-                ids = result.input_ids
-                masked += len(result.masked_lm_positions)
-            fields["input_ids.npy"] = npy_bytes(ids.astype(dtype))
-            fields["token_type_ids.npy"] = npy_bytes(types)
-            if keep_starts:
-                fields["word_starts.npy"] = npy_bytes(starts)
-            if static:
-                fields["masked_lm_positions.npy"] = npy_bytes(result.masked_lm_positions.astype(np.uint16))
-                fields["masked_lm_ids.npy"] = npy_bytes(result.masked_lm_ids.astype(dtype))
-            if settings.label_key:
-                fields[f"{settings.label_key}.cls"] = b"%d" % inst.label
-                label_ones += inst.label
-            writer.add(sample_key(unit.split, unit.index, position), fields)
-            tokens += len(ids)
+        for lo in range(0, len(instances), BATCH_ROWS):
+            batch = instances[lo: lo + BATCH_ROWS]
+            ids = np.full((len(batch), settings.seq_len), pad_id, dtype=np.int32)
+            starts = np.zeros(ids.shape, dtype=np.uint8) if wwm else None
+            lengths = [fill_row(inst, encoded.tokens, settings.cls_id, settings.sep_id, ids[r],
+                                encoded.word_starts, starts[r] if wwm else None) for r, inst in enumerate(batch)]
+            if static:  # one vectorized call per batch (the loader masks one sample at a time)
+                result = mask_batch(ids, mask_rng, masking, starts)
+                shown = result.input_ids.astype(dtype)
+                rows, cols = np.nonzero(result.chosen)
+                per_row = np.cumsum(np.bincount(rows, minlength=len(batch)))[:-1]
+                positions = np.split(cols.astype(np.uint16), per_row)
+                labels = np.split(ids[rows, cols].astype(dtype), per_row)
+                masked += len(rows)
+            else:
+                shown = ids.astype(dtype)
+            for r, (inst, length) in enumerate(zip(batch, lengths)):
+                fields = {"input_ids.npy": npy_bytes(shown[r, :length])}
+                if wwm and not static:
+                    fields["word_starts.npy"] = npy_bytes(starts[r, :length])
+                if static:
+                    fields["masked_lm_positions.npy"] = npy_bytes(positions[r])
+                    fields["masked_lm_ids.npy"] = npy_bytes(labels[r])
+                if label_key:
+                    fields[f"{label_key}.cls"] = b"%d" % inst.label
+                    label_ones += inst.label
+                writer.add(sample_key(unit.split, unit.index, lo + r), fields)
+                tokens += length
         record = writer.commit()
     except BaseException:
         writer.abort()

@@ -169,23 +169,44 @@ def create_instances(unit: EncodedUnit, objective: str, seq_len: int, short_seq_
     return out
 
 
+def fill_row(inst: Instance, tokens: np.ndarray, cls_id: int, sep_id: int, row: np.ndarray,
+             word_starts: np.ndarray | None = None, starts_row: np.ndarray | None = None) -> int:
+    """Write ``[CLS] A [SEP] B [SEP]`` (or ``[CLS] r1 [SEP] r2 [SEP] ...``) into ``row``; returns its length.
+
+    ``starts_row`` gets the whole-word flags (1 on special tokens) when ``word_starts`` is given.
+    """
+    pieces = inst.a + ((inst.b,) if inst.b is not None else ())
+    row[0] = cls_id
+    if starts_row is not None:
+        starts_row[0] = 1
+    pos = 1
+    for s, e in pieces:
+        row[pos: pos + e - s] = tokens[s:e]
+        if starts_row is not None:
+            starts_row[pos: pos + e - s] = word_starts[s:e]
+            starts_row[pos + e - s] = 1
+        pos += e - s
+        row[pos] = sep_id
+        pos += 1
+    return pos
+
+
+def token_type_ids(input_ids: np.ndarray, sep_id: int, pair: bool) -> np.ndarray:
+    """Segment ids of a stored sample: 0 up to and including the first [SEP], then 1 (pairs only)."""
+    types = np.zeros(len(input_ids), dtype=np.uint8)
+    if pair:
+        first_sep = int(np.argmax(np.asarray(input_ids) == sep_id))
+        types[first_sep + 1:] = 1
+    return types
+
+
 def materialize(inst: Instance, tokens: np.ndarray, cls_id: int, sep_id: int,
                 word_starts: np.ndarray | None = None):
     """(input_ids int32, token_type_ids uint8, word_starts uint8 or None) of one instance."""
-    pieces = list(inst.a) + ([inst.b] if inst.b is not None else [])
-    length = 1 + sum(e - s for s, e in pieces) + len(pieces)
+    length = 1 + sum(e - s for s, e in inst.a) + len(inst.a)
+    if inst.b is not None:
+        length += inst.b[1] - inst.b[0] + 1
     ids = np.empty(length, dtype=np.int32)
-    types = np.zeros(length, dtype=np.uint8)
-    starts = np.ones(length, dtype=np.uint8) if word_starts is not None else None
-    ids[0] = cls_id
-    pos = 1
-    for k, (s, e) in enumerate(pieces):
-        ids[pos: pos + e - s] = tokens[s:e]
-        if starts is not None:
-            starts[pos: pos + e - s] = word_starts[s:e]
-        if inst.b is not None and k == len(pieces) - 1:
-            types[pos: pos + e - s + 1] = 1  # segment B and its [SEP]
-        pos += e - s
-        ids[pos] = sep_id
-        pos += 1
-    return ids, types, starts
+    starts = np.empty(length, dtype=np.uint8) if word_starts is not None else None
+    fill_row(inst, tokens, cls_id, sep_id, ids, word_starts, starts)
+    return ids, token_type_ids(ids, sep_id, inst.b is not None), starts

@@ -2,7 +2,8 @@
 
 ``example_from_sample`` takes one sample as read from a shard (member extension -> decoded value,
 e.g. ``{"input_ids.npy": array, "nsp_label.cls": "1"}``; plain field names work too) and returns
-unpadded numpy arrays: ``input_ids`` (masked), ``token_type_ids``, ``masked_lm_positions``,
+unpadded numpy arrays: ``input_ids`` (masked), ``token_type_ids`` (uint8: 0 through the first [SEP],
+then 1, for pairs; all 0 for full-sentences), ``masked_lm_positions``,
 ``masked_lm_labels`` and, for nsp/sop shards, ``sentence_label``.  Static shards carry their masks;
 dynamic ones are masked here with ``data_prep.masking.mask_sample`` seeded by (seed, epoch, index).
 """
@@ -12,6 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from data_prep.instances import token_type_ids
 from data_prep.masking import MaskingConfig, mask_sample
 
 SENTENCE_LABEL_FIELDS = ("nsp_label", "sop_label")
@@ -39,7 +41,9 @@ def example_from_sample(sample: dict, split, *, seed: int, epoch: int, index: in
     get = split.get if isinstance(split, dict) else (lambda k: getattr(split, k))
     special = get("special") if not isinstance(split, dict) else split["special_ids"]
     ids = np.asarray(_field(sample, "input_ids", "npy"))
-    example = {"token_type_ids": np.asarray(_field(sample, "token_type_ids", "npy"))}
+    label = next((_field(sample, name, "cls") for name in SENTENCE_LABEL_FIELDS
+                  if _field(sample, name, "cls") is not None), None)
+    example = {"token_type_ids": token_type_ids(ids, int(special["sep"]), pair=label is not None)}
     if get("dynamic"):
         config = masking_config(int(get("vocab_size")), int(special["mask"]),
                                 tuple(sorted(int(v) for v in special.values())),
@@ -52,8 +56,6 @@ def example_from_sample(sample: dict, split, *, seed: int, epoch: int, index: in
         example.update(input_ids=ids,
                        masked_lm_positions=np.asarray(_field(sample, "masked_lm_positions", "npy"), dtype=np.int64),
                        masked_lm_labels=np.asarray(_field(sample, "masked_lm_ids", "npy"), dtype=np.int64))
-    for name in SENTENCE_LABEL_FIELDS:
-        label = _field(sample, name, "cls")
-        if label is not None:
-            example["sentence_label"] = int(label)
+    if label is not None:
+        example["sentence_label"] = int(label)
     return example

@@ -106,39 +106,74 @@ def _choose_words(sizes: np.ndarray, budget: int, rng: np.random.Generator) -> n
     return np.concatenate(chosen) if chosen else order[:0]
 
 
-def mask_tokens(input_ids: np.ndarray, rng: np.random.Generator, config: MaskingConfig,
-                word_starts: np.ndarray | None = None) -> MaskedSample:
-    """Mask one sample (1-D ids, unpadded or padded: [PAD] is special).  Pure given ``rng``'s state.
+class MaskedBatch(NamedTuple):
+    input_ids: np.ndarray  # (N, L) copy of the input with the chosen positions replaced
+    chosen: np.ndarray  # (N, L) bool: the positions to predict
 
-    ``word_starts``: optional bool/uint8 array like ``input_ids`` for whole-word masking.
-    Draws, in order: a permutation of the words, one uniform per chosen token (mask / random /
-    keep), then the random replacement ids.
+
+def budgets(num_maskable: np.ndarray, config: MaskingConfig) -> np.ndarray:
+    """``num_to_predict`` of every row at once."""
+    n = np.asarray(num_maskable, dtype=np.int64)
+    wanted = np.floor(n * config.masked_lm_prob + 0.5).astype(np.int64)
+    return np.where(n > 0, np.minimum(np.minimum(config.max_predictions, np.maximum(1, wanted)), n), 0)
+
+
+def mask_batch(input_ids: np.ndarray, rng: np.random.Generator, config: MaskingConfig,
+               word_starts: np.ndarray | None = None) -> MaskedBatch:
+    """Mask every row of a (N, L) id array (rows padded with [PAD], which is special).
+
+    The one masking routine: ``mask_tokens`` is this with N = 1.  Draws, in order: the choice
+    (one uniform key per token, the ``budget`` smallest keys among maskable tokens win; with
+    ``word_starts``, one word permutation per row instead), then one uniform per chosen token in
+    row-major order (below 0.8 [MASK], below 0.9 a random token, else kept), then the random ids.
     """
     ids = np.asarray(input_ids)
-    candidates = np.flatnonzero(config.is_maskable[ids])
-    budget = num_to_predict(candidates.size, config)
-    if budget == 0:
-        return MaskedSample(ids.copy(), np.zeros(0, np.int64), ids[:0].copy())
-    if word_starts is None:  # every token is a word: the first ``budget`` of a random order
-        positions = np.sort(candidates[rng.permutation(candidates.size)[:budget]])
+    if ids.ndim != 2:
+        raise ValueError(f"mask_batch takes a 2-D (rows, length) array, got shape {ids.shape}")
+    maskable = config.is_maskable[ids]
+    budget = budgets(maskable.sum(axis=1), config)
+    chosen = np.zeros(ids.shape, dtype=bool)
+    if word_starts is None:
+        keys = rng.random(ids.shape)
+        keys[~maskable] = 2.0  # sorts after every maskable token
+        order = np.argsort(keys, axis=1, kind="stable")
+        rows = np.repeat(np.arange(len(ids)), budget)
+        rank = np.arange(rows.size) - np.repeat(np.cumsum(budget) - budget, budget)
+        chosen[rows, order[rows, rank]] = True
     else:
-        starts = np.asarray(word_starts, dtype=bool)[candidates]
-        starts[0] = True
-        starts[1:] |= np.diff(candidates) > 1  # a token after a special token starts a word
-        word_of = np.cumsum(starts) - 1
-        sizes = np.bincount(word_of)
-        take = np.zeros(sizes.size, dtype=bool)
-        take[_choose_words(sizes, budget, rng)] = True
-        positions = candidates[take[word_of]]
-    labels = ids[positions]
+        starts_all = np.asarray(word_starts, dtype=bool)
+        for i in np.flatnonzero(budget):
+            candidates = np.flatnonzero(maskable[i])
+            starts = starts_all[i, candidates]
+            starts[0] = True
+            starts[1:] |= np.diff(candidates) > 1  # a token after a special token starts a word
+            word_of = np.cumsum(starts) - 1
+            sizes = np.bincount(word_of)
+            take = np.zeros(sizes.size, dtype=bool)
+            take[_choose_words(sizes, int(budget[i]), rng)] = True
+            chosen[i, candidates[take[word_of]]] = True
+    rows, cols = np.nonzero(chosen)
+    kind = np.searchsorted(config.thresholds, rng.random(rows.size), side="right")
     masked = ids.copy()
-    kind = np.searchsorted(config.thresholds, rng.random(positions.size), side="right")
-    masked[positions[kind == 0]] = config.mask_id
-    random_at = positions[kind == 1]
-    if random_at.size:
+    masked[rows[kind == 0], cols[kind == 0]] = config.mask_id
+    replace = kind == 1
+    if replace.any():
         pool = config.replacement_ids
-        masked[random_at] = pool[rng.integers(0, pool.size, random_at.size)]
-    return MaskedSample(masked, positions.astype(np.int64), labels)
+        masked[rows[replace], cols[replace]] = pool[rng.integers(0, pool.size, int(replace.sum()))]
+    return MaskedBatch(masked, chosen)
+
+
+def mask_tokens(input_ids: np.ndarray, rng: np.random.Generator, config: MaskingConfig,
+                word_starts: np.ndarray | None = None) -> MaskedSample:
+    """Mask one sample (1-D ids): ``mask_batch`` on a batch of one.  Pure given ``rng``'s state.
+
+    ``word_starts``: optional bool/uint8 array like ``input_ids`` for whole-word masking.
+    """
+    ids = np.asarray(input_ids)
+    starts = None if word_starts is None else np.asarray(word_starts)[None, :]
+    batch = mask_batch(ids[None, :], rng, config, starts)
+    positions = np.flatnonzero(batch.chosen[0])
+    return MaskedSample(batch.input_ids[0], positions, ids[positions])
 
 
 def mask_sample(input_ids: np.ndarray, config: MaskingConfig, *, seed: int, epoch: int, sample_index: int,

@@ -37,7 +37,7 @@ def test_objectives_and_masking_modes_read_with_stock_webdataset(small_en, token
     manifest = run_shards([small_en], tokenizer_dir, out, shards__objective=objective, shards__masking=masking,
                           shards__seq_len=64, shards__max_predictions=10)
     fmt = manifest["sample_format"]
-    expected = ["input_ids.npy", "token_type_ids.npy"]
+    expected = ["input_ids.npy"]
     expected += ["masked_lm_positions.npy", "masked_lm_ids.npy"] if masking == "static" else []
     expected += {"nsp": ["nsp_label.cls"], "sop": ["sop_label.cls"]}.get(objective, [])
     assert fmt["fields"] == expected and fmt["token_dtype"] == "uint16"
@@ -46,21 +46,30 @@ def test_objectives_and_masking_modes_read_with_stock_webdataset(small_en, token
     samples = tokens = 0
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode():
         assert sorted(k for k in sample if not k.startswith("__")) == sorted(expected)
-        ids, types = sample["input_ids.npy"], sample["token_type_ids.npy"]
-        assert ids.dtype == np.uint16 and types.dtype == np.uint8 and len(ids) == len(types) <= 64
-        assert ids[0] == CLS and ids[-1] == SEP
+        ids = sample["input_ids.npy"]
+        assert ids.dtype == np.uint16 and len(ids) <= 64 and ids[0] == CLS and ids[-1] == SEP
+        example = example_from_sample(sample, info, seed=1, epoch=0, index=samples)
+        types = example["token_type_ids"]
+        assert types.dtype == np.uint8 and len(types) == len(ids)
         if objective == "full-sentences":
-            assert not types.any()
+            assert not types.any() and "sentence_label" not in example
         else:
             first_sep = int(np.argmax(ids == SEP))
+            assert 1 < first_sep < len(ids) - 2
             assert not types[: first_sep + 1].any() and types[first_sep + 1:].all()
             assert sample[f"{objective}_label.cls"] in (0, 1)
+            assert example["sentence_label"] == sample[f"{objective}_label.cls"]
         if masking == "static":
             pos = sample["masked_lm_positions.npy"]
             assert pos.dtype == np.uint16 and sample["masked_lm_ids.npy"].dtype == np.uint16
             assert 1 <= len(pos) <= 10 and len(pos) == len(sample["masked_lm_ids.npy"])
-        example = example_from_sample(sample, info, seed=1, epoch=0, index=samples)
+            assert np.array_equal(example["masked_lm_positions"], pos)
+            assert np.all(ids[pos][ids[pos] != 4] != 0)  # never a [PAD]
+        else:
+            original = ids.astype(np.int64)
+            assert np.array_equal(original[example["masked_lm_positions"]], example["masked_lm_labels"])
         assert 1 <= len(example["masked_lm_positions"]) <= 10
+        assert not np.isin(example["masked_lm_labels"], [0, 1, 2, 3, 4]).any()
         samples += 1
         tokens += len(ids)
     assert samples == sum(s["samples"] for s in manifest["shards"]) > 0
