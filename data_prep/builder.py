@@ -75,15 +75,23 @@ class WorkUnit:
 _cache: dict = {}
 
 
+def cache_tokenizer(tokenizer_dir: str, tokenizer) -> None:
+    """Hand a loaded tokenizer to inline (workers=1) builds, so they do not read it again."""
+    _cache.clear()
+    _cache[tokenizer_dir] = [tokenizer, None]
+
+
 def _tokenizer_and_table(settings: ShardSettings):
+    """(tokenizer, is_continuation table or None), loaded once per process."""
     key = settings.tokenizer_dir
     if key not in _cache:
         from data_prep.vocab import read_tokenizer
 
-        tok = read_tokenizer(Path(key))
-        _cache.clear()
-        _cache[key] = (tok, continuation_table(tok.get_vocab()))
-    return _cache[key]
+        cache_tokenizer(key, read_tokenizer(Path(key), validate=False))  # the run's own checked copy
+    entry = _cache[key]
+    if settings.whole_word_mask and entry[1] is None:
+        entry[1] = continuation_table(entry[0].get_vocab())
+    return entry[0], entry[1]
 
 
 def init_worker() -> None:
@@ -95,7 +103,7 @@ def build_shard(unit: WorkUnit, settings: ShardSettings) -> dict:
     """Write ``<out>/<split>-<index>.tar`` for ``unit``; returns its manifest record."""
     tok, is_continuation = _tokenizer_and_table(settings)
     encoded = encode_documents(unit.texts, tok, max_segment_tokens=settings.seq_len - 3,
-                               is_continuation=is_continuation if settings.whole_word_mask else None)
+                               is_continuation=is_continuation)
     split_code = SPLIT_CODES[unit.split]
     instances = []
     for dupe in range(settings.dupe_factor):

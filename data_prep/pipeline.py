@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from data_prep import __version__
-from data_prep.builder import ShardSettings, WorkUnit, build_shard, init_worker
+from data_prep.builder import ShardSettings, WorkUnit, build_shard, cache_tokenizer, init_worker
 from data_prep.clean import CleanOptions, clean_documents
 from data_prep.config import PrepConfig
 from data_prep.errors import ErrorPolicy, PrepError
-from data_prep.fsutil import atomic_write_json, canonical_json, sha256_text
+from data_prep.fsutil import atomic_write_json, canonical_json, read_json_or_none, sha256_text
 from data_prep.readers import ReadOptions, expand_inputs, iter_documents
 from data_prep.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, SHARD_NAME, SPLITS
 from data_prep.vocab import INFO_FILE, read_tokenizer, save_tokenizer_dir, tokenizer_info
@@ -143,12 +143,12 @@ def prepare_out_dir(out_dir: Path, tokenizer, info, fingerprint: str, overwrite:
             raise PrepError(f"{out_dir}: its shards were tokenized with tokenizer {old[:12]}..., but this run's "
                             f"tokenizer is {info.sha256[:12]}... (mismatched tokenizer); {hint}")
     for f in [*out_dir.glob("manifest*.json"), *(out_dir / PROGRESS_DIR).glob("*.json")]:
-        old = json.loads(f.read_text()).get("fingerprint")
+        old = (read_json_or_none(f) or {}).get("fingerprint", fingerprint)  # a damaged record is rebuilt
         if old != fingerprint:
             raise PrepError(f"{f}: written with other shard settings or seed (fingerprint {str(old)[:12]}... vs "
                             f"{fingerprint[:12]}...); {hint}")
     if not existing_tok.is_file():
-        save_tokenizer_dir(tokenizer, out_dir / TOKENIZER_SUBDIR)
+        save_tokenizer_dir(tokenizer, out_dir / TOKENIZER_SUBDIR, info=info)
     (out_dir / PROGRESS_DIR).mkdir(exist_ok=True)
 
 
@@ -156,12 +156,9 @@ def _finished_record(out_dir: Path, unit: WorkUnit, fingerprint: str) -> dict | 
     from data_prep.shards import shard_name
 
     name = shard_name(unit.split, unit.index)
-    path = out_dir / PROGRESS_DIR / f"{name}.json"
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
+    record = read_json_or_none(out_dir / PROGRESS_DIR / f"{name}.json")
     tar = out_dir / name
-    if record.get("fingerprint") != fingerprint or record.get("unit_sha256") != unit.digest or \
+    if record is None or record.get("fingerprint") != fingerprint or record.get("unit_sha256") != unit.digest or \
             not tar.is_file() or tar.stat().st_size != record.get("bytes"):
         return None
     return record
@@ -171,15 +168,19 @@ class Progress:
     """A tqdm bar of documents read (docs/s) with tokens/s of finished shards; silent off a TTY."""
 
     def __init__(self, enabled: bool, desc: str):
-        from tqdm import tqdm
-
         self.start = time.time()
         self.tokens = 0
         self.shards = 0
-        self.bar = tqdm(desc=desc, unit=" docs", disable=not (enabled and sys.stderr.isatty()),
-                        mininterval=0.5, dynamic_ncols=True)
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm  # imported only when shown: it costs ~0.1 s of start-up
+
+            self.bar = tqdm(desc=desc, unit=" docs", mininterval=0.5, dynamic_ncols=True)
 
     def docs(self, iterable):
+        if self.bar is None:
+            yield from iterable
+            return
         for doc in iterable:
             self.bar.update(1)
             yield doc
@@ -187,22 +188,25 @@ class Progress:
     def shard_done(self, record: dict) -> None:
         self.tokens += record["tokens"]
         self.shards += 1
-        rate = self.tokens / max(1e-9, time.time() - self.start)
-        self.bar.set_postfix_str(f"{self.shards} shards, {rate:,.0f} tokens/s", refresh=False)
+        if self.bar is not None:
+            rate = self.tokens / max(1e-9, time.time() - self.start)
+            self.bar.set_postfix_str(f"{self.shards} shards, {rate:,.0f} tokens/s", refresh=False)
 
     def close(self):
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _run_units(units: Iterable[WorkUnit], settings: ShardSettings, cfg: PrepConfig, out_dir: Path,
-               fingerprint: str, progress: Progress, stats: Counter) -> list[dict]:
+               fingerprint: str, progress: Progress, stats: Counter, tokenizer) -> list[dict]:
     """Build the shards of this node's units (skipping finished ones); records of all its units."""
     records: list[dict] = []
 
     def done(record: dict) -> None:
         stats["peak_worker_rss_mb"] = max(stats["peak_worker_rss_mb"], record.pop("_peak_rss_mb", 0))
         record["fingerprint"] = fingerprint
-        atomic_write_json(out_dir / PROGRESS_DIR / f"{record['name']}.json", record)
+        # Not fsynced: the shard itself was; a record lost in a crash only means a rebuild.
+        atomic_write_json(out_dir / PROGRESS_DIR / f"{record['name']}.json", record, durable=False)
         records.append(record)
         stats["shards_built"] += 1
         progress.shard_done(record)
@@ -222,6 +226,7 @@ def _run_units(units: Iterable[WorkUnit], settings: ShardSettings, cfg: PrepConf
 
     if cfg.workers <= 1:
         init_worker()
+        cache_tokenizer(settings.tokenizer_dir, tokenizer)
         for unit in todo():
             done(build_shard(unit, settings))
         return records
@@ -269,7 +274,7 @@ def build_shards(cfg: PrepConfig, tokenizer_source, out_dir, *, overwrite: bool 
         docs = progress.docs(cleaned_documents(cfg, policy, counts))
         units = iter_work_units(docs, cfg.seed, cfg.shards.val_fraction,
                                 max(1, int(cfg.shards.text_per_shard_mb * MB)))
-        records = _run_units(units, settings, cfg, out_dir, fingerprint, progress, stats)
+        records = _run_units(units, settings, cfg, out_dir, fingerprint, progress, stats, tokenizer)
     finally:
         progress.close()
     counts.update({f"skipped_{k}": v for k, v in policy.counts.items()})

@@ -3,7 +3,7 @@
 A tokenizer directory holds ``tokenizer.json`` (HF tokenizers), ``vocab.txt`` (for the model export),
 ``tokenizer_config.json`` + ``special_tokens_map.json`` (so transformers' BertTokenizerFast loads it)
 and ``vocab_info.json`` (hash, size, case, special ids; written last: its presence marks the directory
-complete).  The tokenizer hash is the sha256 of the canonical JSON of tokenizer.json.
+complete).  The tokenizer hash is the sha256 of its serialization (see tokenizer_hash).
 
 HF's WordPiece trainer assigns ids to ``##x`` tokens in hash-map order, which makes the vocabulary
 differ between runs (huggingface/tokenizers#1794).  We pre-register every ``##x`` the corpus can
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from data_prep.errors import PrepError
-from data_prep.fsutil import atomic_write_json, atomic_write_text, canonical_json, sha256_text
+from data_prep.fsutil import atomic_write_json, atomic_write_text, sha256_text
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 INFO_FILE = "vocab_info.json"
@@ -112,10 +112,12 @@ def train_wordpiece(texts: Callable[[], Iterable[str]], vocab_size: int, lowerca
 
 
 def tokenizer_hash(tokenizer) -> str:
-    """sha256 of the canonical tokenizer.json; ``tokenizer`` is a Tokenizer or a path read_tokenizer takes."""
+    """sha256 of the tokenizer's serialization (``Tokenizer.to_str()``: compact JSON, fixed field order,
+    vocabulary by id), so the hash depends on what the tokenizer does, not on how its file is
+    formatted.  ``tokenizer`` is a Tokenizer or a path read_tokenizer takes."""
     if isinstance(tokenizer, (str, Path)):
         tokenizer = read_tokenizer(Path(tokenizer))
-    return sha256_text(canonical_json(json.loads(tokenizer.to_str())))
+    return sha256_text(tokenizer.to_str())
 
 
 def tokenizer_info(tokenizer) -> TokenizerInfo:
@@ -136,16 +138,17 @@ def _lowercase_of(spec: dict) -> bool:
                for p in parts)
 
 
-def save_tokenizer_dir(tokenizer, out_dir: Path, extra: dict | None = None) -> TokenizerInfo:
+def save_tokenizer_dir(tokenizer, out_dir: Path, extra: dict | None = None,
+                       info: TokenizerInfo | None = None) -> TokenizerInfo:
     """Write the tokenizer directory (see module doc); vocab_info.json last, atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    info = tokenizer_info(tokenizer)
+    info = info or tokenizer_info(tokenizer)
     vocab = tokenizer.get_vocab()
     by_id = sorted(vocab.items(), key=lambda kv: kv[1])
     if [i for _, i in by_id] != list(range(len(by_id))):
         raise PrepError("tokenizer ids are not contiguous 0..N-1; cannot write vocab.txt")
-    atomic_write_text(out_dir / "tokenizer.json", tokenizer.to_str(pretty=True))
+    atomic_write_text(out_dir / "tokenizer.json", tokenizer.to_str())
     atomic_write_text(out_dir / "vocab.txt", "".join(t + "\n" for t, _ in by_id))
     atomic_write_json(out_dir / "tokenizer_config.json", {
         "tokenizer_class": "BertTokenizer", "do_lower_case": info.lowercase, "tokenize_chinese_chars": True,
@@ -178,11 +181,12 @@ def _read_vocab_txt(path: Path) -> dict[str, int]:
     return vocab
 
 
-def read_tokenizer(path: Path, lowercase: bool | None = None):
+def read_tokenizer(path: Path, lowercase: bool | None = None, validate: bool = True):
     """Load a tokenizer from a directory (tokenizer.json preferred, else vocab.txt) or either file.
 
     ``lowercase`` matters only for a bare vocab.txt: None takes ``do_lower_case`` from a
-    tokenizer_config.json beside it, else True (uncased, like bert-base-uncased).
+    tokenizer_config.json beside it, else True (uncased, like bert-base-uncased).  ``validate``
+    checks a tokenizer.json's model type and special tokens (workers reading our own copy skip it).
     """
     from tokenizers import Tokenizer
 
@@ -202,10 +206,15 @@ def read_tokenizer(path: Path, lowercase: bool | None = None):
             tok = Tokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises a bare Exception on bad files
             raise PrepError(f"{path}: not a valid tokenizers JSON file ({err})") from err
-        spec = json.loads(tok.to_str())
-        if (spec.get("model") or {}).get("type") != "WordPiece":
-            raise PrepError(f"{path}: model type is {(spec.get('model') or {}).get('type')!r}; expected WordPiece")
-        tokenizer_info(tok)  # checks the special tokens
+        if not validate:
+            return tok
+        model = type(tok.model).__name__
+        if model != "WordPiece":
+            raise PrepError(f"{path}: model type is {model!r}; expected WordPiece")
+        missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+        if missing:
+            raise PrepError(f"{path}: tokenizer lacks the special tokens {missing}; "
+                            f"expected all of {list(SPECIAL_TOKENS)}")
         return tok
     if lowercase is None:
         config = path.parent / "tokenizer_config.json"
