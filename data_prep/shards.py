@@ -31,7 +31,6 @@ BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE
 SHARD_NAME = re.compile(r"^(train|val)-(\d{6,})\.tar$")
 KEY = re.compile(r"^(train|val)-(\d{6,})-(\d{6,})$")
-POSITION_BITS, SHARD_BITS = 24, 24
 
 
 def shard_name(split: str, index: int) -> str:
@@ -40,13 +39,6 @@ def shard_name(split: str, index: int) -> str:
 
 def sample_key(split: str, shard_index: int, position: int) -> str:
     return f"{split}-{shard_index:06d}-{position:06d}"
-
-
-def sample_id(split: str, shard_index: int, position: int) -> int:
-    """A stable integer naming a sample: split code, shard index and position packed in 50 bits."""
-    if position >= 1 << POSITION_BITS or shard_index >= 1 << SHARD_BITS:
-        raise ValueError(f"shard {shard_index} position {position} exceeds the sample id layout")
-    return (SPLIT_CODES[split] << (SHARD_BITS + POSITION_BITS)) | (shard_index << POSITION_BITS) | position
 
 
 def parse_key(key: str) -> tuple[str, int, int]:
