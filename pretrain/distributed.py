@@ -5,17 +5,23 @@ Read once, at the entry point, from the environment of whatever started us:
   SLURM (srun)                   SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, SLURM_JOB_NODELIST, SLURM_JOB_ID
   OpenMPI (mpirun)               OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_LOCAL_RANK, OMPI_COMM_WORLD_SIZE
   MPICH / Intel MPI (PMI)        PMI_RANK, PMI_SIZE, MPI_LOCALRANKID
+  MVAPICH2                       MV2_COMM_WORLD_RANK, MV2_COMM_WORLD_SIZE, MV2_COMM_WORLD_LOCAL_RANK
   PMIx                           PMIX_RANK (+ the launcher's size variable)
 Explicit MASTER_ADDR / MASTER_PORT always win.  Under SLURM the master is the first host of
 the job's node list and the port is derived from the job id, so every task agrees without
-talking.  Under MPI without MASTER_ADDR, rank 0's address is broadcast with mpi4py when present.
+talking.  Under MPI without MASTER_ADDR, rank 0 chooses its address (loopback when every rank
+is on its node) and a free port and broadcasts them with mpi4py when it is installed; without
+mpi4py a one-node job uses 127.0.0.1 and a port derived from the MPI job id, and a multi-node
+job needs MASTER_ADDR.
 """
 from __future__ import annotations
 
 import os
 import re
 import socket
-from dataclasses import dataclass
+import sys
+import zlib
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional
 
 DEFAULT_PORT = 29500
@@ -28,7 +34,15 @@ class DistEnv:
     world_size: int
     master_addr: str
     master_port: int
-    launcher: str  # "torchrun", "slurm", "openmpi", "pmi", "pmix" or "single"
+    launcher: str  # "torchrun", "slurm", "openmpi", "mvapich", "pmi", "pmix" or "single"
+    master_source: str = field(default="", compare=False)
+    """Where the master address came from, for the start-up log line."""
+
+    def describe(self) -> str:
+        """One line for the log: who launched us and where the ranks meet."""
+        where = f" ({self.master_source})" if self.master_source else ""
+        return (f"{self.launcher}: rank {self.rank} (local {self.local_rank}) of {self.world_size}, "
+                f"master {self.master_addr}:{self.master_port}{where}")
 
     def export(self, environ: Optional[dict] = None) -> None:
         """Write the torch.distributed variables so init_process_group(init_method='env://') works."""
@@ -66,6 +80,18 @@ def slurm_port(job_id: Optional[int]) -> int:
     return DEFAULT_PORT if job_id is None else 20000 + job_id % 20000
 
 
+# Variables that name one MPI job and are the same in all of its ranks (OpenMPI 4, PMIx/OpenMPI 5).
+MPI_JOB_ID_VARIABLES = ("OMPI_MCA_ess_base_jobid", "PMIX_NAMESPACE")
+
+
+def mpi_job_port(env: Mapping[str, str]) -> int:
+    """A port all ranks of one mpirun derive alike from its job id (default port when none)."""
+    for name in MPI_JOB_ID_VARIABLES:
+        if env.get(name):
+            return 20000 + zlib.crc32(env[name].encode()) % 20000
+    return DEFAULT_PORT
+
+
 def detect(env: Optional[Mapping[str, str]] = None) -> DistEnv:
     """Derive the distributed identity from ``env`` (default: os.environ); pure given its input."""
     env = os.environ if env is None else env
@@ -78,6 +104,10 @@ def detect(env: Optional[Mapping[str, str]] = None) -> DistEnv:
         launcher = "openmpi"
         rank, size = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
         local = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0
+    elif _int(env, "MV2_COMM_WORLD_RANK") is not None:
+        launcher = "mvapich"
+        rank, size = _int(env, "MV2_COMM_WORLD_RANK"), _int(env, "MV2_COMM_WORLD_SIZE")
+        local = _int(env, "MV2_COMM_WORLD_LOCAL_RANK") or 0
     elif _int(env, "PMI_RANK") is not None:
         launcher = "pmi"
         rank, size = _int(env, "PMI_RANK"), _int(env, "PMI_SIZE")
@@ -95,40 +125,117 @@ def detect(env: Optional[Mapping[str, str]] = None) -> DistEnv:
         addr = addr or (first_host(nodelist) if nodelist else None)
         port = port or slurm_port(_int(env, "SLURM_JOB_ID", "SLURM_JOBID"))
     else:
-        return DistEnv(0, 0, 1, addr or "127.0.0.1", port or DEFAULT_PORT, "single")
+        return DistEnv(0, 0, 1, addr or "127.0.0.1", port or DEFAULT_PORT, "single",
+                       "MASTER_ADDR" if addr else "single process")
     if size is None:
         raise ValueError(f"{launcher}: found a rank ({rank}) but no world size in the environment")
     if not 0 <= rank < size:
         raise ValueError(f"{launcher}: rank {rank} is outside world size {size}")
-    return DistEnv(rank, local, size, addr or "", port or DEFAULT_PORT, launcher)
+    if port is None and launcher in MPI_LAUNCHERS:
+        port = mpi_job_port(env)
+    source = "MASTER_ADDR" if env.get("MASTER_ADDR") else ("first host of SLURM_JOB_NODELIST" if addr else "")
+    return DistEnv(rank, local, size, addr or "", port or DEFAULT_PORT, launcher, source)
 
 
-def resolve_master_addr(dist_env: DistEnv) -> DistEnv:
-    """Fill in a missing master address: MPI broadcast of rank 0's host when mpi4py is present,
-    else localhost for single-node runs.  Multi-node MPI without mpi4py needs MASTER_ADDR."""
-    if dist_env.master_addr:
-        return dist_env
-    addr = None
-    if dist_env.launcher in ("openmpi", "pmi", "pmix"):
+MPI_LAUNCHERS = ("openmpi", "mvapich", "pmi", "pmix")
+
+
+def resolve_master_addr(dist_env: DistEnv, env: Optional[Mapping[str, str]] = None, *,
+                        announce: bool = True) -> DistEnv:
+    """Fill in a missing master address (MPI launches; the others always have one).
+
+    With mpi4py, rank 0 picks its address (127.0.0.1 when every rank is on its node, else its
+    network address, see ``host_address``) and, unless MASTER_PORT is set, a free port, and
+    broadcasts both.  Without mpi4py a one-node job uses 127.0.0.1; a multi-node job raises,
+    naming the fixes.  Rank 0 prints ``describe()`` to stderr when ``announce``."""
+    env = os.environ if env is None else env
+    if not dist_env.master_addr:
+        dist_env = _mpi_broadcast_master(dist_env, env) or _local_master(dist_env, env)
+    if announce and dist_env.rank == 0 and dist_env.world_size > 1:
+        print(f"[distributed] {dist_env.describe()}", file=sys.stderr, flush=True)
+    return dist_env
+
+
+def _mpi_broadcast_master(dist_env: DistEnv, env: Mapping[str, str]) -> Optional[DistEnv]:
+    if dist_env.launcher not in MPI_LAUNCHERS:
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    chosen = None
+    if dist_env.rank == 0:
+        addr = "127.0.0.1" if single_node(env, dist_env.world_size) else host_address(env)
+        port = _int(env, "MASTER_PORT") or free_port(addr)
+        chosen = (addr, port)
+    addr, port = MPI.COMM_WORLD.bcast(chosen, root=0)
+    return replace(dist_env, master_addr=addr, master_port=port,
+                   master_source="rank 0's address and port, broadcast over MPI (mpi4py)")
+
+
+def _local_master(dist_env: DistEnv, env: Mapping[str, str]) -> DistEnv:
+    if dist_env.launcher != "single" and not single_node(env, dist_env.world_size):
+        raise RuntimeError(f"{dist_env.launcher}: {dist_env.world_size} ranks over several nodes and no "
+                           "MASTER_ADDR: export MASTER_ADDR=<first host> or install mpi4py "
+                           "(pip install 'bertforge[mpi]') so rank 0's address is broadcast")
+    return replace(dist_env, master_addr="127.0.0.1", master_source="one node, no mpi4py: loopback")
+
+
+def free_port(addr: str = "127.0.0.1") -> int:
+    """A TCP port free on ``addr`` now (the rendezvous binds it moments later)."""
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def host_address(env: Mapping[str, str]) -> str:
+    """This host's IPv4 address for other nodes to reach: the first interface named in
+    GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME when set (the one the collectives use), else the
+    host name's address unless it is loopback (Debian maps the host name to 127.0.1.1), else the
+    first non-loopback interface's address."""
+    for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        value = env.get(variable, "")
+        if not value or value.startswith("^"):  # NCCL's "^a,b" excludes: it names no interface to use
+            continue
+        exact, interfaces = value.startswith("="), [name for _, name in socket.if_nameindex()]
+        for wanted in value.lstrip("=").split(","):  # NCCL matches prefixes unless "=" comes first
+            for name in interfaces:
+                if name == wanted or (wanted and not exact and name.startswith(wanted)):
+                    try:
+                        return interface_address(name)
+                    except OSError:
+                        continue
+        raise RuntimeError(f"{variable}={value}: no such interface with an IPv4 address "
+                           f"(interfaces: {', '.join(interfaces)})")
+    try:
+        addr = socket.gethostbyname(socket.gethostname())
+        if not addr.startswith("127."):
+            return addr
+    except OSError:
+        pass
+    for _, name in socket.if_nameindex():
         try:
-            from mpi4py import MPI
-        except ImportError:
-            MPI = None
-        if MPI is not None:
-            host = socket.gethostbyname(socket.gethostname()) if dist_env.rank == 0 else None
-            addr = MPI.COMM_WORLD.bcast(host, root=0)
-    if addr is None:
-        if dist_env.launcher != "single" and not single_node(os.environ, dist_env.world_size):
-            raise RuntimeError(f"{dist_env.launcher}: {dist_env.world_size} ranks over several nodes and no "
-                               "MASTER_ADDR: export MASTER_ADDR=<first host> or install mpi4py "
-                               "(pip install 'bertforge[mpi]') so rank 0's address is broadcast")
-        addr = "127.0.0.1"
-    return DistEnv(dist_env.rank, dist_env.local_rank, dist_env.world_size, addr, dist_env.master_port,
-                   dist_env.launcher)
+            addr = interface_address(name)
+        except OSError:
+            continue  # down, or no IPv4 address
+        if not addr.startswith("127."):
+            return addr
+    raise RuntimeError("no non-loopback IPv4 address on this host for the rendezvous: set MASTER_ADDR, "
+                       "or GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME to the interface to use")
+
+
+def interface_address(name: str) -> str:
+    """IPv4 address of network interface ``name`` (Linux SIOCGIFADDR); OSError when it has none."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+    return socket.inet_ntoa(packed[20:24])
 
 
 def single_node(env: Mapping[str, str], world_size: int) -> bool:
     """True when every rank runs on this host (the launchers' local-size variables say so)."""
-    local_size = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE",
-                      "SLURM_NTASKS_PER_NODE")
+    local_size = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE",
+                      "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE")
     return local_size is None or local_size >= world_size

@@ -1,7 +1,12 @@
 """Rank / world / master derivation for every launcher we support."""
+import sys
+import types
+
 import pytest
 
-from pretrain.distributed import DistEnv, detect, first_host, resolve_master_addr, slurm_port
+from pretrain import distributed
+from pretrain.distributed import (DistEnv, detect, first_host, host_address, mpi_job_port, resolve_master_addr,
+                                  slurm_port)
 
 
 def test_single_process_defaults():
@@ -61,25 +66,116 @@ def test_bad_values_are_named():
         detect({"RANK": "4", "WORLD_SIZE": "2"})
 
 
-def test_mpi_without_master_falls_back_to_localhost_on_one_node(monkeypatch):
-    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "2")
-    d = resolve_master_addr(DistEnv(1, 1, 2, "", 29500, "openmpi"))
-    assert d.master_addr  # mpi4py broadcast (if importable) or 127.0.0.1
+@pytest.fixture
+def no_mpi4py(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # `from mpi4py import MPI` raises ImportError
 
 
-def test_mpi_multi_node_without_master_or_mpi4py_is_a_clear_error(monkeypatch):
-    import builtins
-    real_import = builtins.__import__
+@pytest.fixture
+def fake_mpi4py(monkeypatch):
+    """An mpi4py whose bcast records what the root sends and returns ``fake.from_root`` when set
+    (what rank 0 would have sent) -- no MPI library involved."""
+    sent = []
 
-    def no_mpi4py(name, *a, **k):
-        if name.startswith("mpi4py"):
-            raise ImportError(name)
-        return real_import(name, *a, **k)
+    class Comm:
+        def bcast(self, value, root=0):
+            assert root == 0
+            sent.append(value)
+            return value if fake.from_root is None else fake.from_root
 
-    monkeypatch.setattr(builtins, "__import__", no_mpi4py)
-    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "2")
-    with pytest.raises(RuntimeError, match="no MASTER_ADDR"):
-        resolve_master_addr(DistEnv(3, 1, 4, "", 29500, "openmpi"))
+    fake = types.SimpleNamespace(from_root=None, sent=sent)
+    module = types.ModuleType("mpi4py")
+    module.MPI = types.SimpleNamespace(COMM_WORLD=Comm())
+    monkeypatch.setitem(sys.modules, "mpi4py", module)
+    return fake
+
+
+def test_mvapich():
+    env = {"MV2_COMM_WORLD_RANK": "3", "MV2_COMM_WORLD_SIZE": "4", "MV2_COMM_WORLD_LOCAL_RANK": "1"}
+    assert detect(env) == DistEnv(3, 1, 4, "", 29500, "mvapich")
+
+
+def test_mpi_port_comes_from_the_mpi_job_id_alike_in_every_rank():
+    job = {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_MCA_ess_base_jobid": "1025245185"}
+    ports = {detect({**job, "OMPI_COMM_WORLD_RANK": str(r)}).master_port for r in (0, 1)}
+    assert ports == {mpi_job_port(job)} and 20000 <= mpi_job_port(job) < 40000
+    assert mpi_job_port({"OMPI_MCA_ess_base_jobid": "1025245186"}) != mpi_job_port(job)
+    assert detect({"PMI_RANK": "0", "PMI_SIZE": "2", "PMIX_NAMESPACE": "ns7"}).master_port == \
+        mpi_job_port({"PMIX_NAMESPACE": "ns7"})
+    assert detect({**job, "OMPI_COMM_WORLD_RANK": "0", "MASTER_PORT": "4000"}).master_port == 4000
+
+
+def test_mpi_one_node_without_mpi4py_uses_loopback(no_mpi4py):
+    d = resolve_master_addr(DistEnv(1, 1, 2, "", 29500, "openmpi"), {"OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
+    assert (d.master_addr, d.master_port) == ("127.0.0.1", 29500)
+    assert "loopback" in d.master_source
+
+
+def test_mpi_multi_node_without_master_or_mpi4py_is_a_clear_error(no_mpi4py):
+    with pytest.raises(RuntimeError, match="no MASTER_ADDR.*install mpi4py"):
+        resolve_master_addr(DistEnv(3, 1, 4, "", 29500, "openmpi"), {"OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
+
+
+def test_mpi4py_rank0_broadcasts_loopback_and_a_free_port_on_one_node(fake_mpi4py, capsys):
+    d = resolve_master_addr(DistEnv(0, 0, 2, "", 29500, "openmpi"), {"OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
+    assert fake_mpi4py.sent == [("127.0.0.1", d.master_port)] and d.master_port > 0
+    assert d.master_addr == "127.0.0.1" and "broadcast over MPI" in d.master_source
+    assert "[distributed] openmpi: rank 0 (local 0) of 2, master 127.0.0.1:" in capsys.readouterr().err
+
+
+def test_mpi4py_other_ranks_take_what_rank0_sent(fake_mpi4py, capsys):
+    fake_mpi4py.from_root = ("10.9.8.7", 31234)
+    d = resolve_master_addr(DistEnv(1, 0, 2, "", 29500, "pmi"), {"MPI_LOCALNRANKS": "1"})
+    assert fake_mpi4py.sent == [None]  # only the root chooses
+    assert (d.master_addr, d.master_port) == ("10.9.8.7", 31234)
+    assert capsys.readouterr().err == ""  # only rank 0 announces
+
+
+def test_mpi4py_rank0_on_several_nodes_sends_its_network_address(fake_mpi4py, monkeypatch):
+    monkeypatch.setattr(distributed, "host_address", lambda env: "127.0.0.1")  # stands for e.g. 10.0.0.5
+    d = resolve_master_addr(DistEnv(0, 0, 4, "", 29500, "openmpi"),
+                            {"OMPI_COMM_WORLD_LOCAL_SIZE": "2", "MASTER_PORT": "4321"})
+    assert fake_mpi4py.sent == [("127.0.0.1", 4321)]  # an explicit MASTER_PORT is kept
+
+
+def test_explicit_master_is_not_broadcast(fake_mpi4py):
+    d = detect({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "9"})
+    assert resolve_master_addr(d, announce=False) == d and fake_mpi4py.sent == []
+
+
+def test_host_address_prefers_the_socket_interface_variables():
+    assert host_address({"GLOO_SOCKET_IFNAME": "lo"}) == "127.0.0.1"
+    assert host_address({"NCCL_SOCKET_IFNAME": "=lo"}) == "127.0.0.1"
+    with pytest.raises(RuntimeError, match="NCCL_SOCKET_IFNAME=nosuch0: no such interface"):
+        host_address({"NCCL_SOCKET_IFNAME": "nosuch0"})
+
+
+def test_host_address_ignores_nccl_exclusions(monkeypatch):
+    monkeypatch.setattr(distributed.socket, "gethostbyname", lambda name: "10.0.0.9")
+    assert host_address({"NCCL_SOCKET_IFNAME": "^docker0,lo"}) == "10.0.0.9"
+
+
+def test_host_address_skips_a_loopback_host_name(monkeypatch):
+    monkeypatch.setattr(distributed.socket, "gethostname", lambda: "node1")
+    monkeypatch.setattr(distributed.socket, "gethostbyname", lambda name: "127.0.1.1")  # Debian's /etc/hosts
+    monkeypatch.setattr(distributed.socket, "if_nameindex", lambda: [(1, "lo"), (2, "docker9"), (3, "ib0")])
+    addresses = {"lo": "127.0.0.1", "ib0": "10.1.2.3"}
+
+    def interface_address(name):
+        if name not in addresses:
+            raise OSError("no IPv4 address")
+        return addresses[name]
+
+    monkeypatch.setattr(distributed, "interface_address", interface_address)
+    assert host_address({}) == "10.1.2.3"
+    addresses.pop("ib0")
+    with pytest.raises(RuntimeError, match="set MASTER_ADDR"):
+        host_address({})
+
+
+def test_describe_names_the_source():
+    d = detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_ID": "7"})
+    assert d.describe() == "slurm: rank 0 (local 0) of 2, master n1:20007 (first host of SLURM_JOB_NODELIST)"
 
 
 def test_export_sets_torch_variables():
