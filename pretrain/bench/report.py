@@ -1,0 +1,124 @@
+"""The run's outputs: JSON, a Markdown table inside docs/benchmarks.md, a PNG.
+
+The Markdown goes between markers ``<!-- bench:train:<device type>:begin/end -->`` inside the
+``## Training throughput`` section, so a rerun replaces only its own table (CPU and CUDA tables
+live side by side) and leaves the prose around it and other sections of the file alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+SECTION = "## Training throughput"
+
+
+def write_json(data: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _fmt(value: Optional[float], digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def _row(r: dict, ratio: Optional[float]) -> str:
+    system = "HF peer" if r["system"] == "peer" else f"ours: {r['variant']}"
+    if r["status"] != "ok":
+        return f"| {r['model']} | {r['seq_len']} | {system} | {r['micro_batch']} | {r['status']} |" + " - |" * 7
+    step = f"{r['median_s'] * 1e3:,.0f} ({r['p25_s'] * 1e3:,.0f}-{r['p75_s'] * 1e3:,.0f})"
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+    return (f"| {r['model']} | {r['seq_len']} | {system} | {r['micro_batch']} | {step} | {_fmt(r['seq_per_s'])} | "
+            f"{_fmt(r['real_tokens_per_s'], 0)} | {_fmt(r['tflops'], 2)} | {mfu} | {_fmt(r['peak_memory_gb'], 1)} | "
+            f"{'-' if ratio is None else f'{ratio:.2f}x'} |")
+
+
+def markdown(data: dict) -> str:
+    meta = data["meta"]
+    ratio_of = {(x["model"], x["seq_len"], x["variant"]): x["seq_per_s_ratio"] for x in data["ratios"]}
+    lines = [
+        f"Device: {meta['device']}; torch {meta['torch']}, transformers {meta['transformers']}; "
+        f"precision {meta['precision']}; {meta['warmup']} warm-up + {meta['steps']} timed steps"
+        + (f" x {meta['rounds']} interleaved rounds" if meta["rounds"] > 1 else "")
+        + f"; timing: {meta['timing']}.",
+        f"Date: {meta['date']}.  Load average (1/5/15 min) at start {meta['load_avg_start']}, "
+        f"at end {meta.get('load_avg_end')}.",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        "| model | seq | system | micro batch | step ms, median (IQR) | seq/s | real tokens/s | TFLOP/s | MFU "
+        "| peak mem GB | ours/peer seq/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["results"]:
+        lines.append(_row(r, ratio_of.get((r["model"], r["seq_len"], r["variant"])) if r["system"] == "ours"
+                          else None))
+    return "\n".join(lines) + "\n"
+
+
+def update_markdown(path: str, body: str, device_type: str) -> None:
+    """Replace (or add) this device type's block inside the Training throughput section."""
+    begin, end = f"<!-- bench:train:{device_type}:begin -->", f"<!-- bench:train:{device_type}:end -->"
+    block = f"{begin}\n{body}{end}\n"
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+    elif SECTION in text:
+        head, rest = text.split(SECTION, 1)
+        nxt = rest.find("\n## ")
+        section, tail = (rest, "") if nxt < 0 else (rest[:nxt + 1], rest[nxt + 1:])
+        text = head + SECTION + section.rstrip("\n") + "\n\n" + block + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n" + block
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def plot(data: dict, path: str) -> Optional[str]:
+    """Sequences/s against micro batch, ours (default variant) and the peer, one panel per model/seq."""
+    points: dict = {}
+    for r in data["results"] + data["sweep"]:
+        if r["status"] != "ok" or (r["system"] == "ours" and r["variant"] != "default"):
+            continue
+        points.setdefault((r["model"], r["seq_len"]), {}).setdefault(r["system"], []).append(
+            (r["micro_batch"], r["seq_per_s"], r["seq_per_s_iqr"]))
+    if not points:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(points), figsize=(5 * len(points), 4), squeeze=False)
+    for ax, ((model, seq_len), by_system) in zip(axes[0], sorted(points.items())):
+        for system, label in (("ours", "ours (default)"), ("peer", "HF peer")):
+            pts = sorted(by_system.get(system, []))
+            if not pts:
+                continue
+            xs, ys, iqr = zip(*pts)
+            lo = [y - a for y, (a, _) in zip(ys, iqr)]
+            hi = [b - y for y, (_, b) in zip(ys, iqr)]
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="micro batch", ylabel="sequences / s", title=f"{model} / seq {seq_len}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Training throughput, {data['meta']['device']} ({data['meta']['precision']})", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
