@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data_prep.masking import MaskingConfig, mask_sample
+from data_prep.loader import example_from_sample
 from pretrain.config import DataConfig, EvalConfig, TrainingConfig
 
 IGNORE_INDEX = -100
@@ -61,7 +61,6 @@ class Split:
     special: dict
     vocab_size: int
     has_sentence_labels: bool
-    sentence_label_key: Optional[str]
     offsets: list[int] = field(default_factory=list)   # cumulative sample counts
 
     def __post_init__(self):
@@ -111,7 +110,7 @@ def open_split(data_cfg: DataConfig, name: str, training_cfg: TrainingConfig, mo
         if not info["dynamic"] else training_cfg.max_predictions,
         dynamic=info["dynamic"], whole_word=info["whole_word"], mlm_probability=mlm_probability,
         special=info["special_ids"], vocab_size=info["vocab_size"],
-        has_sentence_labels=info["has_sentence_labels"], sentence_label_key=info["sentence_label_key"],
+        has_sentence_labels=info["has_sentence_labels"],
     )
 
 
@@ -234,10 +233,6 @@ class ShardSamples(Dataset):
 
     def __init__(self, split: Split, order: GlobalOrder, seed: int):
         self.split, self.order, self.seed = split, order, seed
-        self.label_key = split.sentence_label_key
-        self.masking = MaskingConfig(vocab_size=split.vocab_size, mask_id=split.special["mask"],
-                                     special_ids=tuple(sorted(set(split.special.values()))),
-                                     masked_lm_prob=split.mlm_probability, max_predictions=split.max_predictions)
         self._index: dict[int, list[dict]] = {}
         self._files: dict[int, object] = {}
 
@@ -261,26 +256,9 @@ class ShardSamples(Dataset):
 
     def __getitem__(self, position: int) -> dict:
         epoch, sample = self.order(position)
-        from data_prep.loader import example_from_sample
-        return self._example(self._read(sample), epoch=epoch, index=sample)
-
-    def _example(self, fields: dict, epoch: int, index: int) -> dict:
-        """Stored sample -> {input_ids, token_type_ids, masked_lm_positions, masked_lm_labels[, sentence_label]}.
-
-        Dynamic shards are masked here with data_prep's own code, seeded by (seed, epoch, index).
-        """
-        ids = fields["input_ids.npy"]
-        if self.split.dynamic:
-            masked = mask_sample(ids, self.masking, seed=self.seed, epoch=epoch, sample_index=index,
-                                 word_starts=fields.get("word_starts.npy"))
-            ids, positions, labels = masked.input_ids, masked.masked_lm_positions, masked.masked_lm_ids
-        else:
-            positions, labels = fields["masked_lm_positions.npy"], fields["masked_lm_ids.npy"]
-        example = {"input_ids": ids.astype(np.int64), "token_type_ids": fields["token_type_ids.npy"].astype(np.int64),
-                   "masked_lm_positions": positions.astype(np.int64), "masked_lm_labels": labels.astype(np.int64)}
-        if self.label_key:
-            example["sentence_label"] = int(fields[f"{self.label_key}.cls"])
-        return example
+        # data_prep owns the stored format: its bridge decodes, derives token types and masks
+        # (dynamic shards: seeded by (seed, epoch, sample index)).
+        return example_from_sample(self._read(sample), self.split, seed=self.seed, epoch=epoch, index=sample)
 
     def __len__(self):
         return self.split.num_samples

@@ -25,6 +25,7 @@ def argparse_suppress():
 
 
 def run(args) -> int:
+    import dataclasses
     import logging
     import os
     import sys
@@ -33,6 +34,9 @@ def run(args) -> int:
     from pretrain.distributed import detect, resolve_master_addr
 
     dist_env = resolve_master_addr(detect())
+    if dist_env.launcher == "single" and not os.environ.get("MASTER_PORT"):
+        # One process: any free port will do, and a fixed one would collide with another job.
+        dist_env = dataclasses.replace(dist_env, master_port=_free_port())
     dist_env.export()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _cuda() else "cpu")
     try:
@@ -58,3 +62,10 @@ def run(args) -> int:
 def _cuda() -> bool:
     import torch
     return torch.cuda.is_available()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
