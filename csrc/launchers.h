@@ -63,7 +63,10 @@ cudaError_t bf_layer_norm_bwd(const void* dy, const void* s, const float* mean, 
 // mask may be NULL; otherwise mask element (b, h, q, k) is at
 //   mask + b*mask_stride_b + h*mask_stride_h + q*mask_stride_q + k       (elements, not bytes)
 // (a zero stride broadcasts), with mask_dtype BF_BOOL, BF_FLOAT32 or x_dtype.
-#define BF_SOFTMAX_MASKED_THRESHOLD (-10000.0f)
+// -1000, not -10000: BERT's classic -10000 mask rounds to -9984 in bfloat16.  exp() of any value
+// this low underflows to 0 in float32 next to realistic logits, so the threshold only decides
+// what a row with *no* element above it gives (zeros).
+#define BF_SOFTMAX_MASKED_THRESHOLD (-1000.0f)
 
 cudaError_t bf_softmax_fwd(const void* x, const void* mask, void* y, int64_t batch, int heads,
                            int q_len, int k_len, int64_t mask_stride_b, int64_t mask_stride_h,

@@ -7,13 +7,14 @@
 
 namespace bertforge {
 
-// Returns {y, mean, rstd, sum}.  sum is the pre-norm sum x + bias_add + residual (x's dtype and
+// Returns {y, mean, rstd, sum}; `out` optionally supplies them preallocated (same order).  sum is the pre-norm sum x + bias_add + residual (x's dtype and
 // shape) when store_sum is set and at least one addition is given, else an empty tensor.
 std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
                                        const at::Tensor& bias,
                                        const std::optional<at::Tensor>& residual,
                                        const std::optional<at::Tensor>& bias_add, double eps,
-                                       bool store_sum) {
+                                       bool store_sum,
+                                       const std::optional<std::vector<at::Tensor>>& out) {
   TORCH_CHECK(x.is_cuda(), "bertforge.layer_norm_fwd: x must be a CUDA tensor");
   TORCH_CHECK(is_float_type(x.scalar_type()),
               "bertforge.layer_norm_fwd: x must be float32, float16 or bfloat16, got ",
@@ -54,11 +55,12 @@ std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& we
   const at::Tensor bac = has_badd ? bias_add->contiguous() : at::Tensor();
   const int64_t rows = xc.numel() / hidden;
 
-  at::Tensor y = at::empty(xc.sizes(), xc.options());
-  at::Tensor mean = at::empty({rows}, xc.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty({rows}, xc.options().dtype(at::kFloat));
+  at::Tensor y = output(out, 0, xc.sizes(), xc.options(), "y");
+  at::Tensor mean = output(out, 1, {rows}, xc.options().dtype(at::kFloat), "mean");
+  at::Tensor rstd = output(out, 2, {rows}, xc.options().dtype(at::kFloat), "rstd");
   const bool want_sum = store_sum && (has_res || has_badd);
-  at::Tensor sum = want_sum ? at::empty(xc.sizes(), xc.options()) : at::empty({0}, xc.options());
+  at::Tensor sum = want_sum ? output(out, 3, xc.sizes(), xc.options(), "sum")
+                            : at::empty({0}, xc.options());
 
   BF_CHECK_LAUNCH(bf_layer_norm_fwd(
       xc.data_ptr(), has_res ? rc.data_ptr() : nullptr, has_badd ? bac.data_ptr() : nullptr,
@@ -69,13 +71,15 @@ std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& we
   return {y, mean, rstd, sum};
 }
 
-// Returns {dx, dweight, dbias, dbias_add}; dbias_add is empty unless want_dbias_add.  s is the
+// Returns {dx, dweight, dbias, dbias_add}; dbias_add is empty unless want_dbias_add; `out`
+// optionally supplies them preallocated (same order).  s is the
 // normalised tensor (x, or the saved pre-norm sum); dsum (optional) is added to dx.
 std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy, const at::Tensor& s,
                                        const at::Tensor& mean, const at::Tensor& rstd,
                                        const at::Tensor& weight,
                                        const std::optional<at::Tensor>& dsum,
-                                       bool want_dbias_add) {
+                                       bool want_dbias_add,
+                                       const std::optional<std::vector<at::Tensor>>& out) {
   TORCH_CHECK(s.is_cuda(), "bertforge.layer_norm_bwd: input must be a CUDA tensor");
   TORCH_CHECK(is_float_type(s.scalar_type()),
               "bertforge.layer_norm_bwd: unsupported dtype ", s.scalar_type());
@@ -112,10 +116,10 @@ std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy, const at::Tensor& s
   const at::Tensor wc = weight.contiguous();
   const at::Tensor dsc = has_dsum ? dsum->contiguous() : at::Tensor();
 
-  at::Tensor dx = at::empty(sc.sizes(), sc.options());
-  at::Tensor dweight = at::empty({hidden}, wc.options());
-  at::Tensor dbias = at::empty({hidden}, wc.options());
-  at::Tensor dbias_add = want_dbias_add ? at::empty({hidden}, wc.options())
+  at::Tensor dx = output(out, 0, sc.sizes(), sc.options(), "dx");
+  at::Tensor dweight = output(out, 1, {hidden}, wc.options(), "dweight");
+  at::Tensor dbias = output(out, 2, {hidden}, wc.options(), "dbias");
+  at::Tensor dbias_add = want_dbias_add ? output(out, 3, {hidden}, wc.options(), "dbias_add")
                                         : at::empty({0}, wc.options());
   const bf_dtype_t xd = bf_dtype(sc.scalar_type());
   const bf_dtype_t wd = bf_dtype(wc.scalar_type());

@@ -4,10 +4,19 @@
 
 namespace bertforge {
 
+namespace {
+std::optional<std::vector<at::Tensor>> opt_list(const std::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  return std::vector<at::Tensor>{*t};
+}
+}  // namespace
+
 // y = softmax(scale * x + mask) over the last dim of x [batch, heads, q, k].  mask (optional):
 // 4-D, each of the first three dims 1 or x's, last dim k; bool (true = keep), float32, or x's
 // dtype (additive; <= BF_SOFTMAX_MASKED_THRESHOLD means masked).  Fully masked rows give zeros.
-at::Tensor softmax_fwd(const at::Tensor& x, const std::optional<at::Tensor>& mask, double scale) {
+// `out` optionally supplies y preallocated.
+at::Tensor softmax_fwd(const at::Tensor& x, const std::optional<at::Tensor>& mask, double scale,
+                       const std::optional<at::Tensor>& out) {
   TORCH_CHECK(x.is_cuda(), "bertforge.softmax_fwd: scores must be a CUDA tensor");
   TORCH_CHECK(is_float_type(x.scalar_type()),
               "bertforge.softmax_fwd: scores must be float32, float16 or bfloat16, got ",
@@ -41,7 +50,7 @@ at::Tensor softmax_fwd(const at::Tensor& x, const std::optional<at::Tensor>& mas
     md = bf_dtype(mt);
   }
   const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty(xc.sizes(), xc.options());
+  at::Tensor y = output(opt_list(out), 0, xc.sizes(), xc.options(), "y");
   BF_CHECK_LAUNCH(bf_softmax_fwd(xc.data_ptr(), has_mask ? mc.data_ptr() : nullptr, y.data_ptr(),
                                  xc.size(0), heads, q_len, k_len, strides[0], strides[1],
                                  strides[2], static_cast<float>(scale),
@@ -49,8 +58,9 @@ at::Tensor softmax_fwd(const at::Tensor& x, const std::optional<at::Tensor>& mas
   return y;
 }
 
-// dx = scale * y * (dy - sum(dy * y, -1)).
-at::Tensor softmax_bwd(const at::Tensor& y, const at::Tensor& dy, double scale) {
+// dx = scale * y * (dy - sum(dy * y, -1)).  `out` optionally supplies dx preallocated.
+at::Tensor softmax_bwd(const at::Tensor& y, const at::Tensor& dy, double scale,
+                       const std::optional<at::Tensor>& out) {
   TORCH_CHECK(y.is_cuda(), "bertforge.softmax_bwd: y must be a CUDA tensor");
   TORCH_CHECK(is_float_type(y.scalar_type()), "bertforge.softmax_bwd: unsupported dtype ",
               y.scalar_type());
@@ -61,7 +71,7 @@ at::Tensor softmax_bwd(const at::Tensor& y, const at::Tensor& dy, double scale) 
   const c10::cuda::CUDAGuard guard(y.device());
   const at::Tensor yc = y.contiguous();
   const at::Tensor dyc = dy.contiguous();
-  at::Tensor dx = at::empty(yc.sizes(), yc.options());
+  at::Tensor dx = output(opt_list(out), 0, yc.sizes(), yc.options(), "dx");
   const int k_len = checked_int(yc.size(-1), "k_len");
   const int64_t rows = k_len > 0 ? yc.numel() / k_len : 0;
   BF_CHECK_LAUNCH(bf_softmax_bwd(yc.data_ptr(), dyc.data_ptr(), dx.data_ptr(), rows, k_len,

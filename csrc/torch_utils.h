@@ -12,6 +12,7 @@
 #include <climits>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "launchers.h"
 
@@ -50,6 +51,21 @@ inline int checked_int(int64_t v, const char* what) {
 
 inline bool is_aligned_to(const void* p, int bytes) {
   return (reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes)) == 0;
+}
+
+// Output i: a fresh tensor, or out[i] when the caller passed preallocated outputs (tests poison
+// them with NaN to catch unwritten elements; benchmarks avoid allocator noise).
+inline at::Tensor output(const std::optional<std::vector<at::Tensor>>& out, size_t i,
+                         at::IntArrayRef sizes, const at::TensorOptions& opts, const char* what) {
+  if (!out.has_value()) return at::empty(sizes, opts);
+  TORCH_CHECK(i < out->size(), "bertforge: too few preallocated outputs for ", what);
+  const at::Tensor& t = (*out)[i];
+  TORCH_CHECK(t.sizes() == sizes && t.scalar_type() == opts.dtype().toScalarType() &&
+                  t.device() == opts.device() && t.is_contiguous(),
+              "bertforge: preallocated ", what, " must be contiguous ", sizes, " ",
+              opts.dtype().toScalarType(), " on ", opts.device(), ", got ", t.sizes(), " ",
+              t.scalar_type(), " on ", t.device());
+  return t;
 }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }

@@ -1,5 +1,5 @@
 """Shared checks for the GPU kernel tests."""
-from typing import Dict, Iterable, Optional, Sequence, Set, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -32,25 +32,6 @@ def assert_error_bounded(name: str, ours: torch.Tensor, torch_same: torch.Tensor
     assert e_ours <= bound, (f"{name} ({dtype}): kernel error {e_ours:.3e} > 2 x torch error {e_torch:.3e} "
                              f"+ {ATOL[dtype]:g} x {scale:.3g}")
     return e_ours, e_torch
-
-
-def poison_allocator(specs: Iterable[Tuple[Sequence[int], torch.dtype]], device, copies: int = 2) -> Set[int]:
-    """Leave NaN-filled blocks of the given sizes in the caching allocator and return their addresses.
-
-    The next allocations of those sizes reuse them (best fit of an exactly matching free block),
-    so any output element a kernel fails to write stays NaN.  Callers assert that their output's
-    data_ptr() is in the returned set, so the check cannot pass vacuously.
-    """
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    blocks = []
-    for shape, dtype in specs:
-        for _ in range(copies):
-            blocks.append(torch.full(tuple(shape), float("nan"), dtype=dtype, device=device))
-    ptrs = {b.data_ptr() for b in blocks}
-    torch.cuda.synchronize(device)
-    del blocks
-    return ptrs
 
 
 def fresh(shape, dtype, device, scale: float = 1.0, offset: float = 0.0, generator=None) -> torch.Tensor:

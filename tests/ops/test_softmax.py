@@ -67,7 +67,7 @@ def test_additive_mask_is_added_to_unmasked_logits():
                                rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("masked_value", [float("-inf"), torch.finfo(torch.float32).min, -10000.0, "bool"])
+@pytest.mark.parametrize("masked_value", [float("-inf"), torch.finfo(torch.float32).min, -10000.0, "bf16", "bool"])
 def test_fully_masked_rows_give_zeros_and_zero_gradient(masked_value):
     b, h, q, k = 2, 2, 4, 5
     x = _scores((b, h, q, k), seed=5).requires_grad_()
@@ -76,6 +76,9 @@ def test_fully_masked_rows_give_zeros_and_zero_gradient(masked_value):
     keep[1, :, :, 3:] = False      # padding keys of batch 1
     if masked_value == "bool":
         mask = keep
+    elif masked_value == "bf16":  # BERT's -10000 in bfloat16 is -9984: still masked
+        mask = torch.zeros(keep.shape, dtype=torch.bfloat16).masked_fill(~keep, -10000.0)
+        assert mask.min().item() == -9984.0
     else:
         mask = torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, masked_value)
     y = scaled_masked_softmax_reference(x, mask, 1.0)
