@@ -7,10 +7,11 @@
     ``[batch, 1, 1, k]`` (padding) or ``[batch, 1, q, k]`` (block-diagonal masks of packed rows);
     fewer than 4 dims are left-padded with 1s;
   * a **bool** mask keeps the elements where it is True;
-  * a **float** mask is additive; a value ``<= MASKED_THRESHOLD`` (-10000, so BERT's -10000,
-    ``torch.finfo(dtype).min`` and ``-inf`` all qualify) marks the element *masked*;
+  * a **float** mask is additive; a value ``<= MASKED_THRESHOLD`` (-1000) marks the element
+    *masked*: BERT's -10000 (-9984 once rounded to bfloat16), ``torch.finfo(dtype).min`` and
+    ``-inf`` all qualify, while ordinary additive biases stay far above it;
   * masked elements get probability exactly 0 (for any row with an unmasked element this equals
-    ``torch.softmax`` of the additive form, since exp(-10000) underflows to 0);
+    ``torch.softmax`` of the additive form, since exp(-1000) already underflows to 0 in float32);
   * **a row whose elements are all masked (or all -inf) gives zeros, not NaN** (and zero
     gradient), where ``torch.softmax`` would give NaN (-inf masks) or a uniform row (finite ones);
   * the mask is a constant: it receives no gradient.
@@ -29,7 +30,7 @@ from . import _ext
 
 __all__ = ["scaled_masked_softmax", "scaled_masked_softmax_reference", "MASKED_THRESHOLD"]
 
-MASKED_THRESHOLD = -10000.0
+MASKED_THRESHOLD = -1000.0  # == BF_SOFTMAX_MASKED_THRESHOLD in csrc/launchers.h
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_MAX = 2**31 - 1
 
