@@ -1,0 +1,79 @@
+"""Shard writing primitives: npy bytes, tar headers, atomic commit, reading back."""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+
+from data_prep.errors import PrepError
+from data_prep.shards import (ShardWriter, decode_fields, iter_tar_samples, npy_bytes, parse_key, read_manifest,
+                              sample_key, shard_name, tar_header)
+
+
+@pytest.mark.parametrize("arr", [np.arange(7, dtype=np.uint16), np.zeros(0, np.int32), np.ones(129, np.uint8),
+                                 np.arange(3, dtype=np.int64)])
+def test_npy_bytes_equal_np_save(arr):
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    assert npy_bytes(arr) == buf.getvalue()
+
+
+@pytest.mark.parametrize("name,size", [("train-000000-000001.input_ids.npy", 384), ("k.cls", 1), ("x" * 100, 8 ** 11 - 1),
+                                       ("val-000003-000017.masked_lm_positions.npy", 0)])
+def test_tar_header_equals_tarfiles(name, size):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
+    assert tar_header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+    with pytest.raises(ValueError):
+        tar_header("y" * 101, 1)
+
+
+def write_shard(path, samples):
+    w = ShardWriter(path)
+    for key, fields in samples:
+        w.add(key, fields)
+    return w.commit()
+
+
+def test_writer_is_atomic_deterministic_and_readable(tmp_path):
+    samples = [(sample_key("train", 3, i), {"input_ids.npy": npy_bytes(np.arange(i + 2, dtype=np.uint16)),
+                                            "nsp_label.cls": b"%d" % (i % 2)}) for i in range(5)]
+    a, b = tmp_path / "a" / shard_name("train", 3), tmp_path / "b" / shard_name("train", 3)
+    a.parent.mkdir()
+    b.parent.mkdir()
+    ra, rb = write_shard(a, samples), write_shard(b, samples)
+    assert ra == rb and a.read_bytes() == b.read_bytes() and ra["bytes"] == a.stat().st_size
+    assert ra["samples"] == 5 and a.stat().st_size % tarfile.RECORDSIZE == 0
+    with tarfile.open(a) as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members[:2]] == ["train-000003-000000.input_ids.npy", "train-000003-000000.nsp_label.cls"]
+    assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" and m.mode == 0o644 for m in members)
+    read = list(iter_tar_samples(a))
+    assert [k for k, _ in read] == [k for k, _ in samples]
+    decoded = decode_fields(read[4][1])
+    assert decoded["input_ids"].tolist() == list(range(6)) and decoded["nsp_label"] == 0
+    assert not list(a.parent.glob(".tmp-*"))
+
+
+def test_abort_and_stale_temps(tmp_path):
+    path = tmp_path / shard_name("val", 0)
+    stale = tmp_path / f".tmp-{path.name}.99999"
+    stale.write_bytes(b"left by a killed run")
+    w = ShardWriter(path)
+    assert not stale.exists()  # a new writer clears its own shard's leftovers
+    w.add("val-000000-000000", {"input_ids.npy": npy_bytes(np.arange(3, dtype=np.uint16))})
+    w.abort()
+    assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_keys_and_manifest_errors(tmp_path):
+    assert parse_key("dir/train-000012-000345") == ("train", 12, 345)
+    with pytest.raises(ValueError):
+        parse_key("other-1-2")
+    with pytest.raises(PrepError, match="no manifest.json"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format": "bertforge-wds", "format_version": 99}')
+    with pytest.raises(PrepError, match="format_version 99 is not supported"):
+        read_manifest(tmp_path)
