@@ -20,12 +20,14 @@ void check_member(const at::Tensor& t, const at::Tensor& ref, const char* what, 
   TORCH_CHECK(t.is_contiguous(), "bertforge.lamb: ", what, "[", i, "] must be contiguous");
 }
 
-// Device copy of the metadata.  non_blocking from pageable memory: the runtime stages the bytes
-// before returning, so the host vector may die right after; the copy is ordered on the current
-// stream before the kernel that reads it, and no host synchronisation happens.
+// Device copy of the metadata, ordered on the current stream before the kernel that reads it.
+// The host side is a pinned buffer from torch's caching host allocator: the copy is truly
+// asynchronous (no host synchronisation, which a pageable source may cause) and the allocator
+// keeps the buffer alive until the copy has completed.
 at::Tensor upload(const std::vector<bf_lamb_tensor_t>& metas, const at::Device& device) {
   const int64_t bytes = static_cast<int64_t>(metas.size() * sizeof(bf_lamb_tensor_t));
-  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  at::Tensor host =
+      at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.data_ptr(), metas.data(), static_cast<size_t>(bytes));
   at::Tensor dev = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
   dev.copy_(host, /*non_blocking=*/true);
