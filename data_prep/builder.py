@@ -37,6 +37,8 @@ class ShardSettings:
     seed: int
     vocab_size: int
     token_dtype: str
+    pad_id: int
+    unk_id: int
     cls_id: int
     sep_id: int
     mask_id: int
@@ -102,8 +104,9 @@ def init_worker() -> None:
 def build_shard(unit: WorkUnit, settings: ShardSettings) -> dict:
     """Write ``<out>/<split>-<index>.tar`` for ``unit``; returns its manifest record."""
     tok, is_continuation = _tokenizer_and_table(settings)
+    in_text_specials = tuple(i for i in settings.special_ids if i != settings.unk_id)  # [UNK] is text
     encoded = encode_documents(unit.texts, tok, max_segment_tokens=settings.seq_len - 3,
-                               is_continuation=is_continuation)
+                               is_continuation=is_continuation, drop_ids=in_text_specials)
     split_code = SPLIT_CODES[unit.split]
     instances = []
     for dupe in range(settings.dupe_factor):
@@ -131,7 +134,7 @@ def _write_samples(unit: WorkUnit, settings: ShardSettings, encoded, instances) 
     masking = settings.masking_config() if static else None
     mask_rng = np.random.default_rng([settings.seed, STREAM_STATIC_MASK, SPLIT_CODES[unit.split], unit.index])
     label_key = settings.label_key
-    pad_id = settings.special_ids[0]
+    pad_id = settings.pad_id
     tokens = masked = label_ones = 0
     writer = ShardWriter(Path(settings.out_dir) / shard_name(unit.split, unit.index))
     try:

@@ -65,9 +65,10 @@ def jieba_word_starts(sentence: str, offsets: list[tuple[int, int]], starts: np.
 
 
 def encode_documents(texts: list[str], tokenizer, *, max_segment_tokens: int,
-                     is_continuation: np.ndarray | None = None) -> EncodedUnit:
+                     is_continuation: np.ndarray | None = None, drop_ids: tuple[int, ...] = ()) -> EncodedUnit:
     """Split, tokenize and lay out ``texts``.  ``is_continuation`` (bool over the vocabulary)
-    switches on whole-word flags."""
+    switches on whole-word flags.  ``drop_ids``: ids removed from the text (the tokenizer turns a
+    literal "[SEP]" in a document into the special token, which must not reach a sample)."""
     sentences: list[str] = []
     doc_sizes: list[int] = []
     for text in texts:
@@ -91,6 +92,13 @@ def encode_documents(texts: list[str], tokenizer, *, max_segment_tokens: int,
         for index, sentence, offsets in cjk:
             begin = int(sentence_at[index])
             jieba_word_starts(sentence, offsets, word_starts[begin: begin + len(offsets)])
+    if drop_ids:
+        keep = ~np.isin(tokens, drop_ids)
+        if not keep.all():
+            sentence_of = np.repeat(np.arange(len(lengths)), lengths)
+            lengths = np.bincount(sentence_of[keep], minlength=len(lengths))
+            tokens = tokens[keep]
+            word_starts = word_starts[keep] if word_starts is not None else None
     return _layout(tokens, word_starts, lengths, doc_sizes, max_segment_tokens, len(sentences))
 
 

@@ -102,7 +102,8 @@ def shard_settings(cfg: PrepConfig, out_dir: Path, info) -> ShardSettings:
         out_dir=str(out_dir), tokenizer_dir=str(out_dir / TOKENIZER_SUBDIR), seq_len=s.seq_len,
         objective=s.objective, masking=s.masking, whole_word_mask=s.whole_word_mask, dupe_factor=s.dupe_factor,
         max_predictions=s.max_predictions, masked_lm_prob=s.masked_lm_prob, short_seq_prob=s.short_seq_prob,
-        seed=cfg.seed, vocab_size=info.vocab_size, token_dtype=info.token_dtype, cls_id=info.cls_id,
+        seed=cfg.seed, vocab_size=info.vocab_size, token_dtype=info.token_dtype, pad_id=info.pad_id,
+        unk_id=info.unk_id, cls_id=info.cls_id,
         sep_id=info.sep_id, mask_id=info.mask_id, special_ids=info.special_ids)
 
 

@@ -53,7 +53,6 @@ _NPY_HEADERS: dict[tuple[str, int], bytes] = {}
 
 def npy_bytes(arr: np.ndarray) -> bytes:
     """The exact bytes ``np.save`` writes for a 1-D array (format 1.0), with the header cached."""
-    arr = np.ascontiguousarray(arr)
     key = (arr.dtype.str, arr.shape[0])
     header = _NPY_HEADERS.get(key)
     if header is None:
@@ -95,6 +94,26 @@ def tar_header(name: str, size: int) -> bytes:
     return bytes(header)
 
 
+class _HeaderTemplates:
+    """Headers of members ``<key>.<ext>``: for a given key length, ext and size only the key's bytes
+    (and so the checksum) change, so a header is two cached pieces around the key and checksum."""
+
+    def __init__(self):
+        self._cache: dict[tuple[int, str, int], tuple[bytes, bytes, int]] = {}
+
+    def header(self, key: bytes, key_sum: int, ext: str, size: int) -> bytes:
+        entry = self._cache.get((len(key), ext, size))
+        if entry is None:
+            filler = b"\1" * len(key)  # any bytes: the key replaces them
+            full = tar_header(filler.decode() + "." + ext, size)
+            base = sum(full) - sum(full[148:156]) + 8 * ord(" ") - sum(filler)
+            entry = (full[len(key):148], full[156:], base)
+            if len(self._cache) < 65536:
+                self._cache[(len(key), ext, size)] = entry
+        middle, tail, base = entry
+        return b"".join((key, middle, b"%06o\0 " % (base + key_sum), tail))
+
+
 class ShardWriter:
     """Write one shard under a temp name; ``commit()`` renames it into place and returns its stats."""
 
@@ -106,6 +125,7 @@ class ShardWriter:
         self._sha = hashlib.sha256()
         self.bytes = 0
         self.samples = 0
+        self._headers = _HeaderTemplates()
 
     def _write(self, data: bytes) -> None:
         self._f.write(data)
@@ -115,8 +135,10 @@ class ShardWriter:
     def add(self, key: str, fields: dict[str, bytes]) -> None:
         """One sample: ``fields`` maps extension (``input_ids.npy``) to bytes, written in that order."""
         parts = []
+        key_bytes = key.encode("utf-8")
+        key_sum = sum(key_bytes)
         for ext, data in fields.items():
-            parts.append(tar_header(f"{key}.{ext}", len(data)))
+            parts.append(self._headers.header(key_bytes, key_sum, ext, len(data)))
             parts.append(data)
             if len(data) % BLOCK:
                 parts.append(_ZEROS[: BLOCK - len(data) % BLOCK])

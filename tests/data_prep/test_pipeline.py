@@ -259,3 +259,14 @@ def test_gzip_input_and_dedup_counts_reach_the_manifest(tokenizer_dir, tmp_path)
     corpus = manifest["corpus"]
     assert corpus["dropped_duplicate"] == 10 and corpus["dropped_short"] >= 1
     assert corpus["docs_kept"] == sum(s["documents"] for s in manifest["shards"])
+
+
+def test_literal_special_tokens_in_text_never_reach_samples(tokenizer_dir, tmp_path):
+    docs = ["Some text with a literal [SEP] inside it. And a [MASK] and a [CLS] too, then [PAD] and [UNK]."] * 3
+    docs = [f"{d} Document number {i} keeps going for a while." for i, d in enumerate(docs)]
+    manifest = run_shards([write_lines(tmp_path / "t.txt", docs)], tokenizer_dir, tmp_path / "o",
+                          shards__val_fraction=0.0)
+    assert manifest["splits"]["train"]["samples"] > 0
+    for s in iter_samples(tmp_path / "o", "train"):
+        ids = s["input_ids"]
+        assert ids[0] == CLS and np.count_nonzero(ids == SEP) == 2 and not np.isin(ids, [0, 2, 4])[1:].any()

@@ -77,3 +77,13 @@ def test_keys_and_manifest_errors(tmp_path):
     (tmp_path / "manifest.json").write_text('{"format": "bertforge-wds", "format_version": 99}')
     with pytest.raises(PrepError, match="format_version 99 is not supported"):
         read_manifest(tmp_path)
+
+
+def test_header_templates_match_tar_header():
+    from data_prep.shards import _HeaderTemplates
+
+    templates = _HeaderTemplates()
+    for key in ("train-000001-000002", "val-000000-999999", "train-000001-1000000"):
+        for ext, size in (("input_ids.npy", 384), ("nsp_label.cls", 1), ("input_ids.npy", 384)):
+            kb = key.encode()
+            assert templates.header(kb, sum(kb), ext, size) == tar_header(f"{key}.{ext}", size)
