@@ -115,7 +115,7 @@ def test_submit_pretraining_chains_phase2_after_phase1(slurm, shards, tmp_path):
                     f"--output={tmp_path}/%x-%j.out", "--", *TINY, *data_overrides(shards),
                     env={"PHASE1_CONFIG": "configs/debug.yaml", "PHASE2_CONFIG": "configs/debug.yaml",
                          "RUN_DIR": str(tmp_path), "PHASE1_ARGS": "training.max_steps=6",
-                         "PHASE2_ARGS": "training.max_steps=4 optimizer.lr=1e-3"}).stdout
+                         "PHASE2_ARGS": "training.max_steps=4 optimizer.lr=0.001"}).stdout
     job1 = out.split("phase 1: job ")[1].split()[0]
     job2 = out.split("phase 2: job ")[1].split()[0]
     slurm.submitted += [job1, job2]
@@ -170,3 +170,12 @@ shards: {{seq_len: 128, objective: nsp, masking: static, max_predictions: 20, va
         name = shard["name"]
         assert (single / "shards" / name).read_bytes() == (multi / "shards" / name).read_bytes()
     assert (single / "tokenizer" / "vocab.txt").read_bytes() == (multi / "tokenizer" / "vocab.txt").read_bytes()
+
+
+def test_a_failing_training_fails_the_job_without_requeue(slurm, shards, tmp_path):
+    job = slurm.sbatch(*TEST_SBATCH, f"--output={tmp_path}/slurm-%j.out", SBATCH,
+                       *train_args(tmp_path, shards), "training.global_batch_size=15")  # not divisible: exit 2
+    info = slurm.wait(job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "2:0", "0"), \
+        explain(slurm, tmp_path, job)
+    assert "training failed (exit 2): not requeued" in job_log(tmp_path, job)
