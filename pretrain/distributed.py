@@ -163,12 +163,20 @@ def _mpi_broadcast_master(dist_env: DistEnv, env: Mapping[str, str]) -> Optional
         from mpi4py import MPI
     except ImportError:
         return None
+    except Exception as err:  # mpi4py 4 raises RuntimeError when it finds no MPI library to load
+        print(f"[distributed] mpi4py is installed but unusable ({err}); not broadcasting the master",
+              file=sys.stderr, flush=True)
+        return None
     chosen = None
     if dist_env.rank == 0:
         addr = "127.0.0.1" if single_node(env, dist_env.world_size) else host_address(env)
         port = _int(env, "MASTER_PORT") or free_port(addr)
         chosen = (addr, port)
     addr, port = MPI.COMM_WORLD.bcast(chosen, root=0)
+    if not MPI.Is_finalized():
+        # Training talks over torch.distributed only.  Leaving MPI before the data loader forks
+        # its workers avoids fork-after-MPI_Init trouble (e.g. with InfiniBand verbs).
+        MPI.Finalize()
     return replace(dist_env, master_addr=addr, master_port=port,
                    master_source="rank 0's address and port, broadcast over MPI (mpi4py)")
 

@@ -83,9 +83,10 @@ def fake_mpi4py(monkeypatch):
             sent.append(value)
             return value if fake.from_root is None else fake.from_root
 
-    fake = types.SimpleNamespace(from_root=None, sent=sent)
+    fake = types.SimpleNamespace(from_root=None, sent=sent, finalized=False)
     module = types.ModuleType("mpi4py")
-    module.MPI = types.SimpleNamespace(COMM_WORLD=Comm())
+    module.MPI = types.SimpleNamespace(COMM_WORLD=Comm(), Is_finalized=lambda: fake.finalized,
+                                       Finalize=lambda: setattr(fake, "finalized", True))
     monkeypatch.setitem(sys.modules, "mpi4py", module)
     return fake
 
@@ -120,6 +121,7 @@ def test_mpi4py_rank0_broadcasts_loopback_and_a_free_port_on_one_node(fake_mpi4p
     d = resolve_master_addr(DistEnv(0, 0, 2, "", 29500, "openmpi"), {"OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
     assert fake_mpi4py.sent == [("127.0.0.1", d.master_port)] and d.master_port > 0
     assert d.master_addr == "127.0.0.1" and "broadcast over MPI" in d.master_source
+    assert fake_mpi4py.finalized  # MPI is left before the data loader forks
     assert "[distributed] openmpi: rank 0 (local 0) of 2, master 127.0.0.1:" in capsys.readouterr().err
 
 
@@ -136,6 +138,19 @@ def test_mpi4py_rank0_on_several_nodes_sends_its_network_address(fake_mpi4py, mo
     d = resolve_master_addr(DistEnv(0, 0, 4, "", 29500, "openmpi"),
                             {"OMPI_COMM_WORLD_LOCAL_SIZE": "2", "MASTER_PORT": "4321"})
     assert fake_mpi4py.sent == [("127.0.0.1", 4321)]  # an explicit MASTER_PORT is kept
+
+
+def test_unusable_mpi4py_falls_back_with_a_warning(monkeypatch, capsys):
+    module = types.ModuleType("mpi4py")
+
+    def no_library(name):
+        raise RuntimeError("cannot load MPI library")
+
+    module.__getattr__ = no_library  # `from mpi4py import MPI` fails as mpi4py 4 does without libmpi
+    monkeypatch.setitem(sys.modules, "mpi4py", module)
+    d = resolve_master_addr(DistEnv(0, 0, 2, "", 29500, "pmi"), {"MPI_LOCALNRANKS": "2"})
+    assert d.master_addr == "127.0.0.1"
+    assert "mpi4py is installed but unusable (cannot load MPI library)" in capsys.readouterr().err
 
 
 def test_explicit_master_is_not_broadcast(fake_mpi4py):
