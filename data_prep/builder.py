@@ -96,9 +96,12 @@ def _tokenizer_and_table(settings: ShardSettings):
     return entry[0], entry[1]
 
 
-def init_worker() -> None:
-    """Worker process setup: one tokenizer thread per process, so N workers use N cores."""
+def init_worker(settings: ShardSettings | None = None) -> None:
+    """Worker process setup: one tokenizer thread per process, so N workers use N cores; with
+    ``settings``, load the tokenizer now, while the main process is still reading the first unit."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if settings is not None:
+        _tokenizer_and_table(settings)
 
 
 def build_shard(unit: WorkUnit, settings: ShardSettings) -> dict:

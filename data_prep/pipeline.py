@@ -176,7 +176,7 @@ def _run_units(units: Iterable[WorkUnit], settings: ShardSettings, cfg: PrepConf
     import multiprocessing
 
     with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=init_worker) as pool:
+                             initializer=init_worker, initargs=(settings,)) as pool:
         pending = set()
         try:
             for unit in todo():
