@@ -46,7 +46,8 @@ class CleanConfig:
 class VocabConfig:
     tokenizer: str | None = None  # an existing tokenizer dir / tokenizer.json / vocab.txt; None: train
     vocab_size: int = 30522
-    lowercase: bool = True
+    lowercase: bool | None = None  # None: uncased when training; when importing a bare vocab.txt, its
+    #   tokenizer_config.json's do_lower_case if present, else uncased
     min_frequency: int = 2
     max_text_mb: float | None = None  # train on at most this much cleaned text (None: all of it)
 

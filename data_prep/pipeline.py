@@ -269,7 +269,7 @@ def vocab_fingerprint(cfg: PrepConfig) -> str:
     v = cfg.vocab
     return sha256_text(canonical_json({"files": files, "input": vars(cfg.input) | {"paths": None},
                                        "clean": vars(cfg.clean), "vocab_size": v.vocab_size,
-                                       "lowercase": v.lowercase, "min_frequency": v.min_frequency,
+                                       "lowercase": v.lowercase is not False, "min_frequency": v.min_frequency,
                                        "max_text_mb": v.max_text_mb}))
 
 
@@ -295,7 +295,8 @@ def prepare_vocab(cfg: PrepConfig, out_dir) -> dict:
         policy, counts = ErrorPolicy(cfg.on_error), Counter()
         quiet = ErrorPolicy(cfg.on_error, max_warnings=0)  # the second pass meets the same problems
         passes = iter([lambda: _training_texts(cfg, policy, counts), lambda: _training_texts(cfg, quiet, Counter())])
-        tok = train_wordpiece(lambda: next(passes)(), cfg.vocab.vocab_size, cfg.vocab.lowercase,
+        lowercase = True if cfg.vocab.lowercase is None else cfg.vocab.lowercase
+        tok = train_wordpiece(lambda: next(passes)(), cfg.vocab.vocab_size, lowercase,
                               cfg.vocab.min_frequency)
         counts.update({f"skipped_{k}": v for k, v in policy.counts.items()})
         save_tokenizer_dir(tok, out_dir, {"training_fingerprint": fingerprint, "requested_vocab_size":

@@ -170,3 +170,14 @@ def test_demo_config_resolves_against_its_directory_and_runs(tmp_path, capsys):
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["shards"] >= 4 and manifest["splits"]["val"]["samples"] > 0
     assert Path(REPO / "data_prep" / "assets" / "demo_corpus_en.txt.gz").stat().st_size < 1_000_000
+
+
+def test_importing_a_bare_vocab_txt_follows_its_tokenizer_config(tokenizer_dir, tmp_path):
+    src = tmp_path / "bert"
+    src.mkdir()
+    (src / "vocab.txt").write_text((tokenizer_dir / "vocab.txt").read_text())
+    (src / "tokenizer_config.json").write_text('{"do_lower_case": false}')
+    assert main(["vocab", "--from", str(src / "vocab.txt"), "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "vocab_info.json").read_text())["lowercase"] is False
+    assert main(["vocab", "--from", str(src / "vocab.txt"), "--uncased", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "vocab_info.json").read_text())["lowercase"] is True
