@@ -79,10 +79,12 @@ def encode_documents(texts: list[str], tokenizer, *, max_segment_tokens: int,
     cjk: list[tuple[int, str, list]] = []  # (sentence index, sentence, token offsets) for jieba
     for lo in range(0, len(sentences), ENCODE_BATCH):
         batch = sentences[lo: lo + ENCODE_BATCH]
-        encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
+        has_cjk = [] if is_continuation is None else [i for i, s in enumerate(batch) if CJK_CHAR.search(s)]
+        # encode_batch_fast skips the character offsets; jieba alignment needs them.
+        encode = tokenizer.encode_batch if has_cjk else getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+        encodings = encode(batch, add_special_tokens=False)
         ids_per_sentence.extend(enc.ids for enc in encodings)
-        if is_continuation is not None:
-            cjk.extend((lo + i, s, encodings[i].offsets) for i, s in enumerate(batch) if CJK_CHAR.search(s))
+        cjk.extend((lo + i, batch[i], encodings[i].offsets) for i in has_cjk)
     lengths = np.fromiter((len(x) for x in ids_per_sentence), dtype=np.int64, count=len(ids_per_sentence))
     tokens = np.fromiter(chain.from_iterable(ids_per_sentence), dtype=np.int32, count=int(lengths.sum()))
     word_starts = None
