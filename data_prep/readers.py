@@ -116,9 +116,16 @@ def detect_format(path: Path, stream, requested: str) -> str:
         else Path(name).suffix
     if stem_suffix in EXTENSION_FORMAT:
         return EXTENSION_FORMAT[stem_suffix]
-    if start.startswith(b"{"):
+    if start.startswith(b"{") and _is_json_object(start.split(b"\n", 1)[0]):
         return "jsonl"
     return "text"
+
+
+def _is_json_object(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:  # also a first line cut off by the sniff window: then it is text to us
+        return False
 
 
 def iter_lines(path: Path, stream, max_line_bytes: int, policy: ErrorPolicy) -> Iterator[tuple[int, str | None]]:

@@ -251,3 +251,15 @@ def test_real_compressed_corpora_read(corpora_dir):
             if len(docs) == 500:
                 break
         assert len(docs) == 500 and all(d.text.strip() for d in docs)
+
+
+def test_auto_format_detection(tmp_path):
+    jsonl = tmp_path / "records"
+    jsonl.write_text('{"text": "from a record"}\n')
+    brace = tmp_path / "notes.txt"
+    brace.write_text("{braces} open this plain text line\nsecond line\n")
+    wiki = tmp_path / "wiki_00"
+    wiki.write_text('<doc id="1" title="T">\nT\nbody\n</doc>\n')
+    assert read(jsonl) == ["from a record"]
+    assert read(brace) == ["{braces} open this plain text line", "second line"]
+    assert read(wiki) == ["body"]
