@@ -134,8 +134,9 @@ ctld_up() { [[ $(scontrol ping 2>/dev/null) == *"is UP"* ]]; }
 if ! alive "$D/run/slurmctld.pid"; then
   log "starting slurmctld"; slurmctld -f "$CONF" -i
 fi
-for _ in $(seq 150); do ctld_up && break; sleep 0.1; done
-ctld_up || { log "slurmctld is not up: $D/log/slurmctld.log"; exit 1; }
+for _ in $(seq 150); do alive "$D/run/slurmctld.pid" && ctld_up && break; sleep 0.1; done
+# (another cluster on port 6817 would answer the ping: require our own slurmctld to be alive)
+{ alive "$D/run/slurmctld.pid" && ctld_up; } || { log "slurmctld is not up: $D/log/slurmctld.log"; exit 1; }
 if ! alive "$D/run/slurmd.pid"; then
   log "starting slurmd"; slurmd -f "$CONF" -N localhost
 fi
