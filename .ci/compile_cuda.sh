@@ -57,10 +57,12 @@ for a in "${archs[@]}"; do gencode+=("-gencode=arch=compute_${a},code=sm_${a}");
 nvcc_flags=(-std=c++17 -O3 --use_fast_math -lineinfo -Werror all-warnings
             -Xcompiler -Wall,-Wextra,-Werror -Icsrc "${gencode[@]}")
 
+arch_label=$(printf 'sm_%s,' "${archs[@]}")
+arch_label=${arch_label%,}
 cmds=()   # "name<TAB>command" lines, run by xargs -P
 for f in "${cu_files[@]}"; do
   base=$(basename "$f" .cu)
-  cmds+=("$f (nvcc sm_${archs[*]// /,sm_})"$'\t'"$(printf '%q ' "$NVCC" "${nvcc_flags[@]}" -c "$f" -o "$out/$base.o")")
+  cmds+=("$f (nvcc $arch_label)"$'\t'"$(printf '%q ' "$NVCC" "${nvcc_flags[@]}" -c "$f" -o "$out/$base.o")")
 done
 
 if [ "$cu_only" -eq 0 ] && [ ${#cpp_files[@]} -gt 0 ]; then
