@@ -118,6 +118,7 @@ class Stepper:
 
     def __init__(self, engine, guard: SkippableStep, scheduler, accum: int, device: torch.device):
         self.engine, self.guard, self.scheduler, self.accum, self.device = engine, guard, scheduler, accum, device
+        self.poison_loss = False   # fault injection for tests: make this step's loss NaN
 
     def step(self, next_batch: Callable[[], dict]) -> tuple[dict, bool]:
         """Run the micro-batches; return (summed detached metrics, whether the update was applied)."""
@@ -125,13 +126,14 @@ class Stepper:
         for micro in range(self.accum):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next_batch().items()}
             out = self.engine(**batch)
-            stats = _output_stats(out)
+            loss = out.loss * float("nan") if self.poison_loss else out.loss
+            stats = _output_stats(out, loss)
             totals = stats if totals is None else {k: totals[k] + stats[k] for k in totals}
             if micro == self.accum - 1:
                 # One host sync per optimizer step: every rank must agree whether to skip.
                 bad = all_reduce_sum((~torch.isfinite(totals["loss_sum"])).float().reshape(1))
                 self.guard.skip = bool(bad.item() > 0)
-            self.engine.backward(out.loss)
+            self.engine.backward(loss)
             self.engine.step()
         applied = not self.guard.skip and not _fp16_overflowed(self.engine)
         self.guard.skip = False
@@ -144,15 +146,15 @@ def _fp16_overflowed(engine) -> bool:
     return bool(getattr(engine, "skipped_steps", 0)) and bool(getattr(engine.optimizer, "overflow", False))
 
 
-def _output_stats(out) -> dict:
+def _output_stats(out, loss: torch.Tensor) -> dict:
     """Detached sums for metrics (no host sync here)."""
-    zero = torch.zeros((), device=out.loss.device)
+    zero = torch.zeros((), device=loss.device)
     return {
-        "loss_sum": out.loss.detach().float(),
+        "loss_sum": loss.detach().float(),
         "mlm_loss_sum": out.mlm_loss.detach().float(),
         "sentence_loss_sum": out.sentence_loss.detach().float() if out.sentence_loss is not None else zero,
         "mlm_correct": out.mlm_correct.float(), "mlm_count": out.mlm_count.float(),
         "sentence_correct": out.sentence_correct.float() if out.sentence_correct is not None else zero,
         "sentence_count": out.sentence_count.float() if out.sentence_count is not None else zero,
-        "micro_batches": torch.ones((), device=out.loss.device),
+        "micro_batches": torch.ones((), device=loss.device),
     }

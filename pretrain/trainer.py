@@ -123,7 +123,8 @@ def train(cfg: Config, dist_env: DistEnv, *, stop_after_step: Optional[int] = No
     """Train to ``training.max_steps`` (or checkpoint and return 75 at ``stop_after_step``).
 
     ``fault`` names a fault to inject for tests: ``kill-during-save@STEP`` ends the process
-    abruptly in the middle of the checkpoint save of that step.
+    abruptly in the middle of the checkpoint save of that step; ``nan-loss@A-B`` makes the loss
+    of steps A..B non-finite.
     """
     run_dir = cfg.logging.run_dir
     ckpt_root = os.path.join(run_dir, cfg.checkpoint.dir)
@@ -207,11 +208,13 @@ def _loop(run: Run, state: ckpt.TrainerState, train_split, logger: MetricsLogger
 
     if state.step == 0 and cfg.eval.every_steps:
         logger.log(0, run_eval(run), kind="eval")   # the untrained baseline, for comparison
+    nan_steps = fault_steps(fault, "nan-loss")
     while state.step < t.max_steps:
+        stepper.poison_loss = state.step + 1 in nan_steps
         totals, applied = stepper.step(next_batch)
         state.step += 1
         state.samples_consumed += global_batch
-        window.add(totals)
+        window.add(totals if applied else None)   # a skipped step's NaN stays out of the averages
         if applied:
             consecutive_nonfinite = 0
         else:
@@ -245,6 +248,14 @@ def _loop(run: Run, state: ckpt.TrainerState, train_split, logger: MetricsLogger
     return EXIT_DONE
 
 
+def fault_steps(fault: Optional[str], name: str) -> set[int]:
+    """Steps named by a fault spec ``name@N`` or ``name@A-B`` (empty for another fault or none)."""
+    if not fault or not fault.startswith(name + "@"):
+        return set()
+    first, _, last = fault.split("@", 1)[1].partition("-")
+    return set(range(int(first), int(last or first) + 1))
+
+
 def run_eval(run: Run) -> dict:
     cfg = run.cfg
     val_split = open_split(cfg.data, "val", cfg.training, cfg.model.vocab_size, required=False)
@@ -265,11 +276,14 @@ class _Window:
         self.loader_wait = 0.0
         self.began = time.perf_counter()
 
-    def add(self, totals: dict) -> None:
-        self.totals = totals if self.totals is None else {k: self.totals[k] + totals[k] for k in totals}
+    def add(self, totals: Optional[dict]) -> None:
+        if totals is not None:
+            self.totals = totals if self.totals is None else {k: self.totals[k] + totals[k] for k in totals}
         self.steps += 1
 
     def reduce(self, run: Run, global_batch: int, flops_per_seq: float, peak: Optional[float]) -> dict:
+        if self.totals is None:          # every step of the window was skipped (same on all ranks)
+            return {"perf/step_time_s": (time.perf_counter() - self.began) / max(self.steps, 1)}
         keys = sorted(self.totals)
         local = torch.stack([self.totals[k] for k in keys] + [torch.tensor(float(self.tokens), device=run.device),
                                                                torch.tensor(self.loader_wait, device=run.device)])

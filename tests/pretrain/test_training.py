@@ -8,6 +8,7 @@ run reproduces recorded losses.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -177,3 +178,91 @@ def test_phase2_starts_from_phase1_weights_and_optimizer_state(dynamic_data, tmp
     p2_first = phase2.metrics()[0]
     assert p2_first["train/mlm_loss"] < fresh_first["train/mlm_loss"] - 0.3
     assert sorted(phase2.losses()) == [1, 2, 3]
+
+
+def test_non_finite_losses_are_skipped_counted_and_bounded(dynamic_data, tmp_path):
+    base = TINY + data_overrides(dynamic_data) + ["zero.stage=2", "training.max_nonfinite_steps=3"]
+    skipped = launch(tmp_path / "skip", base + ["training.max_steps=6"], extra_args=["--fault", "nan-loss@3-4"])
+    assert skipped.codes == [0, 0], skipped.explain()
+    assert "step 3: non-finite loss, update skipped (1 in a row, 1 in all)" in skipped.logs[0]
+    assert "step 4: non-finite loss, update skipped (2 in a row, 2 in all)" in skipped.logs[0]
+    records = {r["step"]: r for r in skipped.metrics()}
+    assert records[6]["train/skipped_steps"] == 2
+    assert all(math.isfinite(r["train/loss"]) for s, r in records.items() if s not in (3, 4))
+    stopped = launch(tmp_path / "stop", base + ["training.max_steps=10"], extra_args=["--fault", "nan-loss@2-10"])
+    assert stopped.codes == [1, 1], stopped.explain()
+    assert "3 consecutive steps with a non-finite loss (training.max_nonfinite_steps=3) at step 4" in stopped.logs[0]
+
+
+def test_changed_run_definition_is_refused_on_resume_unless_allowed(dynamic_data, tmp_path):
+    base = TINY + data_overrides(dynamic_data) + ["zero.stage=0"]
+    first = launch(tmp_path / "run", base + ["training.max_steps=4"], nproc=1, extra_args=["--stop-after-step", "2"])
+    assert first.codes == [75], first.explain()
+    changed = launch(tmp_path / "run", base + ["training.max_steps=4", "optimizer.lr=0.5"], nproc=1)
+    assert changed.codes == [2], changed.explain()
+    assert "cannot resume from" in changed.logs[0] and "config: checkpoint" in changed.logs[0]
+    assert "checkpoint.allow_fingerprint_mismatch=true" in changed.logs[0]
+    allowed = launch(tmp_path / "run", base + ["training.max_steps=4", "optimizer.lr=0.5",
+                                              "checkpoint.allow_fingerprint_mismatch=true"], nproc=1)
+    assert allowed.codes == [0], allowed.explain()
+    assert "fingerprint mismatch allowed: config" in allowed.logs[0]
+
+
+def test_dead_rank_gives_an_error_not_a_hang(dynamic_data, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = TINY + data_overrides(dynamic_data) + ["training.max_steps=1000", "zero.stage=2",
+                                                       "training.collective_timeout_s=30"]
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "pretrain", "train", "--config",
+                                       str(REPO / "configs/debug.yaml"), f"logging.run_dir={run_dir}", *overrides],
+                                      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    procs[1].kill()
+    began = time.time()
+    try:
+        code = procs[0].wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        pytest.fail("rank 0 hung after rank 1 died")
+    assert code != 0
+    assert time.time() - began < 120
+
+
+def test_eval_command_matches_the_in_training_evaluation(dynamic_data, tmp_path):
+    run = launch(tmp_path / "run", TINY + data_overrides(dynamic_data) + [
+        "training.max_steps=3", "eval.every_steps=3", "eval.max_batches=0", "eval.micro_batch_size=8"], nproc=1)
+    assert run.codes == [0], run.explain()
+    in_training = run.metrics("eval")[-1]
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "eval", "--checkpoint", str(run.run_dir / "checkpoints"),
+                           "--batch-size", "8", "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    standalone = json.loads(out.read_text())
+    for key in ("eval/mlm_accuracy", "eval/mlm_loss", "eval/sentence_accuracy", "eval/masked_tokens"):
+        assert standalone[key] == pytest.approx(in_training[key], rel=1e-6), key
+    assert "eval/mlm_accuracy" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "pretrain", "eval", "--checkpoint", str(tmp_path / "nope")],
+                         cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "nope does not exist" in bad.stderr
+
+
+def test_demo_command_runs_the_main_job_end_to_end(tmp_path):
+    """The README's main command (`make demo` = `python -m pretrain demo`), shortened."""
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "demo", "--out", str(tmp_path / "demo"),
+                           "training.max_steps=10", "eval.every_steps=5", "eval.max_batches=2",
+                           "logging.progress_bar=false", "checkpoint.every_steps=10"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for line in ("held-out MLM accuracy  step 0:", "HuggingFace export", "transformers.BertForPreTraining fills",
+                 "tensorboard --logdir"):
+        assert line in proc.stdout
+    assert (tmp_path / "demo" / "hf" / "config.json").is_file()
+    assert (tmp_path / "demo" / "run" / "curves.png").is_file()

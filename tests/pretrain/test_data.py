@@ -1,0 +1,137 @@
+"""The training loader: global order, per-rank slices, tar random access, collate, refusals."""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.config import DataConfig, EvalConfig, TrainingConfig
+from pretrain.data import (DataError, DataPosition, GlobalOrder, RankPositions, _EvalPositions, build_eval_loader,
+                           build_train_loader, collate, open_split)
+from tests.pretrain.training_helpers import build_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return build_shards(tmp_path_factory.mktemp("loader"), "dynamic", lines=600)
+
+
+def test_global_order_is_a_permutation_per_epoch_and_differs_between_epochs():
+    sizes = [7, 3, 11, 5]
+    order = GlobalOrder(sizes, seed=3, window_samples=8)
+    n = sum(sizes)
+    epoch0 = [order(p) for p in range(n)]
+    epoch1 = [order(p) for p in range(n, 2 * n)]
+    assert sorted(s for _, s in epoch0) == list(range(n)) and {e for e, _ in epoch0} == {0}
+    assert sorted(s for _, s in epoch1) == list(range(n)) and {e for e, _ in epoch1} == {1}
+    assert [s for _, s in epoch0] != [s for _, s in epoch1]
+    assert [order(p) for p in range(n)] == epoch0                      # pure function of the position
+    assert [GlobalOrder(sizes, seed=4, window_samples=8)(p) for p in range(n)] != epoch0
+
+
+def test_unshuffled_order_is_file_order():
+    order = GlobalOrder([4, 4], seed=1, window_samples=0, shuffle=False)
+    assert [order(p)[1] for p in range(8)] == list(range(8))
+
+
+@pytest.mark.parametrize("world,accum", [(1, 4), (2, 2), (4, 1)])
+def test_each_step_reads_the_same_samples_whatever_the_world_size(world, accum):
+    micro, steps = 3, 5
+    global_batch = micro * accum * world
+    per_rank = []
+    for rank in range(world):
+        positions = RankPositions(start=6 * 12, rank=rank, world_size=world, micro=micro, accum=accum)
+        per_rank.append(list(itertools.islice(iter(positions), micro * accum * steps)))
+    for s in range(steps):
+        taken = sorted(p for rank in per_rank for p in rank[s * micro * accum:(s + 1) * micro * accum])
+        start = 6 * 12 + s * global_batch
+        assert taken == list(range(start, start + global_batch)), "duplicates or gaps in a step"
+
+
+def test_eval_positions_cover_the_split_once_over_ranks():
+    for world in (1, 2, 3):
+        seen = [p for r in range(world) for p in _EvalPositions(total=23, rank=r, world_size=world, micro=4,
+                                                                  max_batches=0)]
+        assert sorted(seen) == list(range(23))
+
+
+def test_collate_pads_to_a_multiple_of_8_with_ignore_labels():
+    examples = [{"input_ids": np.arange(2, 12), "token_type_ids": np.zeros(10, np.uint8),
+                 "masked_lm_positions": np.array([1, 3]), "masked_lm_labels": np.array([5, 6]), "sentence_label": 1},
+                {"input_ids": np.arange(2, 7), "token_type_ids": np.ones(5, np.uint8),
+                 "masked_lm_positions": np.array([2]), "masked_lm_labels": np.array([9]), "sentence_label": 0}]
+    batch = collate(examples, pad_id=0, pad_to_multiple_of=8, max_predictions=4)
+    assert batch["input_ids"].shape == (2, 16)
+    assert batch["attention_mask"].sum(1).tolist() == [10, 5]
+    assert batch["masked_lm_labels"].tolist() == [[5, 6, -100, -100], [9, -100, -100, -100]]
+    assert batch["sentence_labels"].tolist() == [1, 0]
+    assert all(v.dtype == torch.int64 for v in batch.values())
+
+
+def _cfgs(shards: Path, workers: int):
+    data = DataConfig(dir=str(shards / "shards"), tokenizer=str(shards / "tokenizer"), num_workers=workers,
+                      shuffle_buffer=64)
+    training = TrainingConfig(micro_batch_size=4, global_batch_size=8, seq_len=128, max_predictions=20, seed=5)
+    return data, training
+
+
+def _key(batch: dict, i: int) -> tuple:
+    length = int(batch["attention_mask"][i].sum())
+    return tuple(batch["input_ids"][i, :length].tolist())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_rank_loaders_read_the_global_batches_and_resume_mid_stream(shards, workers):
+    data, training = _cfgs(shards, workers)
+    split = open_split(data, "train", training, model_vocab_size=2048)
+    single = iter(build_train_loader(split, data, training, position=DataPosition(0), rank=0, world_size=1,
+                                     accum=2))
+    reference = [_key(b, i) for b in itertools.islice(single, 6) for i in range(4)]
+    ranks = [iter(build_train_loader(split, data, training, position=DataPosition(0), rank=r, world_size=2,
+                                     accum=1)) for r in range(2)]
+    two = [_key(batch, i) for _ in range(3) for batch in (next(ranks[0]), next(ranks[1])) for i in range(4)]
+    assert two == reference                            # same samples, same masks, in the same step order
+    resumed = iter(build_train_loader(split, data, training, position=DataPosition(8), rank=0, world_size=1,
+                                      accum=2))
+    assert [_key(b, i) for b in itertools.islice(resumed, 4) for i in range(4)] == reference[8:]
+
+
+def test_tokenizer_mismatch_is_refused_with_both_hashes(shards, tmp_path):
+    other = build_shards(tmp_path / "other", "dynamic", lines=300)
+    data, training = _cfgs(shards, 0)
+    data.tokenizer = str(other / "tokenizer")
+    with pytest.raises(DataError, match="tokenized with tokenizer .* but data.tokenizer .* hashes to"):
+        open_split(data, "train", training, model_vocab_size=2048)
+
+
+def test_wrong_seq_len_or_small_vocab_or_missing_dir_is_refused(shards, tmp_path):
+    data, training = _cfgs(shards, 0)
+    training.seq_len = 64
+    with pytest.raises(DataError, match="built for seq_len 128 but training.seq_len is 64"):
+        open_split(data, "train", training, model_vocab_size=2048)
+    training.seq_len = 128
+    with pytest.raises(DataError, match="exceeds model.vocab_size 1000"):
+        open_split(data, "train", training, model_vocab_size=1000)
+    data.dir = str(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="nowhere.*manifest.json"):
+        open_split(data, "train", training, model_vocab_size=2048)
+
+
+def test_shard_with_wrong_sample_count_is_named(shards, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(shards / "shards", copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    first_train = next(s for s in manifest["shards"] if s["split"] == "train")
+    first_train["samples"] += 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    data, training = _cfgs(shards, 0)
+    data.dir, data.tokenizer = str(copy), None
+    split = open_split(data, "train", training, model_vocab_size=2048)
+    loader = build_eval_loader(split, data, training, EvalConfig(max_batches=1), rank=0, world_size=1)
+    with pytest.raises(DataError, match=f"{first_train['name']}: holds .* samples but the manifest says"):
+        next(iter(loader))
