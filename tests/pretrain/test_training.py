@@ -34,10 +34,11 @@ def static_data(tmp_path_factory):
     return build_shards(tmp_path_factory.mktemp("sta"), "static")
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_two_ranks_each_zero_stage_reduce_the_loss(dynamic_data, tmp_path, stage):
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "fp32"), (2, "bf16"), (3, "fp32")])
+def test_two_ranks_each_zero_stage_reduce_the_loss(dynamic_data, tmp_path, stage, precision):
     run = launch(tmp_path / "run", TINY + data_overrides(dynamic_data) + [
-        f"zero.stage={stage}", "training.max_steps=16", "optimizer.lr=0.02", "schedule.warmup_steps=2"])
+        f"zero.stage={stage}", f"training.precision={precision}", "training.max_steps=16", "optimizer.lr=0.02",
+        "schedule.warmup_steps=2"])
     assert run.codes == [0, 0], run.explain()
     losses = [r["train/mlm_loss"] for r in run.metrics()]
     assert len(losses) == 16
