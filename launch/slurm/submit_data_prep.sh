@@ -14,6 +14,12 @@ OUT=${2:?usage: $0 NODES OUT_DIR --config FILE [flags ...]}
 shift 2
 read -r -a sbatch_args <<<"${SBATCH_ARGS:-}"
 
+if (( NODES == 1 )); then  # one node writes manifest.json itself: nothing to merge
+  job=$(sbatch --parsable "${sbatch_args[@]}" "$HERE/data_prep.sbatch" run --out "$OUT" "$@")
+  echo "data_prep: job ${job%%;*} -> $OUT"
+  echo "then:      python -m data_prep verify $OUT/shards"
+  exit 0
+fi
 array=$(sbatch --parsable --array="0-$((NODES - 1))" "${sbatch_args[@]}" \
   "$HERE/data_prep.sbatch" run --out "$OUT" "$@")
 array=${array%%;*}
