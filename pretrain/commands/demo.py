@@ -19,7 +19,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import json
     import os
     import subprocess
     import sys

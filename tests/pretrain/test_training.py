@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.pretrain.training_helpers import REPO, TINY, build_shards, data_overrides, free_port, launch
+from tests.pretrain.training_helpers import (REPO, TINY, build_shards, data_overrides, launch, spawn,
+                                             wait_for_logged_steps)
 
 pytestmark = pytest.mark.slow
 GOLDEN = Path(__file__).with_name("golden_losses.json")
@@ -94,18 +95,8 @@ def test_resume_with_another_world_size_continues_the_same_trajectory(dynamic_da
 def test_signal_checkpoints_exits_75_and_resume_finishes(dynamic_data, tmp_path):
     run_dir = tmp_path / "run"
     overrides = TINY + data_overrides(dynamic_data) + ["training.max_steps=400", "zero.stage=2"]
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "pretrain", "train", "--config",
-                                       str(REPO / "configs/debug.yaml"), f"logging.run_dir={run_dir}", *overrides],
-                                      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.2)
+    procs, _ = spawn(run_dir, overrides)
+    wait_for_logged_steps(run_dir, 3)
     for p in procs:              # SLURM's --signal delivers to every task
         p.send_signal(signal.SIGUSR1)
     codes = [p.wait(timeout=120) for p in procs]
@@ -211,20 +202,9 @@ def test_changed_run_definition_is_refused_on_resume_unless_allowed(dynamic_data
 
 def test_dead_rank_gives_an_error_not_a_hang(dynamic_data, tmp_path):
     run_dir = tmp_path / "run"
-    overrides = TINY + data_overrides(dynamic_data) + ["training.max_steps=1000", "zero.stage=2",
-                                                       "training.collective_timeout_s=30"]
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "pretrain", "train", "--config",
-                                       str(REPO / "configs/debug.yaml"), f"logging.run_dir={run_dir}", *overrides],
-                                      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
-        time.sleep(0.2)
+    procs, _ = spawn(run_dir, TINY + data_overrides(dynamic_data) + [
+        "training.max_steps=1000", "zero.stage=2", "training.collective_timeout_s=30"])
+    wait_for_logged_steps(run_dir, 2)
     procs[1].kill()
     began = time.time()
     try:

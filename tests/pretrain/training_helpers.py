@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,9 +79,9 @@ class Launch:
         return "\n".join(f"--- rank {i} (exit {c})\n{log[-4000:]}" for i, (c, log) in enumerate(zip(self.codes, self.logs)))
 
 
-def launch(run_dir: Path, overrides: list[str], nproc: int = 2, extra_args: list[str] = (),
-           config: str = "configs/debug.yaml", timeout: int = 300, env: dict | None = None) -> Launch:
-    """Run `python -m pretrain train` on ``nproc`` local ranks; wait for all of them."""
+def spawn(run_dir: Path, overrides: list[str], nproc: int = 2, extra_args: list[str] = (),
+          config: str = "configs/debug.yaml", env: dict | None = None) -> tuple[list, list[Path]]:
+    """Start `python -m pretrain train` on ``nproc`` local ranks; return (processes, log paths)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs, log_paths = [], []
@@ -95,6 +96,24 @@ def launch(run_dir: Path, overrides: list[str], nproc: int = 2, extra_args: list
                 [sys.executable, "-m", "pretrain", "train", "--config", str(REPO / config),
                  f"logging.run_dir={run_dir}", *overrides, *extra_args],
                 cwd=REPO, env=rank_env, stdout=log, stderr=subprocess.STDOUT))
+    return procs, log_paths
+
+
+def wait_for_logged_steps(run_dir: Path, steps: int, timeout: float = 180) -> None:
+    """Block until metrics.jsonl holds ``steps`` lines (the run is well into training)."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{metrics} did not reach {steps} lines in {timeout} s")
+
+
+def launch(run_dir: Path, overrides: list[str], nproc: int = 2, extra_args: list[str] = (),
+           config: str = "configs/debug.yaml", timeout: int = 300, env: dict | None = None) -> Launch:
+    """Run `python -m pretrain train` on ``nproc`` local ranks; wait for all of them."""
+    procs, log_paths = spawn(run_dir, overrides, nproc, extra_args, config, env)
     codes = []
     for p in procs:
         try:
