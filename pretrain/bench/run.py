@@ -180,7 +180,8 @@ class Runner:
             offset = record["steps_run"]
             fn = self.step_fn(case, step, bs)
             began = time.perf_counter()
-            times = time_steps(lambda i: fn(offset + i), self.device, warmup=warmup, steps=steps)
+            times = time_steps(lambda i: fn(offset + i), self.device, warmup=warmup, steps=steps,
+                               cpu_times=record["cpu_times_s"] if self.device.type == "cpu" else None)
             record["wall_s"] += time.perf_counter() - began
             record["steps_run"] += warmup + steps
             record["times_s"] += times
@@ -199,7 +200,7 @@ class Runner:
     def _new_record(self, case: Case) -> dict:
         return {"system": case.system, "model": case.model, "seq_len": case.seq_len,
                 "micro_batch": case.micro_batch, "variant": case.name, "precision": self.precision,
-                "status": "ok", "times_s": [], "steps_run": 0, "wall_s": 0.0, "load_avg_1m": [],
+                "status": "ok", "times_s": [], "cpu_times_s": [], "steps_run": 0, "wall_s": 0.0, "load_avg_1m": [],
                 "peak_memory_gb": None}
 
     def finish(self, record: dict, case: Case) -> dict:
@@ -216,6 +217,8 @@ class Runner:
         peak = _peak(self.device, self.spec.peak_tflops)
         tflops = rows * flops / median / 1e12
         record.update(stats)
+        if record["cpu_times_s"]:
+            record["cpu_time_median_s"] = summarize(record["cpu_times_s"])["median_s"]
         record.update({
             "seq_per_s": seqs / median, "rows_per_s": rows / median,
             "seq_per_s_iqr": [seqs / stats["p75_s"], seqs / stats["p25_s"]],

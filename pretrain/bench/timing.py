@@ -21,8 +21,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Callable[[int], None], device: torch.device, *, warmup: int, steps: int) -> list[float]:
-    """Run ``warmup`` then ``steps`` steps (``step(i)`` runs step i); seconds of each timed step."""
+def time_steps(step: Callable[[int], None], device: torch.device, *, warmup: int, steps: int,
+               cpu_times: Optional[list] = None) -> list[float]:
+    """Run ``warmup`` then ``steps`` steps (``step(i)`` runs step i); seconds of each timed step.
+
+    On CPU, ``cpu_times`` (when given) receives each step's process CPU time too: with one
+    thread it hardly moves when other processes share the cores, unlike the wall time.
+    """
     for i in range(warmup):
         step(i)
     synchronize(device)
@@ -37,9 +42,11 @@ def time_steps(step: Callable[[int], None], device: torch.device, *, warmup: int
         return [start.elapsed_time(end) / 1e3 for start, end in events]
     times = []
     for i in range(steps):
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         step(warmup + i)
         times.append(time.perf_counter() - began)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - began_cpu)
     return times
 
 
