@@ -1,9 +1,10 @@
 """launch/mpi/run.sh under a real mpirun (Debian's OpenMPI), with and without mpi4py.
 
-Both runs train the TINY debug config on 2 ranks with no MASTER_ADDR/MASTER_PORT anywhere:
-with mpi4py, rank 0 broadcasts 127.0.0.1 and a free port over MPI; without it (an mpi4py that
-fails to import shadows the installed one), every rank falls back to 127.0.0.1 and a port
-derived from the MPI job id.  The two trajectories must be identical.
+The one-host runs train the TINY debug config on 2 ranks with no MASTER_ADDR/MASTER_PORT
+anywhere: without mpi4py (an mpi4py that fails to import shadows the installed one) every rank
+falls back to 127.0.0.1 and a port derived from the MPI job id; with mpi4py, rank 0 broadcasts
+127.0.0.1 and a free port over MPI.  Then one rank on each of two network-namespace "hosts".
+All trajectories must be identical.
 """
 from __future__ import annotations
 
@@ -46,29 +47,29 @@ def mpi_train(run_dir: Path, shards: Path, env: dict | None = None) -> tuple[int
 
 
 @pytest.fixture(scope="module")
-def with_mpi4py(mpirun, shards, tmp_path_factory):
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install 'bertforge[mpi]')")
-    return mpi_train(tmp_path_factory.mktemp("mpi4py"), shards)
+def without_mpi4py(mpirun, shards, tmp_path_factory):
+    """The reference run: an mpi4py that fails to import shadows the installed one (if any)."""
+    tmp = tmp_path_factory.mktemp("no-mpi4py")
+    (tmp / "shadow" / "mpi4py").mkdir(parents=True)
+    (tmp / "shadow" / "mpi4py" / "__init__.py").write_text("raise ImportError('mpi4py hidden by the test')\n")
+    return mpi_train(tmp / "run", shards, env={"PYTHONPATH": str(tmp / "shadow")})
 
 
-def test_mpirun_trains_to_completion_with_mpi4py_broadcasting_the_master(with_mpi4py):
-    code, log, losses = with_mpi4py
-    assert code == 0, log[-6000:]
-    assert "[distributed] openmpi: rank 0 (local 0) of 2, master 127.0.0.1:" in log
-    assert "(rank 0's address and port, broadcast over MPI (mpi4py))" in log
-    assert sorted(losses) == list(range(1, STEPS + 1))
-
-
-def test_mpirun_trains_without_mpi4py_and_matches(mpirun, shards, tmp_path, with_mpi4py):
-    shadow = tmp_path / "shadow" / "mpi4py"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError('mpi4py hidden by the test')\n")
-    code, log, losses = mpi_train(tmp_path / "run", shards, env={"PYTHONPATH": str(shadow.parent)})
+def test_mpirun_trains_to_completion_without_mpi4py(without_mpi4py):
+    code, log, losses = without_mpi4py
     assert code == 0, log[-6000:]
     assert "[distributed] openmpi: rank 0 (local 0) of 2, master 127.0.0.1:" in log
     assert "(one node, no mpi4py: loopback)" in log
-    assert losses == with_mpi4py[2] and len(losses) == STEPS
+    assert sorted(losses) == list(range(1, STEPS + 1))
 
+
+def test_mpirun_with_mpi4py_broadcasting_the_master_matches(mpirun, shards, tmp_path, without_mpi4py):
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install 'bertforge[mpi]')")
+    code, log, losses = mpi_train(tmp_path, shards)
+    assert code == 0, log[-6000:]
+    assert "[distributed] openmpi: rank 0 (local 0) of 2, master 127.0.0.1:" in log
+    assert "(rank 0's address and port, broadcast over MPI (mpi4py))" in log
+    assert losses == without_mpi4py[2] and len(losses) == STEPS
 
 NETNS = {"10.77.0.1": "bfhost0", "10.77.0.2": "bfhost1"}  # test hosts this test creates, and only these
 
@@ -102,15 +103,23 @@ def netns_hosts():
             _ip("netns", "del", ns)
 
 
-def test_mpirun_over_two_hosts_in_network_namespaces(mpirun, shards, tmp_path, netns_hosts, with_mpi4py):
+def test_mpirun_over_two_hosts_in_network_namespaces(mpirun, shards, tmp_path, netns_hosts, without_mpi4py):
     """One rank per "host"; mpirun starts the remote daemon through netns_rsh.sh (its ssh); rank 0
-    broadcasts its bf0 address over MPI; gloo talks over bf0.  Same losses as on one host."""
+    broadcasts its bf0 address over MPI (without mpi4py: MASTER_ADDR, exported here, suffices);
+    gloo talks over bf0.  Same losses as on one host."""
     agent = REPO / "launch" / "mpi" / "testing" / "netns_rsh.sh"
     first, _ = netns_hosts
+    try:
+        import mpi4py  # noqa: F401
+        broadcast = True
+    except ImportError:
+        broadcast = False
     run_env = {k: v for k, v in os.environ.items()
                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     run_env.update(PYTHON=sys.executable, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="bf0",
                    NETNS_HOSTS=" ".join(f"{a}={n}" for a, n in NETNS.items()))
+    if not broadcast:
+        run_env["MASTER_ADDR"] = first
     run_dir = tmp_path / "run"
     proc = subprocess.run(["ip", "netns", "exec", NETNS[first], "bash", str(RUN_SH), "-np", "2",
                            "-H", ",".join(netns_hosts), "--mca", "plm_rsh_agent", str(agent),
@@ -122,6 +131,6 @@ def test_mpirun_over_two_hosts_in_network_namespaces(mpirun, shards, tmp_path, n
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert f"[distributed] openmpi: rank 0 (local 0) of 2, master {first}:" in log
-    assert "broadcast over MPI (mpi4py)" in log
+    assert ("broadcast over MPI (mpi4py)" if broadcast else "(MASTER_ADDR)") in log
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert {r["step"]: r["train/loss"] for r in rows if r["kind"] == "train"} == with_mpi4py[2]
+    assert {r["step"]: r["train/loss"] for r in rows if r["kind"] == "train"} == without_mpi4py[2]
