@@ -45,6 +45,7 @@ class Variant:
     kernels: str = "torch"      # torch: SDPA + torch LayerNorm + reference LAMB; ops: pretrain.ops kernels
     optimizer: str = "lamb"     # lamb | adamw
     packing: bool = False       # several instances per row, block-diagonal attention
+    unpad: bool = False         # model.unpad: token-wise work on real tokens only
     mlm_head: str = "sparse"    # sparse: masked positions only; dense: every token (as HF)
     compile: bool = False       # torch.compile the model
     deepspeed: bool = False     # through the training engine (DeepSpeed)
@@ -57,13 +58,15 @@ class Variant:
 
 # token, field, the default the token departs from (the token sets the other value)
 _TOKENS = [("ops", "kernels", "torch"), ("adamw", "optimizer", "lamb"), ("packing", "packing", False),
-           ("dense", "mlm_head", "sparse"), ("compile", "compile", False), ("deepspeed", "deepspeed", False)]
+           ("unpad", "unpad", False), ("dense", "mlm_head", "sparse"), ("compile", "compile", False),
+           ("deepspeed", "deepspeed", False)]
 _SET = {"ops": ("kernels", "ops"), "adamw": ("optimizer", "adamw"), "packing": ("packing", True),
+        "unpad": ("unpad", True),
         "dense": ("mlm_head", "dense"), "compile": ("compile", True), "deepspeed": ("deepspeed", True)}
 
 
 def parse_variant(text: str) -> Variant:
-    """``default`` or tokens joined by ``+``: ops, adamw, packing, dense, compile, deepspeed."""
+    """``default`` or tokens joined by ``+``: ops, adamw, packing, unpad, dense, compile, deepspeed."""
     fields = {}
     for token in text.split("+"):
         token = token.strip()
@@ -99,6 +102,7 @@ class OursStep:
                                      lamb="fused" if ops else "reference", compile=variant.compile)
         self.variant, self.precision, self.device = variant, precision, device
         self.model = build_model(model_cfg, self.kernels).to(device).train()
+        self.model.unpad = variant.unpad
         opt_cfg = OptimizerConfig(name=variant.optimizer, lr=1e-3 if variant.optimizer == "lamb" else 1e-4)
         if variant.deepspeed:
             self._init_engine(model_cfg, opt_cfg)

@@ -106,6 +106,28 @@ class Embeddings(nn.Module):
         return x if self.projection is None else self.projection(x)
 
 
+class Unpadded:
+    """Where the real tokens of a padded [B, S] batch lie, to skip the padding (``model.unpad``).
+
+    Token-wise work (every matmul but attention's two, LayerNorm, dropout, GELU) then runs on the
+    T real tokens only, [T, ...]; attention pads its q/k/v back to [B, S] (zeros at padding, which
+    the key mask hides) and unpads its output.  ``nonzero`` gives T: a host sync on CUDA, none on CPU.
+    """
+
+    def __init__(self, real: torch.Tensor):
+        self.batch, self.seq = real.shape
+        self.index = real.reshape(-1).nonzero().squeeze(1)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, S, ...] -> [T, ...]"""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, ...] -> [B, S, ...], zeros at the padding."""
+        out = x.new_zeros((self.batch * self.seq,) + x.shape[1:]).index_copy(0, self.index, x)
+        return out.view(self.batch, self.seq, *x.shape[1:])
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused QKV matmul; rows of qkv are [query; key; value]."""
 
@@ -118,11 +140,15 @@ class SelfAttention(nn.Module):
         self.num_heads, self.dropout_p = cfg.num_heads, cfg.attention_dropout
         self.core = ATTENTION_IMPLS[impl]
 
-    def forward(self, x, keep):
-        batch, seq, hidden = x.shape
-        q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    def forward(self, x, keep, tokens: Unpadded | None = None):
+        qkv = self.qkv(x)
+        if tokens is not None:
+            qkv = tokens.pad(qkv)
+        batch, seq = qkv.shape[:2]
+        q, k, v = qkv.view(batch, seq, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         context = self.core(q, k, v, keep, self.dropout_p if self.training else 0.0)
-        return self.out(context.transpose(1, 2).reshape(batch, seq, hidden))
+        context = context.transpose(1, 2).reshape(batch, seq, -1)
+        return self.out(context if tokens is None else tokens.unpad(context))
 
 
 class FeedForward(nn.Module):
@@ -146,16 +172,16 @@ class Layer(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.pre_ln = cfg.layer_norm_position == "pre"
 
-    def forward(self, h, keep):
+    def forward(self, h, keep, tokens: Unpadded | None = None):
         if self.pre_ln:
-            return self.forward_pre_ln(h, keep)
-        h = self.attention_norm(self.dropout(self.attention(h, keep)), residual=h)
+            return self.forward_pre_ln(h, keep, tokens)
+        h = self.attention_norm(self.dropout(self.attention(h, keep, tokens)), residual=h)
         return self.ffn_norm(self.dropout(self.ffn(h)), residual=h)
 
-    def forward_pre_ln(self, h, keep):
+    def forward_pre_ln(self, h, keep, tokens: Unpadded | None = None):
         # The second LN also hands back the residual sum, so a fused kernel does both in one pass.
         x = self.attention_norm(h)
-        x, h = self.ffn_norm(self.dropout(self.attention(x, keep)), residual=h, return_sum=True)
+        x, h = self.ffn_norm(self.dropout(self.attention(x, keep, tokens)), residual=h, return_sum=True)
         return h + self.dropout(self.ffn(x))
 
 
@@ -168,9 +194,9 @@ class Encoder(nn.Module):
         pre = cfg.layer_norm_position == "pre"
         self.final_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, kernels.layer_norm) if pre else None
 
-    def forward(self, h, keep):
+    def forward(self, h, keep, tokens: Unpadded | None = None):
         for i in range(self.num_layers):
-            h = self.layers[i % len(self.layers)](h, keep)
+            h = self.layers[i % len(self.layers)](h, keep, tokens)
         return h if self.final_norm is None else self.final_norm(h)
 
 
@@ -228,10 +254,18 @@ def gather_positions(hidden, positions):
 
 
 class BertForPretraining(nn.Module):
+    unpad: bool = False
+    """Skip the padding: run token-wise work on real tokens only (see :class:`Unpadded`).  The
+    outputs are those of the padded computation; the dropout draws and the summation order differ.
+    Off by default: its ``nonzero`` is a host sync on CUDA (packed rows are the sync-free way to
+    spend no FLOPs on padding); on CPU it costs nothing.  ``kernels.unpad``, once that exists,
+    turns it on."""
+
     def __init__(self, cfg: ModelConfig, kernels: KernelsConfig | None = None):
         super().__init__()
         kernels = kernels or KernelsConfig()
         self.config, self.kernels = cfg, kernels
+        self.unpad = bool(getattr(kernels, "unpad", False))
         self.embeddings = Embeddings(cfg, kernels.layer_norm)
         self.encoder = Encoder(cfg, kernels)
         self.mlm_head = MaskedLMHead(cfg, kernels.layer_norm)
@@ -261,7 +295,12 @@ class BertForPretraining(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
         keep = build_attention_mask(attention_mask, segment_ids)
-        return self.encoder(self.embeddings(input_ids, token_type_ids, position_ids), keep)
+        real = segment_ids > 0 if segment_ids is not None else attention_mask
+        if not self.unpad or real is None:
+            return self.encoder(self.embeddings(input_ids, token_type_ids, position_ids), keep)
+        tokens = Unpadded(real.bool())
+        ids, types, positions = (tokens.unpad(t) for t in (input_ids, token_type_ids, position_ids))
+        return tokens.pad(self.encoder(self.embeddings(ids, types, positions), keep, tokens))
 
     def mlm_logits(self, hidden, masked_lm_positions=None):
         """[B*P, vocab_size] logits at masked_lm_positions, or [B*S, vocab_size] at every position."""

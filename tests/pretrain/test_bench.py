@@ -106,6 +106,86 @@ def test_packed_and_unpacked_logits_are_equal_for_the_same_instances():
 
 
 # ---------------------------------------------------------------------------------------------
+# Model fast path: model.unpad (token-wise work on real tokens only) computes the same function
+# ---------------------------------------------------------------------------------------------
+UNPAD_CASES = {
+    "bert_post_ln": {},
+    "bert_pre_ln": dict(layer_norm_position="pre"),
+    "albert_factorized_shared": dict(arch="albert", embedding_size=16, share_layers=True, sentence_head="sop"),
+}
+
+
+def padded_and_unpadded(overrides, kernels=None):
+    import copy
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                      max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0, **overrides)
+    model = build_model(cfg, kernels)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))   # off the init, so mix-ups would show
+    fast = copy.deepcopy(model)
+    fast.unpad = True
+    return model, fast
+
+
+def unpad_batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, 101, (4, 16), generator=g)
+    mask = torch.ones(4, 16, dtype=torch.long)
+    mask[1, 11:] = 0
+    mask[2, 5:] = 0
+    mask[3, 1:] = 0                     # only [CLS] left
+    types = torch.zeros_like(ids)
+    types[:, 6:] = 1
+    pos = torch.tensor([[1, 4, 7, 14], [2, 3, 9, 0], [1, 3, 0, 0], [0, 0, 0, 0]])
+    labels = torch.tensor([[11, 12, 13, 14], [15, 16, 17, -100], [18, 19, -100, -100], [-100] * 4])
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=types, masked_lm_positions=pos,
+                masked_lm_labels=labels, sentence_labels=torch.tensor([0, 1, 1, 0]))
+
+
+@pytest.mark.parametrize("case", list(UNPAD_CASES))
+def test_unpad_gives_the_padded_outputs_and_gradients(case):
+    model, fast = padded_and_unpadded(UNPAD_CASES[case])
+    b = unpad_batch()
+    ref, out = model(**b), fast(**b)
+    ref.loss.backward()
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.mlm_logits, ref.mlm_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.sentence_logits, ref.sentence_logits, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    # real tokens of encode() agree too; padding comes back as zeros
+    kwargs = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    h_ref, h = model.encode(**kwargs), fast.encode(**kwargs)
+    real = b["attention_mask"].bool()
+    torch.testing.assert_close(h[real], h_ref[real], rtol=1e-5, atol=1e-5)
+    assert (h[~real] == 0).all()
+
+
+def test_unpad_with_packed_rows_and_the_ops_kernel_paths():
+    from pretrain.config import KernelsConfig
+    model, fast = padded_and_unpadded({}, KernelsConfig(attention="reference", layer_norm="reference"))
+    b = unpad_batch()
+    segments = torch.zeros(4, 16, dtype=torch.long)
+    segments[0, :7], segments[0, 7:15] = 1, 2
+    segments[1, :16] = 1
+    segments[2, :3], segments[2, 3:9], segments[2, 9:10] = 1, 2, 3
+    segments[3, :1] = 1
+    packed = {k: v for k, v in b.items() if k != "attention_mask"} | {"segment_ids": segments}
+    ref, out = model(**packed), fast(**packed)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.mlm_logits, ref.mlm_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_unpad_is_off_by_default_and_does_not_change_the_default_path():
+    model = build_model(ModelConfig(vocab_size=101, hidden_size=32, num_layers=1, num_heads=4,
+                                    intermediate_size=64, max_position_embeddings=64))
+    assert model.unpad is False
+
+
+# ---------------------------------------------------------------------------------------------
 # The systems
 # ---------------------------------------------------------------------------------------------
 def test_ours_and_the_peer_compute_the_same_loss_on_the_same_batch():
@@ -126,7 +206,7 @@ def test_ours_and_the_peer_compute_the_same_loss_on_the_same_batch():
     torch.testing.assert_close(ours_loss, peer_loss, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["default", "adamw", "packing", "dense", "ops"])
+@pytest.mark.parametrize("name", ["default", "adamw", "packing", "unpad", "dense", "ops"])
 def test_every_variant_trains(name):
     variant = systems.parse_variant(name)
     torch.manual_seed(0)
