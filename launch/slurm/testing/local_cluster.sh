@@ -52,7 +52,8 @@ t0=$SECONDS
 [[ $(id -u) == 0 ]] || cannot "not root (apt-get and the daemons need it)"
 PKGS=(slurmctld slurmd slurm-client munge)
 missing=()
-for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+installed() { [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == "install ok installed" ]]; }
+for p in "${PKGS[@]}"; do installed "$p" || missing+=("$p"); done
 if (( ${#missing[@]} )); then
   command -v apt-get >/dev/null || cannot "${missing[*]} missing and no apt-get"
   log "installing ${missing[*]} (Debian)"
