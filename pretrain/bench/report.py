@@ -30,23 +30,32 @@ def _fmt(value: Optional[float], digits: int = 1) -> str:
     return f"{value:.{digits}f}"
 
 
-def _row(r: dict, ratio: Optional[float], cpu_column: bool) -> str:
+COLUMNS = ["model", "seq", "system", "micro batch", "step ms, median (IQR)", "CPU s/step", "seq/s",
+           "real tokens/s", "TFLOP/s", "MFU", "peak mem GB", "host syncs/step", "ours/peer seq/s"]
+OPTIONAL = {"CPU s/step": "cpu_time_median_s", "host syncs/step": "host_syncs_per_step"}
+
+
+def _cells(r: dict, ratio: Optional[float]) -> dict:
     system = "HF peer" if r["system"] == "peer" else f"ours: {r['variant']}"
+    cells = {"model": r["model"], "seq": str(r["seq_len"]), "system": system, "micro batch": str(r["micro_batch"])}
     if r["status"] != "ok":
-        return (f"| {r['model']} | {r['seq_len']} | {system} | {r['micro_batch']} | {r['status']} |"
-                + " - |" * (8 if cpu_column else 7))
-    step = f"{r['median_s'] * 1e3:,.0f} ({r['p25_s'] * 1e3:,.0f}-{r['p75_s'] * 1e3:,.0f})"
-    cpu = f" {_fmt(r.get('cpu_time_median_s'), 2)} |" if cpu_column else ""
-    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-    return (f"| {r['model']} | {r['seq_len']} | {system} | {r['micro_batch']} | {step} |{cpu} {_fmt(r['seq_per_s'])} | "
-            f"{_fmt(r['real_tokens_per_s'], 0)} | {_fmt(r['tflops'], 2)} | {mfu} | {_fmt(r['peak_memory_gb'], 1)} | "
-            f"{'-' if ratio is None else f'{ratio:.2f}x'} |")
+        return cells | {"step ms, median (IQR)": r["status"]}
+    syncs = r.get("host_syncs_per_step")
+    return cells | {
+        "step ms, median (IQR)": f"{r['median_s'] * 1e3:,.0f} ({r['p25_s'] * 1e3:,.0f}-{r['p75_s'] * 1e3:,.0f})",
+        "CPU s/step": _fmt(r.get("cpu_time_median_s"), 2),
+        "seq/s": _fmt(r["seq_per_s"]), "real tokens/s": _fmt(r["real_tokens_per_s"], 0),
+        "TFLOP/s": _fmt(r["tflops"], 2), "MFU": f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-",
+        "peak mem GB": _fmt(r["peak_memory_gb"], 1), "host syncs/step": "-" if syncs is None else str(syncs),
+        "ours/peer seq/s": "-" if ratio is None else f"{ratio:.2f}x",
+    }
 
 
 def markdown(data: dict) -> str:
     meta = data["meta"]
     ratio_of = {(x["model"], x["seq_len"], x["variant"]): x["seq_per_s_ratio"] for x in data["ratios"]}
-    cpu_column = any(r.get("cpu_time_median_s") is not None for r in data["results"])
+    columns = [c for c in COLUMNS
+               if c not in OPTIONAL or any(r.get(OPTIONAL[c]) is not None for r in data["results"])]
     lines = [
         f"Device: {meta['device']}; torch {meta['torch']}, transformers {meta['transformers']}; "
         f"precision {meta['precision']}; {meta['warmup']} warm-up + {meta['steps']} timed steps"
@@ -57,13 +66,13 @@ def markdown(data: dict) -> str:
         "",
         f"Command: `{meta['command']}`",
         "",
-        "| model | seq | system | micro batch | step ms, median (IQR) |" + (" CPU s/step |" if cpu_column else "")
-        + " seq/s | real tokens/s | TFLOP/s | MFU | peak mem GB | ours/peer seq/s |",
-        "|---|---|---|---|---|" + ("---|" if cpu_column else "") + "---|---|---|---|---|---|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     for r in data["results"]:
-        lines.append(_row(r, ratio_of.get((r["model"], r["seq_len"], r["variant"])) if r["system"] == "ours"
-                          else None, cpu_column))
+        ratio = ratio_of.get((r["model"], r["seq_len"], r["variant"])) if r["system"] == "ours" else None
+        cells = _cells(r, ratio)
+        lines.append("| " + " | ".join(cells.get(c, "-") for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 

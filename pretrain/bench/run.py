@@ -27,7 +27,8 @@ import torch
 
 from pretrain.bench import batches as batch_lib
 from pretrain.bench import systems
-from pretrain.bench.timing import find_max_batch, free_memory, is_oom, summarize, synchronize, time_steps
+from pretrain.bench.timing import (count_host_syncs, find_max_batch, free_memory, is_oom, summarize, synchronize,
+                                   time_steps)
 
 
 @dataclass
@@ -185,6 +186,10 @@ class Runner:
             record["wall_s"] += time.perf_counter() - began
             record["steps_run"] += warmup + steps
             record["times_s"] += times
+            if self.device.type == "cuda" and "host_syncs_per_step" not in record:
+                step_index = offset + warmup + steps
+                record["host_syncs_per_step"] = count_host_syncs(lambda: fn(step_index), self.device)
+                record["steps_run"] += 1
             if self.device.type == "cuda":
                 peak = (torch.cuda.max_memory_allocated(self.device) - before) / 2**30
                 record["peak_memory_gb"] = max(record.get("peak_memory_gb") or 0.0, peak)

@@ -50,6 +50,24 @@ def time_steps(step: Callable[[int], None], device: torch.device, *, warmup: int
     return times
 
 
+def count_host_syncs(run: Callable[[], None], device: torch.device) -> Optional[int]:
+    """Host synchronizations during ``run()`` (CUDA only: torch's sync debug mode warns on each
+    ``.item()``, blocking copy, ``nonzero``...); None on CPU, where the question does not arise."""
+    if device.type != "cuda":
+        return None
+    import warnings
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize(device)
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
 def summarize(times: list[float]) -> dict:
     """Median, quartiles, min and max of step times (seconds)."""
     ordered = sorted(times)

@@ -275,12 +275,14 @@ def test_cli_runs_a_tiny_benchmark_and_writes_json_markdown_png(tmp_path, capsys
     for r in data["results"]:
         assert r["status"] == "ok" and r["steps"] == 4 and len(r["load_avg_1m"]) == 2
         assert r["seq_per_s"] > 0 and r["tflops"] > 0 and r["mfu"] is None
+        assert len(r["cpu_times_s"]) == 4 and "host_syncs_per_step" not in r
     assert {r["variant"] for r in data["ratios"]} == {"default", "packing"}
     assert [r["micro_batch"] for r in data["sweep"]] == [2, 2]
     assert data["meta"]["device_type"] == "cpu" and data["meta"]["command"].startswith("python -m pretrain bench")
     text = md.read_text()
     assert "keep me\n" in text and "keep me too" in text and "## Training throughput" in text
     assert text.count("<!-- bench:train:cpu:begin -->") == 1 and "| tiny | 32 | HF peer | 4 |" in text
+    assert "| CPU s/step |" in text and "host syncs/step" not in text
     assert (tmp_path / "b.png").stat().st_size > 1000
     assert "ours[default] / HF peer" in capsys.readouterr().out
     # a rerun replaces its own block and nothing else
@@ -310,5 +312,6 @@ def test_gpu_benchmark_searches_the_batch_and_reports_mfu_and_memory(tmp_path):
     assert data["meta"]["precision"] == "bf16" and data["meta"]["timing"].startswith("cuda events")
     for r in data["results"]:
         assert r["status"] == "ok" and r["micro_batch"] == 64 and r["peak_memory_gb"] > 0
+        assert isinstance(r["host_syncs_per_step"], int)
         if data["meta"]["peak_tflops"]:
             assert 0 < r["mfu"] < 1
