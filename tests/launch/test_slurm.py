@@ -179,3 +179,20 @@ def test_a_failing_training_fails_the_job_without_requeue(slurm, shards, tmp_pat
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "2:0", "0"), \
         explain(slurm, tmp_path, job)
     assert "training failed (exit 2): not requeued" in job_log(tmp_path, job)
+
+
+def test_usr1_before_the_tasks_handle_it_still_counts_as_a_stop(slurm, tmp_path):
+    """A stop signal that kills tasks still starting up (no handler yet: exit 138) is treated as a
+    stop, not a failure: requeued, here up to MAX_REQUEUES=0, so the job gives up with 75."""
+    fake = tmp_path / "python"  # stands in for an interpreter still importing torch
+    fake.write_text(f'#!/bin/bash\ntouch "{tmp_path}/started.$SLURM_PROCID"\nexec sleep 120\n')
+    fake.chmod(0o755)
+    job = slurm.sbatch(*TEST_SBATCH, f"--output={tmp_path}/slurm-%j.out", SBATCH, "--config", "unused.yaml",
+                       env={"PYTHON": str(fake), "MAX_REQUEUES": "0"})
+    slurm.wait(job, until=lambda info: len(list(tmp_path.glob("started.*"))) == 2
+               or info["JobState"] not in ("PENDING", "RUNNING"))
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
+    info = slurm.wait(job, timeout=60)
+    log = job_log(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "75:0"), explain(slurm, tmp_path, job)
+    assert "tasks stopped by SIGUSR1 while starting (exit 138)" in log and "giving up" in log
