@@ -119,23 +119,28 @@ def clean_documents(docs: Iterable, options: CleanOptions, counts: Counter) -> I
     """Clean, filter and de-duplicate a document stream, counting what is dropped and why.
 
     ``counts`` gets: docs_read, docs_kept, dropped_empty, dropped_short, dropped_duplicate,
-    chars_read, chars_kept.
+    chars_read, chars_kept (added when the stream ends or is closed).
     """
     seen = HashSet64() if options.dedup else None
-    for doc in docs:
-        counts["docs_read"] += 1
-        counts["chars_read"] += len(doc.text)
-        text = clean_text(doc.text, options)
-        if not text:
-            counts["dropped_empty"] += 1
-            continue
-        if len(text) < options.min_doc_chars:
-            counts["dropped_short"] += 1
-            continue
-        digest = text_digest(text)
-        if seen is not None and not seen.add(int.from_bytes(digest[:8], "little")):
-            counts["dropped_duplicate"] += 1
-            continue
-        counts["docs_kept"] += 1
-        counts["chars_kept"] += len(text)
-        yield CleanDoc(text, doc.source, doc.line, digest)
+    read = kept = empty = short = duplicate = chars_read = chars_kept = 0
+    try:
+        for doc in docs:
+            read += 1
+            chars_read += len(doc.text)
+            text = clean_text(doc.text, options)
+            if not text:
+                empty += 1
+                continue
+            if len(text) < options.min_doc_chars:
+                short += 1
+                continue
+            digest = text_digest(text)
+            if seen is not None and not seen.add(int.from_bytes(digest[:8], "little")):
+                duplicate += 1
+                continue
+            kept += 1
+            chars_kept += len(text)
+            yield CleanDoc(text, doc.source, doc.line, digest)
+    finally:  # plain ints in the loop: a Counter update per document costs more than the hash
+        counts.update(docs_read=read, docs_kept=kept, dropped_empty=empty, dropped_short=short,
+                      dropped_duplicate=duplicate, chars_read=chars_read, chars_kept=chars_kept)

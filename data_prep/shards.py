@@ -115,41 +115,59 @@ class _HeaderTemplates:
 
 
 class ShardWriter:
-    """Write one shard under a temp name; ``commit()`` renames it into place and returns its stats."""
+    """Write one shard under a temp name; ``commit()`` renames it into place and returns its stats.
+
+    Samples are gathered in memory and written (and hashed) about a megabyte at a time: one
+    system call per sample would cost more than building the sample.
+    """
+
+    FLUSH_BYTES = 1 << 20
 
     def __init__(self, path: Path):
         self.path = Path(path)
         remove_stale_temps(self.path)
         self.tmp = temp_path_for(self.path)
-        self._f = open(self.tmp, "wb")
+        self._f = open(self.tmp, "wb", buffering=0)
         self._sha = hashlib.sha256()
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self.bytes = 0
         self.samples = 0
         self._headers = _HeaderTemplates()
 
     def _write(self, data: bytes) -> None:
-        self._f.write(data)
-        self._sha.update(data)
-        self.bytes += len(data)
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= self.FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        block = b"".join(self._pending)
+        self._f.write(block)
+        self._sha.update(block)
+        self.bytes += len(block)
+        self._pending, self._pending_bytes = [], 0
 
     def add(self, key: str, fields: dict[str, bytes]) -> None:
         """One sample: ``fields`` maps extension (``input_ids.npy``) to bytes, written in that order."""
-        parts = []
         key_bytes = key.encode("utf-8")
         key_sum = sum(key_bytes)
+        header = self._headers.header
+        write = self._write
         for ext, data in fields.items():
-            parts.append(self._headers.header(key_bytes, key_sum, ext, len(data)))
-            parts.append(data)
-            if len(data) % BLOCK:
-                parts.append(_ZEROS[: BLOCK - len(data) % BLOCK])
-        self._write(b"".join(parts))  # one write and one hash update per sample
+            size = len(data)
+            write(header(key_bytes, key_sum, ext, size))
+            write(data)
+            if size % BLOCK:
+                write(_ZEROS[: BLOCK - size % BLOCK])
         self.samples += 1
 
     def commit(self) -> dict:
-        self._write(b"\0" * (2 * BLOCK))  # end-of-archive marker
-        if self.bytes % RECORD:
-            self._write(b"\0" * (RECORD - self.bytes % RECORD))
-        self._f.flush()
+        self._flush()
+        tail = 2 * BLOCK  # end-of-archive marker, then zeros up to a whole record (as tarfile does)
+        tail += (RECORD - (self.bytes + tail) % RECORD) % RECORD
+        self._write(bytes(tail))
+        self._flush()
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self.tmp, self.path)
