@@ -22,7 +22,7 @@ $(STAMP): setup.py
 	$(PIP) install -q '$(TORCH_SPEC)'
 	# DeepSpeed ships only an sdist: build it against the torch above, never an isolated (CUDA) one.
 	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation '$(DEEPSPEED_SPEC)'
-	$(PIP) install -q --no-build-isolation -e '.[dev]'
+	$(PIP) install -q --no-build-isolation -e '.[dev,mpi]'
 	touch $(STAMP)
 
 demo: $(STAMP)

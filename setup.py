@@ -80,7 +80,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=7.4", "transformers>=4.40"],
-        "mpi": ["mpi4py>=3.1"],
+        "mpi": ["mpi4py>=4.0"],   # the 4.x wheels load any MPI library at run time
     },
     entry_points={
         "console_scripts": [

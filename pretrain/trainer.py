@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import signal
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -25,6 +24,7 @@ from pretrain.distributed import DistEnv
 from pretrain.engine import SkippableStep, Stepper, all_reduce_sum, build_engine, init_distributed
 from pretrain.evaluate import evaluate
 from pretrain.metrics import MetricsLogger, peak_tflops_for, plot_curves, throughput
+from pretrain.signals import StopSignal
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +33,6 @@ EXIT_DONE, EXIT_ERROR, EXIT_REQUEUE = 0, 1, 75
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-class StopSignal:
-    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, checkpoints and exits 75."""
-
-    def __init__(self):
-        self.received: Optional[int] = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.received = signum
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -119,7 +107,7 @@ class _nullcontext:
 
 
 def train(cfg: Config, dist_env: DistEnv, *, stop_after_step: Optional[int] = None,
-          fault: Optional[str] = None) -> int:
+          fault: Optional[str] = None, stop: Optional[StopSignal] = None) -> int:
     """Train to ``training.max_steps`` (or checkpoint and return 75 at ``stop_after_step``).
 
     ``fault`` names a fault to inject for tests: ``kill-during-save@STEP`` ends the process
@@ -166,7 +154,7 @@ def train(cfg: Config, dist_env: DistEnv, *, stop_after_step: Optional[int] = No
                            tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
     for message in logger_messages:
         logger.message(message)
-    stop = StopSignal()
+    stop = stop or StopSignal()
     try:
         code = _loop(run, state, train_split, logger, stop, ckpt_root, prints, extra, stop_after_step, fault)
     finally:

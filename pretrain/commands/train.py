@@ -25,6 +25,9 @@ def argparse_suppress():
 
 
 def run(args) -> int:
+    from pretrain.signals import StopSignal
+    stop = StopSignal()          # first: a stop request during start-up is kept, not fatal
+
     import dataclasses
     import logging
     import os
@@ -50,7 +53,7 @@ def run(args) -> int:
     from pretrain.data import DataError
     from pretrain.checkpoint import CheckpointError
     try:
-        return train(cfg, dist_env, stop_after_step=args.stop_after_step, fault=args.fault)
+        return train(cfg, dist_env, stop_after_step=args.stop_after_step, fault=args.fault, stop=stop)
     except (DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
