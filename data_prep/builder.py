@@ -151,9 +151,8 @@ def _write_samples(unit: WorkUnit, settings: ShardSettings, encoded, instances) 
                 result = mask_batch(ids, mask_rng, masking, starts)
                 shown = result.input_ids.astype(dtype)
                 rows, cols = np.nonzero(result.chosen)
-                per_row = np.cumsum(np.bincount(rows, minlength=len(batch)))[:-1]
-                positions = np.split(cols.astype(np.uint16), per_row)
-                labels = np.split(ids[rows, cols].astype(dtype), per_row)
+                bounds = np.concatenate(([0], np.cumsum(np.bincount(rows, minlength=len(batch))))).tolist()
+                positions, labels = cols.astype(np.uint16), ids[rows, cols].astype(dtype)
                 masked += len(rows)
             else:
                 shown = ids.astype(dtype)
@@ -162,8 +161,9 @@ def _write_samples(unit: WorkUnit, settings: ShardSettings, encoded, instances) 
                 if wwm and not static:
                     fields["word_starts.npy"] = npy_bytes(starts[r, :length])
                 if static:
-                    fields["masked_lm_positions.npy"] = npy_bytes(positions[r])
-                    fields["masked_lm_ids.npy"] = npy_bytes(labels[r])
+                    lo_r, hi_r = bounds[r], bounds[r + 1]
+                    fields["masked_lm_positions.npy"] = npy_bytes(positions[lo_r:hi_r])
+                    fields["masked_lm_ids.npy"] = npy_bytes(labels[lo_r:hi_r])
                 if label_key:
                     fields[f"{label_key}.cls"] = b"%d" % inst.label
                     label_ones += inst.label

@@ -153,14 +153,20 @@ class ShardWriter:
         key_bytes = key.encode("utf-8")
         key_sum = sum(key_bytes)
         header = self._headers.header
-        write = self._write
+        parts = self._pending
+        added = 0
         for ext, data in fields.items():
             size = len(data)
-            write(header(key_bytes, key_sum, ext, size))
-            write(data)
-            if size % BLOCK:
-                write(_ZEROS[: BLOCK - size % BLOCK])
+            pad = -size % BLOCK
+            parts.append(header(key_bytes, key_sum, ext, size))
+            parts.append(data)
+            if pad:
+                parts.append(_ZEROS[:pad])
+            added += BLOCK + size + pad
         self.samples += 1
+        self._pending_bytes += added
+        if self._pending_bytes >= self.FLUSH_BYTES:
+            self._flush()
 
     def commit(self) -> dict:
         self._flush()
