@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Iterator, NamedTuple
 
+import numpy as np
+
 UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD", "none")
 
 # Control and invisible format characters (whitespace controls are left to the whitespace step,
@@ -74,7 +76,7 @@ class HashSet64:
 
     MAX_LOAD = 0.7
 
-    def __init__(self, capacity: int = 1 << 16):
+    def __init__(self, capacity: int = 1 << 18):
         capacity = 1 << max(4, (capacity - 1).bit_length())
         self._slots = array("Q", bytes(8 * capacity))
         self._mask = capacity - 1
@@ -106,13 +108,25 @@ class HashSet64:
         return True
 
     def _grow(self) -> None:
-        old = self._slots
-        self._slots = array("Q", bytes(16 * len(old)))
-        self._mask = len(self._slots) - 1
-        self._size = 0
-        for v in old:
-            if v:
-                self.add(v)
+        """Double the table, re-inserting every value with numpy (a Python loop here would cost more
+        than all the lookups): rounds of "claim your current slot if empty, else probe the next"."""
+        values = np.frombuffer(self._slots, dtype=np.uint64)
+        values = values[values != 0]
+        table = np.zeros(2 * len(self._slots), dtype=np.uint64)
+        mask = len(table) - 1
+        pos = (values & np.uint64(mask)).astype(np.int64)
+        pending = np.arange(len(values))
+        while pending.size:
+            at = pos[pending]
+            free = np.flatnonzero(table[at] == 0)
+            slots, first = np.unique(at[free], return_index=True)  # one winner per free slot
+            table[slots] = values[pending[free[first]]]
+            lost = np.ones(pending.size, dtype=bool)
+            lost[free[first]] = False
+            pending = pending[lost]
+            pos[pending] = (pos[pending] + 1) & mask
+        self._slots = array("Q", table.tobytes())
+        self._mask = mask
 
 
 def clean_documents(docs: Iterable, options: CleanOptions, counts: Counter) -> Iterator[CleanDoc]:

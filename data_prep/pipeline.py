@@ -60,11 +60,15 @@ def cleaned_documents(cfg: PrepConfig, policy: ErrorPolicy, counts: Counter):
     return clean_documents(iter_documents(paths, read_options(cfg), policy), clean_options(cfg), counts)
 
 
-def split_of(digest: bytes, seed: int, val_fraction: float) -> str:
-    """train or val for a document: a pure function of its text hash and the seed."""
+def split_key(seed: int) -> bytes:
+    return hashlib.blake2b(b"data_prep split %d" % seed, digest_size=16).digest()
+
+
+def split_of(digest: bytes, key: bytes, val_fraction: float) -> str:
+    """train or val for a document: a keyed hash of its text hash (``key = split_key(seed)``)."""
     if val_fraction <= 0:
         return "train"
-    draw = hashlib.blake2b(digest + b"split:%d" % seed, digest_size=8).digest()
+    draw = hashlib.blake2b(digest, key=key, digest_size=8).digest()
     return "val" if int.from_bytes(draw, "little") < val_fraction * 2.0 ** 64 else "train"
 
 
@@ -84,8 +88,9 @@ def iter_work_units(docs: Iterable, seed: int, val_fraction: float, unit_chars: 
         texts[split], chars[split], hashers[split] = [], 0, hashlib.sha256()
         return unit
 
+    key = split_key(seed)
     for doc in docs:
-        split = split_of(doc.digest, seed, val_fraction)
+        split = split_of(doc.digest, key, val_fraction)
         texts[split].append(doc.text)
         chars[split] += len(doc.text)
         hashers[split].update(doc.digest)
