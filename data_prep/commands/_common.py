@@ -32,7 +32,7 @@ def add_config_flags(parser: argparse.ArgumentParser, keys_prefixes: tuple[str, 
         elif kind in (int, float):
             kwargs.update(type=kind)
         if key in CHOICES:
-            kwargs.update(choices=CHOICES[key])
+            kwargs.update(choices=CHOICES[key], metavar="{" + ",".join(CHOICES[key]) + "}")
         parser.add_argument(flag, **kwargs)
 
 
