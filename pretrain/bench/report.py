@@ -31,11 +31,12 @@ def _fmt(value: Optional[float], digits: int = 1) -> str:
 
 
 COLUMNS = ["model", "seq", "system", "micro batch", "step ms, median (IQR)", "CPU s/step", "seq/s",
-           "real tokens/s", "TFLOP/s", "MFU", "peak mem GB", "host syncs/step", "ours/peer seq/s"]
+           "real tokens/s", "TFLOP/s", "MFU", "peak mem GB", "host syncs/step", "ours/peer seq/s",
+           "ours/peer paired"]
 OPTIONAL = {"CPU s/step": "cpu_time_median_s", "host syncs/step": "host_syncs_per_step"}
 
 
-def _cells(r: dict, ratio: Optional[float]) -> dict:
+def _cells(r: dict, ratio: Optional[dict]) -> dict:
     system = "HF peer" if r["system"] == "peer" else f"ours: {r['variant']}"
     cells = {"model": r["model"], "seq": str(r["seq_len"]), "system": system, "micro batch": str(r["micro_batch"])}
     if r["status"] != "ok":
@@ -47,15 +48,19 @@ def _cells(r: dict, ratio: Optional[float]) -> dict:
         "seq/s": _fmt(r["seq_per_s"]), "real tokens/s": _fmt(r["real_tokens_per_s"], 0),
         "TFLOP/s": _fmt(r["tflops"], 2), "MFU": f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-",
         "peak mem GB": _fmt(r["peak_memory_gb"], 1), "host syncs/step": "-" if syncs is None else str(syncs),
-        "ours/peer seq/s": "-" if ratio is None else f"{ratio:.2f}x",
+        "ours/peer seq/s": "-" if ratio is None else f"{ratio['seq_per_s_ratio']:.2f}x",
+        "ours/peer paired": "-" if not ratio or ratio["paired_seq_per_s_ratio"] is None
+        else f"{ratio['paired_seq_per_s_ratio']:.2f}x",
     }
 
 
 def markdown(data: dict) -> str:
     meta = data["meta"]
-    ratio_of = {(x["model"], x["seq_len"], x["variant"]): x["seq_per_s_ratio"] for x in data["ratios"]}
+    ratio_of = {(x["model"], x["seq_len"], x["variant"]): x for x in data["ratios"]}
     columns = [c for c in COLUMNS
                if c not in OPTIONAL or any(r.get(OPTIONAL[c]) is not None for r in data["results"])]
+    if not any(x.get("paired_seq_per_s_ratio") for x in data["ratios"]):
+        columns.remove("ours/peer paired")
     lines = [
         f"Device: {meta['device']}; torch {meta['torch']}, transformers {meta['transformers']}; "
         f"precision {meta['precision']}; {meta['warmup']} warm-up + {meta['steps']} timed steps"

@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ class Spec:
     warmup: int = 3
     steps: int = 20
     rounds: int = 1
+    round_warmup: int = 1                 # untimed steps at the start of each later round
     sweep: Optional[list[int]] = None     # micro batches for the throughput-vs-batch plot ([] = none)
     sweep_steps: Optional[int] = None
     batch_limit: int = 1024
@@ -61,6 +63,7 @@ class Case:
     micro_batch: int
     variant: systems.Variant = field(default_factory=systems.Variant)
     label: str = ""                        # e.g. "default@peer-batch"
+    sweep: bool = False                    # a point of the throughput-vs-batch plot only
 
     @property
     def name(self) -> str:
@@ -186,6 +189,7 @@ class Runner:
             record["wall_s"] += time.perf_counter() - began
             record["steps_run"] += warmup + steps
             record["times_s"] += times
+            record["round_medians_s"].append(statistics.median(times))
             if self.device.type == "cuda" and "host_syncs_per_step" not in record:
                 step_index = offset + warmup + steps
                 record["host_syncs_per_step"] = count_host_syncs(lambda: fn(step_index), self.device)
@@ -205,8 +209,8 @@ class Runner:
     def _new_record(self, case: Case) -> dict:
         return {"system": case.system, "model": case.model, "seq_len": case.seq_len,
                 "micro_batch": case.micro_batch, "variant": case.name, "precision": self.precision,
-                "status": "ok", "times_s": [], "cpu_times_s": [], "steps_run": 0, "wall_s": 0.0, "load_avg_1m": [],
-                "peak_memory_gb": None}
+                "status": "ok", "times_s": [], "round_medians_s": [], "cpu_times_s": [], "steps_run": 0,
+                "wall_s": 0.0, "load_avg_1m": [], "peak_memory_gb": None}
 
     def finish(self, record: dict, case: Case) -> dict:
         """Statistics and throughput from the pooled step times."""
@@ -244,22 +248,26 @@ class Runner:
         for model in spec.models:
             for seq_len in spec.seq_lens:
                 cases = self._cases(model, seq_len)
+                cases += self._sweep_cases(model, seq_len, cases)
                 records = {id(c): None for c in cases}
                 for r in range(spec.rounds):
                     for case in cases:
-                        warm = spec.warmup if r == 0 else 1
+                        steps = (spec.sweep_steps or spec.steps) if case.sweep else spec.steps
+                        warm = spec.warmup if r == 0 else spec.round_warmup
                         self.say(f"round {r + 1}/{spec.rounds}: {case.system} {case.name} {model}/{seq_len} "
                                  f"micro batch {case.micro_batch}")
-                        records[id(case)] = self.measure(case, warmup=warm, steps=spec.steps,
-                                                         record=records[id(case)])
+                        records[id(case)] = self.measure(case, warmup=warm, steps=steps, record=records[id(case)])
                         if spec.rounds == 1:
                             self.release(case)
                 done = [self.finish(records[id(c)], c) for c in cases]
-                results += done
-                ratios += _ratios(done)
-                sweep += self._sweep(model, seq_len, cases)
+                results += [r for r, c in zip(done, cases) if not c.sweep]
+                sweep += [r for r, c in zip(done, cases) if c.sweep]
+                ratios += _ratios([r for r, c in zip(done, cases) if not c.sweep])
                 self.release()
                 self.batch_sets.clear()
+        if any(v.kernels == "ops" for v in spec.variants):
+            from pretrain.ops import extension_status
+            meta["ops_extension"] = extension_status()   # whether the ops variant ran CUDA kernels
         meta["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
         meta["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
         return {"meta": meta, "results": results, "ratios": ratios, "sweep": sweep}
@@ -282,29 +290,17 @@ class Runner:
                 cases.append(Case("ours", model, seq_len, peer_batch, default, label="default@peer-batch"))
         return cases
 
-    def _sweep(self, model: str, seq_len: int, cases: list[Case]) -> list[dict]:
+    def _sweep_cases(self, model: str, seq_len: int, cases: list[Case]) -> list[Case]:
+        """Ours (default variant) and the peer at other micro batches, for the plot."""
         spec = self.spec
         if spec.sweep == []:
             return []
-        sizes = spec.sweep
-        if sizes is None:   # powers of two up to the measured micro batches
-            top = max(c.micro_batch for c in cases) if cases else 0
-            sizes = [2 ** k for k in range(2, 16) if 2 ** k < top] + ([top] if top else [])
         out = []
         for system in ("ours", "peer") if spec.peer else ("ours",):
-            base = next((c for c in cases if c.system == system and c.variant == systems.Variant() and not c.label),
-                        None)
-            for b in sizes:
-                if base is not None and b == base.micro_batch:
-                    continue   # measured above
-                case = Case(system, model, seq_len, b)
-                self.say(f"sweep: {system} {model}/{seq_len} micro batch {b}")
-                record = self.finish(self.measure(case, warmup=max(1, spec.warmup // 2),
-                                                  steps=spec.sweep_steps or max(3, spec.steps // 2)), case)
-                record["sweep"] = True
-                out.append(record)
-                self.batch_sets.pop((model, seq_len, b, spec.batch_count), None)
-            self.release()
+            measured = [c.micro_batch for c in cases if c.system == system and c.variant == systems.Variant()]
+            top = max(measured, default=0)
+            sizes = spec.sweep if spec.sweep is not None else [2 ** k for k in range(2, 16) if 2 ** k < top]
+            out += [Case(system, model, seq_len, b, sweep=True) for b in sizes if b not in measured]
         return out
 
     def _meta(self) -> dict:
@@ -338,7 +334,11 @@ def _peak(device: torch.device, override: Optional[float]) -> Optional[float]:
 
 
 def _ratios(records: list[dict]) -> list[dict]:
-    """ours / peer sequences per second (and real tokens per second) for each of our cases."""
+    """ours / peer sequences per second (and real tokens per second) for each of our cases.
+
+    ``paired_seq_per_s_ratio``: with several rounds, the median over rounds of the ratio within
+    each round (cases measured minutes apart see different loads on a shared machine; within a
+    round they are adjacent), the figure to trust on a busy CPU."""
     peer = next((r for r in records if r["system"] == "peer" and r["status"] == "ok"), None)
     if peer is None:
         return []
@@ -349,5 +349,14 @@ def _ratios(records: list[dict]) -> list[dict]:
         out.append({"model": r["model"], "seq_len": r["seq_len"], "variant": r["variant"],
                     "ours_micro_batch": r["micro_batch"], "peer_micro_batch": peer["micro_batch"],
                     "seq_per_s_ratio": r["seq_per_s"] / peer["seq_per_s"],
-                    "real_tokens_per_s_ratio": r["real_tokens_per_s"] / peer["real_tokens_per_s"]})
+                    "real_tokens_per_s_ratio": r["real_tokens_per_s"] / peer["real_tokens_per_s"],
+                    "paired_seq_per_s_ratio": _paired(r, peer)})
     return out
+
+
+def _paired(ours: dict, peer: dict) -> Optional[float]:
+    pairs = list(zip(ours["round_medians_s"], peer["round_medians_s"]))
+    if len(pairs) < 2:
+        return None
+    per_step = ours["sequences_per_step"] / peer["sequences_per_step"]
+    return statistics.median(p / o for o, p in pairs) * per_step

@@ -48,6 +48,7 @@ class Variant:
     unpad: bool = False         # model.unpad: token-wise work on real tokens only
     mlm_head: str = "sparse"    # sparse: masked positions only; dense: every token (as HF)
     compile: bool = False       # torch.compile the model
+    cudagraphs: bool = False    # torch.compile mode="reduce-overhead" (CUDA graphs of forward/backward)
     deepspeed: bool = False     # through the training engine (DeepSpeed)
 
     @property
@@ -59,14 +60,16 @@ class Variant:
 # token, field, the default the token departs from (the token sets the other value)
 _TOKENS = [("ops", "kernels", "torch"), ("adamw", "optimizer", "lamb"), ("packing", "packing", False),
            ("unpad", "unpad", False), ("dense", "mlm_head", "sparse"), ("compile", "compile", False),
-           ("deepspeed", "deepspeed", False)]
+           ("cudagraphs", "cudagraphs", False), ("deepspeed", "deepspeed", False)]
 _SET = {"ops": ("kernels", "ops"), "adamw": ("optimizer", "adamw"), "packing": ("packing", True),
         "unpad": ("unpad", True),
-        "dense": ("mlm_head", "dense"), "compile": ("compile", True), "deepspeed": ("deepspeed", True)}
+        "dense": ("mlm_head", "dense"), "compile": ("compile", True), "cudagraphs": ("cudagraphs", True),
+        "deepspeed": ("deepspeed", True)}
 
 
 def parse_variant(text: str) -> Variant:
-    """``default`` or tokens joined by ``+``: ops, adamw, packing, unpad, dense, compile, deepspeed."""
+    """``default`` or tokens joined by ``+``: ops, adamw, packing, unpad, dense, compile, cudagraphs,
+    deepspeed."""
     fields = {}
     for token in text.split("+"):
         token = token.strip()
@@ -99,7 +102,8 @@ class OursStep:
         ops = variant.kernels == "ops"
         self.kernels = KernelsConfig(attention="fused_softmax" if ops else "sdpa",
                                      layer_norm="fused" if ops else "torch",
-                                     lamb="fused" if ops else "reference", compile=variant.compile)
+                                     lamb="fused" if ops else "reference",
+                                     compile=variant.compile or variant.cudagraphs)
         self.variant, self.precision, self.device = variant, precision, device
         self.model = build_model(model_cfg, self.kernels).to(device).train()
         self.model.unpad = variant.unpad
@@ -108,7 +112,9 @@ class OursStep:
             self._init_engine(model_cfg, opt_cfg)
             return
         self.optimizer = build_optimizer(self.model, opt_cfg, self.kernels.lamb, deepspeed=False)
-        self.forward = torch.compile(self.model) if variant.compile else self.model
+        self.forward = self.model
+        if variant.compile or variant.cudagraphs:
+            self.forward = torch.compile(self.model, mode="reduce-overhead" if variant.cudagraphs else None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def _init_engine(self, model_cfg: ModelConfig, opt_cfg: OptimizerConfig) -> None:
@@ -124,8 +130,8 @@ class OursStep:
         optimizer = build_optimizer(self.model, opt_cfg, self.kernels.lamb)
         guard = SkippableStep(optimizer)
         scheduler = build_scheduler(optimizer, cfg.schedule, cfg.training.max_steps)
-        if self.variant.compile:
-            self.model.compile()   # in place, so the engine wraps the compiled module
+        if self.variant.compile or self.variant.cudagraphs:   # in place, so the engine wraps the compiled module
+            self.model.compile(mode="reduce-overhead" if self.variant.cudagraphs else None)
         engine = build_engine(cfg, self.model, optimizer, 1)
         attach_zero_layout(engine, optimizer)
         self.stepper = Stepper(engine, guard, scheduler, 1, self.device)

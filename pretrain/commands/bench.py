@@ -9,7 +9,8 @@ Each case times full training steps (forward, backward, optimizer step, zero_gra
 warm-up: median and IQR of the step times (CUDA events on GPU, perf_counter on CPU), seq/s,
 tokens/s, TFLOP/s and MFU (anchors' formula, MLM head at masked positions only), peak memory.
 Variants of ours (joined with '+'): default (torch kernels, LAMB), ops (pretrain.ops kernels),
-adamw, packing, dense (MLM head at every token), compile (torch.compile), deepspeed (through
+adamw, packing (several instances per row), unpad (model.unpad), dense (MLM head at every
+token), compile (torch.compile), cudagraphs (compile mode reduce-overhead), deepspeed (through
 the training engine).  The peer is HF BertForPreTraining (SDPA, dense MLM head, fused AdamW).
 Results: --json (all numbers), --markdown (a table in the "Training throughput" section),
 --png (seq/s against micro batch).  See docs/benchmarks.md and docs/performance.md.
@@ -18,11 +19,16 @@ HELP = "training throughput: ours vs the HF BertForPreTraining peer (seq/s, TFLO
 
 PRESETS = {
     # The issue's GPU table: bf16, the largest micro batch that fits, ratios vs the peer.
-    "gpu": dict(models="base,large", seq_lens="128,512", variants="default,adamw,ops,packing,compile,dense",
+    "gpu": dict(models="base,large", seq_lens="128,512", variants="default,ops,packing,dense,ops+packing+compile",
                 warmup=5, steps=30, rounds=1),
+    # Every switch, one at a time and combined (long: split it with --models / --seq-lens).
+    "gpu-full": dict(models="base,large", seq_lens="128,512",
+                     variants="default,adamw,ops,packing,unpad,dense,compile,cudagraphs,deepspeed,"
+                              "ops+packing+compile,ops+packing+cudagraphs", warmup=5, steps=30, rounds=1),
     # The issue's CPU comparison: L4 H256 A4 I1024 V8192, seq 128, micro batch 32, fp32.
-    "cpu": dict(models="mini", seq_lens="128", micro_batch=32, variants="default,adamw,packing,compile",
-                warmup=2, steps=6, rounds=3, sweep="4,8,16"),
+    # Many short interleaved rounds: on a shared CPU the load drifts within minutes.
+    "cpu": dict(models="mini", seq_lens="128", micro_batch=32, variants="default,packing,unpad,dense,compile",
+                warmup=2, steps=1, rounds=12, round_warmup=0, sweep="8,16"),
 }
 
 
@@ -36,8 +42,8 @@ def add_arguments(parser) -> None:
                         help="micro batch of every case (default: the largest that fits on CUDA; 32 on CPU)")
     parser.add_argument("--batch-limit", type=int, default=None, help="upper bound of the micro-batch search")
     parser.add_argument("--variants", default=None,
-                        help="comma list of our variants: default or '+'-joined ops, adamw, packing, dense, "
-                             "compile, deepspeed")
+                        help="comma list of our variants: default or '+'-joined ops, adamw, packing, unpad, "
+                             "dense, compile, cudagraphs, deepspeed")
     parser.add_argument("--no-peer", action="store_true", help="skip the HF peer")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                         help="bf16 autocast or fp32 (default: bf16 on CUDA, fp32 on CPU)")
@@ -45,6 +51,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case and round")
     parser.add_argument("--rounds", type=int, default=None,
                         help="interleaved rounds over the cases; step times pooled (use > 1 on a shared CPU)")
+    parser.add_argument("--round-warmup", type=int, default=None,
+                        help="untimed steps at the start of each round after the first (default 1)")
     parser.add_argument("--sweep", default=None,
                         help="micro batches for the throughput-vs-batch plot ('none' to skip; default: "
                              "powers of two up to the measured batch)")
@@ -65,7 +73,8 @@ def _options(args) -> dict:
     import torch
     preset = args.preset or ("gpu" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     merged = dict(PRESETS[preset])
-    for key in ("models", "seq_lens", "micro_batch", "variants", "warmup", "steps", "rounds", "sweep"):
+    for key in ("models", "seq_lens", "micro_batch", "variants", "warmup", "steps", "rounds", "round_warmup",
+                "sweep"):
         value = getattr(args, key)
         if value is not None:
             merged[key] = value
@@ -91,7 +100,8 @@ def build_spec(args):
         sweep = [] if str(sweep) == "none" else [int(b) for b in str(sweep).split(",") if b.strip()]
     return Spec(models=models, seq_lens=seq_lens, variants=variants, micro_batch=o.get("micro_batch"),
                 peer=not args.no_peer, precision=args.precision, warmup=int(o["warmup"]), steps=int(o["steps"]),
-                rounds=int(o["rounds"]), sweep=sweep, sweep_steps=args.sweep_steps,
+                rounds=int(o["rounds"]), round_warmup=int(o.get("round_warmup", 1)), sweep=sweep,
+                sweep_steps=args.sweep_steps,
                 batch_limit=args.batch_limit or 1024, device=args.device, peak_tflops=args.peak_tflops,
                 threads=args.threads, seed=args.seed, log=not args.quiet)
 

@@ -277,12 +277,13 @@ def test_cli_runs_a_tiny_benchmark_and_writes_json_markdown_png(tmp_path, capsys
         assert r["seq_per_s"] > 0 and r["tflops"] > 0 and r["mfu"] is None
         assert len(r["cpu_times_s"]) == 4 and "host_syncs_per_step" not in r
     assert {r["variant"] for r in data["ratios"]} == {"default", "packing"}
+    assert all(r["paired_seq_per_s_ratio"] > 0 for r in data["ratios"])
     assert [r["micro_batch"] for r in data["sweep"]] == [2, 2]
     assert data["meta"]["device_type"] == "cpu" and data["meta"]["command"].startswith("python -m pretrain bench")
     text = md.read_text()
     assert "keep me\n" in text and "keep me too" in text and "## Training throughput" in text
     assert text.count("<!-- bench:train:cpu:begin -->") == 1 and "| tiny | 32 | HF peer | 4 |" in text
-    assert "| CPU s/step |" in text and "host syncs/step" not in text
+    assert "| CPU s/step |" in text and "host syncs/step" not in text and "ours/peer paired" in text
     assert (tmp_path / "b.png").stat().st_size > 1000
     assert "ours[default] / HF peer" in capsys.readouterr().out
     # a rerun replaces its own block and nothing else
