@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import time
 
 from data_prep.clean import clean_text
 from data_prep.sentences import split_sentences
@@ -40,15 +39,13 @@ def test_mixed_chinese_and_english():
     assert out == ["他说：我们用BERT模型。", "Then we trained it.", "Done."]
 
 
-def test_throughput_on_real_english_text(corpora_dir):
+def test_sentences_of_real_english_text(corpora_dir):
     with gzip.open(corpora_dir / "en_sotu.txt.gz", "rt", encoding="utf-8") as f:
         text = f.read(2_000_000)
-    lines = [clean_text(line) for line in text.split("\n")]
-    start = time.perf_counter()
-    sentences = [s for line in lines for s in split_sentences(line)]
-    elapsed = time.perf_counter() - start
+    sentences = [s for line in text.split("\n") for s in split_sentences(clean_text(line))]
     lengths = sorted(len(s) for s in sentences)
-    # The addresses are long lines of ordinary prose: sentences of a typical length come out.
+    # The addresses are long lines of ordinary prose: sentences of a typical length come out
+    # (the splitter's speed is in bench/data_prep_throughput.py, not a test).
     assert 80 <= lengths[len(lengths) // 2] <= 250
     assert sum(1 for s in sentences if s[0].islower()) < 0.02 * len(sentences)
-    assert len(text) / elapsed > 1e6  # well over 1 M chars/s even on a loaded CI core
+    assert sum(1 for s in sentences if s.endswith((".", "?", "!", '."', '?"'))) > 0.95 * len(sentences)
