@@ -1,4 +1,8 @@
-"""Fixtures of the data_prep tests: small tokenizers, small corpora, a helper that runs the shards stage."""
+"""Fixtures of the data_prep tests: small tokenizers, small corpora, a helper that runs the shards stage.
+
+Real corpora come from the root conftest's ``corpora_dir`` fixture (../shared/corpora), which skips
+the test with a reason when they are absent; everything else uses the bundled demo corpus.
+"""
 from __future__ import annotations
 
 import gzip
@@ -10,7 +14,6 @@ from data_prep.config import config_from_flat
 from data_prep.pipeline import build_shards
 
 REPO = Path(__file__).resolve().parents[2]
-CORPORA = REPO / ".." / "shared" / "corpora"
 DEMO_CORPUS = REPO / "data_prep" / "assets" / "demo_corpus_en.txt.gz"
 
 # Short Chinese documents (written for these tests), one per line; they repeat a few multi-character
