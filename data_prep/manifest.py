@@ -17,7 +17,7 @@ from data_prep.config import PrepConfig
 from data_prep.errors import PrepError
 from data_prep.fsutil import atomic_write_json, canonical_json, read_json_or_none, sha256_text
 from data_prep.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, SHARD_NAME, SPLITS, shard_name
-from data_prep.vocab import INFO_FILE, save_tokenizer_dir
+from data_prep.vocab import INFO_FILE, read_tokenizer, save_tokenizer_dir, tokenizer_hash
 
 PROGRESS_DIR = "progress"
 TOKENIZER_SUBDIR = "tokenizer"
@@ -55,10 +55,14 @@ def prepare_out_dir(out_dir: Path, tokenizer, info, fingerprint: str, overwrite:
     hint = "use a new --out directory, or --overwrite to replace its shards"
     existing_tok = out_dir / TOKENIZER_SUBDIR / INFO_FILE
     if existing_tok.is_file():
-        old = json.loads(existing_tok.read_text()).get("sha256")
+        old = (read_json_or_none(existing_tok) or {}).get("sha256")
         if old != info.sha256:
-            raise PrepError(f"{out_dir}: its shards were tokenized with tokenizer {old[:12]}..., but this run's "
-                            f"tokenizer is {info.sha256[:12]}... (mismatched tokenizer); {hint}")
+            # vocab_info.json only caches the hash: recompute it from the copy before calling it a mismatch.
+            old = tokenizer_hash(read_tokenizer(out_dir / TOKENIZER_SUBDIR, validate=False))
+            if old != info.sha256:
+                raise PrepError(f"{out_dir}: its shards were tokenized with tokenizer {old[:12]}..., but this run's "
+                                f"tokenizer is {info.sha256[:12]}... (mismatched tokenizer); {hint}")
+            save_tokenizer_dir(tokenizer, out_dir / TOKENIZER_SUBDIR, info=info)
     for f in [*out_dir.glob("manifest*.json"), *(out_dir / PROGRESS_DIR).glob("*.json")]:
         old = (read_json_or_none(f) or {}).get("fingerprint", fingerprint)  # a damaged record is rebuilt
         if old != fingerprint:

@@ -295,6 +295,11 @@ def prepare_vocab(cfg: PrepConfig, out_dir) -> dict:
     else:
         fingerprint = vocab_fingerprint(cfg)
         if previous and previous.get("training_fingerprint") == fingerprint:
+            stored = read_tokenizer(out_dir)
+            if tokenizer_info(stored).sha256 != previous.get("sha256"):  # a hash cached by an older version
+                keep = ("training_fingerprint", "requested_vocab_size", "corpus")
+                save_tokenizer_dir(stored, out_dir, {k: v for k, v in previous.items() if k in keep})
+                previous = json.loads(info_path.read_text())
             print(f"data_prep vocab: {out_dir} was trained on these inputs and settings; skipped", file=sys.stderr)
             return previous
         policy, counts = ErrorPolicy(cfg.on_error), Counter()

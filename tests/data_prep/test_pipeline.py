@@ -270,3 +270,14 @@ def test_literal_special_tokens_in_text_never_reach_samples(tokenizer_dir, tmp_p
     for s in iter_samples(tmp_path / "o", "train"):
         ids = s["input_ids"]
         assert ids[0] == CLS and np.count_nonzero(ids == SEP) == 2 and not np.isin(ids, [0, 2, 4])[1:].any()
+
+
+def test_a_stale_cached_tokenizer_hash_is_not_a_mismatch(small_en, tokenizer_dir, tmp_path):
+    out = tmp_path / "stale"
+    first = run_shards([small_en], tokenizer_dir, out)
+    info_file = out / "tokenizer" / "vocab_info.json"
+    info = json.loads(info_file.read_text())
+    info["sha256"] = "0" * 64  # e.g. written by a version that hashed differently
+    info_file.write_text(json.dumps(info))
+    assert run_shards([small_en], tokenizer_dir, out) == first
+    assert json.loads(info_file.read_text())["sha256"] == first["tokenizer"]["sha256"]
