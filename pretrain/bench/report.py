@@ -13,6 +13,22 @@ from typing import Optional
 SECTION = "## Training throughput"
 
 
+def merge(runs: list[dict]) -> dict:
+    """Several runs' JSON (e.g. one per model and sequence length on a GPU lease) as one report."""
+    if not runs:
+        raise ValueError("nothing to merge")
+    meta = dict(runs[0]["meta"])
+    if len(runs) > 1:
+        meta["command"] = " ; ".join(r["meta"]["command"] for r in runs)
+        meta["date"] = min(r["meta"]["date"] for r in runs)
+        meta["load_avg_end"] = runs[-1]["meta"].get("load_avg_end")
+        devices = {r["meta"]["device"] for r in runs}
+        if len(devices) > 1:
+            raise ValueError(f"runs from different devices cannot share a table: {sorted(devices)}")
+    return {"meta": meta, "results": [x for r in runs for x in r["results"]],
+            "ratios": [x for r in runs for x in r["ratios"]], "sweep": [x for r in runs for x in r["sweep"]]}
+
+
 def write_json(data: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
@@ -65,7 +81,7 @@ def markdown(data: dict) -> str:
         f"Device: {meta['device']}; torch {meta['torch']}, transformers {meta['transformers']}; "
         f"precision {meta['precision']}; {meta['warmup']} warm-up + {meta['steps']} timed steps"
         + (f" x {meta['rounds']} interleaved rounds" if meta["rounds"] > 1 else "")
-        + f"; timing: {meta['timing']}.",
+        + f"; timing: {meta['timing']}; lengths: {meta.get('lengths', 'synthetic')}.",
         f"Date: {meta['date']}.  Load average (1/5/15 min) at start {meta['load_avg_start']}, "
         f"at end {meta.get('load_avg_end')}.",
         "",
@@ -107,7 +123,7 @@ def plot(data: dict, path: str) -> Optional[str]:
     """Sequences/s against micro batch, ours (default variant) and the peer, one panel per model/seq."""
     points: dict = {}
     for r in data["results"] + data["sweep"]:
-        if r["status"] != "ok" or (r["system"] == "ours" and r["variant"] != "default"):
+        if r["status"] != "ok" or (r["system"] == "ours" and r["variant"] not in ("default", "default@peer-batch")):
             continue
         points.setdefault((r["model"], r["seq_len"]), {}).setdefault(r["system"], []).append(
             (r["micro_batch"], r["seq_per_s"], r["seq_per_s_iqr"]))

@@ -52,6 +52,7 @@ class Spec:
     peak_tflops: Optional[float] = None
     threads: Optional[int] = None
     seed: int = 0
+    lengths_from: Optional[str] = None    # a shard directory whose instance lengths the batches copy
     log: bool = True
 
 
@@ -90,6 +91,7 @@ class Runner:
             torch.set_num_threads(spec.threads)
         self.precision = spec.precision or ("bf16" if self.device.type == "cuda" else "fp32")
         self.batch_sets: dict = {}
+        self.lengths: dict = {}
         self.alive: dict = {}              # (system, model, variant) -> step object, kept between rounds
 
     def say(self, text: str) -> None:
@@ -103,10 +105,17 @@ class Runner:
         if key not in self.batch_sets:
             packed = any(v.packing for v in self.spec.variants)
             bs = batch_lib.make_batches(seq_len, micro_batch, systems.model_config(model).vocab_size, count=count,
-                                        seed=self.spec.seed, packed=packed)
+                                        seed=self.spec.seed, packed=packed, lengths=self.lengths_for(seq_len))
             bs.padded, bs.peer, bs.packed = (systems.to_device(x, self.device) for x in (bs.padded, bs.peer, bs.packed))
             self.batch_sets[key] = bs
         return self.batch_sets[key]
+
+    def lengths_for(self, seq_len: int):
+        if not self.spec.lengths_from:
+            return None
+        if seq_len not in self.lengths:
+            self.lengths[seq_len] = batch_lib.read_shard_lengths(self.spec.lengths_from, seq_len)
+        return self.lengths[seq_len]
 
     def system(self, case: Case):
         key = (case.system, case.model, case.variant)
@@ -251,14 +260,15 @@ class Runner:
                 cases += self._sweep_cases(model, seq_len, cases)
                 records = {id(c): None for c in cases}
                 for r in range(spec.rounds):
-                    for case in cases:
+                    for i, case in enumerate(cases):
                         steps = (spec.sweep_steps or spec.steps) if case.sweep else spec.steps
                         warm = spec.warmup if r == 0 else spec.round_warmup
                         self.say(f"round {r + 1}/{spec.rounds}: {case.system} {case.name} {model}/{seq_len} "
                                  f"micro batch {case.micro_batch}")
                         records[id(case)] = self.measure(case, warmup=warm, steps=steps, record=records[id(case)])
-                        if spec.rounds == 1:
-                            self.release(case)
+                        following = cases[i + 1] if i + 1 < len(cases) else None
+                        if spec.rounds == 1 and (following is None or _key(following) != _key(case)):
+                            self.release(case)   # one system in memory at a time (GPU memory, peak figures)
                 done = [self.finish(records[id(c)], c) for c in cases]
                 results += [r for r, c in zip(done, cases) if not c.sweep]
                 sweep += [r for r, c in zip(done, cases) if c.sweep]
@@ -318,7 +328,13 @@ class Runner:
             "peak_tflops": _peak(self.device, spec.peak_tflops),
             "load_avg_start": [round(x, 2) for x in os.getloadavg()],
             "timing": "cuda events per step" if self.device.type == "cuda" else "time.perf_counter per step",
+            "lengths": f"from the shards in {spec.lengths_from}" if spec.lengths_from
+            else "synthetic: BERT's NSP length rule, long documents",
         }
+
+
+def _key(case: Case) -> tuple:
+    return case.system, case.model, case.variant
 
 
 def _flops(model: str, seq_len: int) -> float:

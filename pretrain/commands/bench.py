@@ -62,10 +62,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak TFLOP/s for MFU (default: looked up by GPU name; none on CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic batches and the weights")
+    parser.add_argument("--lengths-from", default=None, metavar="SHARD_DIR",
+                        help="draw instance lengths from a data_prep shard directory (default: BERT's "
+                             "length rule for long documents, ~92%% of the slots filled)")
     parser.add_argument("--json", default=None, help="write every number here (e.g. docs/benchmarks_train.json)")
     parser.add_argument("--markdown", default=None,
                         help="update the Training throughput table in this file (e.g. docs/benchmarks.md)")
     parser.add_argument("--png", default=None, help="plot seq/s against micro batch here")
+    parser.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
+                        help="measure nothing: merge these runs' JSON files into --json/--markdown/--png "
+                             "(e.g. one run per model and sequence length on a time-limited GPU lease)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
@@ -103,13 +109,26 @@ def build_spec(args):
                 rounds=int(o["rounds"]), round_warmup=int(o.get("round_warmup", 1)), sweep=sweep,
                 sweep_steps=args.sweep_steps,
                 batch_limit=args.batch_limit or 1024, device=args.device, peak_tflops=args.peak_tflops,
-                threads=args.threads, seed=args.seed, log=not args.quiet)
+                threads=args.threads, seed=args.seed, lengths_from=args.lengths_from, log=not args.quiet)
 
 
 def run(args) -> int:
+    import json
     import os
     import sys
 
+    if args.from_json:
+        from pretrain.bench import report
+        try:
+            runs = []
+            for path in args.from_json:
+                with open(path, encoding="utf-8") as f:
+                    runs.append(json.load(f))
+            data = report.merge(runs)
+        except (OSError, ValueError, KeyError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return _write(args, data, report)
     try:
         spec = build_spec(args)
     except ValueError as err:
@@ -131,6 +150,12 @@ def run(args) -> int:
     from pretrain.bench.run import Runner
 
     data = Runner(spec).run()
+    code = _write(args, data, report)
+    failed = [r for r in data["results"] if r["status"] != "ok"]
+    return 1 if failed and len(failed) == len(data["results"]) else code
+
+
+def _write(args, data: dict, report) -> int:
     body = report.markdown(data)
     print(body)
     for r in data["ratios"]:
@@ -142,5 +167,4 @@ def run(args) -> int:
         report.update_markdown(args.markdown, body, data["meta"]["device_type"])
     if args.png:
         report.plot(data, args.png)
-    failed = [r for r in data["results"] if r["status"] != "ok"]
-    return 1 if failed and len(failed) == len(data["results"]) else 0
+    return 0

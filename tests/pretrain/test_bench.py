@@ -46,6 +46,27 @@ def test_padded_batches_look_like_nsp_pretraining_data():
     assert bs.mean_real_tokens() / (64 * 128) > 0.85
 
 
+def test_lengths_can_come_from_real_shards(tmp_path):
+    import io
+    import tarfile
+    with tarfile.open(tmp_path / "train-000000.tar", "w") as tar:
+        for i, n in enumerate([40, 64, 64, 20, 200]):
+            buf = io.BytesIO()
+            np.save(buf, np.arange(n, dtype=np.uint16))
+            info = tarfile.TarInfo(f"train-000000-{i:06d}.input_ids.npy")
+            info.size = buf.tell()
+            buf.seek(0)
+            tar.addfile(info, buf)
+    lengths = B.read_shard_lengths(str(tmp_path), 64)
+    assert sorted(lengths.tolist()) == [20, 40, 64, 64, 64]            # clipped to seq_len
+    bs = B.make_batches(64, 16, 512, count=2, lengths=lengths, packed=True)
+    drawn = torch.cat([b["attention_mask"].sum(1) for b in bs.padded])
+    assert set(drawn.tolist()) <= {20, 40, 64}
+    assert bs.mean_sequences(packed=True) > 16                           # short ones share rows
+    with pytest.raises(ValueError, match="no train"):
+        B.read_shard_lengths(str(tmp_path / "missing"), 64)
+
+
 def test_packer_fills_rows_and_keeps_every_instance_intact():
     drawn = []
 
@@ -294,6 +315,10 @@ def test_cli_runs_a_tiny_benchmark_and_writes_json_markdown_png(tmp_path, capsys
     assert text.index("## Training throughput") < text.index("NEW TABLE") < text.index("## Kernels") \
         or text.index("## Kernels") < text.index("## Training throughput")
     assert "keep me too" in text
+    # runs split over several commands (a GPU lease) merge into one table
+    assert main(["bench", "--from-json", str(tmp_path / "b.json"), str(tmp_path / "b.json"),
+                 "--markdown", str(tmp_path / "merged.md")]) == 0
+    assert (tmp_path / "merged.md").read_text().count("| tiny | 32 | HF peer | 4 |") == 2
 
 
 def test_cli_rejects_bad_options(capsys):
@@ -301,6 +326,7 @@ def test_cli_rejects_bad_options(capsys):
     assert "unknown huge" in capsys.readouterr().err
     assert main(["bench", "--variants", "default,turbo", "--device", "cpu"]) == 2
     assert "unknown variant 'turbo'" in capsys.readouterr().err
+    assert main(["bench", "--from-json", "/nonexistent.json"]) == 2
 
 
 @pytest.mark.gpu
