@@ -130,3 +130,27 @@ def test_every_field_is_documented():
             idx = source.index(f"    {f.name}: ", source.index(f"class {type(getattr(Config(), section.name)).__name__}"))
             next_line = source[idx:].splitlines()[1].strip()
             assert next_line.startswith('"""'), f"{section.name}.{f.name} has no docstring"
+
+
+DATA_CONFIGS = sorted((REPO / "configs" / "data").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", DATA_CONFIGS, ids=[p.name for p in DATA_CONFIGS])
+def test_every_shipped_data_yaml_loads_through_data_preps_loader(path):
+    from data_prep.config import config_from_flat, load_yaml
+    cfg = config_from_flat(load_yaml(path), source=str(path))
+    assert cfg.out and cfg.input.paths
+
+
+def test_bert_large_data_configs_feed_the_training_recipes():
+    from data_prep.config import config_from_flat, load_yaml
+    p1 = config_from_flat(load_yaml(REPO / "configs/data/wiki.yaml"))
+    p2 = config_from_flat(load_yaml(REPO / "configs/data/wiki-512.yaml"))
+    t1 = load_config(str(REPO / "configs/bert-large-phase1.yaml"))
+    t2 = load_config(str(REPO / "configs/bert-large-phase2.yaml"))
+    assert (p1.shards.seq_len, p1.shards.max_predictions) == (t1.training.seq_len, t1.training.max_predictions)
+    assert (p2.shards.seq_len, p2.shards.max_predictions) == (t2.training.seq_len, t2.training.max_predictions)
+    assert Path(p1.out, "shards") == (REPO / t1.data.dir).resolve()
+    assert Path(p2.out, "shards") == (REPO / t2.data.dir).resolve()
+    assert Path(p2.vocab.tokenizer) == (REPO / t2.data.tokenizer).resolve() == Path(p1.out, "tokenizer")
+    assert p1.vocab.vocab_size == t1.model.vocab_size
