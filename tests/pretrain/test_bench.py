@@ -280,6 +280,31 @@ def test_largest_batch_search_finds_the_capacity(capacity):
     assert len(probes) < 20
 
 
+def test_out_of_memory_is_survived_in_the_search_and_in_a_case(monkeypatch):
+    """The GPU paths' OOM handling, exercised on CPU with a step that 'runs out of memory' above 24."""
+    from pretrain.bench.run import Case, Runner, Spec
+
+    real_call = systems.OursStep.__call__
+
+    def call(self, batch):
+        if batch["input_ids"].size(0) > 24:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_call(self, batch)
+
+    monkeypatch.setattr(systems.OursStep, "__call__", call)
+    runner = Runner(Spec(models=["tiny"], seq_lens=[32], variants=[systems.Variant()], device="cpu", log=False))
+    case = Case("ours", "tiny", 32, 0)
+    assert find_max_batch(lambda b: runner.fits(case, b), start=8, limit=64) == 24
+    assert not any(key[3] == 2 for key in runner.batch_sets)       # probe batches were dropped
+    record = runner.measure(Case("ours", "tiny", 32, 32), warmup=1, steps=2)
+    assert record["status"] == "oom" and not runner.alive
+    row = report.markdown({"meta": {"device": "x", "torch": "t", "transformers": "t", "precision": "fp32",
+                                    "warmup": 1, "steps": 2, "rounds": 1, "timing": "t", "date": "d",
+                                    "load_avg_start": [0, 0, 0], "command": "c"},
+                           "results": [runner.finish(record, Case("ours", "tiny", 32, 32))], "ratios": []})
+    assert "| tiny | 32 | ours: default | 32 | oom |" in row
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI end to end and the report
 # ---------------------------------------------------------------------------------------------
