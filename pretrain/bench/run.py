@@ -183,7 +183,6 @@ class Runner:
             return record
         load_before = os.getloadavg()[0]
         try:
-            before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             began = time.perf_counter()
@@ -204,7 +203,9 @@ class Runner:
                 record["host_syncs_per_step"] = count_host_syncs(lambda: fn(step_index), self.device)
                 record["steps_run"] += 1
             if self.device.type == "cuda":
-                peak = (torch.cuda.max_memory_allocated(self.device) - before) / 2**30
+                # Everything allocated on the device: with rounds == 1 (the GPU default) this case's
+                # system is the only one in memory; with more rounds the others kept alive count too.
+                peak = torch.cuda.max_memory_allocated(self.device) / 2**30
                 record["peak_memory_gb"] = max(record.get("peak_memory_gb") or 0.0, peak)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
             if not is_oom(err):
