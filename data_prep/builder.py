@@ -16,7 +16,7 @@ import numpy as np
 from data_prep.encode import encode_documents
 from data_prep.instances import create_instances, fill_row, instance_rng
 from data_prep.masking import MaskingConfig, continuation_table, mask_batch
-from data_prep.shards import SPLIT_CODES, ShardWriter, npy_bytes, sample_key, shard_name
+from data_prep.shards import SPLIT_CODES, ShardWriter, np_bytes_rows, npy_rows, sample_key, shard_name
 
 # Independent random streams of a unit (the second entry of every seed list).
 STREAM_INSTANCES, STREAM_SHUFFLE, STREAM_STATIC_MASK = 1, 2, 3
@@ -147,28 +147,30 @@ def _write_samples(unit: WorkUnit, settings: ShardSettings, encoded, instances) 
             starts = np.zeros(ids.shape, dtype=np.uint8) if wwm else None
             lengths = [fill_row(inst, encoded.tokens, settings.cls_id, settings.sep_id, ids[r],
                                 encoded.word_starts, starts[r] if wwm else None) for r, inst in enumerate(batch)]
+            lengths = np.asarray(lengths, dtype=np.int64)
+            members = []
             if static:  # one vectorized call per batch (the loader masks one sample at a time)
                 result = mask_batch(ids, mask_rng, masking, starts)
-                shown = result.input_ids.astype(dtype)
-                rows, cols = np.nonzero(result.chosen)
-                bounds = np.concatenate(([0], np.cumsum(np.bincount(rows, minlength=len(batch))))).tolist()
-                positions, labels = cols.astype(np.uint16), ids[rows, cols].astype(dtype)
+                members.append(("input_ids.npy", *npy_rows(result.input_ids.astype(dtype), lengths)))
+                rows, cols = np.nonzero(result.chosen)  # row-major: each row's positions ascending
+                counts = np.bincount(rows, minlength=len(batch))
+                slot = np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]
+                positions = np.zeros((len(batch), max(int(counts.max()), 1)), dtype=np.uint16)
+                labels = np.zeros(positions.shape, dtype=dtype)
+                positions[rows, slot], labels[rows, slot] = cols, ids[rows, cols]
+                members.append(("masked_lm_positions.npy", *npy_rows(positions, counts)))
+                members.append(("masked_lm_ids.npy", *npy_rows(labels, counts)))
                 masked += len(rows)
             else:
-                shown = ids.astype(dtype)
-            for r, (inst, length) in enumerate(zip(batch, lengths)):
-                fields = {"input_ids.npy": npy_bytes(shown[r, :length])}
-                if wwm and not static:
-                    fields["word_starts.npy"] = npy_bytes(starts[r, :length])
-                if static:
-                    lo_r, hi_r = bounds[r], bounds[r + 1]
-                    fields["masked_lm_positions.npy"] = npy_bytes(positions[lo_r:hi_r])
-                    fields["masked_lm_ids.npy"] = npy_bytes(labels[lo_r:hi_r])
-                if label_key:
-                    fields[f"{label_key}.cls"] = b"%d" % inst.label
-                    label_ones += inst.label
-                writer.add(sample_key(unit.split, unit.index, lo + r), fields)
-                tokens += length
+                members.append(("input_ids.npy", *npy_rows(ids.astype(dtype), lengths)))
+                if wwm:
+                    members.append(("word_starts.npy", *npy_rows(starts, lengths)))
+            if label_key:
+                values = [inst.label for inst in batch]
+                members.append((f"{label_key}.cls", *np_bytes_rows([b"%d" % v for v in values])))
+                label_ones += sum(values)
+            writer.add_rows([sample_key(unit.split, unit.index, lo + r) for r in range(len(batch))], members)
+            tokens += int(lengths.sum())
         record = writer.commit()
     except BaseException:
         writer.abort()

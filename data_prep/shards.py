@@ -51,17 +51,60 @@ def parse_key(key: str) -> tuple[str, int, int]:
 _NPY_HEADERS: dict[tuple[str, int], bytes] = {}
 
 
-def npy_bytes(arr: np.ndarray) -> bytes:
-    """The exact bytes ``np.save`` writes for a 1-D array (format 1.0), with the header cached."""
-    key = (arr.dtype.str, arr.shape[0])
+def _npy_header(dtype: np.dtype, length: int) -> bytes:
+    """The header ``np.save`` writes (format 1.0) for a 1-D array of ``length`` items, cached."""
+    key = (dtype.str, length)
     header = _NPY_HEADERS.get(key)
     if header is None:
         buf = io.BytesIO()
-        np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(arr))
+        np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                   "fortran_order": False, "shape": (length,)})
         header = buf.getvalue()
         if len(_NPY_HEADERS) < 4096:
             _NPY_HEADERS[key] = header
-    return header + arr.tobytes()
+    return header
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """The exact bytes ``np.save`` writes for a 1-D array (format 1.0), with the header cached."""
+    return _npy_header(arr.dtype, arr.shape[0]) + arr.tobytes()
+
+
+def npy_rows(data: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``npy_bytes(data[r, :lengths[r]])`` for every row r of a 2-D array, vectorized: a uint8 array
+    [rows, width] whose row r starts with those bytes (zeros after them) and the byte sizes."""
+    data = np.ascontiguousarray(data)
+    rows, cols = data.shape
+    lengths = np.asarray(lengths, dtype=np.int64)
+    unique, inverse = np.unique(lengths, return_inverse=True)
+    headers = [_npy_header(data.dtype, int(n)) for n in unique.tolist()]
+    table = np_bytes_rows(headers)
+    item = data.dtype.itemsize
+    width = cols * item
+    head_sizes = table[1][inverse]
+    out = np.zeros((rows, table[0].shape[1] + width), dtype=np.uint8)
+    if (table[1] == table[1][0]).all():  # always, short of shapes with very different digit counts
+        head = int(table[1][0])
+        out[:, :head] = table[0][inverse]
+        body = data.view(np.uint8).reshape(rows, width)
+        out[:, head:head + width] = np.where(np.arange(width) < (lengths * item)[:, None], body, 0)
+    else:
+        for r in range(rows):
+            raw = npy_bytes(data[r, :lengths[r]])
+            out[r, :len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    return out, head_sizes + lengths * item
+
+
+def np_bytes_rows(values: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Byte strings as one zero-padded uint8 array [len(values), longest] and their sizes."""
+    sizes = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
+    width = int(sizes.max()) if len(values) else 0
+    if len(values) and (sizes == width).all():
+        return np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), width).copy(), sizes
+    out = np.zeros((len(values), width), dtype=np.uint8)
+    for r, v in enumerate(values):
+        out[r, :len(v)] = np.frombuffer(v, dtype=np.uint8)
+    return out, sizes
 
 
 def _ustar_template() -> bytearray:
@@ -114,6 +157,28 @@ class _HeaderTemplates:
         return b"".join((key, middle, b"%06o\0 " % (base + key_sum), tail))
 
 
+_DIGIT_SHIFTS = {n: 3 * np.arange(n - 1, -1, -1) for n in (6, 11)}
+
+
+def _octal_rows(values: np.ndarray, digits: int) -> np.ndarray:
+    """``b"%0{digits}o" % v`` for every value, as uint8 [len(values), digits]."""
+    return (((values[:, None] >> _DIGIT_SHIFTS[digits]) & 7) + ord("0")).astype(np.uint8)
+
+
+def _header_rows(key_arr: np.ndarray, ext: str, sizes: np.ndarray) -> np.ndarray:
+    """``tar_header(f"{key}.{ext}", size)`` for every row, vectorized: uint8 [rows, 512]."""
+    key_len = key_arr.shape[1]
+    template = np.frombuffer(tar_header("k" * key_len + "." + ext, 0), dtype=np.uint8)
+    headers = np.repeat(template[None, :], len(sizes), axis=0)
+    headers[:, :key_len] = key_arr
+    headers[:, 124:135] = _octal_rows(sizes, 11)
+    headers[:, 148:156] = ord(" ")  # the checksum counts its own field as spaces
+    checksum = headers.sum(axis=1, dtype=np.int64)
+    headers[:, 148:154] = _octal_rows(checksum, 6)
+    headers[:, 154] = 0
+    return headers
+
+
 class ShardWriter:
     """Write one shard under a temp name; ``commit()`` renames it into place and returns its stats.
 
@@ -122,6 +187,7 @@ class ShardWriter:
     """
 
     FLUSH_BYTES = 1 << 20
+    ROWS_AT_ONCE = 1024
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -143,10 +209,17 @@ class ShardWriter:
 
     def _flush(self) -> None:
         block = b"".join(self._pending)
-        self._f.write(block)
-        self._sha.update(block)
-        self.bytes += len(block)
+        self._write_all(block)
         self._pending, self._pending_bytes = [], 0
+
+    def _write_all(self, data) -> None:
+        """Write and hash a bytes-like object (an unbuffered write may take only part of it)."""
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += self._f.write(view[done:])
+        self._sha.update(view)
+        self.bytes += len(view)
 
     def add(self, key: str, fields: dict[str, bytes]) -> None:
         """One sample: ``fields`` maps extension (``input_ids.npy``) to bytes, written in that order."""
@@ -167,6 +240,61 @@ class ShardWriter:
         self._pending_bytes += added
         if self._pending_bytes >= self.FLUSH_BYTES:
             self._flush()
+
+    def add_rows(self, keys: list[str], members: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+        """Many samples at once, the same bytes as ``add`` per sample (numpy instead of a Python loop
+        over every member of every sample: most of a shard's write time otherwise).  ``members``: per
+        field, (extension, uint8 payloads [len(keys), width] as ``npy_rows`` gives, byte sizes)."""
+        if len(keys) > self.ROWS_AT_ONCE:  # bounds the memory of the layout below (~4 KiB a sample)
+            for lo in range(0, len(keys), self.ROWS_AT_ONCE):
+                hi = lo + self.ROWS_AT_ONCE
+                self.add_rows(keys[lo:hi], [(ext, payload[lo:hi], sizes[lo:hi]) for ext, payload, sizes in members])
+            return
+        encoded = [k.encode("utf-8") for k in keys]
+        if not encoded:
+            return
+        key_len = len(encoded[0])
+        if any(len(k) != key_len for k in encoded) or key_len + 1 + max(len(e) for e, _, _ in members) > 100:
+            for r, key in enumerate(keys):  # keys of different lengths: rare (a shard of over 1M samples)
+                self.add(key, {ext: payload[r, :size].tobytes()
+                               for ext, payload, size in ((e, p, int(z[r])) for e, p, z in members)})
+            return
+        key_arr = np.frombuffer(b"".join(encoded), dtype=np.uint8).reshape(len(keys), key_len)
+        # Every member is a header block plus its data padded to whole blocks, so a sample is a whole
+        # number of blocks.  Rows with the same block counts per member (few kinds) are laid out
+        # together with slices, then their blocks moved into place.
+        heads, bodies, blocks = [], [], []
+        for ext, payload, sizes in members:
+            sizes = np.asarray(sizes, dtype=np.int64)
+            if (sizes >= 8 ** 11).any():
+                raise ValueError(f"a member {ext!r} of {int(sizes.max())} bytes does not fit a USTAR header")
+            heads.append(_header_rows(key_arr, ext, sizes))
+            bodies.append(np.where(np.arange(payload.shape[1]) < sizes[:, None], payload, 0).astype(np.uint8))
+            blocks.append(1 + -(-sizes // BLOCK))
+        layout = np.stack(blocks, axis=1)  # [rows, members]: blocks of each member
+        sample_blocks = layout.sum(axis=1)
+        first_block = np.cumsum(sample_blocks) - sample_blocks
+        kinds, kind_of = np.unique(layout, axis=0, return_inverse=True)
+        kind_of = kind_of.reshape(-1)
+        out = np.empty((int(sample_blocks.sum()), BLOCK), dtype=np.uint8) if len(kinds) > 1 else None
+        for kind, member_blocks in enumerate(kinds.tolist()):
+            rows = np.flatnonzero(kind_of == kind) if len(kinds) > 1 else slice(None)
+            group = np.zeros((len(keys) if len(kinds) == 1 else len(rows), sum(member_blocks) * BLOCK),
+                             dtype=np.uint8)
+            at = 0
+            for head, body, count in zip(heads, bodies, member_blocks):
+                group[:, at:at + BLOCK] = head[rows]
+                width = min(body.shape[1], (count - 1) * BLOCK)  # past a row's size a body is zeros
+                group[:, at + BLOCK:at + BLOCK + width] = body[rows, :width]
+                at += count * BLOCK
+            if len(kinds) == 1:
+                out = group.reshape(-1, BLOCK)
+            else:
+                out[first_block[rows][:, None] + np.arange(sum(member_blocks))] = group.reshape(
+                    len(rows), -1, BLOCK)
+        self.samples += len(keys)
+        self._flush()  # what ``add`` gathered goes first; ``out`` is written as it is, not copied
+        self._write_all(out)
 
     def commit(self) -> dict:
         self._flush()

@@ -87,3 +87,31 @@ def test_header_templates_match_tar_header():
         for ext, size in (("input_ids.npy", 384), ("nsp_label.cls", 1), ("input_ids.npy", 384)):
             kb = key.encode()
             assert templates.header(kb, sum(kb), ext, size) == tar_header(f"{key}.{ext}", size)
+
+
+@pytest.mark.parametrize("keys", [[sample_key("train", 7, i) for i in range(2500)],  # one key length, 3 chunks
+                                  [sample_key("val", 0, 999_998 + i) for i in range(4)]])  # 6 then 7 digits
+def test_add_rows_writes_the_bytes_add_writes(tmp_path, keys):
+    """The vectorized writer (npy_rows + add_rows) against the per-sample one, with rows of every layout:
+    members of 0 bytes, exactly one block, several blocks, labels of several digits."""
+    from data_prep.shards import np_bytes_rows, npy_rows
+
+    rng = np.random.default_rng(0)
+    n = len(keys)
+    ids = rng.integers(0, 30_000, size=(n, 600), dtype=np.uint16)
+    id_lengths = rng.integers(0, 601, size=n)
+    id_lengths[:3] = [0, 192, 600]  # 128 + 2 * 192 = 512 bytes: exactly one block
+    flags = rng.integers(0, 2, size=(n, 600), dtype=np.uint8)
+    labels = [b"%d" % v for v in rng.integers(0, 1000, size=n)]
+    samples = [(key, {"input_ids.npy": npy_bytes(ids[r, :id_lengths[r]]),
+                      "word_starts.npy": npy_bytes(flags[r, :id_lengths[r]]),
+                      "label.cls": labels[r]}) for r, key in enumerate(keys)]
+    expected = write_shard(tmp_path / "a.tar", samples)
+
+    w = ShardWriter(tmp_path / "b.tar")
+    w.add(*samples[0])  # gathered by add, then flushed before add_rows writes
+    w.add_rows(keys[1:], [("input_ids.npy", *[a[1:] for a in npy_rows(ids, id_lengths)]),
+                          ("word_starts.npy", *[a[1:] for a in npy_rows(flags, id_lengths)]),
+                          ("label.cls", *[a[1:] for a in np_bytes_rows(labels)])])
+    assert w.commit() == expected
+    assert (tmp_path / "b.tar").read_bytes() == (tmp_path / "a.tar").read_bytes()
