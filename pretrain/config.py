@@ -181,8 +181,13 @@ class KernelsConfig:
     """LayerNorm: torch's native op, our fused residual+LayerNorm kernel, or the reference."""
     lamb: Literal["reference", "fused"] = "reference"
     """LAMB step: pure PyTorch or our multi-tensor CUDA kernel (falls back when unavailable)."""
+    unpad: bool = False
+    """Run token-wise work (every matmul but attention's, LayerNorm, GELU, dropout) on the real
+    tokens only, skipping padding.  Same outputs as padded; different dropout draws and summation
+    order.  Its ``nonzero`` is one host sync a step on CUDA; on CPU it is free (docs/performance.md)."""
     compile: bool = False
-    """Wrap the model in torch.compile."""
+    """Compile the model with torch.compile (through DeepSpeed's ``engine.compile()``, so parameter
+    names and checkpoints stay those of the eager model).  The first steps include compile time."""
 
 
 @dataclass

@@ -80,6 +80,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Opt
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, world_size, load_universal))
+    if cfg.kernels.compile:
+        engine.compile()  # torch.compile of the wrapped module; state-dict names unchanged
     return engine
 
 

@@ -150,6 +150,8 @@ def train(cfg: Config, dist_env: DistEnv, *, stop_after_step: Optional[int] = No
         logger_messages.append(f"initialized from {source}: weights"
                                + (" and optimizer state" if cfg.checkpoint.init_optimizer else "")
                                + "; step, data position and schedule start afresh")
+    if run.engine.is_compiled:
+        logger_messages.append("kernels.compile: the model runs through torch.compile (the first steps compile)")
     logger = MetricsLogger(run_dir, rank=rank, max_steps=cfg.training.max_steps, start_step=state.step,
                            tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
     for message in logger_messages:

@@ -103,10 +103,9 @@ class OursStep:
         self.kernels = KernelsConfig(attention="fused_softmax" if ops else "sdpa",
                                      layer_norm="fused" if ops else "torch",
                                      lamb="fused" if ops else "reference",
-                                     compile=variant.compile or variant.cudagraphs)
+                                     unpad=variant.unpad, compile=variant.compile or variant.cudagraphs)
         self.variant, self.precision, self.device = variant, precision, device
         self.model = build_model(model_cfg, self.kernels).to(device).train()
-        self.model.unpad = variant.unpad
         opt_cfg = OptimizerConfig(name=variant.optimizer, lr=1e-3 if variant.optimizer == "lamb" else 1e-4)
         if variant.deepspeed:
             self._init_engine(model_cfg, opt_cfg)

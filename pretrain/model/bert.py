@@ -258,14 +258,13 @@ class BertForPretraining(nn.Module):
     """Skip the padding: run token-wise work on real tokens only (see :class:`Unpadded`).  The
     outputs are those of the padded computation; the dropout draws and the summation order differ.
     Off by default: its ``nonzero`` is a host sync on CUDA (packed rows are the sync-free way to
-    spend no FLOPs on padding); on CPU it costs nothing.  ``kernels.unpad``, once that exists,
-    turns it on."""
+    spend no FLOPs on padding); on CPU it costs nothing.  ``kernels.unpad`` turns it on."""
 
     def __init__(self, cfg: ModelConfig, kernels: KernelsConfig | None = None):
         super().__init__()
         kernels = kernels or KernelsConfig()
         self.config, self.kernels = cfg, kernels
-        self.unpad = bool(getattr(kernels, "unpad", False))
+        self.unpad = kernels.unpad
         self.embeddings = Embeddings(cfg, kernels.layer_norm)
         self.encoder = Encoder(cfg, kernels)
         self.mlm_head = MaskedLMHead(cfg, kernels.layer_norm)

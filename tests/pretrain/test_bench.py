@@ -11,7 +11,7 @@ from pretrain.bench import batches as B
 from pretrain.bench import report, systems
 from pretrain.bench.timing import find_max_batch, summarize, time_steps
 from pretrain.cli import main
-from pretrain.config import ModelConfig
+from pretrain.config import KernelsConfig, ModelConfig
 from pretrain.model import build_model
 
 TINY = systems.model_config("tiny")
@@ -204,6 +204,9 @@ def test_unpad_is_off_by_default_and_does_not_change_the_default_path():
     model = build_model(ModelConfig(vocab_size=101, hidden_size=32, num_layers=1, num_heads=4,
                                     intermediate_size=64, max_position_embeddings=64))
     assert model.unpad is False
+    on = build_model(ModelConfig(vocab_size=101, hidden_size=32, num_layers=1, num_heads=4,
+                                 intermediate_size=64, max_position_embeddings=64), KernelsConfig(unpad=True))
+    assert on.unpad is True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -247,3 +247,23 @@ def test_demo_command_runs_the_main_job_end_to_end(tmp_path):
         assert line in proc.stdout
     assert (tmp_path / "demo" / "hf" / "config.json").is_file()
     assert (tmp_path / "demo" / "run" / "curves.png").is_file()
+
+
+def test_compile_and_unpad_train_the_same_model_and_resume(dynamic_data, tmp_path):
+    """kernels.compile (torch.compile through DeepSpeed's engine.compile) and kernels.unpad compute the
+    eager padded model's losses (dropout off, so the draws cannot differ), and a compiled run's
+    checkpoint resumes: its parameter names are the eager model's."""
+    base = TINY + data_overrides(dynamic_data) + ["zero.stage=1", "schedule.warmup_steps=1", "training.max_steps=4",
+                                                  "model.hidden_dropout=0", "model.attention_dropout=0"]
+    eager = launch(tmp_path / "eager", base, nproc=1)
+    assert eager.codes == [0], eager.explain()
+    halted = launch(tmp_path / "fast", base + ["kernels.compile=true", "kernels.unpad=true"], nproc=1,
+                    extra_args=["--stop-after-step", "2"])
+    assert halted.codes == [75], halted.explain()
+    resumed = launch(tmp_path / "fast", base, nproc=1)  # the compiled run's checkpoint, resumed eagerly
+    assert resumed.codes == [0], resumed.explain()
+    assert "resumed from step-000002 at step 2" in resumed.logs[0]
+    assert "runs through torch.compile" in halted.logs[0] and "torch.compile" not in resumed.logs[0]
+    expected, got = eager.losses(), {**halted.losses(), **resumed.losses()}
+    assert sorted(got) == [1, 2, 3, 4]
+    assert [got[s] for s in range(1, 5)] == pytest.approx([expected[s] for s in range(1, 5)], rel=2e-4)
