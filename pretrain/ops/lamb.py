@@ -92,8 +92,22 @@ def trust_ratios(param_norms: Tensor, update_norms: Tensor, adapt: Sequence[bool
     both_positive = (param_norms > 0) & (update_norms > 0)
     ratio = torch.where(both_positive, param_norms / torch.where(both_positive, update_norms, 1.0), 1.0)
     ratio = ratio.clamp(min_trust_ratio, max_trust_ratio)
-    adapt_mask = torch.tensor(list(adapt), dtype=torch.bool, device=ratio.device)
-    return torch.where(adapt_mask, ratio, 1.0)
+    return torch.where(_adapt_mask(tuple(adapt), ratio.device), ratio, 1.0)
+
+
+_ADAPT_MASKS: dict[tuple[tuple[bool, ...], torch.device], Tensor] = {}
+
+
+def _adapt_mask(adapt: tuple[bool, ...], device: torch.device) -> Tensor:
+    """The ``adapt`` flags as a bool tensor on ``device``, made once per (flags, device): a tensor
+    built from a Python list every step would be a host-to-device copy per parameter group."""
+    key = (adapt, device)
+    mask = _ADAPT_MASKS.get(key)
+    if mask is None:
+        mask = torch.tensor(adapt, dtype=torch.bool, device=device)
+        if len(_ADAPT_MASKS) < 256:
+            _ADAPT_MASKS[key] = mask
+    return mask
 
 
 @torch.no_grad()
