@@ -16,7 +16,7 @@ import numpy as np
 from data_prep.encode import encode_documents
 from data_prep.instances import create_instances, fill_row, instance_rng
 from data_prep.masking import MaskingConfig, continuation_table, mask_batch
-from data_prep.shards import SPLIT_CODES, ShardWriter, np_bytes_rows, npy_rows, sample_key, shard_name
+from data_prep.shards import SPLIT_CODES, ShardWriter, bytes_rows, npy_rows, sample_key, shard_name
 
 # Independent random streams of a unit (the second entry of every seed list).
 STREAM_INSTANCES, STREAM_SHUFFLE, STREAM_STATIC_MASK = 1, 2, 3
@@ -167,7 +167,7 @@ def _write_samples(unit: WorkUnit, settings: ShardSettings, encoded, instances) 
                     members.append(("word_starts.npy", *npy_rows(starts, lengths)))
             if label_key:
                 values = [inst.label for inst in batch]
-                members.append((f"{label_key}.cls", *np_bytes_rows([b"%d" % v for v in values])))
+                members.append((f"{label_key}.cls", *bytes_rows([b"%d" % v for v in values])))
                 label_ones += sum(values)
             writer.add_rows([sample_key(unit.split, unit.index, lo + r) for r in range(len(batch))], members)
             tokens += int(lengths.sum())

@@ -78,7 +78,7 @@ def npy_rows(data: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndar
     lengths = np.asarray(lengths, dtype=np.int64)
     unique, inverse = np.unique(lengths, return_inverse=True)
     headers = [_npy_header(data.dtype, int(n)) for n in unique.tolist()]
-    table = np_bytes_rows(headers)
+    table = bytes_rows(headers)
     item = data.dtype.itemsize
     width = cols * item
     head_sizes = table[1][inverse]
@@ -95,7 +95,7 @@ def npy_rows(data: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndar
     return out, head_sizes + lengths * item
 
 
-def np_bytes_rows(values: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+def bytes_rows(values: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     """Byte strings as one zero-padded uint8 array [len(values), longest] and their sizes."""
     sizes = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
     width = int(sizes.max()) if len(values) else 0
@@ -242,9 +242,9 @@ class ShardWriter:
             self._flush()
 
     def add_rows(self, keys: list[str], members: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
-        """Many samples at once, the same bytes as ``add`` per sample (numpy instead of a Python loop
-        over every member of every sample: most of a shard's write time otherwise).  ``members``: per
-        field, (extension, uint8 payloads [len(keys), width] as ``npy_rows`` gives, byte sizes)."""
+        """Many samples at once, the same bytes as ``add`` per sample, laid out with numpy instead of a
+        Python loop over every member of every sample.  ``members``: per field, (extension, uint8
+        payloads [len(keys), width] as ``npy_rows`` / ``bytes_rows`` give, byte sizes)."""
         if len(keys) > self.ROWS_AT_ONCE:  # bounds the memory of the layout below (~4 KiB a sample)
             for lo in range(0, len(keys), self.ROWS_AT_ONCE):
                 hi = lo + self.ROWS_AT_ONCE

@@ -94,7 +94,7 @@ def test_header_templates_match_tar_header():
 def test_add_rows_writes_the_bytes_add_writes(tmp_path, keys):
     """The vectorized writer (npy_rows + add_rows) against the per-sample one, with rows of every layout:
     members of 0 bytes, exactly one block, several blocks, labels of several digits."""
-    from data_prep.shards import np_bytes_rows, npy_rows
+    from data_prep.shards import bytes_rows, npy_rows
 
     rng = np.random.default_rng(0)
     n = len(keys)
@@ -112,6 +112,6 @@ def test_add_rows_writes_the_bytes_add_writes(tmp_path, keys):
     w.add(*samples[0])  # gathered by add, then flushed before add_rows writes
     w.add_rows(keys[1:], [("input_ids.npy", *[a[1:] for a in npy_rows(ids, id_lengths)]),
                           ("word_starts.npy", *[a[1:] for a in npy_rows(flags, id_lengths)]),
-                          ("label.cls", *[a[1:] for a in np_bytes_rows(labels)])])
+                          ("label.cls", *[a[1:] for a in bytes_rows(labels)])])
     assert w.commit() == expected
     assert (tmp_path / "b.tar").read_bytes() == (tmp_path / "a.tar").read_bytes()
