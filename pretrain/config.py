@@ -122,9 +122,10 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     warmup_steps: Optional[int] = None
-    """Linear warmup length in optimizer steps; exclusive with warmup_ratio."""
-    warmup_ratio: float = 0.01
-    """Warmup as a fraction of training.max_steps (used when warmup_steps is None)."""
+    """Linear warmup length in optimizer steps.  Set at most one of warmup_steps and warmup_ratio
+    (null the other, e.g. ``schedule.warmup_steps=null`` over a base file that sets steps)."""
+    warmup_ratio: Optional[float] = None
+    """Warmup as a fraction of training.max_steps.  With neither set: 0.01."""
     decay: Literal["poly", "linear", "cosine", "constant"] = "poly"
     """Shape after warmup, measured from the end of warmup so the LR never jumps."""
     power: float = 0.5
@@ -479,8 +480,11 @@ def validate(cfg: Config, world_size: int | None = None) -> list[str]:
     if not 0.0 <= o.min_trust_ratio <= o.max_trust_ratio:
         p.append(f"optimizer.min_trust_ratio ({o.min_trust_ratio}) must be in [0, optimizer.max_trust_ratio "
                  f"({o.max_trust_ratio})]")
-    if not 0.0 <= s.warmup_ratio < 1.0:
+    if s.warmup_ratio is not None and not 0.0 <= s.warmup_ratio < 1.0:
         p.append(f"schedule.warmup_ratio: got {s.warmup_ratio!r}, expected 0 <= ratio < 1")
+    if s.warmup_steps is not None and s.warmup_ratio is not None:
+        p.append(f"schedule.warmup_steps ({s.warmup_steps}) and schedule.warmup_ratio ({s.warmup_ratio}) are both "
+                 f"set; set one and null the other (e.g. schedule.warmup_steps=null)")
     if s.warmup_steps is not None and s.warmup_steps >= t.max_steps:
         p.append(f"schedule.warmup_steps ({s.warmup_steps}) must be below training.max_steps ({t.max_steps})")
     if not 0.0 <= s.min_lr_ratio <= 1.0:

@@ -23,14 +23,17 @@ from torch.optim.lr_scheduler import LambdaLR
 from pretrain.config import ScheduleConfig
 
 DECAYS = ("poly", "linear", "cosine", "constant")
+DEFAULT_WARMUP_RATIO = 0.01
 
 
 def resolve_warmup_steps(sched_cfg: ScheduleConfig, max_steps: int) -> int:
-    """``warmup_steps`` when set, else ``round(warmup_ratio * max_steps)``; always < max_steps."""
+    """``warmup_steps`` when set, else ``round(warmup_ratio * max_steps)`` (ratio 0.01 when neither
+    is set; the config refuses both); always < max_steps."""
     if sched_cfg.warmup_steps is not None:
         warmup = int(sched_cfg.warmup_steps)
     else:
-        warmup = int(round(sched_cfg.warmup_ratio * max_steps))
+        ratio = DEFAULT_WARMUP_RATIO if sched_cfg.warmup_ratio is None else sched_cfg.warmup_ratio
+        warmup = int(round(ratio * max_steps))
     if not 0 <= warmup < max_steps:
         raise ValueError(f"warmup of {warmup} steps must be in [0, max_steps={max_steps})")
     return warmup

@@ -154,3 +154,17 @@ def test_bert_large_data_configs_feed_the_training_recipes():
     assert Path(p2.out, "shards") == (REPO / t2.data.dir).resolve()
     assert Path(p2.vocab.tokenizer) == (REPO / t2.data.tokenizer).resolve() == Path(p1.out, "tokenizer")
     assert p1.vocab.vocab_size == t1.model.vocab_size
+
+
+def test_warmup_steps_and_ratio_are_exclusive_not_silently_one_of_them(tmp_path):
+    """A ratio given over a base file that sets warmup steps used to be ignored without a word."""
+    from pretrain.optim import resolve_warmup_steps
+
+    base = REPO / "configs" / "bert-tiny.yaml"  # bert_common.yaml sets schedule.warmup_steps
+    with pytest.raises(ConfigError, match=r"schedule.warmup_steps \(10000\) and schedule.warmup_ratio \(0.1\) are "
+                                          r"both set.*schedule.warmup_steps=null"):
+        load_config(str(base), ["schedule.warmup_ratio=0.1"])
+    cfg = load_config(str(base), ["schedule.warmup_ratio=0.1", "schedule.warmup_steps=null",
+                                  "training.max_steps=2000"])
+    assert resolve_warmup_steps(cfg.schedule, cfg.training.max_steps) == 200
+    assert resolve_warmup_steps(load_config(None, ["training.max_steps=2000"]).schedule, 2000) == 20  # 1% default
