@@ -75,6 +75,8 @@ def deepspeed_config_entries(opt_cfg: OptimizerConfig) -> dict:
 
     ``gradient_clipping``: global-norm clipping is DeepSpeed's job under DeepSpeed.
     ``zero_allow_untested_optimizer``: ZeRO refuses client optimizers it does not know (Lamb)
-    without it.
+    without it.  ``zero_force_ds_cpu_optimizer``: with optimizer offload, DeepSpeed otherwise
+    refuses any client optimizer but its own (JIT-compiled) CPU Adam.
     """
-    return {"gradient_clipping": float(opt_cfg.max_grad_norm), "zero_allow_untested_optimizer": True}
+    return {"gradient_clipping": float(opt_cfg.max_grad_norm), "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False}

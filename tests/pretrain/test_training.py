@@ -267,3 +267,16 @@ def test_compile_and_unpad_train_the_same_model_and_resume(dynamic_data, tmp_pat
     expected, got = eager.losses(), {**halted.losses(), **resumed.losses()}
     assert sorted(got) == [1, 2, 3, 4]
     assert [got[s] for s in range(1, 5)] == pytest.approx([expected[s] for s in range(1, 5)], rel=2e-4)
+
+
+def test_optimizer_offload_follows_the_same_trajectory(dynamic_data, tmp_path):
+    """zero.offload_optimizer=cpu with our client LAMB (DeepSpeed refuses client optimizers under
+    offload unless told otherwise): 2 ranks, ZeRO-2, the losses of the run without offload."""
+    base = TINY + data_overrides(dynamic_data) + ["zero.stage=2", "training.max_steps=6", "schedule.warmup_steps=1"]
+    plain = launch(tmp_path / "plain", base)
+    assert plain.codes == [0, 0], plain.explain()
+    offload = launch(tmp_path / "offload", base + ["zero.offload_optimizer=cpu"])
+    assert offload.codes == [0, 0], offload.explain()
+    expected, got = plain.losses(), offload.losses()
+    assert sorted(got) == list(range(1, 7))
+    assert [got[s] for s in range(1, 7)] == pytest.approx([expected[s] for s in range(1, 7)], rel=1e-5)
