@@ -122,8 +122,8 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     warmup_steps: Optional[int] = None
-    """Linear warmup length in optimizer steps.  Set at most one of warmup_steps and warmup_ratio
-    (null the other, e.g. ``schedule.warmup_steps=null`` over a base file that sets steps)."""
+    """Linear warmup length in optimizer steps.  Alternative to warmup_ratio: setting one (in a
+    file over its base, or on the command line over the file) replaces the other."""
     warmup_ratio: Optional[float] = None
     """Warmup as a fraction of training.max_steps.  With neither set: 0.01."""
     decay: Literal["poly", "linear", "cosine", "constant"] = "poly"
@@ -365,12 +365,23 @@ def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict:
     return deep_merge(_read_yaml(base_path, chain + (path,)), data)
 
 
-def deep_merge(base: dict, over: dict) -> dict:
+# Keys that say the same thing two ways: a layer (a child file over its base, the command line
+# over the file) that sets one of them replaces the other too; one layer setting both is an error.
+ALTERNATIVES = {"schedule": (("warmup_steps", "warmup_ratio"),)}
+
+
+def deep_merge(base: dict, over: dict, _section: str = "") -> dict:
     """Merge mapping ``over`` into a copy of ``base``; nested mappings merge, everything else replaces."""
     out = dict(base)
+    for group in ALTERNATIVES.get(_section, ()):
+        given = [k for k in group if k in over]
+        if len(given) == 1:
+            for k in group:
+                if k != given[0]:
+                    out.pop(k, None)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value, key if not _section else f"{_section}.{key}")
         else:
             out[key] = value
     return out
@@ -484,7 +495,7 @@ def validate(cfg: Config, world_size: int | None = None) -> list[str]:
         p.append(f"schedule.warmup_ratio: got {s.warmup_ratio!r}, expected 0 <= ratio < 1")
     if s.warmup_steps is not None and s.warmup_ratio is not None:
         p.append(f"schedule.warmup_steps ({s.warmup_steps}) and schedule.warmup_ratio ({s.warmup_ratio}) are both "
-                 f"set; set one and null the other (e.g. schedule.warmup_steps=null)")
+                 f"set in one place; they are alternatives: set one")
     if s.warmup_steps is not None and s.warmup_steps >= t.max_steps:
         p.append(f"schedule.warmup_steps ({s.warmup_steps}) must be below training.max_steps ({t.max_steps})")
     if not 0.0 <= s.min_lr_ratio <= 1.0:

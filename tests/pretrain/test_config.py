@@ -156,15 +156,21 @@ def test_bert_large_data_configs_feed_the_training_recipes():
     assert p1.vocab.vocab_size == t1.model.vocab_size
 
 
-def test_warmup_steps_and_ratio_are_exclusive_not_silently_one_of_them(tmp_path):
-    """A ratio given over a base file that sets warmup steps used to be ignored without a word."""
+def test_warmup_steps_and_ratio_replace_each_other_layer_by_layer(tmp_path):
+    """A ratio given over a base file that sets warmup steps used to be ignored without a word: now
+    the later layer's choice wins, whichever of the two it sets; one layer setting both is an error."""
     from pretrain.optim import resolve_warmup_steps
 
-    base = REPO / "configs" / "bert-tiny.yaml"  # bert_common.yaml sets schedule.warmup_steps
-    with pytest.raises(ConfigError, match=r"schedule.warmup_steps \(10000\) and schedule.warmup_ratio \(0.1\) are "
-                                          r"both set.*schedule.warmup_steps=null"):
-        load_config(str(base), ["schedule.warmup_ratio=0.1"])
-    cfg = load_config(str(base), ["schedule.warmup_ratio=0.1", "schedule.warmup_steps=null",
-                                  "training.max_steps=2000"])
-    assert resolve_warmup_steps(cfg.schedule, cfg.training.max_steps) == 200
+    steps_file = REPO / "configs" / "bert-tiny.yaml"  # bert_common.yaml sets schedule.warmup_steps: 10000
+    cfg = load_config(str(steps_file), ["schedule.warmup_ratio=0.1", "training.max_steps=2000"])
+    assert (cfg.schedule.warmup_steps, resolve_warmup_steps(cfg.schedule, 2000)) == (None, 200)
+    ratio_file = REPO / "configs" / "debug.yaml"  # sets schedule.warmup_ratio: 0.1
+    cfg = load_config(str(ratio_file), ["schedule.warmup_steps=3"])
+    assert (cfg.schedule.warmup_ratio, resolve_warmup_steps(cfg.schedule, cfg.training.max_steps)) == (None, 3)
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {ratio_file}\nschedule:\n  warmup_steps: 5\n")
+    assert load_config(str(child)).schedule.warmup_ratio is None
+    with pytest.raises(ConfigError, match=r"schedule.warmup_steps \(3\) and schedule.warmup_ratio \(0.1\) are both "
+                                          r"set in one place"):
+        load_config(str(steps_file), ["schedule.warmup_ratio=0.1", "schedule.warmup_steps=3"])
     assert resolve_warmup_steps(load_config(None, ["training.max_steps=2000"]).schedule, 2000) == 20  # 1% default
