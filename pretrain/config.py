@@ -83,8 +83,13 @@ class DataConfig:
     """Tokenizer directory of the run; its hash must match the shards' (None: trust the manifest)."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0 loads in the training process)."""
-    shuffle_buffer: int = 2048
-    """Samples held in the shuffle buffer of each loader worker (0 disables shuffling)."""
+    shuffle_buffer: int = 131072
+    """Size of the shuffle window of the global sample order: each epoch the shards are permuted,
+    taken in groups of whole shards holding at least this many samples, and the samples of a group
+    shuffled together.  Larger mixes more shards into every batch (data_prep fills shards in input
+    order, so one shard is one region of the corpus: a window of one shard trains on one source at
+    a time); its cost is 8 bytes a sample of indices per loader process (samples are read by random
+    access, not buffered) and random reads spread over the group's shards.  0 disables shuffling."""
     pad_to_multiple_of: int = 8
     """Pad each batch's sequence length up to a multiple of this (tensor-core friendly)."""
     pin_memory: bool = True
