@@ -299,7 +299,8 @@ def test_build_optimizer_maps_the_config():
     adamw = build_optimizer(_Named(), OptimizerConfig(name="adamw", weight_decay=0.05))
     assert type(adamw) is torch.optim.AdamW
     assert [g["weight_decay"] for g in adamw.param_groups] == [0.05, 0.0]
-    assert deepspeed_config_entries(cfg) == {"gradient_clipping": 2.0, "zero_allow_untested_optimizer": True}
+    assert deepspeed_config_entries(cfg) == {"gradient_clipping": 2.0, "zero_allow_untested_optimizer": True,
+                                            "zero_force_ds_cpu_optimizer": False}
 
 
 # --------------------------------------------------------------------------------------------
