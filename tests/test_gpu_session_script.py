@@ -1,0 +1,47 @@
+"""bench/gpu_session.sh, the one prepared script a session with a lent GPU runs, works end to end.
+
+Without a GPU it runs every step in smoke mode (the extension build attempt, tests/ops, the kernel
+benchmark with tiny shapes, the training benchmark with the tiny model), so the script a GPU
+session depends on is not first run on the GPU's scarce minutes.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "gpu_session.sh"
+
+pytestmark = pytest.mark.slow
+
+
+def run_stage(out: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_kernels_and_train_stages_leave_their_results(tmp_path):
+    import torch
+
+    kernels = run_stage(tmp_path, "kernels")
+    assert kernels.returncode == 0, kernels.stdout[-3000:] + kernels.stderr[-3000:]
+    for name in ("env.txt", "build.log", "ops_tests.log", "kernels.log", "kernels.md"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "extension:" in (tmp_path / "build.log").read_text()
+    assert " passed" in (tmp_path / "ops_tests.log").read_text()
+    assert "LAMB step" in (tmp_path / "kernels.md").read_text()
+    if not torch.cuda.is_available():
+        assert "smoke mode" in kernels.stdout
+
+    train = run_stage(tmp_path, "train")
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    result = json.loads((tmp_path / "train_large_128.json").read_text())
+    assert sorted(r["system"] for r in result["results"]) == ["ours", "peer"], result["results"]
+    assert all(r["status"] == "ok" for r in result["results"]), result["results"]
+    assert "HF peer" in (tmp_path / "train_large_128.md").read_text()
+
+    assert run_stage(tmp_path, "nonsense").returncode == 2
