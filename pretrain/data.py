@@ -20,6 +20,7 @@ import bisect
 import io
 import os
 import tarfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -233,20 +234,31 @@ class ShardSamples(Dataset):
 
     def __init__(self, split: Split, order: GlobalOrder, seed: int):
         self.split, self.order, self.seed = split, order, seed
-        self._index: dict[int, list[dict]] = {}
-        self._files: dict[int, object] = {}
+        # Member indexes and open files of the shards read most recently.  Bounded: over an epoch
+        # every worker touches every shard, and an index costs ~0.6 KB a sample.  A shuffle window
+        # reads its shards in random order, so the bound covers two windows.
+        self.max_open = max(16, 2 * order.window_shards)
+        self._index: OrderedDict[int, list[dict]] = OrderedDict()
+        self._files: OrderedDict[int, object] = OrderedDict()
 
     def _read(self, sample: int) -> dict:
         shard = bisect.bisect_right(self.split.offsets, sample) - 1
-        if shard not in self._index:
-            self._index[shard] = tar_index(self.split.shard_paths[shard])
-            if len(self._index[shard]) != self.split.shard_sizes[shard]:
-                raise DataError(f"{self.split.shard_paths[shard]}: holds {len(self._index[shard])} samples but the "
+        if shard in self._index:
+            self._index.move_to_end(shard)
+        else:
+            index = tar_index(self.split.shard_paths[shard])
+            if len(index) != self.split.shard_sizes[shard]:
+                raise DataError(f"{self.split.shard_paths[shard]}: holds {len(index)} samples but the "
                                 f"manifest says {self.split.shard_sizes[shard]}")
-        if shard not in self._files:
-            if len(self._files) >= 16:
-                self._files.pop(next(iter(self._files))).close()
+            self._index[shard] = index
+            if len(self._index) > self.max_open:
+                self._index.popitem(last=False)
+        if shard in self._files:
+            self._files.move_to_end(shard)
+        else:
             self._files[shard] = open(self.split.shard_paths[shard], "rb")
+            if len(self._files) > self.max_open:
+                self._files.popitem(last=False)[1].close()
         f = self._files[shard]
         out = {}
         for ext, (offset, size) in self._index[shard][sample - self.split.offsets[shard]].items():
