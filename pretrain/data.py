@@ -235,8 +235,8 @@ class ShardSamples(Dataset):
     def __init__(self, split: Split, order: GlobalOrder, seed: int):
         self.split, self.order, self.seed = split, order, seed
         # Member indexes and open files of the shards read most recently.  Bounded: over an epoch
-        # every worker touches every shard, and an index costs 0.5-0.8 KB a sample (measured).  A shuffle window
-        # reads its shards in random order, so the bound covers two windows.
+        # every worker touches every shard, and an index costs 0.5-0.8 KB a sample (measured).
+        # A shuffle window reads its shards in random order, so the bound covers two windows.
         self.max_open = max(16, 2 * order.window_shards)
         self._index: OrderedDict[int, list[dict]] = OrderedDict()
         self._files: OrderedDict[int, object] = OrderedDict()

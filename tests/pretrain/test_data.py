@@ -138,8 +138,8 @@ def test_shard_with_wrong_sample_count_is_named(shards, tmp_path):
 
 
 def test_shard_indexes_and_open_files_stay_bounded_and_reads_stay_right(shards):
-    """Over an epoch every loader worker touches every shard: the member indexes
-    (0.5-0.8 KB a sample) and open files it keeps are bounded (least recently used go), and evicted shards read back right."""
+    """Over an epoch every loader worker touches every shard: the member indexes (0.5-0.8 KB a
+    sample) and open files it keeps are bounded (least recently used go); evicted shards read back right."""
     from pretrain.data import ShardSamples
 
     data, training = _cfgs(shards, 0)
