@@ -77,15 +77,14 @@ def npy_rows(data: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndar
     rows, cols = data.shape
     lengths = np.asarray(lengths, dtype=np.int64)
     unique, inverse = np.unique(lengths, return_inverse=True)
-    headers = [_npy_header(data.dtype, int(n)) for n in unique.tolist()]
-    table = bytes_rows(headers)
+    header_table, header_sizes = bytes_rows([_npy_header(data.dtype, int(n)) for n in unique.tolist()])
     item = data.dtype.itemsize
     width = cols * item
-    head_sizes = table[1][inverse]
-    out = np.zeros((rows, table[0].shape[1] + width), dtype=np.uint8)
-    if (table[1] == table[1][0]).all():  # always, short of shapes with very different digit counts
-        head = int(table[1][0])
-        out[:, :head] = table[0][inverse]
+    head_sizes = header_sizes[inverse]
+    out = np.zeros((rows, header_table.shape[1] + width), dtype=np.uint8)
+    if (header_sizes == header_sizes[0]).all():  # always, short of shapes with very different digit counts
+        head = int(header_sizes[0])
+        out[:, :head] = header_table[inverse]
         body = data.view(np.uint8).reshape(rows, width)
         out[:, head:head + width] = np.where(np.arange(width) < (lengths * item)[:, None], body, 0)
     else:
@@ -276,25 +275,30 @@ class ShardWriter:
         first_block = np.cumsum(sample_blocks) - sample_blocks
         kinds, kind_of = np.unique(layout, axis=0, return_inverse=True)
         kind_of = kind_of.reshape(-1)
-        out = np.empty((int(sample_blocks.sum()), BLOCK), dtype=np.uint8) if len(kinds) > 1 else None
-        for kind, member_blocks in enumerate(kinds.tolist()):
-            rows = np.flatnonzero(kind_of == kind) if len(kinds) > 1 else slice(None)
-            group = np.zeros((len(keys) if len(kinds) == 1 else len(rows), sum(member_blocks) * BLOCK),
-                             dtype=np.uint8)
-            at = 0
-            for head, body, count in zip(heads, bodies, member_blocks):
-                group[:, at:at + BLOCK] = head[rows]
-                width = min(body.shape[1], (count - 1) * BLOCK)  # past a row's size a body is zeros
-                group[:, at + BLOCK:at + BLOCK + width] = body[rows, :width]
-                at += count * BLOCK
-            if len(kinds) == 1:
-                out = group.reshape(-1, BLOCK)
-            else:
-                out[first_block[rows][:, None] + np.arange(sum(member_blocks))] = group.reshape(
-                    len(rows), -1, BLOCK)
+        if len(kinds) == 1:  # the usual case: every row has the same layout, so no moving is needed
+            out = self._layout_group(heads, bodies, kinds[0].tolist(), slice(None)).reshape(-1, BLOCK)
+        else:
+            out = np.empty((int(sample_blocks.sum()), BLOCK), dtype=np.uint8)
+            for kind, member_blocks in enumerate(kinds.tolist()):
+                rows = np.flatnonzero(kind_of == kind)
+                group = self._layout_group(heads, bodies, member_blocks, rows)
+                out[first_block[rows][:, None] + np.arange(sum(member_blocks))] = group.reshape(len(rows), -1, BLOCK)
         self.samples += len(keys)
         self._flush()  # what ``add`` gathered goes first; ``out`` is written as it is, not copied
         self._write_all(out)
+
+    @staticmethod
+    def _layout_group(heads, bodies, member_blocks: list[int], rows) -> np.ndarray:
+        """Samples ``rows`` that share ``member_blocks`` (blocks per member), one per row of bytes."""
+        n = heads[0].shape[0] if isinstance(rows, slice) else len(rows)
+        group = np.zeros((n, sum(member_blocks) * BLOCK), dtype=np.uint8)
+        at = 0
+        for head, body, count in zip(heads, bodies, member_blocks):
+            group[:, at:at + BLOCK] = head[rows]
+            width = min(body.shape[1], (count - 1) * BLOCK)  # past a row's size a body is zeros
+            group[:, at + BLOCK:at + BLOCK + width] = body[rows, :width]
+            at += count * BLOCK
+        return group
 
     def commit(self) -> dict:
         self._flush()
