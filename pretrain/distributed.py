@@ -22,7 +22,7 @@ import socket
 import sys
 import zlib
 from dataclasses import dataclass, field, replace
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 DEFAULT_PORT = 29500
 
@@ -64,15 +64,67 @@ def _int(env: Mapping[str, str], *names: str) -> Optional[int]:
 
 def first_host(nodelist: str) -> str:
     """First host of a SLURM node list: 'gpu[003-005,010],cpu1' -> 'gpu003'; 'a,b' -> 'a'."""
-    nodelist = nodelist.strip()
-    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
-    if not match:
-        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
-    prefix, _, ranges = match.groups()
-    if ranges is None:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    return next(hostnames(nodelist))
+
+
+def hostnames(nodelist: str) -> Iterator[str]:
+    """The hosts of a SLURM node list, in order, as ``scontrol show hostnames`` prints them.
+
+    Items are separated by commas (or whitespace) outside brackets.  An item is literal text and
+    bracket groups of comma-separated numbers and ranges: ``n[8-10]`` is n8 n9 n10, ``n[007-010]``
+    keeps the width of the lower bound, several groups expand left to right (``a[1-2]-b[3-4]``:
+    a1-b3 a1-b4 a2-b3 a2-b4), and text after the last group is a suffix (``node[1-2]-ib``:
+    node1-ib node2-ib; SLURM 22.05 itself refuses that form).  Hosts are generated lazily.
+    The whole list is checked first: ValueError naming the list and the bad part."""
+    parsed = [_parse_item(item, nodelist) for item in _top_level_items(nodelist)]
+    if not parsed:
+        raise ValueError(f"SLURM node list {nodelist!r} names no host")
+    return (host for texts, groups in parsed for host in _combine(texts, groups))
+
+
+def _parse_item(item: str, nodelist: str) -> tuple[list[str], list[list[tuple[int, int, int]]]]:
+    """('a[1-2]-b[3]', ...) -> (['a', '-b', ''], [[(1, 2, 1)], [(3, 3, 1)]])."""
+    parts = re.split(r"\[([^\[\]]*)\]", item)  # text, group, text, group, ..., text
+    return parts[0::2], [_numbers(group, nodelist) for group in parts[1::2]]
+
+
+def _top_level_items(nodelist: str) -> list[str]:
+    """Split at commas and whitespace outside brackets; empty items are dropped (as SLURM does)."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(nodelist + ","):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth < 0 or depth > 1:
+            raise ValueError(f"SLURM node list {nodelist!r}: unbalanced brackets at character {i + 1}")
+        if depth == 0 and (ch == "," or ch.isspace()):
+            items.append(nodelist[start:i])
+            start = i + 1
+    if depth:
+        raise ValueError(f"SLURM node list {nodelist!r}: '[' without ']'")
+    return [item for item in items if item]
+
+
+def _numbers(group: str, nodelist: str) -> list[tuple[int, int, int]]:
+    """(low, high, width) of each number or range of a bracket group ('007-010,12')."""
+    out = []
+    for part in group.split(","):
+        match = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part)
+        if not match or int(match.group(2) or match.group(1)) < int(match.group(1)):
+            raise ValueError(f"SLURM node list {nodelist!r}: bad range {part!r} in [{group}] "
+                             "(expected N or N-M with N <= M)")
+        low = match.group(1)
+        out.append((int(low), int(match.group(2) or low), len(low)))
+    return out
+
+
+def _combine(texts: list[str], groups: list[list[tuple[int, int, int]]]) -> Iterator[str]:
+    if not groups:
+        yield texts[0]
+        return
+    for low, high, width in groups[0]:
+        for number in range(low, high + 1):
+            head = f"{texts[0]}{number:0{width}d}"
+            for rest in _combine(texts[1:], groups[1:]):
+                yield head + rest
 
 
 def slurm_port(job_id: Optional[int]) -> int:

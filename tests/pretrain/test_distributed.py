@@ -1,12 +1,16 @@
 """Rank / world / master derivation for every launcher we support."""
+import os
+import re
+import shutil
+import subprocess
 import sys
 import types
 
 import pytest
 
 from pretrain import distributed
-from pretrain.distributed import (DistEnv, detect, first_host, host_address, mpi_job_port, resolve_master_addr,
-                                  slurm_port)
+from pretrain.distributed import (DistEnv, detect, first_host, host_address, hostnames, mpi_job_port,
+                                  resolve_master_addr, slurm_port)
 
 
 def test_single_process_defaults():
@@ -33,9 +37,70 @@ def test_explicit_master_overrides_slurm():
 
 
 @pytest.mark.parametrize("nodelist,host", [("node1", "node1"), ("a,b", "a"), ("x[3-5]", "x3"),
-                                           ("gpu[003,007]", "gpu003"), ("rack1-n[10-11],rack2-n1", "rack1-n10")])
+                                           ("gpu[003,007]", "gpu003"), ("rack1-n[10-11],rack2-n1", "rack1-n10"),
+                                           ("rack1-node[1-3]-ib", "rack1-node1-ib"), ("a[2-3]-b[07-08]", "a2-b07")])
 def test_first_host(nodelist, host):
     assert first_host(nodelist) == host
+
+
+# Every form, with the hosts `scontrol show hostnames` (SLURM 22.05) prints for it.
+SLURM_FORMS = {
+    "node1": ["node1"],
+    "a,b[1-2],c": ["a", "b1", "b2", "c"],                                  # comma list at top level
+    "b,a": ["b", "a"],                                                      # order kept, not sorted
+    "n[8-10]": ["n8", "n9", "n10"],                                         # range
+    "gpu[007-010,012]": ["gpu007", "gpu008", "gpu009", "gpu010", "gpu012"],  # zero padding, comma inside
+    "n[09-11]": ["n09", "n10", "n11"],
+    "n[001-3]": ["n001", "n002", "n003"],                                   # width of the lower bound
+    "n[1-010]": [f"n{i}" for i in range(1, 11)],
+    "a[3,1]": ["a3", "a1"],
+    "a[1-2]-b[3-4]": ["a1-b3", "a1-b4", "a2-b3", "a2-b4"],                  # several groups
+    "x[1,3-4]y[01-02]": ["x1y01", "x1y02", "x3y01", "x3y02", "x4y01", "x4y02"],
+    "a[1-2][3-4]": ["a13", "a14", "a23", "a24"],
+    "[1-2]": ["1", "2"],
+    "a,,b": ["a", "b"],
+    " a,b ": ["a", "b"],
+}
+# A suffix after the last group: SLURM 22.05 refuses it ("Invalid hostlist"), we expand it.
+SUFFIX_FORMS = {
+    "rack1-node[1-3]-ib": ["rack1-node1-ib", "rack1-node2-ib", "rack1-node3-ib"],
+    "a[1-2]b,c[3]d": ["a1b", "a2b", "c3d"],
+}
+
+
+@pytest.mark.parametrize("nodelist", list(SLURM_FORMS) + list(SUFFIX_FORMS))
+def test_hostnames_expands_every_form(nodelist):
+    expected = {**SLURM_FORMS, **SUFFIX_FORMS}[nodelist]
+    assert list(hostnames(nodelist)) == expected
+    assert first_host(nodelist) == expected[0]
+
+
+def test_hostnames_agree_with_scontrol(tmp_path):
+    if not shutil.which("scontrol"):
+        pytest.skip("scontrol is not installed")
+    conf = tmp_path / "slurm.conf"  # scontrol needs a configuration even to expand a host list
+    conf.write_text("ClusterName=t\nSlurmctldHost=localhost\nNodeName=localhost CPUs=1\n"
+                    "PartitionName=p Nodes=localhost Default=YES\n")
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    for nodelist, expected in SLURM_FORMS.items():
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             env=env, timeout=30).stdout.split()
+        assert out == expected == list(hostnames(nodelist)), nodelist
+
+
+@pytest.mark.parametrize("nodelist,problem", [
+    ("", "names no host"), (",", "names no host"), ("a[2-1]", "bad range '2-1'"), ("a[]", "bad range ''"),
+    ("a[x]", "bad range 'x'"), ("a[-2]", "bad range '-2'"), ("a[1--2]", "bad range '1--2'"),
+    ("a[2-]", "bad range '2-'"), ("a[1-2", "'\\[' without '\\]'"), ("a[1-2]]", "unbalanced brackets"),
+    ("a[[1]]", "unbalanced brackets")])
+def test_bad_node_lists_name_the_list_and_the_problem(nodelist, problem):
+    with pytest.raises(ValueError, match=f"SLURM node list {re.escape(repr(nodelist))}.*{problem}"):
+        list(hostnames(nodelist))
+
+
+def test_hostnames_are_generated_lazily():
+    hosts = hostnames("n[0-999999999],m1")
+    assert [next(hosts) for _ in range(3)] == ["n0", "n1", "n2"]
 
 
 def test_openmpi():
