@@ -331,17 +331,30 @@ def build_train_loader(split: Split, data_cfg: DataConfig, training_cfg: Trainin
 
 
 class _EvalPositions(Sampler):
-    """Whole batches of the held-out split in file order, batch k on rank k % world (no repeats)."""
+    """Whole batches of the held-out split in file order, batch k on rank k % world (no repeats).
+
+    Every rank yields the same number of batches, because under ZeRO-3 each forward is a
+    collective: a rank short of one repeats batch 0 after its ``counted_batches`` own batches, and
+    the evaluation leaves that padding out of its sums.  The padding is a full batch whenever the
+    split has more than one (the short last batch is on a rank that needs no padding), so the
+    DataLoader's re-batching of the position stream keeps every batch whole.
+    """
 
     def __init__(self, total: int, rank: int, world_size: int, micro: int, max_batches: int):
-        self.total, self.rank, self.world, self.micro, self.max_batches = total, rank, world_size, micro, max_batches
+        self.total, self.rank, self.world, self.micro = total, rank, world_size, micro
+        batches = -(-total // micro)
+        self.batches = min(batches, max_batches * world_size) if max_batches else batches
+        self.counted_batches = len(range(rank, self.batches, world_size))
+        self.forward_batches = -(-self.batches // world_size)
+
+    def _batch(self, b: int) -> range:
+        return range(b * self.micro, min((b + 1) * self.micro, self.total))
 
     def __iter__(self):
-        batches = -(-self.total // self.micro)
-        if self.max_batches:
-            batches = min(batches, self.max_batches * self.world)
-        for b in range(self.rank, batches, self.world):
-            yield from range(b * self.micro, min((b + 1) * self.micro, self.total))
+        for b in range(self.rank, self.batches, self.world):
+            yield from self._batch(b)
+        for _ in range(self.forward_batches - self.counted_batches):
+            yield from self._batch(0)
 
 
 def build_eval_loader(split: Split, data_cfg: DataConfig, training_cfg: TrainingConfig, eval_cfg: EvalConfig, *,

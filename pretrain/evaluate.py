@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -9,11 +10,14 @@ from pretrain.engine import all_reduce_sum
 
 
 @torch.no_grad()
-def evaluate(model, loader, device: torch.device, max_batches: int = 0) -> dict:
+def evaluate(model, loader, device: torch.device, max_batches: int = 0,
+             counted_batches: Optional[int] = None) -> dict:
     """Run ``model`` (a DeepSpeed engine or a plain module) in eval mode over ``loader``.
 
     Every rank must call this (the sums are all-reduced); losses are averaged per masked token
-    and per sentence pair, so the result does not depend on the batch size.
+    and per sentence pair, so the result does not depend on the batch size.  With
+    ``counted_batches``, only that many first batches count: the rest are padding that gives
+    every rank the same number of forwards (see data._EvalPositions).
     """
     was_training = model.training
     model.eval()
@@ -23,6 +27,8 @@ def evaluate(model, loader, device: torch.device, max_batches: int = 0) -> dict:
             break
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         out = model(**batch)
+        if counted_batches is not None and i >= counted_batches:
+            continue
         sums += torch.stack([
             out.mlm_loss.double() * out.mlm_count, out.mlm_correct.double(), out.mlm_count.double(),
             (out.sentence_loss.double() * out.sentence_count) if out.sentence_loss is not None else sums[3] * 0,

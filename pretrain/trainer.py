@@ -253,7 +253,8 @@ def run_eval(run: Run) -> dict:
         return {}
     loader = build_eval_loader(val_split, cfg.data, cfg.training, cfg.eval, rank=run.dist_env.rank,
                                world_size=run.dist_env.world_size)
-    return evaluate(run.engine, loader, run.device, max_batches=cfg.eval.max_batches)
+    return evaluate(run.engine, loader, run.device, max_batches=cfg.eval.max_batches,
+                    counted_batches=loader.sampler.counted_batches)
 
 
 class _Window:
