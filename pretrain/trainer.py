@@ -201,10 +201,11 @@ def _loop(run: Run, state: ckpt.TrainerState, train_split, logger: MetricsLogger
     nan_steps = fault_steps(fault, "nan-loss")
     while state.step < t.max_steps:
         stepper.poison_loss = state.step + 1 in nan_steps
+        lr = run.scheduler.get_last_lr()[0]       # the rate of this update: the scheduler steps after it
         totals, applied = stepper.step(next_batch)
         state.step += 1
         state.samples_consumed += global_batch
-        window.add(totals if applied else None)   # a skipped step's NaN stays out of the averages
+        window.add(totals if applied else None, lr)   # a skipped step's NaN stays out of the averages
         if applied:
             consecutive_nonfinite = 0
         else:
@@ -265,12 +266,14 @@ class _Window:
         self.steps = 0
         self.tokens = 0
         self.loader_wait = 0.0
+        self.lr = float("nan")       # the rate of the window's last update
         self.began = time.perf_counter()
 
-    def add(self, totals: Optional[dict]) -> None:
+    def add(self, totals: Optional[dict], lr: float) -> None:
         if totals is not None:
             self.totals = totals if self.totals is None else {k: self.totals[k] + totals[k] for k in totals}
         self.steps += 1
+        self.lr = lr
 
     def reduce(self, run: Run, global_batch: int, flops_per_seq: float, peak: Optional[float]) -> dict:
         if self.totals is None:          # every step of the window was skipped (same on all ranks)
@@ -286,7 +289,7 @@ class _Window:
             "train/loss": tot["loss_sum"] / micro,
             "train/mlm_loss": tot["mlm_loss_sum"] / micro,
             "train/mlm_accuracy": tot["mlm_correct"] / max(tot["mlm_count"], 1.0),
-            "train/lr": run.scheduler.get_last_lr()[0],
+            "train/lr": self.lr,
             "train/grad_norm": _grad_norm(run.engine),
             "perf/step_time_s": seconds / max(self.steps, 1),
             "perf/loader_wait_s": tot["loader_wait"] / run.dist_env.world_size / max(self.steps, 1),

@@ -280,3 +280,15 @@ def test_optimizer_offload_follows_the_same_trajectory(dynamic_data, tmp_path):
     expected, got = plain.losses(), offload.losses()
     assert sorted(got) == list(range(1, 7))
     assert [got[s] for s in range(1, 7)] == pytest.approx([expected[s] for s in range(1, 7)], rel=1e-5)
+
+
+def test_logged_lr_is_the_rate_each_update_used(dynamic_data, tmp_path):
+    """Step s logs the rate of update s (0-based update s-1): linear warmup over 2 updates, then a
+    linear decay to 0 at update 6, written out by hand rather than through pretrain.optim."""
+    run = launch(tmp_path / "run", TINY + data_overrides(dynamic_data) + [
+        "training.max_steps=6", "optimizer.lr=0.01", "schedule.warmup_steps=2", "schedule.decay=linear",
+        "schedule.min_lr_ratio=0"], nproc=1)
+    assert run.codes == [0], run.explain()
+    logged = {r["step"]: r["train/lr"] for r in run.metrics()}
+    expected = {1: 0.0, 2: 0.005, 3: 0.01, 4: 0.0075, 5: 0.005, 6: 0.0025}
+    assert logged == pytest.approx(expected, abs=1e-12)
