@@ -8,42 +8,43 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.fsutil import TMP_PREFIX, sha256_file
-from data_prep.loader import example_from_sample
-from data_prep.shards import (SHARD_NAME, SPLITS, decode_fields, iter_tar_samples, parse_key, read_manifest,
-                              split_info)
+from data_prep.errors import PrepError
+from data_prep.fsutil import TMP_PREFIX
+from data_prep.loader import check_sample, example_from_sample
+from data_prep.shards import (MANIFEST, SHARD_NAME, SPLITS, decode_fields, iter_shard, iter_tar_samples, parse_key,
+                              read_manifest, shard_file_problem, shard_path, split_info)
 
 
 def verify_dir(out_dir, deep: bool = True) -> tuple[list[str], list[str]]:
-    """(problems, warnings).  Every shard's size and sha256 against the manifest; with ``deep``, also
-    its samples: keys in order, the expected fields, and the sample and token counts."""
+    """(problems, warnings).  The manifest's fields (``read_manifest``: a bad one is a PrepError) and
+    split totals; every shard's size and sha256 against the manifest; with ``deep``, also its
+    samples: keys in order, the expected fields, values in range, and the sample and token counts."""
     from data_prep.vocab import INFO_FILE, read_tokenizer, tokenizer_hash
 
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
-    problems, warnings = [], []
+    problems, warnings = _total_problems(manifest), []
     tok_dir = out_dir / manifest["tokenizer"]["dir"]
     if not (tok_dir / INFO_FILE).is_file():
         problems.append(f"{tok_dir}: tokenizer copy missing")
     elif tokenizer_hash(read_tokenizer(tok_dir)) != manifest["tokenizer"]["sha256"]:
         problems.append(f"{tok_dir}: tokenizer does not hash to the manifest's {manifest['tokenizer']['sha256']}")
+    infos = {split: split_info(manifest, split) for split in SPLITS}
     fields = manifest["sample_format"]["fields"]
     listed = set()
     for shard in manifest["shards"]:
-        path = out_dir / shard["name"]
+        path = shard_path(out_dir, shard["name"])
         listed.add(shard["name"])
         if not path.is_file():
             problems.append(f"{shard['name']}: missing")
             continue
-        size = path.stat().st_size
-        if size != shard["bytes"]:
-            problems.append(f"{shard['name']}: {size} bytes, manifest says {shard['bytes']} (truncated or replaced?)")
-            continue
-        if sha256_file(path) != shard["sha256"]:
-            problems.append(f"{shard['name']}: sha256 differs from the manifest (corrupted)")
-            continue
-        if deep:
-            problems.extend(_check_samples(path, shard, fields))
+        with open(path, "rb") as f:
+            problem = shard_file_problem(f, shard)
+            if problem:
+                problems.append(f"{shard['name']}: {problem}")
+            elif deep:
+                f.seek(0)
+                problems.extend(_check_samples(f, shard, fields, infos[shard["split"]]))
     for f in sorted(out_dir.iterdir()):
         if SHARD_NAME.match(f.name) and f.name not in listed:
             warnings.append(f"{f.name}: not in the manifest (left from another run?)")
@@ -52,18 +53,41 @@ def verify_dir(out_dir, deep: bool = True) -> tuple[list[str], list[str]]:
     return problems, warnings
 
 
-def _check_samples(path: Path, shard: dict, fields: list[str]) -> list[str]:
+def _total_problems(manifest: dict) -> list[str]:
+    """The split totals and unit counts must be those of the shard list, whose indices run 0..N-1."""
+    problems = []
+    for split in SPLITS:
+        mine = [s for s in manifest["shards"] if s["split"] == split]
+        held = {"shards": len(mine), **{key: sum(s[key] for s in mine) for key in ("samples", "tokens", "bytes")}}
+        for key, value in held.items():
+            if manifest["splits"][split].get(key) != value:
+                problems.append(f"{MANIFEST}: splits.{split}.{key} is {manifest['splits'][split].get(key)} but its "
+                                f"shards hold {value}")
+        if sorted(s["index"] for s in mine) != list(range(len(mine))):
+            problems.append(f"{MANIFEST}: the {split} shards' indices are not 0..{len(mine) - 1} (a shard is missing "
+                            f"from the list)")
+        units = manifest.get("units", {}).get(split) if isinstance(manifest.get("units"), dict) else None
+        if units != len(mine):
+            problems.append(f"{MANIFEST}: units.{split} is {units} but {len(mine)} {split} shards are listed")
+    return problems
+
+
+def _check_samples(f, shard: dict, fields: list[str], info: dict) -> list[str]:
     samples = tokens = 0
     try:
-        for key, members in iter_tar_samples(path):
+        for key, members in iter_tar_samples(f):
             split, index, position = parse_key(key)
             if (split, index, position) != (shard["split"], shard["index"], samples):
                 return [f"{shard['name']}: sample {samples} has key {key!r}, expected position {samples}"]
             if list(members) != fields:
                 return [f"{shard['name']}: sample {key} has fields {list(members)}, expected {fields}"]
-            tokens += len(decode_fields({"input_ids.npy": members["input_ids.npy"]})["input_ids"])
+            sample = decode_fields(members, f"{shard['name']}: sample {key}")
+            check_sample(sample, info, f"{shard['name']}: sample {key}")
+            tokens += len(sample["input_ids"])
             samples += 1
-    except Exception as err:  # a damaged tar or npy member: report, do not crash the check
+    except PrepError as err:
+        return [str(err)]
+    except Exception as err:  # a damaged tar member: report, do not crash the check
         return [f"{shard['name']}: unreadable ({type(err).__name__}: {err})"]
     if (samples, tokens) != (shard["samples"], shard["tokens"]):
         return [f"{shard['name']}: {samples} samples / {tokens} tokens, manifest says "
@@ -72,12 +96,16 @@ def _check_samples(path: Path, shard: dict, fields: list[str]) -> list[str]:
 
 
 def iter_split_samples(out_dir: Path, manifest: dict, split: str, limit: int | None):
+    """(where, key, decoded sample) in manifest order; every shard is checked against the manifest
+    first (``iter_shard``); ``where`` names shard and sample for errors."""
     n = 0
     for shard in split_info(manifest, split)["shards"]:
-        for key, members in iter_tar_samples(Path(out_dir) / shard["name"]):
+        path = shard_path(out_dir, shard["name"])
+        for key, members in iter_shard(out_dir, shard):
             if limit is not None and n >= limit:
                 return
-            yield key, members
+            where = f"{path}: sample {key}"
+            yield where, key, decode_fields(members, where)
             n += 1
 
 
@@ -90,9 +118,8 @@ def collect_stats(out_dir, split: str = "train", limit: int | None = None, epoch
     seq_len = info["seq_len"]
     lengths, labels = [], Counter()
     tokens = unk = maskable = masked = as_mask = as_same = 0
-    for ordinal, (key, members) in enumerate(iter_split_samples(out_dir, manifest, split, limit)):
-        raw = decode_fields(members)
-        ex = example_from_sample(raw, info, seed=manifest["seed"], epoch=epoch, index=ordinal)
+    for ordinal, (where, _, raw) in enumerate(iter_split_samples(out_dir, manifest, split, limit)):
+        ex = example_from_sample(raw, info, seed=manifest["seed"], epoch=epoch, index=ordinal, where=where)
         ids, positions = ex["input_ids"], ex["masked_lm_positions"]
         lengths.append(len(ids))
         tokens += len(ids)
@@ -156,9 +183,8 @@ def render_samples(out_dir, n: int = 5, split: str = "train", epoch: int = 0) ->
     tok = read_tokenizer(out_dir / manifest["tokenizer"]["dir"])
     label_words = {"nsp_label": {0: "B follows A", 1: "B is random"}, "sop_label": {0: "in order", 1: "swapped"}}
     out = []
-    for ordinal, (key, members) in enumerate(iter_split_samples(out_dir, manifest, split, n)):
-        raw = decode_fields(members)
-        ex = example_from_sample(raw, info, seed=manifest["seed"], epoch=epoch, index=ordinal)
+    for ordinal, (where, key, raw) in enumerate(iter_split_samples(out_dir, manifest, split, n)):
+        ex = example_from_sample(raw, info, seed=manifest["seed"], epoch=epoch, index=ordinal, where=where)
         original = np.array(ex["input_ids"])
         original[ex["masked_lm_positions"]] = ex["masked_lm_labels"]
         marks = dict(zip(ex["masked_lm_positions"].tolist(), ex["masked_lm_labels"].tolist()))
