@@ -11,11 +11,14 @@ against the current directory.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
+
+import yaml
 
 from data_prep.errors import ON_ERROR_CHOICES, PrepError
 from data_prep.readers import DOC_SEPARATORS, FORMATS
@@ -86,11 +89,14 @@ CHOICES = {
     "on_error": ON_ERROR_CHOICES, "input.format": FORMATS, "input.doc_separator": DOC_SEPARATORS,
     "clean.unicode_form": UNICODE_FORMS, "shards.objective": OBJECTIVES, "shards.masking": MASKING_MODES,
 }
+# 4x the largest vocabularies in use (XLM-R 250,002, mT5 250,112, Gemma 262,144); the WordPiece
+# trainer allocates for vocab_size up front (2**31 asked it for 141 GB and aborted).
+MAX_VOCAB_SIZE = 1 << 20
 # key: (lowest, highest) allowed, inclusive; None = unbounded
 RANGES = {
     "seed": (0, None), "workers": (1, 1024), "num_nodes": (1, None), "node_rank": (0, None),
     "input.max_line_bytes": (1024, None), "clean.min_doc_chars": (0, None),
-    "vocab.vocab_size": (16, 1 << 31), "vocab.min_frequency": (1, None), "vocab.max_text_mb": (0.001, None),
+    "vocab.vocab_size": (16, MAX_VOCAB_SIZE), "vocab.min_frequency": (1, None), "vocab.max_text_mb": (0.001, None),
     "shards.seq_len": (8, 65535), "shards.dupe_factor": (1, 1000), "shards.max_predictions": (1, 65535),
     "shards.masked_lm_prob": (0.001, 0.999), "shards.short_seq_prob": (0.0, 1.0),
     "shards.val_fraction": (0.0, 0.999), "shards.text_per_shard_mb": (0.0001, None),
@@ -146,23 +152,46 @@ def _suggest(key: str, valid) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _check_type(key: str, value, expected) -> str | None:
+def _check_type(key: str, value, expected) -> tuple[object, str | None]:
+    """(value as stored, None) when ``value`` fits annotation ``expected``, else (value, problem)."""
     origin, args = typing.get_origin(expected), typing.get_args(expected)
     if origin in (typing.Union, types.UnionType) and type(None) in args:
         if value is None:
-            return None
+            return value, None
         expected = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(expected), typing.get_args(expected)
     if origin is list:
         if isinstance(value, str):
-            return None  # a single path is fine; normalised to a list
+            return value, None  # a single path is fine; normalised to a list
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            return f"{key}: got {value!r}, expected a list of strings"
-        return None
+            return value, f"{key}: got {value!r}, expected a list of strings"
+        return value, None
+    if expected is float:
+        return _check_float(key, value)
     ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool),
           str: isinstance(value, str)}.get(expected, True)
-    return None if ok else f"{key}: got {value!r}, expected {expected.__name__}"
+    return value, None if ok else f"{key}: got {value!r}, expected {expected.__name__}"
+
+
+def _check_float(key: str, value) -> tuple[object, str | None]:
+    """A float field takes a finite int or float (an int stays an int: settings are fingerprinted as
+    given) or a string float() reads: PyYAML reads 1e-3 and 1E-3 as strings, not numbers."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value, f"{key}: got {value!r}, expected float"
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value, f"{key}: got {value!r}, expected float"
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        finite = False
+    if finite:
+        return value, None
+    lo, hi = RANGES.get(key, (None, None))
+    where = f" {_range_words(lo, hi)}" if (lo, hi) != (None, None) else ""
+    return value, f"{key}: got {value!r}, expected a finite number{where}"
 
 
 def _flatten(raw: dict, prefix: str = "") -> dict:
@@ -179,12 +208,13 @@ def _flatten(raw: dict, prefix: str = "") -> dict:
 def config_from_flat(flat: dict, source: str = "config") -> PrepConfig:
     """Validate dotted keys -> PrepConfig; raises PrepError listing every problem."""
     valid = section_keys()
-    problems = []
+    problems, checked = [], {}
     for key, value in flat.items():
         if key not in valid:
             problems.append(f"{key}: unknown key{_suggest(key, valid)}")
             continue
-        err = _check_type(key, value, valid[key])
+        value, err = _check_type(key, value, valid[key])
+        checked[key] = value
         if err:
             problems.append(err)
         elif key in CHOICES and value not in CHOICES[key]:
@@ -195,7 +225,7 @@ def config_from_flat(flat: dict, source: str = "config") -> PrepConfig:
                 problems.append(f"{key}: got {value!r}, expected {_range_words(lo, hi)}")
     cfg = PrepConfig()
     if not problems:
-        for key, value in flat.items():
+        for key, value in checked.items():
             obj, leaf = cfg, key
             if "." in key:
                 section, leaf = key.split(".", 1)
@@ -228,18 +258,86 @@ def cross_check(cfg: PrepConfig) -> list[str]:
     return problems
 
 
-def load_yaml(path) -> dict:
-    import yaml
+class ConfigFileError(PrepError):
+    """A config file that cannot be read as a YAML mapping; the message is one line naming the file."""
 
+
+class _RepeatedKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first_line: int):
+        super().__init__(f"key {key!r} appears twice (first at line {first_line})")
+        self.line = line
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last).
+    Keys merged in with ``<<: *anchor`` may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        first_lines: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in first_lines:
+                    raise _RepeatedKey(key, line, first_lines[key])
+                first_lines[key] = line
+            except TypeError:  # an unhashable key: the base class reports it
+                pass
+        return super().construct_mapping(node, deep)
+
+
+MAX_CONFIG_BYTES = 4 << 20
+
+
+def read_yaml_mapping(path) -> dict:
+    """The top-level mapping of YAML file ``path`` (StrictLoader).  Also used by pretrain's config.
+
+    A missing, unreadable, oversized, non-UTF-8, invalid, empty or non-mapping file raises
+    ConfigFileError."""
     path = Path(path)
-    if not path.is_file():
-        raise PrepError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigFileError(f"{path} is a directory; expected a YAML file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigFileError(f"config file not found: {path}") from None
+    except OSError as err:
+        raise ConfigFileError(f"{path}: cannot read ({err.strerror or err})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigFileError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; a config file is a few KB of YAML")
+    try:
+        data = yaml.load(raw.decode("utf-8"), Loader=StrictLoader)
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigFileError(f"{path}:{line}: not UTF-8 text (invalid byte at offset {err.start}); "
+                              "expected a YAML file") from None
     except yaml.YAMLError as err:
-        raise PrepError(f"{path}: not valid YAML ({err})") from err
-    if not isinstance(raw, dict):
-        raise PrepError(f"{path}: expected a mapping of sections (out, input, clean, vocab, shards, ...)")
+        raise ConfigFileError(_yaml_problem(path, err)) from None
+    if data is None:
+        raise ConfigFileError(f"{path} is empty (no settings; delete it or drop --config to use the defaults)")
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{path}: top level is a {type(data).__name__}; expected a mapping of sections")
+    return data
+
+
+def _yaml_problem(path: Path, err: yaml.YAMLError) -> str:
+    """One line: FILE:LINE: what is wrong."""
+    if isinstance(err, _RepeatedKey):
+        return f"{path}:{err.line}: {err}"
+    mark = getattr(err, "problem_mark", None)
+    if mark is not None:
+        return f"{path}:{mark.line + 1}: not valid YAML ({err.problem or err.context})"
+    if isinstance(err, yaml.reader.ReaderError):
+        return f"{path}: not valid YAML (character {err.character!r} at offset {err.position}: {err.reason})"
+    return f"{path}: not valid YAML ({' '.join(str(err).split())})"
+
+
+def load_yaml(path) -> dict:
+    """A data_prep YAML as dotted keys, relative paths resolved against the file's directory."""
+    path = Path(path)
+    raw = read_yaml_mapping(path)
     flat = _flatten(raw)
     base = path.resolve().parent
     for key in PATH_KEYS:  # relative to the YAML file's directory

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import string
+import sys
 import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -87,19 +88,48 @@ def _may_continue_a_word(ch: str) -> bool:
     return not unicodedata.category(ch).startswith("P")
 
 
+class _MergeBound:
+    """An upper bound of the merges WordPiece training can make, counted until it reaches ``enough``.
+
+    A merge joins two pieces of a distinct word, so a word of n characters allows at most n - 1.
+    Words are split at whitespace only: a whitespace-separated token holds one or more of the
+    pre-tokenizer's words, so its length - 1 bounds theirs together.  At most ``enough`` tokens are
+    kept, since each one adds at least 1."""
+
+    def __init__(self, enough: int):
+        self.enough, self.count, self.seen = enough, 0, set()
+
+    def add(self, text: str) -> None:
+        if self.count >= self.enough:
+            return
+        for token in text.split():
+            if len(token) > 1 and token not in self.seen:
+                self.seen.add(token)
+                self.count += len(token) - 1
+
+
 def train_wordpiece(texts: Callable[[], Iterable[str]], vocab_size: int, lowercase: bool,
                     min_frequency: int = 2):
-    """Train on ``texts()`` (called twice: once for the alphabet, once for training)."""
+    """Train on ``texts()`` (called twice: once for the alphabet, once for training).  Warns before
+    training when ``vocab_size`` is more than the corpus can fill (the vocabulary comes out smaller)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                             strip_accents=None, lowercase=lowercase)
     chars: set[str] = set()
+    merges = _MergeBound(vocab_size)
     for text in texts():
-        chars.update(normalizer.normalize_str(text))
+        text = normalizer.normalize_str(text)
+        chars.update(text)
+        merges.add(text)
     if not chars:
         raise PrepError("no text to train the vocabulary on (all input was empty or dropped)")
     continuations = ["##" + ch for ch in sorted(chars) if _may_continue_a_word(ch)]
+    fillable = len(SPECIAL_TOKENS) + len(continuations) + len(chars) + merges.count
+    if vocab_size > fillable:
+        print(f"data_prep vocab: warning: vocab_size {vocab_size:,} is more than this corpus can fill (at most "
+              f"{fillable:,} tokens: {len(chars):,} characters, their ## forms, the special tokens and at most "
+              f"{merges.count:,} merges); the vocabulary will be smaller", file=sys.stderr)
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                         special_tokens=list(SPECIAL_TOKENS) + continuations,
                                         continuing_subword_prefix="##", show_progress=False)
