@@ -1,25 +1,29 @@
 """The one typed configuration tree for pretraining.
 
-Every setting lives here as a documented dataclass field.  Configs are loaded from YAML
-(``yaml.safe_load``; an optional top-level ``base:`` names another YAML, relative to the file,
-that this one extends), then ``section.key=value`` overrides from the command line are applied.
-Precedence: CLI > file (> its bases) > defaults.
+Every setting lives here as a documented dataclass field.  Configs are loaded from YAML (safe
+loading that refuses a key given twice and an empty file; an optional top-level ``base:`` names
+another YAML, relative to the file, that this one extends), then ``section.key=value`` overrides
+from the command line are applied.  Precedence: CLI > file (> its bases) > defaults.
 
 Validation collects every problem (unknown keys with a close-match suggestion, wrong types,
 values out of range, cross-field rules) and raises them together in one ``ConfigError``.
 
-This module imports nothing else from bertforge; components receive only their own section.
+Of bertforge this module imports only data_prep's YAML file reader (one loader for both config
+engines; data_prep never imports pretrain); components receive only their own section.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 import yaml
+
+from data_prep.config import ConfigFileError, read_yaml_mapping
 
 
 class ConfigError(ValueError):
@@ -279,7 +283,8 @@ def _describe(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
-    """Check ``value`` against annotation ``tp``; return it (ints widened to float), or record a problem."""
+    """Check ``value`` against annotation ``tp``; return it (a float field's int or number string made a
+    float), or record a problem."""
     origin = typing.get_origin(tp)
     bad = f"{key}: got {value!r}, expected {_describe(tp)}"
     if origin is typing.Union:
@@ -306,12 +311,28 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        return _coerce_float(value, key, bad, problems)
     elif tp is str:
         if isinstance(value, str):
             return value
     problems.append(bad)
+    return None
+
+
+def _coerce_float(value: Any, key: str, bad: str, problems: list[str]) -> Optional[float]:
+    """A finite float from an int, a float or a string float() reads (PyYAML reads 1e-3 as a string)."""
+    try:
+        number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+    except ValueError:  # a string that is no number
+        number = None
+    except OverflowError:  # an int beyond the float range
+        number = math.inf
+    if number is None:
+        problems.append(bad)
+    elif not math.isfinite(number):
+        problems.append(f"{key}: got {value!r}, expected a finite number")
+    else:
+        return number
     return None
 
 
@@ -351,16 +372,9 @@ def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict:
     if path in chain:
         raise ConfigError([f"base: cycle {' -> '.join(chain + (path,))}"], source=path)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError([f"config file not found: {path}"]) from None
-    except yaml.YAMLError as err:
-        raise ConfigError([f"not valid YAML: {err}"], source=path) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError([f"top level must be a mapping of sections, got {type(data).__name__}"], source=path)
+        data = read_yaml_mapping(path)
+    except ConfigFileError as err:
+        raise ConfigError([str(err)]) from None
     base = data.pop("base", None)
     if base is None:
         return data
