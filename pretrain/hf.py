@@ -58,8 +58,10 @@ def hf_config(m: ModelConfig):
                   architectures=[hf_architecture(m)])
     if m.arch == "albert":
         groups = 1 if m.share_layers else m.num_layers
+        # Our sentence head has no dropout; HF's SOP head drops out by classifier_dropout_prob (0.1 by default).
         return transformers.AlbertConfig(embedding_size=m.embedding_size or m.hidden_size,
-                                         num_hidden_groups=groups, inner_group_num=1, **common)
+                                         num_hidden_groups=groups, inner_group_num=1, classifier_dropout_prob=0.0,
+                                         **common)
     if m.layer_norm_position == "pre":
         return transformers.MegatronBertConfig(**common)
     return transformers.BertConfig(**common)

@@ -3,6 +3,7 @@
 transformers never touches the network here: configs are built in the test, models are saved to
 and loaded from tmp_path.
 """
+import dataclasses
 import json
 import os
 import re
@@ -201,6 +202,24 @@ def test_export_matches_transformers(tmp_path, case):
         assert ours.sentence_logits is None and hf_sentence is None
     else:
         assert_rel_close(ours.sentence_logits, hf_sentence)
+
+
+@pytest.mark.parametrize("case", ["bert_nsp", "albert_factorized_shared"])
+def test_exported_sentence_head_matches_in_train_mode(tmp_path, case):
+    """With hidden and attention dropout off, no dropout is left in either model: train-mode
+    sentence logits agree (HF's ALBERT SOP head drops out by classifier_dropout_prob)."""
+    model_cfg, architecture = EXPORT_CASES[case]
+    model_cfg = dataclasses.replace(model_cfg, hidden_dropout=0.0, attention_dropout=0.0)
+    model, ckpt = save_ours(tmp_path, model_cfg)
+    with pytest.warns(UserWarning, match="no tokenizer known"):
+        export_checkpoint(ckpt, str(tmp_path / "hf"))
+    hf_model = load_hf(str(tmp_path / "hf"), architecture).train()
+    inputs, positions = padded_batch()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ours = model.train()(**inputs, masked_lm_positions=positions)
+        _, hf_sentence = hf_logits(hf_model, inputs, positions)
+    assert_rel_close(ours.sentence_logits, hf_sentence)
 
 
 def test_pre_ln_albert_cannot_be_exported(tmp_path):
