@@ -11,13 +11,14 @@ Design (docs/training.md has the longer story):
   slice ``(m*world + r)*micro ...``.  The samples of a step therefore do not depend on the world
   size or the accumulation, and a resume (with any world size) continues with the same batches.
 * **Random access into the tar files** through a member index, so loader workers fetch exactly the
-  samples they are given: no duplicates, no gaps, whatever the number of workers.
+  samples they are given: no duplicates, no gaps, whatever the number of workers.  A worker checks
+  a shard's size and sha256 against the manifest when it opens it (one sequential read), and every
+  sample's values before use: bad data is a DataError naming shard and sample.
 * **Dynamic masking** calls data_prep's masking code seeded by (seed, epoch, sample index).
 """
 from __future__ import annotations
 
 import bisect
-import io
 import os
 import tarfile
 from collections import OrderedDict
@@ -28,14 +29,24 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from data_prep.errors import PrepError
 from data_prep.loader import example_from_sample
+from data_prep.shards import decode_fields, open_shard
 from pretrain.config import DataConfig, EvalConfig, TrainingConfig
 
 IGNORE_INDEX = -100
 
 
 class DataError(ValueError):
-    pass
+    """Bad training data, for the user in one line.  Raised in a DataLoader worker, it is re-created
+    in the main process by torch from a message that holds the worker's traceback: the constructor
+    keeps only the original message (the last line of that traceback)."""
+
+    def __init__(self, message: str = ""):
+        if isinstance(message, str) and message.startswith("Caught DataError in DataLoader worker"):
+            _, found, original = message.rpartition(f"\n{DataError.__module__}.DataError: ")
+            message = original.rstrip("\n") if found else message
+        super().__init__(message)
 
 
 @dataclass
@@ -62,6 +73,7 @@ class Split:
     special: dict
     vocab_size: int
     has_sentence_labels: bool
+    shards: list[dict] = field(default_factory=list)    # the manifest's entries (name, samples, bytes, sha256)
     offsets: list[int] = field(default_factory=list)   # cumulative sample counts
 
     def __post_init__(self):
@@ -111,7 +123,7 @@ def open_split(data_cfg: DataConfig, name: str, training_cfg: TrainingConfig, mo
         if not info["dynamic"] else training_cfg.max_predictions,
         dynamic=info["dynamic"], whole_word=info["whole_word"], mlm_probability=mlm_probability,
         special=info["special_ids"], vocab_size=info["vocab_size"],
-        has_sentence_labels=info["has_sentence_labels"],
+        has_sentence_labels=info["has_sentence_labels"], shards=info["shards"],
     )
 
 
@@ -202,12 +214,13 @@ class RankPositions(Sampler):
 # --------------------------------------------------------------------------------------------
 # Reading samples
 # --------------------------------------------------------------------------------------------
-def tar_index(path: str) -> list[dict]:
-    """Members of a WebDataset tar grouped by sample key, in file order: [{ext: (offset, size)}]."""
-    samples: list[dict] = []
+def tar_index(f, path: str) -> list[tuple[str, dict]]:
+    """Members of a WebDataset tar (a binary file open at its start) grouped by sample key, in file
+    order: [(key, {ext: (offset, size)})]."""
+    samples: list[tuple[str, dict]] = []
     keys: dict[str, int] = {}
     try:
-        with tarfile.open(path, "r:") as tar:
+        with tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -216,17 +229,11 @@ def tar_index(path: str) -> list[dict]:
                 key = os.path.join(os.path.dirname(member.name), key)
                 if key not in keys:
                     keys[key] = len(samples)
-                    samples.append({})
-                samples[keys[key]][ext] = (member.offset_data, member.size)
+                    samples.append((key, {}))
+                samples[keys[key]][1][ext] = (member.offset_data, member.size)
     except (tarfile.TarError, OSError) as err:
         raise DataError(f"{path}: cannot read shard ({err}); run `python -m data_prep verify` on its directory")
     return samples
-
-
-def _decode(ext: str, raw: bytes):
-    if ext.endswith("npy"):
-        return np.load(io.BytesIO(raw), allow_pickle=False)
-    return raw
 
 
 class ShardSamples(Dataset):
@@ -238,39 +245,54 @@ class ShardSamples(Dataset):
         # every worker touches every shard, and an index costs 0.5-0.8 KB a sample (measured).
         # A shuffle window reads its shards in random order, so the bound covers two windows.
         self.max_open = max(16, 2 * order.window_shards)
-        self._index: OrderedDict[int, list[dict]] = OrderedDict()
+        self._index: OrderedDict[int, list[tuple[str, dict]]] = OrderedDict()
         self._files: OrderedDict[int, object] = OrderedDict()
 
+    def _open(self, shard: int) -> None:
+        """Open a shard (checked against the manifest's size and sha256: one sequential read) and index it;
+        the least recently used shard is closed past ``max_open``.  Evicted, a shard is checked again."""
+        path = self.split.shard_paths[shard]
+        try:
+            f = open_shard(self.split.dir, self.split.shards[shard])
+        except PrepError as err:
+            raise DataError(str(err)) from None
+        index = tar_index(f, path)
+        if len(index) != self.split.shard_sizes[shard]:
+            f.close()
+            raise DataError(f"{path}: holds {len(index)} samples but the manifest says {self.split.shard_sizes[shard]}")
+        self._index[shard], self._files[shard] = index, f
+        if len(self._index) > self.max_open:
+            self._index.popitem(last=False)
+            self._files.popitem(last=False)[1].close()
+
     def _read(self, sample: int) -> dict:
+        """A sample decoded, with ``__key__`` and ``__shard__`` (its shard's name) as ``iter_samples`` gives."""
         shard = bisect.bisect_right(self.split.offsets, sample) - 1
         if shard in self._index:
             self._index.move_to_end(shard)
-        else:
-            index = tar_index(self.split.shard_paths[shard])
-            if len(index) != self.split.shard_sizes[shard]:
-                raise DataError(f"{self.split.shard_paths[shard]}: holds {len(index)} samples but the "
-                                f"manifest says {self.split.shard_sizes[shard]}")
-            self._index[shard] = index
-            if len(self._index) > self.max_open:
-                self._index.popitem(last=False)
-        if shard in self._files:
             self._files.move_to_end(shard)
         else:
-            self._files[shard] = open(self.split.shard_paths[shard], "rb")
-            if len(self._files) > self.max_open:
-                self._files.popitem(last=False)[1].close()
+            self._open(shard)
         f = self._files[shard]
-        out = {}
-        for ext, (offset, size) in self._index[shard][sample - self.split.offsets[shard]].items():
+        key, members = self._index[shard][sample - self.split.offsets[shard]]
+        raw = {}
+        for ext, (offset, size) in members.items():
             f.seek(offset)
-            out[ext] = _decode(ext, f.read(size))
+            raw[ext] = f.read(size)
+        out = decode_fields(raw, f"{self.split.shard_paths[shard]}: sample {key}")
+        out["__key__"], out["__shard__"] = key, self.split.shards[shard]["name"]
         return out
 
     def __getitem__(self, position: int) -> dict:
         epoch, sample = self.order(position)
-        # data_prep owns the stored format: its bridge decodes, derives token types and masks
+        # data_prep owns the stored format: it decodes and checks, derives token types and masks
         # (dynamic shards: seeded by (seed, epoch, sample index)).
-        return example_from_sample(self._read(sample), self.split, seed=self.seed, epoch=epoch, index=sample)
+        try:
+            raw = self._read(sample)
+            where = f"{os.path.join(self.split.dir, raw['__shard__'])}: sample {raw['__key__']}"
+            return example_from_sample(raw, self.split, seed=self.seed, epoch=epoch, index=sample, where=where)
+        except PrepError as err:
+            raise DataError(str(err)) from None
 
     def __len__(self):
         return self.split.num_samples

@@ -65,10 +65,10 @@ def rewrite_shard(shard_dir: Path, name: str, mutate) -> None:
     edit_manifest(shard_dir, record)
 
 
-def with_token(position: int, token: int, dtype=np.uint16):
-    """A mutation: input_ids[1] of sample ``position`` set to ``token``."""
+def with_token(token: int, position: int | None = None, dtype=np.uint16):
+    """A mutation: input_ids[1] set to ``token`` in sample ``position`` (None: in every sample)."""
     def mutate(at, members):
-        if at == position:
+        if position is None or at == position:
             ids = np.load(io.BytesIO(members["input_ids.npy"])).astype(dtype)
             ids[1] = token
             members["input_ids.npy"] = npy_bytes(ids)
@@ -139,7 +139,7 @@ def test_split_totals_that_disagree_with_the_shards_fail_verify(dynamic):
 
 # --- sample values: a correctly hashed shard with bad content ---------------------------------
 def test_verify_names_shard_and_sample_of_an_out_of_range_token(dynamic):
-    rewrite_shard(dynamic, "train-000001.tar", with_token(7, 4000))
+    rewrite_shard(dynamic, "train-000001.tar", with_token(4000, position=7))
     proc = data_prep("verify", dynamic)
     assert proc.returncode == 1
     assert "FAIL: train-000001.tar: sample train-000001-000007: input_ids: 4000 at position 1 is outside " \
