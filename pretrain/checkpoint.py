@@ -3,7 +3,8 @@
 Layout under ``<run_dir>/<checkpoint.dir>``::
 
     step-000100/            DeepSpeed files (model, optimizer partitions, loss scaler) +
-                            trainer_state.pt  (step, data position, RNG states, scheduler, counters)
+                            rank*_trainer_state.pt  (step, data position, RNG states, scheduler,
+                                                     counters: tensors and plain data only)
                             model.pt + config.yaml   (consolidated fp32 weights: export/eval/phase 2)
                             fingerprints.json
     latest                  text file naming the newest complete step directory
@@ -12,6 +13,10 @@ A save writes into ``.tmp-step-000100``; after every rank has finished, rank 0 r
 ``step-000100`` and then replaces ``latest`` atomically (write temp, os.replace).  A crash at any
 point leaves ``latest`` naming the previous complete checkpoint; stale ``.tmp-*`` dirs are removed
 by the next save.  Only the engine module talks to DeepSpeed: this module receives the engine.
+
+Every .pt file is read with weights-only unpickling (pretrain.weights.load_torch_file, and
+pretrain.engine.safe_torch_load for DeepSpeed's files): a received checkpoint cannot run code.  A
+file that is refused, damaged or missing is a CheckpointError naming it and the previous checkpoint.
 """
 from __future__ import annotations
 
@@ -27,16 +32,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain import engine as ds
 from pretrain.config import Config
-from pretrain.weights import save_weights
+from pretrain.weights import CheckpointError, UnreadableFileError, load_torch_file, save_weights
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.pt"
 FINGERPRINTS = "fingerprints.json"
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def step_tag(step: int) -> str:
@@ -107,7 +109,11 @@ def check_fingerprints(saved: dict, current: dict, where: str, allow_mismatch: b
 # RNG states
 # --------------------------------------------------------------------------------------------
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Tensors and plain data only (numpy's key array as a list), so that it loads weights-only."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = {"bit_generator": name, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss,
+                   "cached_gaussian": cached_gaussian}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -115,7 +121,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["bit_generator"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -177,34 +185,82 @@ def save(engine, root: str, state: TrainerState, *, cfg: Config, scheduler, prin
     return final_dir
 
 
+def damaged(root: str, tag: str, why: str) -> CheckpointError:
+    """The error for the unusable checkpoint ``root/tag``; it offers the previous one."""
+    earlier = [t for t in list_checkpoints(root) if t < tag]
+    if earlier:
+        hint = (f"the previous checkpoint is {earlier[-1]}: point {LATEST} at it "
+                f"(echo {earlier[-1]} > {os.path.join(root, LATEST)})")
+    else:
+        hint = f"there is no earlier checkpoint: move {root} away to start afresh"
+    return CheckpointError(f"{os.path.join(root, tag)} is damaged ({why}); {hint}")
+
+
+def _read_trainer_state(root: str, tag: str, rank: int) -> tuple[dict, bool]:
+    """(our state of ``rank``, or rank 0's if this rank has none; whether it was this rank's own)."""
+    own = os.path.join(root, tag, f"rank{rank:05d}_{TRAINER_STATE}")
+    path = own if os.path.exists(own) else os.path.join(root, tag, f"rank{0:05d}_{TRAINER_STATE}")
+    try:
+        saved = load_torch_file(path)
+    except UnreadableFileError as err:
+        raise damaged(root, tag, str(err)) from None
+    if not isinstance(saved, dict) or sorted(saved) != ["rng", "scheduler", "trainer"]:
+        raise damaged(root, tag, f"{path}: expected the keys rng, scheduler, trainer")
+    return saved, path == own
+
+
+def _read_fingerprints(root: str, tag: str) -> dict:
+    path = os.path.join(root, tag, FINGERPRINTS)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise damaged(root, tag, f"{path}: missing") from None
+    except (ValueError, OSError) as err:       # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise damaged(root, tag, f"{path}: not valid JSON ({err})") from None
+    if not isinstance(saved, dict):
+        raise damaged(root, tag, f"{path}: expected a JSON object")
+    return saved
+
+
+def _agree(error: Optional[Exception], device: torch.device) -> None:
+    """Raise on every rank if any rank failed: one rank's bad file must not leave the others
+    waiting in the next collective."""
+    failed = ds.all_reduce_sum(torch.tensor([0.0 if error is None else 1.0], device=device))
+    if error is not None:
+        raise error
+    if failed.item() > 0:
+        raise CheckpointError("loading the checkpoint failed on another rank (its error names the file)")
+
+
 def saved_world_size(root: str) -> Optional[int]:
     """World size of the run that wrote ``root/latest`` (None when there is no checkpoint)."""
     tag = latest_tag(root)
     if tag is None:
         return None
-    saved = torch.load(os.path.join(root, tag, f"rank{0:05d}_{TRAINER_STATE}"), weights_only=False)
-    return int(saved["trainer"]["world_size"])
+    return int(_read_trainer_state(root, tag, 0)[0]["trainer"]["world_size"])
 
 
-def _to_universal(root: str, tag: str, rank: int) -> str:
+def _to_universal(root: str, tag: str, rank: int, device: torch.device) -> str:
     """Convert a checkpoint to DeepSpeed's universal format (re-partitionable for any world size)
     on rank 0; return the tag to load it by.  The engine must be built with load_universal."""
-    import subprocess
-    import sys
-
     universal_tag = f".universal-{tag}"
     target = os.path.join(root, universal_tag)
+    error = None
     if rank == 0 and not os.path.isdir(target):
         tmp = target + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                               os.path.join(root, tag), "--output_folder", tmp, "--num_extract_workers", "1",
-                               "--num_merge_workers", "1"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise CheckpointError(f"converting {os.path.join(root, tag)} to DeepSpeed's universal format for a "
-                                  f"new world size failed:\n{proc.stderr[-2000:]}")
-        os.replace(tmp, target)
-    _barrier()
+        try:
+            ds.convert_to_universal(os.path.join(root, tag), tmp)
+            os.replace(tmp, target)
+        except UnreadableFileError as err:
+            error = damaged(root, tag, str(err))
+        except RuntimeError as err:
+            error = CheckpointError(f"converting {os.path.join(root, tag)} to DeepSpeed's universal format for a "
+                                    f"new world size failed:\n{err}")
+        if error is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _agree(error, device)
     return universal_tag
 
 
@@ -219,22 +275,24 @@ def load(engine, root: str, *, rank: int, scheduler, current_prints: dict, allow
     if tag is None:
         return None, []
     ckpt_dir = os.path.join(root, tag)
-    with open(os.path.join(ckpt_dir, FINGERPRINTS), encoding="utf-8") as f:
-        diffs = check_fingerprints(json.load(f), current_prints, ckpt_dir, allow_mismatch)
-    load_tag = _to_universal(root, tag, rank) if universal else tag
-    load_path, _ = engine.load_checkpoint(root, tag=load_tag, load_optimizer_states=load_optimizer,
-                                          load_lr_scheduler_states=False)
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load {ckpt_dir}")
-    if universal:
-        _barrier()
-        if rank == 0:
+    diffs = check_fingerprints(_read_fingerprints(root, tag), current_prints, ckpt_dir, allow_mismatch)
+    load_tag = _to_universal(root, tag, rank, engine.device) if universal else tag
+    error = None
+    try:
+        if ds.load_checkpoint(engine, root, load_tag, load_optimizer) is None:
+            raise damaged(root, tag, "DeepSpeed found no model states file in it")
+        saved, own = _read_trainer_state(root, tag, rank)
+    except UnreadableFileError as err:
+        error = damaged(root, tag, str(err))
+    except CheckpointError as err:
+        error = err
+    try:
+        _agree(error, engine.device)
+    finally:
+        if universal and rank == 0:
             shutil.rmtree(os.path.join(root, load_tag), ignore_errors=True)
-    own = os.path.join(ckpt_dir, f"rank{rank:05d}_{TRAINER_STATE}")
-    fallback = os.path.join(ckpt_dir, f"rank{0:05d}_{TRAINER_STATE}")
-    saved = torch.load(own if os.path.exists(own) else fallback, weights_only=False)
     scheduler.load_state_dict(saved["scheduler"])
-    if os.path.exists(own):
+    if own:
         set_rng_state(saved["rng"])
     return TrainerState(**saved["trainer"]), diffs
 
@@ -244,8 +302,11 @@ def load_optimizer_from(engine, init_from: str) -> str:
     from pretrain.weights import resolve_checkpoint_dir
 
     ckpt_dir = os.path.abspath(resolve_checkpoint_dir(init_from))
-    load_path, _ = engine.load_checkpoint(os.path.dirname(ckpt_dir), tag=os.path.basename(ckpt_dir),
-                                          load_optimizer_states=True, load_lr_scheduler_states=False)
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load the optimizer state of {ckpt_dir}")
+    error = None
+    try:
+        if ds.load_checkpoint(engine, os.path.dirname(ckpt_dir), os.path.basename(ckpt_dir), True) is None:
+            error = CheckpointError(f"DeepSpeed could not load the optimizer state of {ckpt_dir}")
+    except UnreadableFileError as err:
+        error = CheckpointError(f"checkpoint.init_from: {err}")
+    _agree(error, engine.device)
     return ckpt_dir

@@ -3,19 +3,26 @@
 ``deepspeed_config`` derives DeepSpeed's JSON from our Config in one place (micro batch x
 accumulation x data-parallel size computed once); ``build_engine`` wraps model + client optimizer;
 ``Stepper`` runs one optimizer step of micro-batches, skipping steps whose loss is not finite.
+``load_checkpoint`` and ``convert_to_universal`` read DeepSpeed's checkpoint files through
+``safe_torch_load``: tensors, plain data and the few DeepSpeed classes those files hold, nothing else.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
+import os
+import subprocess
+import sys
 import types
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 from pretrain.config import Config
 from pretrain.optim import deepspeed_config_entries
+from pretrain.weights import UnreadableFileError, load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +90,74 @@ def build_engine(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Opt
     if cfg.kernels.compile:
         engine.compile()  # torch.compile of the wrapped module; state-dict names unchanged
     return engine
+
+
+def checkpoint_classes() -> list:
+    """The classes DeepSpeed pickles into its model/optimizer state files besides tensors and
+    plain containers (loss scaler, ZeRO stage enum, fragment addresses of the bf16/ZeRO-1/2 state)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def safe_torch_load() -> Iterator[None]:
+    """Within: every ``torch.load`` (DeepSpeed's, which asks for weights_only=False, included)
+    unpickles only tensors, plain data and checkpoint_classes(); any other file is refused with an
+    UnreadableFileError naming it.  A scoped patch: DeepSpeed has no hook for its universal-format
+    loads, which call torch.load directly."""
+    allowed = checkpoint_classes()
+
+    def load(f, map_location=None, *_args, **_kwargs):
+        return load_torch_file(f, allowed, map_location)
+
+    original, torch.load = torch.load, load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def load_checkpoint(engine, load_dir: str, tag: str, load_optimizer_states: bool) -> Optional[str]:
+    """engine.load_checkpoint through safe_torch_load; the loaded path, or None if DeepSpeed found none."""
+    with safe_torch_load():
+        load_path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
+                                              load_lr_scheduler_states=False)
+    return load_path
+
+
+def convert_to_universal(ckpt_dir: str, out_dir: str) -> None:
+    """DeepSpeed's ds_to_universal in a subprocess whose loads go through safe_torch_load.
+    Raises UnreadableFileError for a refused or damaged file, RuntimeError for any other failure."""
+    runner = ("import sys; from pretrain.engine import _ds_to_universal_main; "
+              "sys.exit(_ds_to_universal_main(sys.argv[1:]))")
+    # Forced weights-only loads are the backstop should a worker start without our patch (spawn).
+    env = {**os.environ, "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}
+    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    proc = subprocess.run([sys.executable, "-c", runner, "--input_folder", ckpt_dir, "--output_folder", out_dir,
+                           "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                          capture_output=True, text=True, env=env)
+    lines = proc.stderr.strip().splitlines()
+    if proc.returncode == UNREADABLE_EXIT and lines:
+        raise UnreadableFileError(lines[-1])
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+
+
+UNREADABLE_EXIT = 3   # _ds_to_universal_main: a file was refused or damaged (message: last stderr line)
+
+
+def _ds_to_universal_main(argv: list[str]) -> int:
+    import runpy
+    sys.argv = ["ds_to_universal", *argv]
+    try:
+        with safe_torch_load():
+            runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)
+    except UnreadableFileError as err:
+        print(err, file=sys.stderr)
+        return UNREADABLE_EXIT
+    return 0
 
 
 class SkippableStep:

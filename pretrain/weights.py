@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import tempfile
 
 from pretrain.config import Config, dump_config, load_config
@@ -39,6 +41,44 @@ def _atomic_write(path: str, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (pretrain.checkpoint raises it; `pretrain train` exits 2)."""
+
+
+class UnreadableFileError(CheckpointError, ValueError):
+    """A file that is damaged, or that holds more than tensors and plain data (refused, never run)."""
+
+
+def load_torch_file(path: str, allowed_globals=(), map_location="cpu"):
+    """torch.load that unpickles only tensors, plain containers and ``allowed_globals`` (classes the
+    caller knows the file must hold): a pickled payload is refused, never run.  Every failure is an
+    UnreadableFileError whose one-line message names ``path``."""
+    import torch
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            # torch.serialization.load, not torch.load: engine.safe_torch_load replaces the latter.
+            return torch.serialization.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UnreadableFileError(f"{path}: missing") from None
+    except pickle.UnpicklingError as err:
+        unsafe = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+        if unsafe:
+            raise UnreadableFileError(f"{path}: refused: it would unpickle {unsafe.group(1)}, which is not a tensor "
+                                      "or plain data (a received file must not run code)") from None
+        raise UnreadableFileError(f"{path}: not a readable torch file ({_weights_only_reason(err)})") from None
+    except EOFError:
+        raise UnreadableFileError(f"{path}: empty or truncated") from None
+    except (RuntimeError, OSError, ValueError) as err:
+        raise UnreadableFileError(f"{path}: not a readable torch file ({str(err).split('. ')[0]})") from None
+
+
+def _weights_only_reason(err: Exception) -> str:
+    """The line of torch's weights-only error that says what is wrong (the rest is advice)."""
+    text = str(err)
+    tail = text.split("WeightsUnpickler error:", 1)[-1]
+    return next((line.strip() for line in tail.splitlines() if line.strip()), text.splitlines()[0])
 
 
 def canonical_state_dict(state_dict: dict, config: Config) -> dict:
@@ -91,17 +131,13 @@ def resolve_checkpoint_dir(path: str) -> str:
 
 def load_weights(path: str) -> tuple[Config, dict, dict]:
     """(Config, unpadded fp32 state dict, extra) from a checkpoint written by save_weights."""
-    import torch
     ckpt_dir = resolve_checkpoint_dir(path)
     config_path = os.path.join(ckpt_dir, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{ckpt_dir}: holds {MODEL_FILE} but no {CONFIG_FILE} (the run's resolved config)")
     config = load_config(config_path)
     model_path = os.path.join(ckpt_dir, MODEL_FILE)
-    try:
-        state_dict = torch.load(model_path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{model_path}: not a readable torch state dict ({err})") from None
+    state_dict = load_torch_file(model_path)
     if not isinstance(state_dict, dict):
         raise ValueError(f"{model_path}: expected a state dict (name -> tensor), got {type(state_dict).__name__}")
     return config, state_dict, _read_extra(os.path.join(ckpt_dir, EXTRA_FILE))

@@ -1,0 +1,147 @@
+"""A received checkpoint never runs code, and a damaged one gives a one-line error naming the file.
+
+A payload (a pickled object whose ``__reduce__`` writes a marker file) is planted in each ``.pt``
+file of a real checkpoint; resuming, initializing from it (weights and optimizer state),
+resuming with another world size (DeepSpeed's universal conversion), eval and export must all
+refuse it, naming the file, and the marker must never appear.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.pretrain.training_helpers import REPO, TINY, build_shards, data_overrides, launch
+
+pytestmark = pytest.mark.slow
+
+BASE = TINY + ["zero.stage=1", "training.max_steps=6", "checkpoint.every_steps=2"]
+TRAINER_STATE = "rank00000_trainer_state.pt"
+MODEL_STATES = "mp_rank_00_model_states.pt"
+OPTIM_STATES = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+
+
+class Payload:
+    """Unpickling this runs ``open(marker, 'w')``: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def plant_payload(path: Path, marker: Path) -> None:
+    """Add a payload entry to the dict stored in ``path`` (a file we just wrote ourselves)."""
+    content = torch.load(path, weights_only=False)
+    content["payload"] = Payload(marker)
+    torch.save(content, path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_shards(tmp_path_factory.mktemp("data"), "dynamic")
+
+
+@pytest.fixture(scope="module")
+def halted(data, tmp_path_factory):
+    """A 1-rank run stopped after step 4: checkpoints step-000002 and step-000004 (latest)."""
+    run_dir = tmp_path_factory.mktemp("halted") / "run"
+    run = launch(run_dir, BASE + data_overrides(data), nproc=1, extra_args=["--stop-after-step", "4"])
+    assert run.codes == [75], run.explain()
+    return run_dir
+
+
+def copy_run(halted: Path, tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(halted, run_dir)
+    return run_dir
+
+
+def error_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if line.startswith("error: ")]
+
+
+def assert_refused(run, path: Path, marker: Path) -> None:
+    assert not marker.exists(), "the payload ran"
+    assert all(code == 2 for code in run.codes), run.explain()
+    assert "Traceback" not in run.logs[0], run.explain()
+    errors = error_lines(run.logs[0])
+    assert len(errors) == 1 and str(path) in errors[0], run.explain()
+
+
+@pytest.mark.parametrize("name", [TRAINER_STATE, MODEL_STATES, OPTIM_STATES])
+def test_payload_in_a_checkpoint_file_is_refused_on_resume(data, halted, tmp_path, name):
+    run_dir = copy_run(halted, tmp_path)
+    path, marker = run_dir / "checkpoints" / "step-000004" / name, tmp_path / "marker"
+    plant_payload(path, marker)
+    assert_refused(launch(run_dir, BASE + data_overrides(data), nproc=1), path, marker)
+
+
+def test_payload_is_refused_when_resuming_with_another_world_size(data, halted, tmp_path):
+    run_dir = copy_run(halted, tmp_path)
+    path, marker = run_dir / "checkpoints" / "step-000004" / OPTIM_STATES, tmp_path / "marker"
+    plant_payload(path, marker)
+    assert_refused(launch(run_dir, BASE + data_overrides(data), nproc=2), path, marker)
+
+
+@pytest.mark.parametrize("name", ["model.pt", MODEL_STATES, OPTIM_STATES])
+def test_payload_is_refused_by_init_from_with_the_optimizer(data, halted, tmp_path, name):
+    source = copy_run(halted, tmp_path)
+    path, marker = source / "checkpoints" / "step-000004" / name, tmp_path / "marker"
+    plant_payload(path, marker)
+    run = launch(tmp_path / "phase2", BASE + data_overrides(data) + [
+        f"checkpoint.init_from={source / 'checkpoints'}", "checkpoint.init_optimizer=true"], nproc=1)
+    assert_refused(run, path, marker)
+
+
+@pytest.mark.parametrize("command", [["eval"], ["export", "--out", "HF"]])
+def test_payload_in_model_pt_is_refused_by_eval_and_export(halted, tmp_path, command):
+    source = copy_run(halted, tmp_path)
+    path, marker = source / "checkpoints" / "step-000004" / "model.pt", tmp_path / "marker"
+    plant_payload(path, marker)
+    args = [str(tmp_path / "hf") if a == "HF" else a for a in command]
+    proc = subprocess.run([sys.executable, "-m", "pretrain", *args, "--checkpoint", str(source / "checkpoints")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert not marker.exists(), "the payload ran"
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(path) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def damage(path: Path, how: str) -> None:
+    if how == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "garbage":
+        path.write_bytes(b"\x00not json")
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize("name,how", [(TRAINER_STATE, "truncate"), (MODEL_STATES, "truncate"),
+                                      (OPTIM_STATES, "remove"), ("fingerprints.json", "garbage")])
+def test_damaged_checkpoint_names_the_file_and_offers_the_previous_one(data, halted, tmp_path, name, how):
+    run_dir = copy_run(halted, tmp_path)
+    root = run_dir / "checkpoints"
+    path = root / "step-000004" / name
+    damage(path, how)
+    run = launch(run_dir, BASE + data_overrides(data), nproc=1)
+    assert run.codes == [2] and "Traceback" not in run.logs[0], run.explain()
+    errors = error_lines(run.logs[0])
+    assert len(errors) == 1, run.explain()
+    assert f"{root / 'step-000004'} is damaged ({path}: " in errors[0]
+    assert f"the previous checkpoint is step-000002: point latest at it (echo step-000002 > {root / 'latest'})" \
+        in errors[0]
+
+
+def test_following_the_advice_resumes_from_the_previous_checkpoint(data, halted, tmp_path):
+    run_dir = copy_run(halted, tmp_path)
+    root = run_dir / "checkpoints"
+    damage(root / "step-000004" / MODEL_STATES, "truncate")
+    (root / "latest").write_text("step-000002\n")
+    run = launch(run_dir, BASE + data_overrides(data), nproc=1)
+    assert run.codes == [0], run.explain()
+    assert "resumed from step-000002 at step 2" in run.logs[0]
