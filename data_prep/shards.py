@@ -375,7 +375,10 @@ def shard_file_problem(f, entry: dict) -> str | None:
     if size != entry["bytes"]:
         return f"{size} bytes, manifest says {entry['bytes']} (truncated or replaced?)"
     f.seek(0)
-    digest = hashlib.file_digest(f, "sha256").hexdigest()
+    sha = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        sha.update(block)
+    digest = sha.hexdigest()
     if digest != entry["sha256"]:
         return f"sha256 differs from the manifest (file {digest[:16]}..., manifest {entry['sha256'][:16]}...: corrupted)"
     return None
@@ -412,6 +415,8 @@ def read_manifest(out_dir) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise PrepError(f"{path}: not valid JSON ({err})") from err
+    except OSError as err:
+        raise PrepError(f"{path}: cannot read ({err.strerror})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise PrepError(f"{path}: format is {found!r}; expected {FORMAT_NAME!r}")
