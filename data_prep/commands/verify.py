@@ -1,10 +1,12 @@
-"""Check every shard of a directory against its manifest: size, sha256 and (unless --quick) the
-samples themselves (keys in order, fields, sample and token counts).  Exit status 1 on a problem."""
+"""Check a shard directory: the manifest's fields (a missing or bad one is a one-line error naming
+its key), its split totals, every shard's size and sha256 and (unless --quick) the samples
+themselves (keys in order, fields, values in range, sample and token counts).  Exit status 1 on a
+problem."""
 from __future__ import annotations
 
 from data_prep.commands._common import reports_errors
 
-HELP = "check every shard against manifest.json (size, sha256, samples)"
+HELP = "check manifest.json and every shard against it (size, sha256, samples)"
 
 
 def add_arguments(parser):
