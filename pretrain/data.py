@@ -341,7 +341,22 @@ def _loader(dataset, sampler, micro: int, data_cfg: DataConfig, split: Split) ->
                       collate_fn=_Collate(split, data_cfg.pad_to_multiple_of),
                       pin_memory=data_cfg.pin_memory and torch.cuda.is_available(),
                       prefetch_factor=data_cfg.prefetch_factor if workers else None,
+                      worker_init_fn=_WorkerInit(os.getpid()) if workers else None,
                       persistent_workers=False, drop_last=False)
+
+
+class _WorkerInit:
+    """Loader workers leave the stop signals to the main process (which checkpoints on them) and
+    die with it; a normal end of the main process shuts them down through the DataLoader."""
+
+    def __init__(self, main_pid: int):
+        self.main_pid = main_pid
+
+    def __call__(self, worker_id: int) -> None:
+        from pretrain.signals import die_with_parent, ignore_stop_signals
+
+        ignore_stop_signals()
+        die_with_parent(self.main_pid)
 
 
 def build_train_loader(split: Split, data_cfg: DataConfig, training_cfg: TrainingConfig, *,

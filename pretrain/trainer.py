@@ -2,7 +2,7 @@
 
 Exit codes (documented in docs/training.md and used by launch/slurm):
   0   finished: training.max_steps reached, final checkpoint saved
-  75  checkpointed after SIGTERM/SIGUSR1, please requeue (EX_TEMPFAIL)
+  75  checkpointed after SIGTERM/SIGUSR1/SIGINT (Ctrl-C), please requeue (EX_TEMPFAIL)
   1   error (e.g. too many consecutive non-finite losses)
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -24,7 +25,8 @@ from pretrain.distributed import DistEnv
 from pretrain.engine import SkippableStep, Stepper, all_reduce_sum, build_engine, init_distributed
 from pretrain.evaluate import evaluate
 from pretrain.metrics import MetricsLogger, peak_tflops_for, plot_curves, throughput
-from pretrain.signals import StopSignal
+from pretrain.runlock import RunDirError, RunDirInUse, lock_run_dir
+from pretrain.signals import STOP_SIGNALS, StopSignal
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +64,38 @@ class Run:
     accum: int
 
 
-def build_run(cfg: Config, dist_env: DistEnv, load_universal: bool = False) -> Run:
+def join_job(cfg: Config, dist_env: DistEnv) -> torch.device:
+    """This rank's device, and the process group joined."""
+    device = device_for(dist_env)
+    init_distributed("nccl" if device.type == "cuda" else "gloo", cfg.training.collective_timeout_s)
+    return device
+
+
+def hold_run_dir(run_dir: str, rank: int, device: torch.device) -> Optional[int]:
+    """Rank 0 locks the run directory before anything is written in it, and every rank learns the
+    outcome, so all ranks of a second run into a directory in use exit alike (RunDirInUse).
+    Returns rank 0's lock descriptor (None on the other ranks)."""
+    fd, outcome, failure = None, 0, None      # outcome: 0 locked, >0 holder's pid, -1 pid unknown, -2 error
+    if rank == 0:
+        try:
+            fd = lock_run_dir(run_dir)
+        except RunDirInUse as err:
+            outcome = err.pid or -1
+        except RunDirError as err:
+            outcome, failure = -2, err
+    agreed = int(all_reduce_sum(torch.tensor([outcome], dtype=torch.int64, device=device)).item())
+    if agreed == -2:
+        raise failure or RunDirError(f"{run_dir}: rank 0 could not lock the run directory (its error says why)")
+    if agreed:
+        raise RunDirInUse(run_dir, max(agreed, 0))
+    return fd
+
+
+def build_run(cfg: Config, dist_env: DistEnv, device: torch.device, load_universal: bool = False) -> Run:
     from pretrain.model import build_model
     from pretrain.optim import attach_zero_layout, build_optimizer, build_scheduler
     from pretrain.weights import load_weights
 
-    device = device_for(dist_env)
-    init_distributed("nccl" if device.type == "cuda" else "gloo", cfg.training.collective_timeout_s)
     seed_everything(cfg.training.seed, 0)          # identical initial weights on every rank
     model = build_model(cfg.model, cfg.kernels)
     if cfg.checkpoint.init_from:
@@ -112,13 +139,24 @@ def train(cfg: Config, dist_env: DistEnv, *, stop_after_step: Optional[int] = No
 
     ``fault`` names a fault to inject for tests: ``kill-during-save@STEP`` ends the process
     abruptly in the middle of the checkpoint save of that step; ``nan-loss@A-B`` makes the loss
-    of steps A..B non-finite.
+    of steps A..B non-finite.  Raises RunDirInUse when another run holds ``logging.run_dir``.
     """
+    device = join_job(cfg, dist_env)
+    lock = hold_run_dir(cfg.logging.run_dir, dist_env.rank, device)
+    try:
+        return _train(cfg, dist_env, device, stop_after_step, fault, stop or StopSignal())
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _train(cfg: Config, dist_env: DistEnv, device: torch.device, stop_after_step: Optional[int],
+           fault: Optional[str], stop: StopSignal) -> int:
     run_dir = cfg.logging.run_dir
     ckpt_root = os.path.join(run_dir, cfg.checkpoint.dir)
     resuming = cfg.checkpoint.resume == "auto" and ckpt.latest_tag(ckpt_root) is not None
     new_world = resuming and ckpt.saved_world_size(ckpt_root) != dist_env.world_size
-    run = build_run(cfg, dist_env, load_universal=new_world)
+    run = build_run(cfg, dist_env, device, load_universal=new_world)
     rank = dist_env.rank
     train_split = open_split(cfg.data, "train", cfg.training, cfg.model.vocab_size)
     prints = ckpt.fingerprints(cfg, train_split.fingerprint, train_split.tokenizer_hash)
@@ -156,7 +194,6 @@ def train(cfg: Config, dist_env: DistEnv, *, stop_after_step: Optional[int] = No
                            tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
     for message in logger_messages:
         logger.message(message)
-    stop = stop or StopSignal()
     try:
         code = _loop(run, state, train_split, logger, stop, ckpt_root, prints, extra, stop_after_step, fault)
     finally:
@@ -226,17 +263,24 @@ def _loop(run: Run, state: ckpt.TrainerState, train_split, logger: MetricsLogger
         if cfg.eval.every_steps and (state.step % cfg.eval.every_steps == 0 or state.step == t.max_steps):
             logger.log(state.step, run_eval(run), kind="eval")
         logger.advance(state.step)
-        if stop.received is not None or (stop_after_step is not None and state.step >= stop_after_step
-                                          and state.step < t.max_steps):
+        signals = stop_signals_received(stop, run.device)
+        if signals or (stop_after_step is not None and state.step >= stop_after_step and state.step < t.max_steps):
             save()
-            why = f"signal {stop.received} received" if stop.received is not None else \
-                f"--stop-after-step {stop_after_step} reached"
+            why = f"{' and '.join(signals)} received" if signals else f"--stop-after-step {stop_after_step} reached"
             logger.message(f"{why}: checkpoint saved at step {state.step}; exiting with {EXIT_REQUEUE} "
                            f"(checkpointed, not finished: requeue or rerun to continue)")
             return EXIT_REQUEUE
         if state.step % cfg.checkpoint.every_steps == 0 or state.step == t.max_steps:
             save()
     return EXIT_DONE
+
+
+def stop_signals_received(stop: StopSignal, device: torch.device) -> list[str]:
+    """Names of the stop signals any rank has received.  Every rank gets the same answer, so all
+    stop at the same step even when the signal reached one rank only, or the ranks a step apart."""
+    local = torch.tensor([float(stop.received == sig) for sig in STOP_SIGNALS], device=device)
+    counts = all_reduce_sum(local).tolist()
+    return [signal.Signals(sig).name for sig, count in zip(STOP_SIGNALS, counts) if count]
 
 
 def fault_steps(fault: Optional[str], name: str) -> set[int]:

@@ -3,8 +3,9 @@
   python -m pretrain train --config configs/debug.yaml [section.key=value ...]
 
 Rank, world size and rendezvous come from whatever launched us (torchrun, srun, mpirun; see
-pretrain/distributed.py).  Exit status: 0 finished, 75 checkpointed after SIGTERM/SIGUSR1 (requeue
-me), 1 error, 2 invalid config.  Resumes automatically from the run's latest checkpoint.
+pretrain/distributed.py).  Exit status: 0 finished, 75 checkpointed after SIGTERM, SIGUSR1 or
+Ctrl-C (requeue me), 1 error, 2 invalid config or data, or the run directory in use by another
+run.  Resumes automatically from the run's latest checkpoint.
 """
 from pretrain.commands.config import add_config_arguments
 
@@ -37,6 +38,7 @@ def run(args) -> int:
     from pretrain.distributed import detect, resolve_master_addr
 
     dist_env = resolve_master_addr(detect())
+    stop.announce = dist_env.rank == 0
     if dist_env.launcher == "single" and not os.environ.get("MASTER_PORT"):
         # One process: any free port will do, and a fixed one would collide with another job.
         dist_env = dataclasses.replace(dist_env, master_port=_free_port())
@@ -52,9 +54,10 @@ def run(args) -> int:
     from pretrain.trainer import EXIT_ERROR, NonFiniteLossError, train
     from pretrain.data import DataError
     from pretrain.checkpoint import CheckpointError
+    from pretrain.runlock import RunDirError
     try:
         return train(cfg, dist_env, stop_after_step=args.stop_after_step, fault=args.fault, stop=stop)
-    except (DataError, CheckpointError) as err:
+    except (DataError, CheckpointError, RunDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
