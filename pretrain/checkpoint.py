@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from pretrain import engine as ds
 from pretrain.config import Config
-from pretrain.weights import CheckpointError, UnreadableFileError, load_torch_file, save_weights
+from pretrain.weights import CheckpointError, UnreadableFileError, atomic_write, load_torch_file, save_weights
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.pt"
@@ -46,12 +46,11 @@ def step_tag(step: int) -> str:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    def write(f):
+        f.write(text.encode())
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, write)
 
 
 def latest_tag(root: str) -> Optional[str]:
@@ -150,7 +149,9 @@ def save(engine, root: str, state: TrainerState, *, cfg: Config, scheduler, prin
          crash_before_commit: bool = False) -> str:
     """Save a checkpoint for ``state.step`` on every rank; return its directory.
 
-    ``consolidated_state_dict`` is the full fp32 model state on rank 0 (None elsewhere).
+    ``consolidated_state_dict`` is the full fp32 model state on rank 0 (None elsewhere).  A failed
+    write on any rank (disk full) is a CheckpointError on every rank naming the file; the partial
+    directory is removed and ``latest`` still names the previous checkpoint.
     """
     tag = step_tag(state.step)
     tmp_tag = f".tmp-{tag}"
@@ -161,28 +162,54 @@ def save(engine, root: str, state: TrainerState, *, cfg: Config, scheduler, prin
             if stale.startswith(".tmp-"):
                 shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     _barrier()
-    # universal_checkpoint_info lets DeepSpeed's ds_to_universal re-partition the optimizer state
-    # when a run resumes with another world size (see load()).
-    engine.save_checkpoint(root, tag=tmp_tag, save_latest=False,
-                           client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
-    # Every rank writes its own RNG state: dropout masks differ per rank.
-    torch.save({"trainer": state.__dict__, "rng": rng_state(), "scheduler": scheduler.state_dict()},
-               os.path.join(tmp_dir, f"rank{rank:05d}_{TRAINER_STATE}"))
-    if rank == 0:
-        save_weights(tmp_dir, cfg, consolidated_state_dict, extra=extra)
-        atomic_write_text(os.path.join(tmp_dir, FINGERPRINTS), json.dumps(prints, indent=2))
+    error = None
+    try:
+        # universal_checkpoint_info lets DeepSpeed's ds_to_universal re-partition the optimizer state
+        # when a run resumes with another world size (see load()).
+        ds.save_checkpoint(engine, root, tmp_tag, {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
+        # Every rank writes its own RNG state: dropout masks differ per rank.
+        trainer_state = {"trainer": state.__dict__, "rng": rng_state(), "scheduler": scheduler.state_dict()}
+        atomic_write(os.path.join(tmp_dir, f"rank{rank:05d}_{TRAINER_STATE}"), lambda f: torch.save(trainer_state, f))
+        if rank == 0:
+            save_weights(tmp_dir, cfg, consolidated_state_dict, extra=extra)
+            atomic_write_text(os.path.join(tmp_dir, FINGERPRINTS), json.dumps(prints, indent=2))
+    except (CheckpointError, OSError) as err:
+        error = _not_saved(root, tag, err)
     if crash_before_commit:   # fault injection for tests: die with the save half done
         os._exit(137)
-    _barrier()
-    if rank == 0:
+    try:
+        _agree(error, engine.device, f"checkpoint {tag} was not saved: a write failed on another rank")
+        if rank == 0:
+            try:
+                _commit(root, tag, tmp_dir, final_dir, keep_last)
+            except CheckpointError as err:
+                error = err
+        _agree(error, engine.device, f"checkpoint {tag} was not saved: rank 0 could not commit it")
+    except CheckpointError:
+        if rank == 0:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return final_dir
+
+
+def _commit(root: str, tag: str, tmp_dir: str, final_dir: str, keep_last: int) -> None:
+    """Rank 0, once every rank has written its files: move the checkpoint into place, then name it in latest."""
+    try:
         if os.path.isdir(final_dir):          # re-saving the same step (e.g. signal at the end)
             shutil.rmtree(final_dir)
         os.replace(tmp_dir, final_dir)
         atomic_write_text(os.path.join(root, LATEST), tag + "\n")
-        for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    _barrier()
-    return final_dir
+    except (CheckpointError, OSError) as err:
+        raise _not_saved(root, tag, err) from None
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+
+
+def _not_saved(root: str, tag: str, err: Exception) -> CheckpointError:
+    pointer = os.path.join(root, LATEST)
+    previous = open(pointer, encoding="utf-8").read().strip() if os.path.isfile(pointer) else ""
+    kept = f"{pointer} still names {previous}" if previous else "there is no earlier checkpoint"
+    return CheckpointError(f"checkpoint {tag} was not saved ({err}); {kept}")
 
 
 def damaged(root: str, tag: str, why: str) -> CheckpointError:
@@ -223,14 +250,15 @@ def _read_fingerprints(root: str, tag: str) -> dict:
     return saved
 
 
-def _agree(error: Optional[Exception], device: torch.device) -> None:
-    """Raise on every rank if any rank failed: one rank's bad file must not leave the others
-    waiting in the next collective."""
+def _agree(error: Optional[Exception], device: torch.device,
+           elsewhere: str = "loading the checkpoint failed on another rank (its error names the file)") -> None:
+    """Raise on every rank if any rank failed (``elsewhere`` on the ranks that did not): one rank's
+    bad file must not leave the others waiting in the next collective."""
     failed = ds.all_reduce_sum(torch.tensor([0.0 if error is None else 1.0], device=device))
     if error is not None:
         raise error
     if failed.item() > 0:
-        raise CheckpointError("loading the checkpoint failed on another rank (its error names the file)")
+        raise CheckpointError(elsewhere)
 
 
 def saved_world_size(root: str) -> Optional[int]:

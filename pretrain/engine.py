@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from pretrain.config import Config
 from pretrain.optim import deepspeed_config_entries
-from pretrain.weights import UnreadableFileError, load_torch_file
+from pretrain.weights import UnreadableFileError, load_torch_file, write_error
 
 log = logging.getLogger(__name__)
 
@@ -102,21 +102,40 @@ def checkpoint_classes() -> list:
 
 
 @contextlib.contextmanager
-def safe_torch_load() -> Iterator[None]:
+def _torch_function_replaced(name: str, replacement: Callable) -> Iterator[Callable]:
+    """Within: ``torch.<name>`` is ``replacement``; yields the original.  DeepSpeed calls
+    torch.load / torch.save directly in places its checkpoint-engine hook does not reach."""
+    original = getattr(torch, name)
+    setattr(torch, name, replacement)
+    try:
+        yield original
+    finally:
+        setattr(torch, name, original)
+
+
+def safe_torch_load() -> contextlib.AbstractContextManager:
     """Within: every ``torch.load`` (DeepSpeed's, which asks for weights_only=False, included)
     unpickles only tensors, plain data and checkpoint_classes(); any other file is refused with an
-    UnreadableFileError naming it.  A scoped patch: DeepSpeed has no hook for its universal-format
-    loads, which call torch.load directly."""
+    UnreadableFileError naming it."""
     allowed = checkpoint_classes()
 
     def load(f, map_location=None, *_args, **_kwargs):
         return load_torch_file(f, allowed, map_location)
 
-    original, torch.load = torch.load, load
-    try:
-        yield
-    finally:
-        torch.load = original
+    return _torch_function_replaced("load", load)
+
+
+def save_checkpoint(engine, save_dir: str, tag: str, client_state: dict) -> None:
+    """engine.save_checkpoint (no `latest` of DeepSpeed's); a failed write of one of its files
+    (disk full) raises write_error's CheckpointError naming that file."""
+    def save(obj, f, *args, **kwargs):
+        try:
+            return original(obj, f, *args, **kwargs)
+        except (OSError, RuntimeError) as err:   # torch.save reports write errors as RuntimeError
+            raise write_error(str(f), err) from None
+
+    with _torch_function_replaced("save", save) as original:
+        engine.save_checkpoint(save_dir, tag=tag, save_latest=False, client_state=client_state)
 
 
 def load_checkpoint(engine, load_dir: str, tag: str, load_optimizer_states: bool) -> Optional[str]:

@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import tempfile
 
 from pretrain.config import Config, dump_config, load_config
@@ -30,16 +31,19 @@ LATEST_FILE = "latest"
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
-def _atomic_write(path: str, write) -> None:
-    """Call write(file_object) on a temporary file beside ``path``, then move it into place."""
+def atomic_write(path: str, write) -> None:
+    """Call write(file_object) on a temporary file beside ``path``, then move it into place.
+    A failed write (disk full) removes the temporary file and raises write_error's CheckpointError."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, (OSError, RuntimeError)):   # torch.save reports write errors as RuntimeError
+            raise write_error(path, err) from None
         raise
 
 
@@ -74,6 +78,16 @@ def load_torch_file(path: str, allowed_globals=(), map_location="cpu"):
         raise UnreadableFileError(f"{path}: not a readable torch file ({str(err).split('. ')[0]})") from None
 
 
+def write_error(path: str, err: BaseException) -> CheckpointError:
+    """The one-line error for a failed write of ``path``, with the free space left (disk full?)."""
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0]
+    try:
+        reason += f"; {shutil.disk_usage(os.path.dirname(path) or '.').free / 2**20:.1f} MiB free on its filesystem"
+    except OSError:
+        pass
+    return CheckpointError(f"{path}: could not be written ({reason})")
+
+
 def _weights_only_reason(err: Exception) -> str:
     """The line of torch's weights-only error that says what is wrong (the rest is advice)."""
     text = str(err)
@@ -101,9 +115,9 @@ def save_weights(ckpt_dir: str, config: Config, state_dict: dict, extra: dict | 
     except TypeError as err:
         raise TypeError(f"save_weights: extra must be JSON-serializable ({err})") from None
     weights = canonical_state_dict(state_dict, config)
-    _atomic_write(os.path.join(ckpt_dir, MODEL_FILE), lambda f: torch.save(weights, f))
-    _atomic_write(os.path.join(ckpt_dir, EXTRA_FILE), lambda f: f.write(extra_text.encode()))
-    _atomic_write(os.path.join(ckpt_dir, CONFIG_FILE), lambda f: f.write(dump_config(config).encode()))
+    atomic_write(os.path.join(ckpt_dir, MODEL_FILE), lambda f: torch.save(weights, f))
+    atomic_write(os.path.join(ckpt_dir, EXTRA_FILE), lambda f: f.write(extra_text.encode()))
+    atomic_write(os.path.join(ckpt_dir, CONFIG_FILE), lambda f: f.write(dump_config(config).encode()))
 
 
 def resolve_checkpoint_dir(path: str) -> str:

@@ -3,10 +3,14 @@
 A payload (a pickled object whose ``__reduce__`` writes a marker file) is planted in each ``.pt``
 file of a real checkpoint; resuming, initializing from it (weights and optimizer state),
 resuming with another world size (DeepSpeed's universal conversion), eval and export must all
-refuse it, naming the file, and the marker must never appear.
+refuse it, naming the file, and the marker must never appear.  A damaged checkpoint, or a
+failed checkpoint write, gives one line naming the file; `latest` keeps naming a complete one.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -145,3 +149,43 @@ def test_following_the_advice_resumes_from_the_previous_checkpoint(data, halted,
     run = launch(run_dir, BASE + data_overrides(data), nproc=1)
     assert run.codes == [0], run.explain()
     assert "resumed from step-000002 at step 2" in run.logs[0]
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """Writes past ``limit`` bytes fail with EFBIG in processes started within (Python ignores
+    SIGXFSZ): a real write failure, like a full disk, on the real write path."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_failed_checkpoint_write_names_the_file_and_keeps_the_previous_checkpoint(data, halted, tmp_path):
+    run_dir = copy_run(halted, tmp_path)
+    root = run_dir / "checkpoints"
+    with file_size_limit(200_000):   # the logs fit, DeepSpeed's model states (~0.4 MB) do not
+        run = launch(run_dir, BASE + data_overrides(data), nproc=1)
+    assert run.codes == [2] and "Traceback" not in run.logs[0], run.explain()
+    errors = error_lines(run.logs[0])
+    assert len(errors) == 1, run.explain()
+    assert f"checkpoint step-000006 was not saved ({root / '.tmp-step-000006'}/" in errors[0]
+    assert f"could not be written (" in errors[0] and "free on its filesystem" in errors[0]
+    assert f"{root / 'latest'} still names step-000004" in errors[0]
+    assert (root / "latest").read_text().strip() == "step-000004"
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(("step-", ".tmp"))) == \
+        ["step-000002", "step-000004"]
+
+
+def test_failed_weights_write_leaves_no_partial_file(tmp_path):
+    from pretrain.config import Config, ModelConfig
+    from pretrain.model import build_model
+    from pretrain.weights import CheckpointError, save_weights
+    cfg = Config(model=ModelConfig(vocab_size=2048, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
+    state_dict = build_model(cfg.model).state_dict()
+    with file_size_limit(100_000), pytest.raises(CheckpointError) as err:
+        save_weights(str(tmp_path), cfg, state_dict)
+    assert str(err.value).startswith(f"{tmp_path / 'model.pt'}: could not be written (")
+    assert os.listdir(tmp_path) == []
