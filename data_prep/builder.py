@@ -6,14 +6,18 @@ a shard's bytes depend only on its unit's documents and the settings.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from data_prep.encode import encode_documents
+from data_prep.errors import PrepError, write_error
 from data_prep.instances import create_instances, fill_row, instance_rng
 from data_prep.masking import MaskingConfig, continuation_table, mask_batch
 from data_prep.shards import SPLIT_CODES, ShardWriter, bytes_rows, npy_rows, sample_key, shard_name
@@ -104,6 +108,29 @@ def init_worker(settings: ShardSettings | None = None) -> None:
         _tokenizer_and_table(settings)
 
 
+_parent_pid: int | None = None  # in a pool worker: the main process, whose death ends the worker
+PR_SET_PDEATHSIG = 1
+
+
+def init_pool_worker(settings: ShardSettings, parent_pid: int) -> None:
+    """Setup of a worker of the main process ``parent_pid``: stop signals are left to the main
+    process (it stops the workers), and the kernel kills the worker when the main process dies."""
+    global _parent_pid
+    _parent_pid = parent_pid
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if not parent_alive():  # it died before prctl took effect
+        os._exit(1)
+    init_worker(settings)
+
+
+def parent_alive() -> bool:
+    """False in a worker whose main process is gone (it is then a child of init or a subreaper)."""
+    return _parent_pid is None or os.getppid() == _parent_pid
+
+
 def build_shard(unit: WorkUnit, settings: ShardSettings) -> dict:
     """Write ``<out>/<split>-<index>.tar`` for ``unit``; returns its manifest record."""
     tok, is_continuation = _tokenizer_and_table(settings)
@@ -131,6 +158,28 @@ BATCH_ROWS = 4096  # samples materialized (and statically masked) at a time
 
 
 def _write_samples(unit: WorkUnit, settings: ShardSettings, encoded, instances) -> dict:
+    """Write and commit the shard; an OSError (e.g. a full disk) becomes one line naming it."""
+    path = Path(settings.out_dir) / shard_name(unit.split, unit.index)
+    try:
+        writer = ShardWriter(path)
+    except OSError as err:
+        raise write_error(path, err) from None
+    try:
+        counts = _add_samples(writer, unit, settings, encoded, instances)
+        if not parent_alive():  # never commit a shard for a run that is gone
+            raise PrepError(f"{path}: not committed: the data_prep main process is gone")
+        record = writer.commit()
+    except OSError as err:
+        writer.abort()
+        raise write_error(path, err) from None
+    except BaseException:
+        writer.abort()
+        raise
+    record.update(counts)
+    return record
+
+
+def _add_samples(writer: ShardWriter, unit: WorkUnit, settings: ShardSettings, encoded, instances) -> dict:
     dtype = np.dtype(settings.token_dtype)
     static = settings.masking == "static"
     wwm = settings.whole_word_mask
@@ -139,41 +188,34 @@ def _write_samples(unit: WorkUnit, settings: ShardSettings, encoded, instances) 
     label_key = settings.label_key
     pad_id = settings.pad_id
     tokens = masked = label_ones = 0
-    writer = ShardWriter(Path(settings.out_dir) / shard_name(unit.split, unit.index))
-    try:
-        for lo in range(0, len(instances), BATCH_ROWS):
-            batch = instances[lo: lo + BATCH_ROWS]
-            ids = np.full((len(batch), settings.seq_len), pad_id, dtype=np.int32)
-            starts = np.zeros(ids.shape, dtype=np.uint8) if wwm else None
-            lengths = [fill_row(inst, encoded.tokens, settings.cls_id, settings.sep_id, ids[r],
-                                encoded.word_starts, starts[r] if wwm else None) for r, inst in enumerate(batch)]
-            lengths = np.asarray(lengths, dtype=np.int64)
-            members = []
-            if static:  # one vectorized call per batch (the loader masks one sample at a time)
-                result = mask_batch(ids, mask_rng, masking, starts)
-                members.append(("input_ids.npy", *npy_rows(result.input_ids.astype(dtype), lengths)))
-                rows, cols = np.nonzero(result.chosen)  # row-major: each row's positions ascending
-                counts = np.bincount(rows, minlength=len(batch))
-                slot = np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]
-                positions = np.zeros((len(batch), max(int(counts.max()), 1)), dtype=np.uint16)
-                labels = np.zeros(positions.shape, dtype=dtype)
-                positions[rows, slot], labels[rows, slot] = cols, ids[rows, cols]
-                members.append(("masked_lm_positions.npy", *npy_rows(positions, counts)))
-                members.append(("masked_lm_ids.npy", *npy_rows(labels, counts)))
-                masked += len(rows)
-            else:
-                members.append(("input_ids.npy", *npy_rows(ids.astype(dtype), lengths)))
-                if wwm:
-                    members.append(("word_starts.npy", *npy_rows(starts, lengths)))
-            if label_key:
-                values = [inst.label for inst in batch]
-                members.append((f"{label_key}.cls", *bytes_rows([b"%d" % v for v in values])))
-                label_ones += sum(values)
-            writer.add_rows([sample_key(unit.split, unit.index, lo + r) for r in range(len(batch))], members)
-            tokens += int(lengths.sum())
-        record = writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    record.update(tokens=tokens, masked_positions=masked, sentence_label_ones=label_ones)
-    return record
+    for lo in range(0, len(instances), BATCH_ROWS):
+        batch = instances[lo: lo + BATCH_ROWS]
+        ids = np.full((len(batch), settings.seq_len), pad_id, dtype=np.int32)
+        starts = np.zeros(ids.shape, dtype=np.uint8) if wwm else None
+        lengths = [fill_row(inst, encoded.tokens, settings.cls_id, settings.sep_id, ids[r],
+                            encoded.word_starts, starts[r] if wwm else None) for r, inst in enumerate(batch)]
+        lengths = np.asarray(lengths, dtype=np.int64)
+        members = []
+        if static:  # one vectorized call per batch (the loader masks one sample at a time)
+            result = mask_batch(ids, mask_rng, masking, starts)
+            members.append(("input_ids.npy", *npy_rows(result.input_ids.astype(dtype), lengths)))
+            rows, cols = np.nonzero(result.chosen)  # row-major: each row's positions ascending
+            counts = np.bincount(rows, minlength=len(batch))
+            slot = np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]
+            positions = np.zeros((len(batch), max(int(counts.max()), 1)), dtype=np.uint16)
+            labels = np.zeros(positions.shape, dtype=dtype)
+            positions[rows, slot], labels[rows, slot] = cols, ids[rows, cols]
+            members.append(("masked_lm_positions.npy", *npy_rows(positions, counts)))
+            members.append(("masked_lm_ids.npy", *npy_rows(labels, counts)))
+            masked += len(rows)
+        else:
+            members.append(("input_ids.npy", *npy_rows(ids.astype(dtype), lengths)))
+            if wwm:
+                members.append(("word_starts.npy", *npy_rows(starts, lengths)))
+        if label_key:
+            values = [inst.label for inst in batch]
+            members.append((f"{label_key}.cls", *bytes_rows([b"%d" % v for v in values])))
+            label_ones += sum(values)
+        writer.add_rows([sample_key(unit.split, unit.index, lo + r) for r in range(len(batch))], members)
+        tokens += int(lengths.sum())
+    return dict(tokens=tokens, masked_positions=masked, sentence_label_ones=label_ones)

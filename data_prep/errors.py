@@ -10,6 +10,25 @@ class PrepError(Exception):
     """A problem the user can fix (bad input, bad config, mismatched output dir): shown without a traceback."""
 
 
+class DirInUse(PrepError):
+    """Another data_prep run holds the output directory's lock."""
+
+    exit_status = 2
+
+
+class Stopped(BaseException):
+    """A stop signal (SIGTERM) reached the main process: unwinds like KeyboardInterrupt does."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def write_error(path, err: OSError) -> PrepError:
+    """``writing PATH: No space left on device``: an OSError met while writing an output file."""
+    return PrepError(f"writing {path}: {err.strerror or err}")
+
+
 class InputError(PrepError):
     """Bad input at a place in a file.  ``reason`` is a short counter name, e.g. ``invalid_utf8``."""
 

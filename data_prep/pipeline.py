@@ -23,7 +23,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from data_prep.builder import ShardSettings, WorkUnit, build_shard, cache_tokenizer, init_worker
+from data_prep.builder import (ShardSettings, WorkUnit, build_shard, cache_tokenizer, init_pool_worker,
+                              init_worker)
 from data_prep.clean import CleanOptions, clean_documents
 from data_prep.config import PrepConfig
 from data_prep.errors import ErrorPolicy, PrepError
@@ -180,8 +181,9 @@ def _run_units(units: Iterable[WorkUnit], settings: ShardSettings, cfg: PrepConf
         return records
     import multiprocessing
 
+    others = set(multiprocessing.active_children())
     with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=init_worker, initargs=(settings,)) as pool:
+                             initializer=init_pool_worker, initargs=(settings, os.getpid())) as pool:
         pending = set()
         try:
             for unit in todo():
@@ -195,8 +197,11 @@ def _run_units(units: Iterable[WorkUnit], settings: ShardSettings, cfg: PrepConf
                 for f in finished:
                     done(f.result())
         except BaseException:
-            for f in pending:
-                f.cancel()
+            # Stopped (an error, a signal): the shards in progress are not waited for, nor committed.
+            # The pool then fails the pending futures itself (cancelling them first would make
+            # Python 3.11's pool manager crash on them and leave its queue feeder blocked forever).
+            for worker in set(multiprocessing.active_children()) - others:
+                worker.kill()
             raise
     return records
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import signal
 import sys
 
 from data_prep.config import CHOICES, CLI_OPTIONS, config_from_flat, section_keys, slurm_node_slice
-from data_prep.errors import PrepError
+from data_prep.errors import PrepError, Stopped
 
 BOOL_FLAGS = {"--no-dedup": False, "--whole-word-mask": True}
 
@@ -59,16 +60,26 @@ def build_config(flat: dict, source: str = "the command line"):
     return config_from_flat(flat, source)
 
 
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
 def reports_errors(run):
-    """PrepError -> 'error: ...' on stderr and exit status 1 (no traceback for user mistakes)."""
+    """PrepError -> 'error: ...' on stderr and exit status 1 (2 for a directory in use), no traceback
+    for user mistakes; Ctrl-C and SIGTERM stop the run (and its workers) with status 128 + signal."""
     @functools.wraps(run)
     def wrapper(args) -> int:
+        previous = signal.signal(signal.SIGTERM, _raise_stopped)
         try:
             return int(run(args) or 0)
         except PrepError as err:
             print(f"error: {err}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
-            return 130
+            return getattr(err, "exit_status", 1)
+        except (KeyboardInterrupt, Stopped) as err:
+            signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
+            what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+            print(f"{what}: finished shards are kept; rerun the same command to resume", file=sys.stderr)
+            return 128 + signum
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     return wrapper
