@@ -52,6 +52,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
+        dropped = drop_rows_after(self.jsonl_path, start_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"), purge_step=start_step + 1)
@@ -59,6 +60,9 @@ class MetricsLogger:
         if progress_bar:
             from tqdm import tqdm
             self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        if dropped:
+            self.message(f"{self.jsonl_path}: dropped {dropped} line(s) logged after step {start_step} by a run "
+                         f"that stopped after its last checkpoint (or cut short); this run logs those steps anew")
 
     def log(self, step: int, values: dict, kind: str = "train") -> None:
         if not self.enabled:
@@ -96,6 +100,31 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.close()
         self.jsonl.close()
+
+
+def drop_rows_after(path: str, step: int) -> int:
+    """Remove the rows of ``path`` past ``step``, the checkpoint a run resumes from (0: all rows),
+    and unreadable lines; return how many lines went.  A run that stopped without a checkpoint of
+    its last steps logged them, and the resumed run logs them again (TensorBoard: purge_step)."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if 0 <= _row_step(line) <= step] if step > 0 else []
+    if len(kept) < len(lines):
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+def _row_step(line: str) -> int:
+    """The step of one JSONL row; -1 for a line cut short (the process died while writing it)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -144,3 +144,19 @@ def test_a_second_run_in_a_run_directory_in_use_exits_2_naming_its_pid(dynamic_d
     assert steps == sorted(set(steps)), "metrics.jsonl got rows from two runs"
     again = launch(run_dir, overrides, nproc=1, extra_args=["--stop-after-step", str(saved_step(run_dir) + 1)])
     assert again.codes == [75], again.explain()    # a finished run's lock file does not block the next
+
+
+def test_resume_after_a_crash_keeps_one_metrics_row_per_step(dynamic_data, tmp_path):
+    """The crashed run logged steps 3-4 after its last checkpoint (step 2); the resumed run logs
+    them again, so the first run's rows past its checkpoint go (TensorBoard's purge_step alike)."""
+    overrides = TINY + data_overrides(dynamic_data) + ["training.max_steps=6", "checkpoint.every_steps=2",
+                                                       "eval.every_steps=3"]
+    crashed = launch(tmp_path / "run", overrides, nproc=1, extra_args=["--fault", "kill-during-save@4"])
+    assert crashed.codes == [137], crashed.explain()
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 5, "tr')          # a row cut short by the crash
+    resumed = launch(tmp_path / "run", overrides, nproc=1)
+    assert resumed.codes == [0], resumed.explain()
+    assert "metrics.jsonl: dropped 4 line(s) logged after step 2" in resumed.logs[0]
+    assert [r["step"] for r in resumed.metrics()] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in resumed.metrics("eval")] == [0, 3, 6]
