@@ -6,6 +6,7 @@ Layout under ``<run_dir>/<checkpoint.dir>``::
                             rank*_trainer_state.pt  (step, data position, RNG states, scheduler,
                                                      counters: tensors and plain data only)
                             model.pt + config.yaml   (consolidated fp32 weights: export/eval/phase 2)
+                            tokenizer/        a copy of the run's tokenizer (what export ships)
                             fingerprints.json
     latest                  text file naming the newest complete step directory
 
@@ -34,7 +35,8 @@ import torch.distributed as dist
 
 from pretrain import engine as ds
 from pretrain.config import Config
-from pretrain.weights import CheckpointError, UnreadableFileError, atomic_write, load_torch_file, save_weights
+from pretrain.weights import (TOKENIZER_DIR, CheckpointError, UnreadableFileError, atomic_write, copy_tokenizer,
+                              load_torch_file, save_weights)
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.pt"
@@ -172,6 +174,8 @@ def save(engine, root: str, state: TrainerState, *, cfg: Config, scheduler, prin
         atomic_write(os.path.join(tmp_dir, f"rank{rank:05d}_{TRAINER_STATE}"), lambda f: torch.save(trainer_state, f))
         if rank == 0:
             save_weights(tmp_dir, cfg, consolidated_state_dict, extra=extra)
+            if extra.get("tokenizer_dir"):
+                copy_tokenizer(extra["tokenizer_dir"], os.path.join(tmp_dir, TOKENIZER_DIR))
             atomic_write_text(os.path.join(tmp_dir, FINGERPRINTS), json.dumps(prints, indent=2))
     except (CheckpointError, OSError) as err:
         error = _not_saved(root, tag, err)

@@ -241,16 +241,24 @@ def from_hf_state_dict(hf: dict, m: ModelConfig, source: str = "HF state dict") 
 def export_checkpoint(checkpoint: str, out_dir: str, tokenizer_dir: str | None = None) -> dict:
     """Write a transformers directory (config.json + weights + tokenizer files) from a checkpoint.
 
-    The tokenizer comes from ``tokenizer_dir``, else the checkpoint's extra ``tokenizer_dir``, else
-    its config ``data.tokenizer``; with none, only the weights are written and a warning is issued.
-    Returns a summary: architecture, out_dir, tokenizer (the directory used, or None).
+    The tokenizer comes from ``tokenizer_dir``, else the copy in the checkpoint directory, else the
+    checkpoint's extra ``tokenizer_dir``, else its config ``data.tokenizer``; one whose hash is not
+    the tokenizer hash recorded in the checkpoint is refused.  With none, only the weights are
+    written and a warning is issued.  Returns a summary: architecture, out_dir, tokenizer (the
+    directory used, or None).
     """
     import transformers
-    from pretrain.weights import load_weights
-    config, state_dict, extra = load_weights(checkpoint)
+    from pretrain.weights import TOKENIZER_DIR, load_weights, resolve_checkpoint_dir
+    ckpt_dir = resolve_checkpoint_dir(checkpoint)
+    config, state_dict, extra = load_weights(ckpt_dir)
     m = config.model
     architecture = hf_architecture(m)
-    tokenizer_dir = tokenizer_dir or extra.get("tokenizer_dir") or config.data.tokenizer
+    own = os.path.join(ckpt_dir, TOKENIZER_DIR)
+    tokenizer_dir = tokenizer_dir or (own if os.path.isdir(own) else None) or extra.get("tokenizer_dir") \
+        or config.data.tokenizer
+    recorded = (extra.get("fingerprints") or {}).get("tokenizer")
+    if tokenizer_dir and recorded:
+        _check_tokenizer_hash(tokenizer_dir, recorded, ckpt_dir)
     spec = _tokenizer_spec(tokenizer_dir, m) if tokenizer_dir else None  # bad tokenizer: fail before writing
     model = getattr(transformers, architecture)(hf_config(m))
     model.load_state_dict(to_hf_state_dict(state_dict, m), strict=True)
@@ -262,6 +270,20 @@ def export_checkpoint(checkpoint: str, out_dir: str, tokenizer_dir: str | None =
         warnings.warn(f"no tokenizer known for {checkpoint} (pass --tokenizer DIR): {out_dir} has the weights "
                       "but no tokenizer files, so AutoTokenizer.from_pretrained will not load it", stacklevel=2)
     return {"architecture": architecture, "out_dir": out_dir, "tokenizer": tokenizer_dir or None}
+
+
+def _check_tokenizer_hash(tokenizer_dir: str, recorded: str, ckpt_dir: str) -> None:
+    from pathlib import Path
+
+    from data_prep.errors import PrepError
+    from data_prep.vocab import load_tokenizer_dir
+    try:
+        found = load_tokenizer_dir(Path(tokenizer_dir))[1].sha256
+    except PrepError as err:
+        raise ValueError(f"tokenizer {tokenizer_dir}: {err}") from None
+    if found != recorded:
+        raise ValueError(f"tokenizer {tokenizer_dir} hashes to {found} but {ckpt_dir} was trained with tokenizer "
+                         f"{recorded}: pass --tokenizer DIR with the tokenizer the run was trained with")
 
 
 def export_tokenizer(tokenizer_dir: str, out_dir: str, spec: dict) -> None:
@@ -343,7 +365,7 @@ def import_hf(hf_dir: str, out_dir: str) -> Config:
     """
     import transformers
     from pretrain.model import build_model
-    from pretrain.weights import save_weights
+    from pretrain.weights import TOKENIZER_DIR, copy_tokenizer, save_weights
     hf_cfg = _read_hf_config(hf_dir)
     m = model_config_from_hf(hf_cfg, os.path.join(hf_dir, "config.json"))
     config = config_from_dict(_config_dict(m), source=os.path.join(hf_dir, "config.json"))
@@ -351,7 +373,7 @@ def import_hf(hf_dir: str, out_dir: str) -> Config:
     state_dict = from_hf_state_dict(hf_model.state_dict(), m, source=hf_dir)
     build_model(m).load_consolidated_state_dict(state_dict)  # fails loudly if the mapping missed anything
     extra = {"source": {"format": "huggingface", "dir": os.path.abspath(hf_dir)}}
-    tokenizer_dir = _copy_tokenizer(hf_dir, os.path.join(out_dir, "tokenizer"))
+    tokenizer_dir = copy_tokenizer(hf_dir, os.path.join(out_dir, TOKENIZER_DIR))
     if tokenizer_dir:
         extra["tokenizer_dir"] = tokenizer_dir
     save_weights(out_dir, config, state_dict, extra)
@@ -380,13 +402,3 @@ def _config_dict(m: ModelConfig) -> dict:
     return {"model": dataclasses.asdict(m),
             "training": {"seq_len": seq_len, "max_predictions": min(TrainingConfig.max_predictions, seq_len)}}
 
-
-def _copy_tokenizer(hf_dir: str, dest: str) -> str | None:
-    names = [n for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
-             if os.path.isfile(os.path.join(hf_dir, n))]
-    if not any(n in names for n in ("tokenizer.json", "vocab.txt")):
-        return None
-    os.makedirs(dest, exist_ok=True)
-    for name in names:
-        shutil.copyfile(os.path.join(hf_dir, name), os.path.join(dest, name))
-    return os.path.abspath(dest)

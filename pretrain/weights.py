@@ -4,6 +4,7 @@
                            (embeddings.word.weight has model.vocab_size rows), CPU tensors
     CKPT_DIR/config.yaml   the resolved run config (pretrain.config.dump_config)
     CKPT_DIR/extra.json    free-form JSON metadata, e.g. {"tokenizer_dir": ..., "fingerprints": {...}}
+    CKPT_DIR/tokenizer/    the run's tokenizer files, copied (export ships these)
 
 Unpadded, so the file does not depend on pad_vocab_multiple (a speed detail): load it into a
 model with ``model.load_consolidated_state_dict(state_dict)``, which re-pads.  Each file is
@@ -20,12 +21,15 @@ import pickle
 import re
 import shutil
 import tempfile
+from typing import Optional
 
 from pretrain.config import Config, dump_config, load_config
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.yaml"
 EXTRA_FILE = "extra.json"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 LATEST_FILE = "latest"
 # Prefixes that wrappers add to parameter names: torch.compile, DDP / DeepSpeed engines.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -118,6 +122,26 @@ def save_weights(ckpt_dir: str, config: Config, state_dict: dict, extra: dict | 
     atomic_write(os.path.join(ckpt_dir, MODEL_FILE), lambda f: torch.save(weights, f))
     atomic_write(os.path.join(ckpt_dir, EXTRA_FILE), lambda f: f.write(extra_text.encode()))
     atomic_write(os.path.join(ckpt_dir, CONFIG_FILE), lambda f: f.write(dump_config(config).encode()))
+
+
+def copy_tokenizer(source: str, dest: str) -> Optional[str]:
+    """Copy a tokenizer (a directory holding tokenizer.json and/or vocab.txt, or one such file) into
+    the directory ``dest``; return dest's absolute path, or None when ``source`` holds no tokenizer."""
+    if os.path.isfile(source):
+        name = "tokenizer.json" if source.endswith(".json") else "vocab.txt"
+        pairs = [(source, name)]
+        beside = os.path.join(os.path.dirname(source), "tokenizer_config.json")
+        if name == "vocab.txt" and os.path.isfile(beside):   # its do_lower_case
+            pairs.append((beside, "tokenizer_config.json"))
+    else:
+        pairs = [(os.path.join(source, n), n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(source, n))]
+    if not any(name in ("tokenizer.json", "vocab.txt") for _, name in pairs):
+        return None
+    os.makedirs(dest, exist_ok=True)
+    for path, name in pairs:
+        with open(path, "rb") as src:
+            atomic_write(os.path.join(dest, name), lambda f, src=src: shutil.copyfileobj(src, f))
+    return os.path.abspath(dest)
 
 
 def resolve_checkpoint_dir(path: str) -> str:

@@ -189,3 +189,20 @@ def test_failed_weights_write_leaves_no_partial_file(tmp_path):
         save_weights(str(tmp_path), cfg, state_dict)
     assert str(err.value).startswith(f"{tmp_path / 'model.pt'}: could not be written (")
     assert os.listdir(tmp_path) == []
+
+
+def test_export_ships_the_runs_own_tokenizer_from_any_directory(data, tmp_path):
+    """data.tokenizer relative to where training ran: export elsewhere finds another directory at
+    that relative path; it must ship the copy kept in the checkpoint, not that one."""
+    relative = os.path.relpath(data / "tokenizer", REPO)
+    run = launch(tmp_path / "run", TINY + [f"data.dir={data / 'shards'}", f"data.tokenizer={relative}",
+                                           "zero.stage=0", "training.max_steps=2"], nproc=1)
+    assert run.codes == [0], run.explain()
+    elsewhere = tmp_path / "a" / "b"
+    (elsewhere / relative).mkdir(parents=True)
+    (elsewhere / relative / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\n")
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "export", "--checkpoint", str(run.run_dir / "checkpoints"),
+                           "--out", str(tmp_path / "hf")], cwd=elsewhere, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "hf" / "vocab.txt").read_text() == (data / "tokenizer" / "vocab.txt").read_text()

@@ -375,3 +375,18 @@ def test_import_errors_name_the_path(tmp_path, capsys):
     assert main(["import", "--hf", str(tmp_path / "grouped"), "--out", out]) == 1
     assert "num_hidden_groups=2, inner_group_num=1 is not supported" in capsys.readouterr().err
     assert not os.path.exists(out)
+
+
+def test_export_refuses_a_tokenizer_other_than_the_recorded_one(tmp_path):
+    """A checkpoint without its own tokenizer copy names one by path; if the directory found there
+    is not the tokenizer the run was trained with (its recorded hash), export refuses."""
+    from pathlib import Path
+
+    from data_prep.vocab import load_tokenizer_dir
+    trained = load_tokenizer_dir(Path(write_tokenizer(tmp_path / "trained")))[1].sha256
+    other = write_tokenizer(tmp_path / "other", lowercase=False)
+    _, ckpt = save_ours(tmp_path, tiny(), extra={"tokenizer_dir": other, "fingerprints": {"tokenizer": trained}})
+    with pytest.raises(ValueError, match=f"tokenizer {re.escape(other)} hashes to .* but {re.escape(ckpt)} was "
+                                         f"trained with tokenizer {trained}"):
+        export_checkpoint(ckpt, str(tmp_path / "hf"))
+    assert not os.path.exists(tmp_path / "hf")
