@@ -1,12 +1,22 @@
-"""Atomic file writes and hashing: a reader never sees a half-written output file."""
+"""Atomic file writes, hashing and the output directory's lock: a reader never sees a half-written
+output file, and two runs never write one directory at once."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
+import socket
 from pathlib import Path
+from typing import Iterator
+
+from data_prep.errors import DirInUse, write_error
 
 TMP_PREFIX = ".tmp-"
+LOCK_FILE = ".data_prep.lock"
+TEMP_NAME = re.compile(r"^\.tmp-.+\.\d+$")
 
 
 def temp_path_for(path: Path) -> Path:
@@ -23,17 +33,30 @@ def remove_stale_temps(path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+def remove_temps(directory: Path) -> None:
+    """Remove every temp file in ``directory`` (left by killed runs); only while holding its lock
+    exclusively, so that no other run of ours is writing one."""
+    for stale in Path(directory).glob(f"{TMP_PREFIX}*"):
+        if TEMP_NAME.match(stale.name) and stale.is_file():
+            stale.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     """Write to a temp name, then rename.  ``durable`` fsyncs first (skip it only for files whose
-    loss after a power cut is harmless, e.g. resume records that merely cause a rebuild)."""
+    loss after a power cut is harmless, e.g. resume records that merely cause a rebuild).  On
+    failure the temp is removed and a PrepError names the file (``writing PATH: reason``)."""
     path = Path(path)
     tmp = temp_path_for(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, err) from None
 
 
 def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
@@ -68,3 +91,30 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@contextlib.contextmanager
+def locked_dir(directory: Path, name: str = LOCK_FILE, shared: bool = False) -> Iterator[None]:
+    """Hold a non-blocking flock on ``directory/name`` (created) for the block; when another
+    process holds it (exclusively, or at all for an exclusive lock): DirInUse naming its pid."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / name, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DirInUse(f"{directory} is in use by {_holder(fd)}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _holder(fd: int) -> str:
+    """'pid N' (and its host when it is another one) from a lock file's content."""
+    pid, _, host = os.pread(fd, 256, 0).decode("utf-8", "replace").strip().partition(" ")
+    if not pid:
+        return "another process"
+    return f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")

@@ -15,7 +15,8 @@ from data_prep import __version__
 from data_prep.builder import ShardSettings, WorkUnit
 from data_prep.config import PrepConfig
 from data_prep.errors import PrepError
-from data_prep.fsutil import atomic_write_json, canonical_json, read_json_or_none, sha256_text
+from data_prep.fsutil import (atomic_write_json, canonical_json, locked_dir, read_json_or_none, remove_temps,
+                             sha256_text)
 from data_prep.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, SHARD_NAME, SPLITS, shard_name
 from data_prep.vocab import INFO_FILE, read_tokenizer, save_tokenizer_dir, tokenizer_hash
 
@@ -130,6 +131,13 @@ def remove_stale_shards(out_dir: Path, units: dict) -> None:
 def merge_node_manifests(out_dir) -> dict:
     """Join the per-node manifests of a multi-node run into manifest.json, checking completeness."""
     out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise PrepError(f"{out_dir}: no such directory")
+    with locked_dir(out_dir):
+        return _merge(out_dir)
+
+
+def _merge(out_dir: Path) -> dict:
     parts = sorted(out_dir.glob("manifest.node-*-of-*.json"))
     if not parts:
         raise PrepError(f"{out_dir}: no node manifests (manifest.node-*-of-*.json) to merge")
@@ -155,4 +163,6 @@ def merge_node_manifests(out_dir) -> dict:
     merged["nodes"] = num_nodes
     remove_stale_shards(out_dir, merged["units"])
     atomic_write_json(out_dir / MANIFEST, merged)
+    for directory in (out_dir, out_dir / PROGRESS_DIR, out_dir / TOKENIZER_SUBDIR):
+        remove_temps(directory)  # left by killed or failed node runs (none is running now)
     return merged

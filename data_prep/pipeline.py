@@ -13,6 +13,7 @@ unit digest and the tar is there with the recorded size.  Memory: the dedup tabl
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from data_prep.builder import (ShardSettings, WorkUnit, build_shard, cache_token
 from data_prep.clean import CleanOptions, clean_documents
 from data_prep.config import PrepConfig
 from data_prep.errors import ErrorPolicy, PrepError
-from data_prep.fsutil import atomic_write_json, canonical_json, sha256_text
+from data_prep.fsutil import atomic_write_json, canonical_json, locked_dir, remove_temps, sha256_text
 from data_prep.manifest import (PROGRESS_DIR, TOKENIZER_SUBDIR, assemble_manifest, finished_record,
                                 merge_node_manifests, node_manifest_name, prepare_out_dir, remove_stale_shards,
                                 settings_fingerprint)
@@ -214,6 +215,22 @@ def build_shards(cfg: PrepConfig, tokenizer_source, out_dir, *, overwrite: bool 
     """
     out_dir = Path(out_dir)
     tokenizer = read_tokenizer(Path(tokenizer_source), lowercase)
+    with out_dir_locks(out_dir, cfg):
+        return _build_shards(cfg, tokenizer, out_dir, overwrite)
+
+
+@contextlib.contextmanager
+def out_dir_locks(out_dir: Path, cfg: PrepConfig):
+    """One run at a time in ``out_dir``; the node slices of a multi-node run share it, one run a slice."""
+    with locked_dir(out_dir, shared=cfg.num_nodes > 1):
+        if cfg.num_nodes == 1:
+            yield
+            return
+        with locked_dir(out_dir, f".data_prep.node-{cfg.node_rank:05d}-of-{cfg.num_nodes:05d}.lock"):
+            yield
+
+
+def _build_shards(cfg: PrepConfig, tokenizer, out_dir: Path, overwrite: bool) -> dict:
     info = tokenizer_info(tokenizer)
     fingerprint = settings_fingerprint(cfg, info)
     prepare_out_dir(out_dir, tokenizer, info, fingerprint, overwrite)
@@ -223,18 +240,21 @@ def build_shards(cfg: PrepConfig, tokenizer_source, out_dir, *, overwrite: bool 
     stats: Counter = Counter()
     started = time.time()
     progress = Progress(cfg.progress, f"shards -> {out_dir}")
+    docs = cleaned_documents(cfg, policy, counts)
     try:
-        docs = progress.docs(cleaned_documents(cfg, policy, counts))
-        units = iter_work_units(docs, cfg.seed, cfg.shards.val_fraction,
+        units = iter_work_units(progress.docs(docs), cfg.seed, cfg.shards.val_fraction,
                                 max(1, int(cfg.shards.text_per_shard_mb * MB)))
         records = _run_units(units, settings, cfg, out_dir, fingerprint, progress, stats, tokenizer)
     finally:
+        docs.close()  # now, not at interpreter shutdown (where closing the readers fails)
         progress.close()
     counts.update({f"skipped_{k}": v for k, v in policy.counts.items()})
     manifest = assemble_manifest(cfg, info, fingerprint, settings, records, counts, stats)
     if cfg.num_nodes == 1:
         remove_stale_shards(out_dir, manifest["units"])
         atomic_write_json(out_dir / MANIFEST, manifest)
+        for directory in (out_dir, out_dir / PROGRESS_DIR, out_dir / TOKENIZER_SUBDIR):
+            remove_temps(directory)  # left by killed or failed runs (no other run writes here now)
     else:
         manifest["node"] = {"rank": cfg.node_rank, "num_nodes": cfg.num_nodes}
         atomic_write_json(out_dir / node_manifest_name(cfg.node_rank, cfg.num_nodes), manifest)
@@ -328,6 +348,7 @@ def run_all(cfg: PrepConfig, *, overwrite: bool = False) -> dict:
     if not cfg.out:
         raise PrepError("no output directory: set out in the config or give --out")
     out = Path(cfg.out)
-    prepare_vocab(cfg, out / TOKENIZER_SUBDIR)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the shard stage runs one tokenizer thread per worker
-    return build_shards(cfg, out / TOKENIZER_SUBDIR, out / "shards", overwrite=overwrite)
+    with out_dir_locks(out, cfg):
+        prepare_vocab(cfg, out / TOKENIZER_SUBDIR)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the shard stage runs one tokenizer thread per worker
+        return build_shards(cfg, out / TOKENIZER_SUBDIR, out / "shards", overwrite=overwrite)
