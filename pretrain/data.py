@@ -346,8 +346,10 @@ def _loader(dataset, sampler, micro: int, data_cfg: DataConfig, split: Split) ->
 
 
 class _WorkerInit:
-    """Loader workers leave the stop signals to the main process (which checkpoints on them) and
-    die with it; a normal end of the main process shuts them down through the DataLoader."""
+    """Loader workers leave the stop signals to the main process, which checkpoints on them, and
+    die with it; a normal end of the main process shuts them down through the DataLoader.  (This
+    replaces torch's worker SIGTERM handler: a worker it ends for a SIGTERM from anyone but the
+    main process is reported there as "DataLoader worker (pid N) is killed by signal".)"""
 
     def __init__(self, main_pid: int):
         self.main_pid = main_pid
