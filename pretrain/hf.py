@@ -369,7 +369,13 @@ def import_hf(hf_dir: str, out_dir: str) -> Config:
     hf_cfg = _read_hf_config(hf_dir)
     m = model_config_from_hf(hf_cfg, os.path.join(hf_dir, "config.json"))
     config = config_from_dict(_config_dict(m), source=os.path.join(hf_dir, "config.json"))
-    hf_model = getattr(transformers, _architecture_of(hf_cfg, hf_dir)).from_pretrained(hf_dir)
+    for path in _hf_weight_files(hf_dir):
+        _check_weights_file(path)
+    try:
+        hf_model = getattr(transformers, _architecture_of(hf_cfg, hf_dir)).from_pretrained(hf_dir)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{hf_dir}: transformers could not load the model ({str(err).strip().splitlines()[0]})") \
+            from None
     state_dict = from_hf_state_dict(hf_model.state_dict(), m, source=hf_dir)
     build_model(m).load_consolidated_state_dict(state_dict)  # fails loudly if the mapping missed anything
     extra = {"source": {"format": "huggingface", "dir": os.path.abspath(hf_dir)}}
@@ -387,13 +393,61 @@ def _read_hf_config(hf_dir: str):
         raise FileNotFoundError(f"HF model directory not found: {hf_dir}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{hf_dir}: expected a transformers model directory with config.json")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = _read_json_object(path)
     model_type = data.get("model_type")
     if model_type not in ("bert", "megatron-bert", "albert"):
         raise ValueError(f"{path}: model_type {model_type!r} (architectures {data.get('architectures')}) is not "
                          f"supported; expected one of {', '.join(SUPPORTED_HF_ARCHITECTURES)}")
-    return transformers.AutoConfig.from_pretrained(hf_dir)
+    try:
+        return transformers.AutoConfig.from_pretrained(hf_dir)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"{path}: not a valid {model_type} config ({str(err).strip().splitlines()[0]})") from None
+
+
+def _read_json_object(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as err:            # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+HF_WEIGHTS = (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
+def _hf_weight_files(hf_dir: str) -> list[str]:
+    """The weight files from_pretrained reads (safetensors first, as transformers prefers them)."""
+    for single, index in HF_WEIGHTS:
+        if os.path.isfile(os.path.join(hf_dir, single)):
+            return [os.path.join(hf_dir, single)]
+        index_path = os.path.join(hf_dir, index)
+        if os.path.isfile(index_path):
+            weight_map = _read_json_object(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index_path}: expected a 'weight_map' object (parameter name -> shard file)")
+            return [os.path.join(hf_dir, name) for name in sorted(set(weight_map.values()))]
+    raise FileNotFoundError(f"{hf_dir}: no weights: expected model.safetensors or pytorch_model.bin (or a "
+                            f"sharded {HF_WEIGHTS[0][1]} / {HF_WEIGHTS[1][1]}) in it")
+
+
+def _check_weights_file(path: str) -> None:
+    """Fail with a one-line error naming ``path`` if it is missing, damaged or (a .bin) holds more
+    than tensors: a pickled payload is refused by weights-only loading, never run."""
+    from pretrain.weights import load_torch_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing")
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(path, framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    else:
+        load_torch_file(path)
 
 
 def _config_dict(m: ModelConfig) -> dict:

@@ -390,3 +390,61 @@ def test_export_refuses_a_tokenizer_other_than_the_recorded_one(tmp_path):
                                          f"trained with tokenizer {trained}"):
         export_checkpoint(ckpt, str(tmp_path / "hf"))
     assert not os.path.exists(tmp_path / "hf")
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def _hf_dir_with(tmp_path, damage):
+    """A saved BertForPreTraining directory, then damaged by ``damage(directory)``."""
+    hf_dir = tmp_path / "hf"
+    transformers.BertForPreTraining(transformers.BertConfig(**hf_common())).save_pretrained(str(hf_dir))
+    damage(hf_dir)
+    return hf_dir
+
+
+def _as_bin(hf_dir, extra=None):
+    state_dict = dict(transformers.BertForPreTraining.from_pretrained(str(hf_dir)).state_dict(), **(extra or {}))
+    (hf_dir / "model.safetensors").unlink()
+    torch.save(state_dict, hf_dir / "pytorch_model.bin")
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+IMPORT_DAMAGE = {
+    "config_not_json": (lambda d: (d / "config.json").write_text("{not json"), "config.json: not valid JSON"),
+    "config_not_an_object": (lambda d: (d / "config.json").write_text("[1, 2]"),
+                             "config.json: expected a JSON object"),
+    "no_weights": (lambda d: (d / "model.safetensors").unlink(), "no weights: expected model.safetensors"),
+    "truncated_safetensors": (lambda d: _truncate(d / "model.safetensors"), "model.safetensors: not a readable"),
+    "truncated_bin": (lambda d: (_as_bin(d), _truncate(d / "pytorch_model.bin")), "pytorch_model.bin: not a readable"),
+}
+
+
+@pytest.mark.parametrize("case", list(IMPORT_DAMAGE))
+def test_import_of_a_damaged_directory_names_the_file(tmp_path, capsys, case):
+    damage, expected = IMPORT_DAMAGE[case]
+    hf_dir = _hf_dir_with(tmp_path, damage)
+    capsys.readouterr()   # transformers' progress bars while the directory was made
+    assert main(["import", "--hf", str(hf_dir), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("import: error: "), err
+    assert f"{hf_dir}{os.sep}{expected}" in err or f"{hf_dir}: {expected}" in err, err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_import_refuses_a_payload_in_pytorch_model_bin(tmp_path, capsys):
+    marker = tmp_path / "marker"
+    hf_dir = _hf_dir_with(tmp_path, lambda d: _as_bin(d, {"payload": _Payload(marker)}))
+    capsys.readouterr()
+    assert main(["import", "--hf", str(hf_dir), "--out", str(tmp_path / "out")]) == 1
+    assert not marker.exists()
+    err = capsys.readouterr().err.strip()
+    assert f"{hf_dir / 'pytorch_model.bin'}: refused: it would unpickle exec" in err and len(err.splitlines()) == 1
