@@ -22,9 +22,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from pretrain.config import ConfigError
     from pretrain.hf import import_hf
+    from pretrain.weights import CheckpointError
     try:
         config = import_hf(args.hf, args.out)
-    except (FileNotFoundError, ValueError, ConfigError) as err:
+    except (FileNotFoundError, ValueError, ConfigError, CheckpointError) as err:   # CheckpointError: a failed write
         print(f"import: error: {err}", file=sys.stderr)
         return 1
     m = config.model
