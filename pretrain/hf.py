@@ -415,7 +415,8 @@ def _read_json_object(path: str) -> dict:
     return data
 
 
-HF_WEIGHTS = (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+HF_WEIGHTS = (("model.safetensors", "model.safetensors.index.json"),      # (single file, sharded index)
+              ("pytorch_model.bin", "pytorch_model.bin.index.json"))
 
 
 def _hf_weight_files(hf_dir: str) -> list[str]:
