@@ -7,7 +7,7 @@ finished shard, written after the shard is renamed into place).
 from __future__ import annotations
 
 import json
-import shutil
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from data_prep.errors import PrepError
 from data_prep.fsutil import (atomic_write_json, canonical_json, locked_dir, read_json_or_none, remove_temps,
                              sha256_text)
 from data_prep.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, SHARD_NAME, SPLITS, shard_name
-from data_prep.vocab import INFO_FILE, read_tokenizer, save_tokenizer_dir, tokenizer_hash
+from data_prep.vocab import INFO_FILE, TOKENIZER_FORMAT, read_tokenizer, save_tokenizer_dir, tokenizer_hash
 
 PROGRESS_DIR = "progress"
 TOKENIZER_SUBDIR = "tokenizer"
@@ -37,51 +37,127 @@ def settings_fingerprint(cfg: PrepConfig, info) -> str:
         "short_seq_prob": s.short_seq_prob}))
 
 
-def clear_outputs(out_dir: Path) -> None:
-    """Remove what a shards run writes (and nothing else) from ``out_dir``."""
-    for f in out_dir.glob("*.tar"):
-        if SHARD_NAME.match(f.name):
-            f.unlink()
-    for f in list(out_dir.glob("manifest*.json")):
-        f.unlink()
-    shutil.rmtree(out_dir / PROGRESS_DIR, ignore_errors=True)
-    shutil.rmtree(out_dir / TOKENIZER_SUBDIR, ignore_errors=True)
+OWN_FILES_HINT = "data_prep replaces only files it wrote: move it away, or use a new --out directory"
+MISMATCH_HINT = "use a new --out directory, or --overwrite to replace its shards"
+NODE_MANIFEST = re.compile(r"^manifest\.node-\d+-of-\d+\.json$")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", INFO_FILE)
+
+
+def record_path(out_dir: Path, name: str) -> Path:
+    return out_dir / PROGRESS_DIR / f"{name}.json"
+
+
+def is_own_record(path: Path) -> bool:
+    """A progress record (or claim) of ours; one cut by a crash (not JSON) counts as ours, to rebuild."""
+    data = read_json_or_none(path)
+    return data is None or (isinstance(data, dict) and data.get("name") == path.name[: -len(".json")])
+
+
+def own_records(out_dir: Path) -> list[Path]:
+    """The files at progress-record names (whether ours or not: see is_own_record)."""
+    return [p for p in sorted((out_dir / PROGRESS_DIR).glob("*.json")) if SHARD_NAME.match(p.name[: -len(".json")])]
+
+
+def own_manifests(out_dir: Path) -> list[Path]:
+    """The files at manifest names (whether ours or not: see foreign_files)."""
+    return [p for p in sorted(out_dir.glob("manifest*.json")) if p.name == MANIFEST or NODE_MANIFEST.match(p.name)]
+
+
+def foreign_files(out_dir: Path) -> list[Path]:
+    """Files at names data_prep writes in ``out_dir`` that it cannot show it wrote: a shard no progress
+    record or manifest of ours names, a manifest or record of another format, a tokenizer copy
+    without our vocab_info.json."""
+    foreign, named = [], set()
+    for p in own_records(out_dir):
+        if is_own_record(p):
+            named.add(p.name[: -len(".json")])
+        else:
+            foreign.append(p)
+    for p in own_manifests(out_dir):
+        data = read_json_or_none(p)
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            foreign.append(p)
+        else:
+            named.update(str(s.get("name")) for s in data.get("shards", []) if isinstance(s, dict))
+    foreign += [p for p in sorted(out_dir.glob("*.tar")) if SHARD_NAME.match(p.name) and p.name not in named]
+    tok = out_dir / TOKENIZER_SUBDIR
+    info = read_json_or_none(tok / INFO_FILE)
+    if not (isinstance(info, dict) and info.get("format") == TOKENIZER_FORMAT):
+        foreign += [tok / f for f in TOKENIZER_FILES if (tok / f).exists()]
+    return foreign + [p for p in (out_dir / PROGRESS_DIR, tok) if p.exists() and not p.is_dir()]
+
+
+def refuse_foreign_files(out_dir: Path) -> None:
+    foreign = foreign_files(out_dir)
+    if foreign:
+        more = f" (and {len(foreign) - 1} more such files)" if len(foreign) > 1 else ""
+        raise PrepError(f"{foreign[0]}: not written by data_prep (no manifest or progress record of {out_dir} "
+                        f"names it){more}; {OWN_FILES_HINT}")
+
+
+def manifest_settings(manifest: dict) -> str | None:
+    """The settings fingerprint of a manifest (one written before content fingerprints: its fingerprint)."""
+    return manifest.get("settings_fingerprint", manifest.get("fingerprint"))
 
 
 def prepare_out_dir(out_dir: Path, tokenizer, info, fingerprint: str, overwrite: bool) -> None:
-    """Refuse a directory made with another tokenizer or settings; install the tokenizer copy."""
+    """Refuse foreign files, and (unless ``overwrite``) a directory made with another tokenizer or
+    settings; install the tokenizer copy.  ``overwrite`` removes the manifests: what they describe
+    is about to be replaced (the shards of other settings are rebuilt unit by unit)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    refuse_foreign_files(out_dir)
     if overwrite:
-        clear_outputs(out_dir)
-    hint = "use a new --out directory, or --overwrite to replace its shards"
-    existing_tok = out_dir / TOKENIZER_SUBDIR / INFO_FILE
-    if existing_tok.is_file():
-        old = (read_json_or_none(existing_tok) or {}).get("sha256")
+        for p in own_manifests(out_dir):
+            p.unlink()
+    tok_dir = out_dir / TOKENIZER_SUBDIR
+    if (tok_dir / INFO_FILE).is_file():
+        old = (read_json_or_none(tok_dir / INFO_FILE) or {}).get("sha256")
         if old != info.sha256:
             # vocab_info.json only caches the hash: recompute it from the copy before calling it a mismatch.
-            old = tokenizer_hash(read_tokenizer(out_dir / TOKENIZER_SUBDIR, validate=False))
-            if old != info.sha256:
+            old = tokenizer_hash(read_tokenizer(tok_dir, validate=False))
+            if old != info.sha256 and not overwrite:
                 raise PrepError(f"{out_dir}: its shards were tokenized with tokenizer {old[:12]}..., but this run's "
-                                f"tokenizer is {info.sha256[:12]}... (mismatched tokenizer); {hint}")
-            save_tokenizer_dir(tokenizer, out_dir / TOKENIZER_SUBDIR, info=info)
-    for f in [*out_dir.glob("manifest*.json"), *(out_dir / PROGRESS_DIR).glob("*.json")]:
-        old = (read_json_or_none(f) or {}).get("fingerprint", fingerprint)  # a damaged record is rebuilt
+                                f"tokenizer is {info.sha256[:12]}... (mismatched tokenizer); {MISMATCH_HINT}")
+            save_tokenizer_dir(tokenizer, tok_dir, info=info)
+    else:
+        save_tokenizer_dir(tokenizer, tok_dir, info=info)
+    for f in [] if overwrite else [*own_manifests(out_dir), *own_records(out_dir)]:
+        data = read_json_or_none(f)  # a damaged record is rebuilt
+        old = manifest_settings(data) if isinstance(data, dict) else fingerprint
         if old != fingerprint:
             raise PrepError(f"{f}: written with other shard settings or seed (fingerprint {str(old)[:12]}... vs "
-                            f"{fingerprint[:12]}...); {hint}")
-    if not existing_tok.is_file():
-        save_tokenizer_dir(tokenizer, out_dir / TOKENIZER_SUBDIR, info=info)
+                            f"{fingerprint[:12]}...); {MISMATCH_HINT}")
     (out_dir / PROGRESS_DIR).mkdir(exist_ok=True)
 
 
-def finished_record(out_dir: Path, unit: WorkUnit, fingerprint: str) -> dict | None:
+def finished_record(out_dir: Path, unit: WorkUnit, fingerprint: str, overwrite: bool) -> dict | None:
+    """The record of ``unit``'s shard if it is finished; None if it is to be (re)built.  A shard of these
+    settings built from other documents is refused unless ``overwrite``: the corpus differs."""
     name = shard_name(unit.split, unit.index)
-    record = read_json_or_none(out_dir / PROGRESS_DIR / f"{name}.json")
+    path = record_path(out_dir, name)
+    record = read_json_or_none(path)
+    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
+        return None
+    if record.get("unit_sha256") != unit.digest and not overwrite:
+        raise PrepError(f"{path}: {name} was built from other documents than this run's unit {unit.index} of "
+                        f"{unit.split} (a different corpus, or input changed); {MISMATCH_HINT}")
     tar = out_dir / name
-    if record is None or record.get("fingerprint") != fingerprint or record.get("unit_sha256") != unit.digest or \
-            not tar.is_file() or tar.stat().st_size != record.get("bytes"):
+    if record.get("unit_sha256") != unit.digest or not tar.is_file() or tar.stat().st_size != record.get("bytes"):
         return None
     return record
+
+
+def claim(out_dir: Path, unit: WorkUnit, fingerprint: str) -> None:
+    """Record that this run is building ``unit``'s shard (before it exists), so that a shard renamed
+    into place by a run killed before its record was written is still known to be ours."""
+    name = shard_name(unit.split, unit.index)
+    atomic_write_json(record_path(out_dir, name), {"name": name, "fingerprint": fingerprint,
+                                                    "unit_sha256": unit.digest, "building": True}, durable=False)
+
+
+def data_fingerprint(settings: str, shards: list[dict]) -> str:
+    """What the samples depend on: the settings and every shard's content (names and sha256, in order)."""
+    return sha256_text(canonical_json({"settings": settings, "shards": [[s["name"], s["sha256"]] for s in shards]}))
 
 def assemble_manifest(cfg: PrepConfig, info, fingerprint: str, settings: ShardSettings, records: list[dict],
                       counts: Counter, stats: Counter) -> dict:
@@ -89,7 +165,7 @@ def assemble_manifest(cfg: PrepConfig, info, fingerprint: str, settings: ShardSe
     shards = [{k: v for k, v in r.items() if k != "fingerprint"} for r in records]
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "data_prep_version": __version__,
-        "fingerprint": fingerprint, "seed": cfg.seed,
+        "fingerprint": data_fingerprint(fingerprint, shards), "settings_fingerprint": fingerprint, "seed": cfg.seed,
         "tokenizer": {"sha256": info.sha256, "vocab_size": info.vocab_size, "lowercase": info.lowercase,
                       "dir": TOKENIZER_SUBDIR,
                       "special_ids": {"pad": info.pad_id, "unk": info.unk_id, "cls": info.cls_id,
@@ -120,13 +196,18 @@ def split_totals(shards: list[dict]) -> dict:
     return totals
 
 
-def remove_stale_shards(out_dir: Path, units: dict) -> None:
-    """Shards (and records) left by an earlier run over a larger corpus are not part of this one."""
-    for f in out_dir.glob("*.tar"):
-        m = SHARD_NAME.match(f.name)
-        if m and int(m.group(2)) >= units.get(m.group(1), 0):
-            f.unlink()
-            (out_dir / PROGRESS_DIR / f"{f.name}.json").unlink(missing_ok=True)
+def remove_stale_shards(out_dir: Path, units: dict, overwrite: bool) -> None:
+    """Shards (and records) left by an earlier run over a larger corpus are not part of this one; unless
+    ``overwrite``, finding any means the corpus differs (it is smaller) and is refused."""
+    stale = [f for f in sorted(out_dir.glob("*.tar"))
+             if (m := SHARD_NAME.match(f.name)) and int(m.group(2)) >= units.get(m.group(1), 0)]
+    if stale and not overwrite:
+        raise PrepError(f"{stale[0]}: not part of this run's shards, which end before it (a different corpus, "
+                        f"smaller than the one it was built from); {MISMATCH_HINT}")
+    for f in stale:
+        f.unlink()
+        record_path(out_dir, f.name).unlink(missing_ok=True)
+
 
 def merge_node_manifests(out_dir) -> dict:
     """Join the per-node manifests of a multi-node run into manifest.json, checking completeness."""
@@ -148,7 +229,7 @@ def _merge(out_dir: Path) -> dict:
     if ranks != list(range(num_nodes)) or any(m["node"]["num_nodes"] != num_nodes for m in manifests):
         problems.append(f"expected node manifests of ranks 0..{num_nodes - 1}, found ranks {ranks}")
     for m, p in zip(manifests, parts):
-        if m["fingerprint"] != manifests[0]["fingerprint"] or m["units"] != manifests[0]["units"]:
+        if manifest_settings(m) != manifest_settings(manifests[0]) or m["units"] != manifests[0]["units"]:
             problems.append(f"{p.name}: other settings or input than {parts[0].name}")
     shards = [s for m in manifests for s in m["shards"]]
     for split in SPLITS:
@@ -160,8 +241,10 @@ def _merge(out_dir: Path) -> dict:
     merged = {k: v for k, v in manifests[0].items() if k != "node"}
     merged["shards"] = sorted(shards, key=lambda s: (SPLITS.index(s["split"]), s["index"]))
     merged["splits"] = split_totals(merged["shards"])
+    merged["fingerprint"] = data_fingerprint(manifest_settings(merged), merged["shards"])
     merged["nodes"] = num_nodes
-    remove_stale_shards(out_dir, merged["units"])
+    refuse_foreign_files(out_dir)
+    remove_stale_shards(out_dir, merged["units"], overwrite=True)  # the node runs checked their units
     atomic_write_json(out_dir / MANIFEST, merged)
     for directory in (out_dir, out_dir / PROGRESS_DIR, out_dir / TOKENIZER_SUBDIR):
         remove_temps(directory)  # left by killed or failed node runs (none is running now)

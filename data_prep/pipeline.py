@@ -30,7 +30,7 @@ from data_prep.clean import CleanOptions, clean_documents
 from data_prep.config import PrepConfig
 from data_prep.errors import ErrorPolicy, PrepError
 from data_prep.fsutil import atomic_write_json, canonical_json, locked_dir, remove_temps, sha256_text
-from data_prep.manifest import (PROGRESS_DIR, TOKENIZER_SUBDIR, assemble_manifest, finished_record,
+from data_prep.manifest import (PROGRESS_DIR, TOKENIZER_SUBDIR, assemble_manifest, claim, finished_record,
                                 merge_node_manifests, node_manifest_name, prepare_out_dir, remove_stale_shards,
                                 settings_fingerprint)
 from data_prep.readers import ReadOptions, expand_inputs, iter_documents
@@ -40,6 +40,7 @@ from data_prep.vocab import INFO_FILE, read_tokenizer, save_tokenizer_dir, token
 __all__ = ["build_shards", "prepare_vocab", "run_all", "merge_node_manifests", "iter_work_units", "split_of"]
 
 MB = 1_000_000
+SHARDS_SUBDIR = "shards"  # of ``run``'s output directory
 
 
 def read_options(cfg: PrepConfig) -> ReadOptions:
@@ -54,10 +55,15 @@ def clean_options(cfg: PrepConfig) -> CleanOptions:
                         min_doc_chars=c.min_doc_chars, dedup=c.dedup)
 
 
-def cleaned_documents(cfg: PrepConfig, policy: ErrorPolicy, counts: Counter):
+def output_dirs(cfg: PrepConfig, out_dir: Path) -> list[Path]:
+    """What a stage writing ``out_dir`` must not read as input: its output, and those of ``run``."""
+    return [Path(out_dir)] + ([Path(cfg.out) / TOKENIZER_SUBDIR, Path(cfg.out) / SHARDS_SUBDIR] if cfg.out else [])
+
+
+def cleaned_documents(cfg: PrepConfig, policy: ErrorPolicy, counts: Counter, out_dir: Path):
     if not cfg.input.paths:
         raise PrepError("no input: give --input FILES... (or input.paths in the config)")
-    paths = expand_inputs(cfg.input.paths)
+    paths = expand_inputs(cfg.input.paths, output_dirs(cfg, out_dir))
     counts["input_files"] = len(paths)
     return clean_documents(iter_documents(paths, read_options(cfg), policy), clean_options(cfg), counts)
 
@@ -148,7 +154,7 @@ class Progress:
 
 
 def _run_units(units: Iterable[WorkUnit], settings: ShardSettings, cfg: PrepConfig, out_dir: Path,
-               fingerprint: str, progress: Progress, stats: Counter, tokenizer) -> list[dict]:
+               fingerprint: str, overwrite: bool, progress: Progress, stats: Counter, tokenizer) -> list[dict]:
     """Build the shards of this node's units (skipping finished ones); records of all its units."""
     records: list[dict] = []
 
@@ -167,11 +173,12 @@ def _run_units(units: Iterable[WorkUnit], settings: ShardSettings, cfg: PrepConf
             stats[f"units_{unit.split}"] = max(stats[f"units_{unit.split}"], unit.index + 1)
             if unit.ordinal % cfg.num_nodes != cfg.node_rank:
                 continue
-            record = finished_record(out_dir, unit, fingerprint)
+            record = finished_record(out_dir, unit, fingerprint, overwrite)
             if record is not None:
                 records.append(record)
                 stats["shards_skipped"] += 1
                 continue
+            claim(out_dir, unit, fingerprint)
             yield unit
 
     if cfg.workers <= 1:
@@ -240,18 +247,18 @@ def _build_shards(cfg: PrepConfig, tokenizer, out_dir: Path, overwrite: bool) ->
     stats: Counter = Counter()
     started = time.time()
     progress = Progress(cfg.progress, f"shards -> {out_dir}")
-    docs = cleaned_documents(cfg, policy, counts)
+    docs = cleaned_documents(cfg, policy, counts, out_dir)
     try:
         units = iter_work_units(progress.docs(docs), cfg.seed, cfg.shards.val_fraction,
                                 max(1, int(cfg.shards.text_per_shard_mb * MB)))
-        records = _run_units(units, settings, cfg, out_dir, fingerprint, progress, stats, tokenizer)
+        records = _run_units(units, settings, cfg, out_dir, fingerprint, overwrite, progress, stats, tokenizer)
     finally:
         docs.close()  # now, not at interpreter shutdown (where closing the readers fails)
         progress.close()
     counts.update({f"skipped_{k}": v for k, v in policy.counts.items()})
     manifest = assemble_manifest(cfg, info, fingerprint, settings, records, counts, stats)
     if cfg.num_nodes == 1:
-        remove_stale_shards(out_dir, manifest["units"])
+        remove_stale_shards(out_dir, manifest["units"], overwrite)
         atomic_write_json(out_dir / MANIFEST, manifest)
         for directory in (out_dir, out_dir / PROGRESS_DIR, out_dir / TOKENIZER_SUBDIR):
             remove_temps(directory)  # left by killed or failed runs (no other run writes here now)
@@ -284,18 +291,19 @@ def print_summary(out_dir: Path, manifest: dict, stats: Counter, elapsed: float)
     print("\n".join(lines), file=sys.stderr)
 
 
-def _training_texts(cfg: PrepConfig, policy: ErrorPolicy, counts: Counter):
+def _training_texts(cfg: PrepConfig, policy: ErrorPolicy, counts: Counter, out_dir: Path):
     limit = int(cfg.vocab.max_text_mb * MB) if cfg.vocab.max_text_mb else None
     used = 0
-    for doc in cleaned_documents(cfg, policy, counts):
+    for doc in cleaned_documents(cfg, policy, counts, out_dir):
         if limit is not None and used >= limit:
             return
         used += len(doc.text)
         yield doc.text
 
 
-def vocab_fingerprint(cfg: PrepConfig) -> str:
-    files = [(str(p.resolve()), p.stat().st_size) for p in expand_inputs(cfg.input.paths)]
+def vocab_fingerprint(cfg: PrepConfig, out_dir: Path) -> str:
+    inputs = expand_inputs(cfg.input.paths, output_dirs(cfg, out_dir))
+    files = [(str(p.resolve()), p.stat().st_size) for p in inputs]
     v = cfg.vocab
     return sha256_text(canonical_json({"files": files, "input": vars(cfg.input) | {"paths": None},
                                        "clean": vars(cfg.clean), "vocab_size": v.vocab_size,
@@ -318,7 +326,7 @@ def prepare_vocab(cfg: PrepConfig, out_dir) -> dict:
             return previous
         save_tokenizer_dir(tok, out_dir, {"source": str(cfg.vocab.tokenizer)})
     else:
-        fingerprint = vocab_fingerprint(cfg)
+        fingerprint = vocab_fingerprint(cfg, out_dir)
         if previous and previous.get("training_fingerprint") == fingerprint:
             stored = read_tokenizer(out_dir)
             if tokenizer_info(stored).sha256 != previous.get("sha256"):  # a hash cached by an older version
@@ -329,7 +337,8 @@ def prepare_vocab(cfg: PrepConfig, out_dir) -> dict:
             return previous
         policy, counts = ErrorPolicy(cfg.on_error), Counter()
         quiet = ErrorPolicy(cfg.on_error, max_warnings=0)  # the second pass meets the same problems
-        passes = iter([lambda: _training_texts(cfg, policy, counts), lambda: _training_texts(cfg, quiet, Counter())])
+        passes = iter([lambda: _training_texts(cfg, policy, counts, out_dir),
+                       lambda: _training_texts(cfg, quiet, Counter(), out_dir)])
         lowercase = True if cfg.vocab.lowercase is None else cfg.vocab.lowercase
         tok = train_wordpiece(lambda: next(passes)(), cfg.vocab.vocab_size, lowercase,
                               cfg.vocab.min_frequency)
@@ -351,4 +360,4 @@ def run_all(cfg: PrepConfig, *, overwrite: bool = False) -> dict:
     with out_dir_locks(out, cfg):
         prepare_vocab(cfg, out / TOKENIZER_SUBDIR)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the shard stage runs one tokenizer thread per worker
-        return build_shards(cfg, out / TOKENIZER_SUBDIR, out / "shards", overwrite=overwrite)
+        return build_shards(cfg, out / TOKENIZER_SUBDIR, out / SHARDS_SUBDIR, overwrite=overwrite)

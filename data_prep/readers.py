@@ -40,8 +40,12 @@ class ReadOptions:
     max_line_bytes: int = 16 << 20  # longer lines (and blank-separated documents) are bad input
 
 
-def expand_inputs(specs: list[str | Path]) -> list[Path]:
-    """Files, directories (recursive, sorted, hidden files skipped) and globs, in the order given."""
+def expand_inputs(specs: list[str | Path], exclude: list[Path] = ()) -> list[Path]:
+    """Files, directories (recursive, sorted, hidden files skipped) and globs, in the order given.
+
+    Files under an ``exclude`` directory (data_prep's own outputs) are left out of directories and
+    globs; naming one as an input is an error."""
+    excluded = [Path(d).resolve() for d in exclude]
     paths: list[Path] = []
     seen: set[Path] = set()
     for spec in specs:
@@ -56,14 +60,22 @@ def expand_inputs(specs: list[str | Path]) -> list[Path]:
             found = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
         else:
             raise PrepError(f"input not found: {spec}")
+        if p.is_file() and (out := _under(p.resolve(), excluded)):
+            raise PrepError(f"input {spec} is inside the output directory {out}: data_prep does not read its "
+                            "own outputs; give the corpus files")
+        found = [f for f in found if not _under(f.resolve(), excluded)]
         if not found:
-            raise PrepError(f"input {spec!r} matches no files")
+            raise PrepError(f"input {spec!r} matches no files" + (" outside the output directory" if excluded else ""))
         for f in found:
             key = f.resolve()
             if key not in seen:
                 seen.add(key)
                 paths.append(f)
     return paths
+
+
+def _under(path: Path, directories: list[Path]) -> Path | None:
+    return next((d for d in directories if path.is_relative_to(d)), None)
 
 
 def iter_documents(paths: list[Path], options: ReadOptions, policy: ErrorPolicy) -> Iterator[Document]:

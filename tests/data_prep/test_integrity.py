@@ -2,6 +2,7 @@
 cleaned up, content fingerprinted, a full disk reported in one line."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -47,3 +48,99 @@ def test_a_failed_write_leaves_no_temp_and_a_left_over_temp_is_removed(small_en,
     assert sorted(p.name for p in out.glob(".tmp-*")) == [left_over.name]
     run_shards([small_en], tokenizer_dir, out)
     assert not list(out.rglob(".tmp-*"))
+
+
+FOREIGN = {"manifest.json": b'{"mine": true}\n', "train-000000.tar": b"my own tar\n",
+           "tokenizer/vocab.txt": b"[PAD]\nmy\nvocab\n", "progress/train-000000.tar.json": b'{"mine": true}\n'}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("name", sorted(FOREIGN))
+def test_a_foreign_file_in_out_stops_the_run_untouched(small_en, tokenizer_dir, tmp_path, name, overwrite):
+    out = tmp_path / "out"
+    (out / name).parent.mkdir(parents=True)
+    (out / name).write_bytes(FOREIGN[name])
+    with pytest.raises(PrepError, match=f"{out / name}: not written by data_prep"):
+        run_shards([small_en], tokenizer_dir, out, overwrite=overwrite)
+    assert (out / name).read_bytes() == FOREIGN[name]
+    assert not list(out.glob("*.tar")) or name.endswith(".tar")
+
+
+def test_a_foreign_shard_after_a_run_is_neither_deleted_nor_replaced(small_en, tokenizer_dir, tmp_path):
+    out = tmp_path / "out"
+    first = run_shards([small_en], tokenizer_dir, out)
+    stray = out / "train-000099.tar"  # past the last unit: a rerun would delete it as stale
+    stray.write_bytes(b"not ours")
+    for overwrite in (False, True):
+        with pytest.raises(PrepError, match=f"{stray}: not written by data_prep"):
+            run_shards([small_en], tokenizer_dir, out, overwrite=overwrite)
+    assert stray.read_bytes() == b"not ours"
+    stray.unlink()
+    assert run_shards([small_en], tokenizer_dir, out) == first
+
+
+def test_overwrite_replaces_only_what_data_prep_wrote(small_en, tokenizer_dir, tmp_path):
+    out = tmp_path / "out"
+    run_shards([small_en], tokenizer_dir, out)
+    mine = {"notes.txt": b"notes", "progress/README": b"mine", "tokenizer/LICENSE": b"mine too",
+            "manifest.backup.json": b'{"mine": true}'}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    again = run_shards([small_en], tokenizer_dir, out, overwrite=True, shards__seq_len=64)
+    assert again["sample_format"]["seq_len"] == 64
+    assert {name: (out / name).read_bytes() for name in mine} == mine
+    from data_prep.report import verify_dir
+    assert verify_dir(out) == ([], [])
+
+
+def test_out_inside_an_input_directory_is_not_read_as_corpus(small_en, tokenizer_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "en.txt").write_bytes(small_en.read_bytes())
+    out = corpus / "shards"
+    first = run_shards([corpus], tokenizer_dir, out)
+    capsys.readouterr()
+    second = run_shards([corpus], tokenizer_dir, out)
+    assert second["corpus"]["input_files"] == first["corpus"]["input_files"] == 1
+    assert second == first and " 0 built" in capsys.readouterr().err
+    with pytest.raises(PrepError, match=f"{out / 'manifest.json'} is inside the output directory {out}"):
+        run_shards([corpus / "en.txt", out / "manifest.json"], tokenizer_dir, out)
+
+
+def test_a_different_corpus_is_refused_unless_overwrite(small_en, tokenizer_dir, tmp_path):
+    other = write_lines(tmp_path / "other.txt", english_docs(120_000)[::-1])
+    out = tmp_path / "out"
+    first = run_shards([small_en], tokenizer_dir, out)
+    before = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    with pytest.raises(PrepError, match="built from other documents .*different corpus.*--overwrite"):
+        run_shards([other], tokenizer_dir, out)
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == before
+    assert json.loads((out / "manifest.json").read_text()) == first
+    second = run_shards([other], tokenizer_dir, out, overwrite=True)
+    assert second["fingerprint"] != first["fingerprint"]
+    assert second["settings_fingerprint"] == first["settings_fingerprint"]
+    assert run_shards([other], tokenizer_dir, tmp_path / "again")["fingerprint"] == second["fingerprint"]
+
+
+def test_a_smaller_corpus_is_refused_unless_overwrite(small_en, tokenizer_dir, tmp_path):
+    out = tmp_path / "out"
+    first = run_shards([small_en], tokenizer_dir, out, shards__val_fraction=0.0)
+    lines = small_en.read_text().splitlines(keepends=True)
+    half = tmp_path / "half.txt"
+    half.write_text("".join(lines[: len(lines) // 2]))
+    with pytest.raises(PrepError, match="different corpus"):
+        run_shards([half], tokenizer_dir, out, shards__val_fraction=0.0)
+    assert json.loads((out / "manifest.json").read_text()) == first
+    assert len(run_shards([half], tokenizer_dir, out, overwrite=True, shards__val_fraction=0.0)["shards"]) < \
+        len(first["shards"])
+
+
+def test_a_manifest_of_the_previous_format_is_still_resumed(small_en, tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    first = run_shards([small_en], tokenizer_dir, out)
+    old = dict(first, fingerprint=first["settings_fingerprint"])  # before: the settings alone
+    del old["settings_fingerprint"]
+    (out / "manifest.json").write_text(json.dumps(old))
+    capsys.readouterr()
+    assert run_shards([small_en], tokenizer_dir, out) == first
+    assert f"0 built, {len(first['shards'])} already done" in capsys.readouterr().err
