@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -144,3 +145,37 @@ def test_a_manifest_of_the_previous_format_is_still_resumed(small_en, tokenizer_
     capsys.readouterr()
     assert run_shards([small_en], tokenizer_dir, out) == first
     assert f"0 built, {len(first['shards'])} already done" in capsys.readouterr().err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs (needs root); unmounted at the end."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_run_resumes(slow_inputs, small_disk):
+    from data_prep.report import verify_dir
+    from data_prep.fsutil import sha256_file
+
+    out = small_disk / "out"
+    args = slow_shards_args(slow_inputs, out)
+    args[args.index("--dupe-factor") + 1] = "1"
+    args[args.index("--text-per-shard-mb") + 1] = "0.05"
+    full = subprocess.run(args, env=ENV, capture_output=True, text=True)
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr and "Exception ignored" not in full.stderr, full.stderr[-3000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: writing {re.escape(str(out))}/\S+: No space left on device", last), last
+    finished = [json.loads(p.read_text()) for p in (out / "progress").glob("*.json")]
+    finished = [r for r in finished if "sha256" in r]
+    assert finished and all(sha256_file(out / r["name"]) == r["sha256"] for r in finished)
+    subprocess.run(["mount", "-o", "remount,size=256m", str(small_disk)], check=True)
+    resumed = subprocess.run(args, env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f" {len(finished)} already done" in resumed.stderr
+    assert verify_dir(out) == ([], []) and not list(out.rglob(".tmp-*"))
