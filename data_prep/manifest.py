@@ -1,8 +1,13 @@
 """The shard directory's bookkeeping: settings fingerprint, resume records, manifest, node merge.
 
 Layout: ``manifest.json`` (or ``manifest.node-R-of-K.json`` per node before ``merge``), the shards,
-``tokenizer/`` (a copy of the run's tokenizer) and ``progress/<shard>.json`` (one record per
-finished shard, written after the shard is renamed into place).
+``tokenizer/`` (a copy of the run's tokenizer), ``progress/<shard>.json`` (a claim written before a
+shard is built, replaced by its record once the shard is renamed into place) and the lock file.
+
+Ownership: data_prep replaces or removes only what it can show it wrote: shards that one of its
+records or manifests names, its own records and manifests, a tokenizer copy with its
+vocab_info.json.  Any other file at one of those names stops the run (``--overwrite`` included);
+files at other names are never touched.
 """
 from __future__ import annotations
 

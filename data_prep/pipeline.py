@@ -6,10 +6,12 @@ split (a document's split is a hash of its text and the seed).  Unit k of a spli
 built by whichever worker is free from nothing but the unit and the settings.  Node slices
 (``num_nodes``/``node_rank``) partition the same units by ordinal; ``merge`` joins their manifests.
 
-Resume: each finished shard gets a record in ``progress/`` (written after the tar is renamed into
-place).  A rerun rebuilds a unit's shard unless its record has the same settings fingerprint and
-unit digest and the tar is there with the recorded size.  Memory: the dedup table plus at most
-``2 x workers`` units in flight.
+Resume: a unit's shard is claimed in ``progress/`` before it is built, and gets its record there
+once the tar is renamed into place.  A rerun rebuilds a unit's shard unless its record has the same
+settings fingerprint and unit digest and the tar is there with the recorded size; a record of these
+settings but other documents means another corpus, refused unless ``overwrite``.  ``--out`` is
+locked for the run, and only files data_prep can show it wrote are replaced (see manifest.py).
+Memory: the dedup table plus at most ``2 x workers`` units in flight.
 """
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ def add_arguments(parser):
     parser.add_argument("--config", required=True, help="YAML file (configs/data/*.yaml)")
     parser.add_argument("--out", help="output directory (overrides the config's out)")
     add_config_flags(parser)
-    parser.add_argument("--overwrite", action="store_true", help="replace shards of other settings in <out>/shards")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace shards of another tokenizer, settings or corpus in <out>/shards")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -1,7 +1,8 @@
 """Read, clean, split, tokenize, build instances, mask and write WebDataset shards + manifest.json.
 
-Reruns skip finished shards; another tokenizer or other shard settings in DIR are refused
-(use --overwrite or a new --out).  Example:
+Reruns skip finished shards; another tokenizer, other shard settings or another corpus in DIR are
+refused (use --overwrite or a new --out), and so is any file in DIR that data_prep did not write
+at a name it writes.  One run at a time per DIR.  Example:
 
   python -m data_prep shards --input corpus/*.txt.gz --tokenizer vocab/ --out shards/ \\
       --seq-len 128 --objective nsp --masking dynamic --dupe-factor 5 --workers 8
@@ -21,7 +22,7 @@ def add_arguments(parser):
     case.add_argument("--uncased", dest="lowercase", action="store_const", const=True, default=None,
                       help="a bare vocab.txt is uncased (the default unless tokenizer_config.json says otherwise)")
     case.add_argument("--cased", dest="lowercase", action="store_const", const=False, help="a bare vocab.txt is cased")
-    parser.add_argument("--overwrite", action="store_true", help="replace shards of other settings in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards of another tokenizer, settings or corpus in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
