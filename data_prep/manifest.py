@@ -164,6 +164,7 @@ def data_fingerprint(settings: str, shards: list[dict]) -> str:
     """What the samples depend on: the settings and every shard's content (names and sha256, in order)."""
     return sha256_text(canonical_json({"settings": settings, "shards": [[s["name"], s["sha256"]] for s in shards]}))
 
+
 def assemble_manifest(cfg: PrepConfig, info, fingerprint: str, settings: ShardSettings, records: list[dict],
                       counts: Counter, stats: Counter) -> dict:
     records = sorted(records, key=lambda r: (SPLITS.index(r["split"]), r["index"]))
