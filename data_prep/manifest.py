@@ -48,6 +48,14 @@ NODE_MANIFEST = re.compile(r"^manifest\.node-\d+-of-\d+\.json$")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", INFO_FILE)
 
 
+def is_own_name(relative: Path) -> bool:
+    """Whether a path inside a shard or tokenizer directory is at a name data_prep writes there."""
+    if len(relative.parts) > 1:
+        return relative.parts[0] in (TOKENIZER_SUBDIR, PROGRESS_DIR)
+    name = relative.name
+    return bool(SHARD_NAME.match(name) or NODE_MANIFEST.match(name)) or name in (MANIFEST, *TOKENIZER_FILES)
+
+
 def record_path(out_dir: Path, name: str) -> Path:
     return out_dir / PROGRESS_DIR / f"{name}.json"
 

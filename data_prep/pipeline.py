@@ -33,8 +33,8 @@ from data_prep.config import PrepConfig
 from data_prep.errors import ErrorPolicy, PrepError
 from data_prep.fsutil import atomic_write_json, canonical_json, locked_dir, remove_temps, sha256_text
 from data_prep.manifest import (PROGRESS_DIR, TOKENIZER_SUBDIR, assemble_manifest, claim, finished_record,
-                                merge_node_manifests, node_manifest_name, prepare_out_dir, remove_stale_shards,
-                                settings_fingerprint)
+                                is_own_name, merge_node_manifests, node_manifest_name, prepare_out_dir,
+                                remove_stale_shards, settings_fingerprint)
 from data_prep.readers import ReadOptions, expand_inputs, iter_documents
 from data_prep.shards import MANIFEST, SPLITS
 from data_prep.vocab import INFO_FILE, read_tokenizer, save_tokenizer_dir, tokenizer_info
@@ -57,15 +57,17 @@ def clean_options(cfg: PrepConfig) -> CleanOptions:
                         min_doc_chars=c.min_doc_chars, dedup=c.dedup)
 
 
-def output_dirs(cfg: PrepConfig, out_dir: Path) -> list[Path]:
-    """What a stage writing ``out_dir`` must not read as input: its output, and those of ``run``."""
-    return [Path(out_dir)] + ([Path(cfg.out) / TOKENIZER_SUBDIR, Path(cfg.out) / SHARDS_SUBDIR] if cfg.out else [])
+def is_output(cfg: PrepConfig, out_dir: Path):
+    """Whether a (resolved) file is one a stage writing ``out_dir`` (or ``run``) writes: never input."""
+    dirs = [Path(out_dir)] + ([Path(cfg.out) / TOKENIZER_SUBDIR, Path(cfg.out) / SHARDS_SUBDIR] if cfg.out else [])
+    dirs = [d.resolve() for d in dirs]
+    return lambda path: any(path.is_relative_to(d) and is_own_name(path.relative_to(d)) for d in dirs)
 
 
 def cleaned_documents(cfg: PrepConfig, policy: ErrorPolicy, counts: Counter, out_dir: Path):
     if not cfg.input.paths:
         raise PrepError("no input: give --input FILES... (or input.paths in the config)")
-    paths = expand_inputs(cfg.input.paths, output_dirs(cfg, out_dir))
+    paths = expand_inputs(cfg.input.paths, is_output(cfg, out_dir))
     counts["input_files"] = len(paths)
     return clean_documents(iter_documents(paths, read_options(cfg), policy), clean_options(cfg), counts)
 
@@ -304,7 +306,7 @@ def _training_texts(cfg: PrepConfig, policy: ErrorPolicy, counts: Counter, out_d
 
 
 def vocab_fingerprint(cfg: PrepConfig, out_dir: Path) -> str:
-    inputs = expand_inputs(cfg.input.paths, output_dirs(cfg, out_dir))
+    inputs = expand_inputs(cfg.input.paths, is_output(cfg, out_dir))
     files = [(str(p.resolve()), p.stat().st_size) for p in inputs]
     v = cfg.vocab
     return sha256_text(canonical_json({"files": files, "input": vars(cfg.input) | {"paths": None},

@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from data_prep.compression import codec_error_message, codec_errors, open_binary
 from data_prep.errors import ErrorPolicy, InputError, PrepError
@@ -40,12 +40,11 @@ class ReadOptions:
     max_line_bytes: int = 16 << 20  # longer lines (and blank-separated documents) are bad input
 
 
-def expand_inputs(specs: list[str | Path], exclude: list[Path] = ()) -> list[Path]:
+def expand_inputs(specs: list[str | Path], is_output: Callable[[Path], bool] | None = None) -> list[Path]:
     """Files, directories (recursive, sorted, hidden files skipped) and globs, in the order given.
 
-    Files under an ``exclude`` directory (data_prep's own outputs) are left out of directories and
-    globs; naming one as an input is an error."""
-    excluded = [Path(d).resolve() for d in exclude]
+    Files for which ``is_output(resolved path)`` holds (data_prep's own outputs) are left out of
+    directories and globs; naming one as an input is an error."""
     paths: list[Path] = []
     seen: set[Path] = set()
     for spec in specs:
@@ -55,27 +54,24 @@ def expand_inputs(specs: list[str | Path], exclude: list[Path] = ()) -> list[Pat
             found = sorted(f for f in p.rglob("*") if f.is_file()
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
         elif p.is_file():
+            if is_output and is_output(p.resolve()):
+                raise PrepError(f"input {spec} is an output of data_prep (a shard, manifest, progress record or "
+                                "tokenizer file of this run's output directory); give the corpus files")
             found = [p]
         elif glob.has_magic(spec):
             found = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
         else:
             raise PrepError(f"input not found: {spec}")
-        if p.is_file() and (out := _under(p.resolve(), excluded)):
-            raise PrepError(f"input {spec} is inside the output directory {out}: data_prep does not read its "
-                            "own outputs; give the corpus files")
-        found = [f for f in found if not _under(f.resolve(), excluded)]
+        if is_output:
+            found = [f for f in found if not is_output(f.resolve())]
         if not found:
-            raise PrepError(f"input {spec!r} matches no files" + (" outside the output directory" if excluded else ""))
+            raise PrepError(f"input {spec!r} matches no files" + (" but data_prep's own outputs" if is_output else ""))
         for f in found:
             key = f.resolve()
             if key not in seen:
                 seen.add(key)
                 paths.append(f)
     return paths
-
-
-def _under(path: Path, directories: list[Path]) -> Path | None:
-    return next((d for d in directories if path.is_relative_to(d)), None)
 
 
 def iter_documents(paths: list[Path], options: ReadOptions, policy: ErrorPolicy) -> Iterator[Document]:

@@ -104,8 +104,12 @@ def test_out_inside_an_input_directory_is_not_read_as_corpus(small_en, tokenizer
     second = run_shards([corpus], tokenizer_dir, out)
     assert second["corpus"]["input_files"] == first["corpus"]["input_files"] == 1
     assert second == first and " 0 built" in capsys.readouterr().err
-    with pytest.raises(PrepError, match=f"{out / 'manifest.json'} is inside the output directory {out}"):
+    with pytest.raises(PrepError, match=f"input {out / 'manifest.json'} is an output of data_prep"):
         run_shards([corpus / "en.txt", out / "manifest.json"], tokenizer_dir, out)
+    here = tmp_path / "here"  # the output directory may hold the corpus: only data_prep's own files are skipped
+    here.mkdir()
+    (here / "en.txt").write_bytes(small_en.read_bytes())
+    assert run_shards([here / "en.txt"], tokenizer_dir, here)["shards"] == first["shards"]
 
 
 def test_a_different_corpus_is_refused_unless_overwrite(small_en, tokenizer_dir, tmp_path):
