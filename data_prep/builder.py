@@ -20,7 +20,8 @@ from data_prep.encode import encode_documents
 from data_prep.errors import PrepError, write_error
 from data_prep.instances import create_instances, fill_row, instance_rng
 from data_prep.masking import MaskingConfig, continuation_table, mask_batch
-from data_prep.shards import SPLIT_CODES, ShardWriter, bytes_rows, npy_rows, sample_key, shard_name
+from data_prep.shards import (SENTENCE_LABEL_KEYS, SPLIT_CODES, ShardWriter, bytes_rows, npy_rows, sample_fields,
+                              sample_key, shard_name)
 
 # Independent random streams of a unit (the second entry of every seed list).
 STREAM_INSTANCES, STREAM_SHUFFLE, STREAM_STATIC_MASK = 1, 2, 3
@@ -50,18 +51,11 @@ class ShardSettings:
 
     @property
     def label_key(self) -> str | None:
-        return {"nsp": "nsp_label", "sop": "sop_label"}.get(self.objective)
+        return SENTENCE_LABEL_KEYS.get(self.objective)
 
     def fields(self) -> list[str]:
         """Member extensions of every sample, in the order they are written."""
-        out = ["input_ids.npy"]
-        if self.masking == "dynamic" and self.whole_word_mask:
-            out.append("word_starts.npy")
-        if self.masking == "static":
-            out += ["masked_lm_positions.npy", "masked_lm_ids.npy"]
-        if self.label_key:
-            out.append(f"{self.label_key}.cls")
-        return out
+        return sample_fields(self.objective, self.masking, self.whole_word_mask)
 
     def masking_config(self) -> MaskingConfig:
         return MaskingConfig(vocab_size=self.vocab_size, mask_id=self.mask_id, special_ids=self.special_ids,

@@ -73,6 +73,7 @@ def test_verify_deep_check_catches_a_consistent_but_wrong_manifest(built, tmp_pa
     shutil.copytree(built, bad)
     manifest = json.loads((bad / "manifest.json").read_text())
     manifest["shards"][0]["samples"] += 1
+    manifest["splits"]["train"]["samples"] += 1      # consistent totals: only reading the shard tells
     (bad / "manifest.json").write_text(json.dumps(manifest))
     assert main(["verify", str(bad)]) == 1
     assert "samples" in capsys.readouterr().out
