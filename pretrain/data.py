@@ -337,27 +337,38 @@ def _loader(dataset, sampler, micro: int, data_cfg: DataConfig, split: Split) ->
     # from the global RNG would shift the dropout stream of a resumed run against a straight one.
     # (Workers need no randomness of their own: masking is seeded per sample.)
     generator = torch.Generator().manual_seed(0)
-    return DataLoader(dataset, batch_size=micro, sampler=sampler, num_workers=workers, generator=generator,
-                      collate_fn=_Collate(split, data_cfg.pad_to_multiple_of),
-                      pin_memory=data_cfg.pin_memory and torch.cuda.is_available(),
-                      prefetch_factor=data_cfg.prefetch_factor if workers else None,
-                      worker_init_fn=_WorkerInit(os.getpid()) if workers else None,
-                      persistent_workers=False, drop_last=False)
+    return _Loader(dataset, batch_size=micro, sampler=sampler, num_workers=workers, generator=generator,
+                   collate_fn=_Collate(split, data_cfg.pad_to_multiple_of),
+                   pin_memory=data_cfg.pin_memory and torch.cuda.is_available(),
+                   prefetch_factor=data_cfg.prefetch_factor if workers else None,
+                   worker_init_fn=_WorkerInit(os.getpid()) if workers else None,
+                   persistent_workers=False, drop_last=False)
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose workers start with the stop signals blocked (see _WorkerInit)."""
+
+    def __iter__(self):
+        from pretrain.signals import stop_signals_blocked
+
+        with stop_signals_blocked():      # the workers are forked before the iterator is returned
+            return super().__iter__()
 
 
 class _WorkerInit:
     """Loader workers leave the stop signals to the main process, which checkpoints on them, and
-    die with it; a normal end of the main process shuts them down through the DataLoader.  (This
-    replaces torch's worker SIGTERM handler: a worker it ends for a SIGTERM from anyone but the
-    main process is reported there as "DataLoader worker (pid N) is killed by signal".)"""
+    die with it (pretrain.signals.leave_stop_signals_to, die_with_parent); a normal end of the main
+    process shuts them down through the DataLoader.  Left to torch's worker handler, a SIGTERM
+    from anyone but the main process would end a worker, and the main process would fail with
+    "DataLoader worker (pid N) is killed by signal"."""
 
     def __init__(self, main_pid: int):
         self.main_pid = main_pid
 
     def __call__(self, worker_id: int) -> None:
-        from pretrain.signals import die_with_parent, ignore_stop_signals
+        from pretrain.signals import die_with_parent, leave_stop_signals_to
 
-        ignore_stop_signals()
+        leave_stop_signals_to(self.main_pid)
         die_with_parent(self.main_pid)
 
 

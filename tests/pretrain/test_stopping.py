@@ -58,13 +58,20 @@ def live_members(pgid: int) -> list[str]:
     return found
 
 
-def wait_all(procs, timeout: float = 120) -> list[int]:
+def wait_all(procs, run_dir: Path, timeout: float = 120) -> tuple[list[int], list[str]]:
+    """Exit codes and logs of the ranks; a rank still running after ``timeout`` fails the test."""
     try:
-        return [p.wait(timeout=timeout) for p in procs]
+        codes = [p.wait(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        codes = None
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+    logs = [log.read_text() for log in sorted(run_dir.glob("rank*.log"))]
+    if codes is None:
+        pytest.fail(f"still running {timeout} s after the signal:\n" + "\n".join(log[-3000:] for log in logs))
+    return codes, logs
 
 
 def saved_step(run_dir: Path) -> int:
@@ -84,8 +91,7 @@ def test_sigterm_to_the_process_group_checkpoints_and_resumes_exactly(dynamic_da
     procs, pgid = spawn_in_a_new_group(monkeypatch, run_dir, overrides)
     wait_for_logged_steps(run_dir, 5)
     os.killpg(pgid, signal.SIGTERM)
-    codes = wait_all(procs)
-    logs = [p.read_text() for p in sorted(run_dir.glob("rank*.log"))]
+    codes, logs = wait_all(procs, run_dir)
     assert codes == [75, 75], "\n".join(log[-3000:] for log in logs)
     stopped = saved_step(run_dir)
     assert f"SIGTERM received: checkpoint saved at step {stopped}; exiting with 75" in logs[0]
@@ -104,8 +110,7 @@ def test_ctrl_c_checkpoints_and_exits_75_without_a_traceback(dynamic_data, tmp_p
     procs, pgid = spawn_in_a_new_group(monkeypatch, run_dir, TINY + data_overrides(dynamic_data) + WORKERS)
     wait_for_logged_steps(run_dir, 5)
     os.killpg(pgid, signal.SIGINT)
-    codes = wait_all(procs)
-    logs = [p.read_text() for p in sorted(run_dir.glob("rank*.log"))]
+    codes, logs = wait_all(procs, run_dir)
     assert codes == [75, 75], "\n".join(log[-3000:] for log in logs)
     assert "interrupted: checkpointing after this step (Ctrl-C again to stop at once, without one)" in logs[0]
     assert f"SIGINT received: checkpoint saved at step {saved_step(run_dir)}; exiting with 75" in logs[0]
@@ -118,8 +123,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(dynamic_data, tm
     procs, _ = spawn(run_dir, TINY + data_overrides(dynamic_data) + WORKERS + ["training.collective_timeout_s=30"])
     wait_for_logged_steps(run_dir, 5)
     procs[1].send_signal(signal.SIGUSR1)      # the main process of rank 1 only: not rank 0, no worker
-    codes = wait_all(procs)
-    logs = [p.read_text() for p in sorted(run_dir.glob("rank*.log"))]
+    codes, logs = wait_all(procs, run_dir)
     assert codes == [75, 75], "\n".join(log[-3000:] for log in logs)
     assert f"SIGUSR1 received: checkpoint saved at step {saved_step(run_dir)}" in logs[0]
 
@@ -136,7 +140,7 @@ def test_a_second_run_in_a_run_directory_in_use_exits_2_naming_its_pid(dynamic_d
             assert f"error: {run_dir} is in use by pid {first[0].pid}" in log, log[-3000:]
             assert "Traceback" not in log
         first[0].send_signal(signal.SIGTERM)
-        assert wait_all(first) == [75]
+        assert wait_all(first, run_dir)[0] == [75]
     finally:
         if first[0].poll() is None:
             first[0].kill()
@@ -160,3 +164,15 @@ def test_resume_after_a_crash_keeps_one_metrics_row_per_step(dynamic_data, tmp_p
     assert "metrics.jsonl: dropped 4 line(s) logged after step 2" in resumed.logs[0]
     assert [r["step"] for r in resumed.metrics()] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in resumed.metrics("eval")] == [0, 3, 6]
+
+
+def test_a_rank_that_fails_with_loader_workers_running_still_exits(dynamic_data, tmp_path):
+    """An uncaught error leaves the workers to the interpreter's exit, which ends them with
+    SIGTERM: from their parent, so they obey it, where a group SIGTERM is dropped."""
+    run_dir = tmp_path / "run"
+    procs, _ = spawn(run_dir, TINY + data_overrides(dynamic_data) + [
+        "data.num_workers=2", "training.max_steps=1000", "training.collective_timeout_s=30"])
+    wait_for_logged_steps(run_dir, 2)
+    procs[1].kill()
+    codes, logs = wait_all(procs[:1], run_dir, timeout=90)
+    assert codes[0] not in (0, 75), logs[0][-3000:]
