@@ -89,6 +89,29 @@ def test_usr1_checkpoints_requeues_resumes_and_matches_the_uninterrupted_job(slu
     assert losses(run_dir) == reference and len(reference) == STEPS
 
 
+def test_plain_scancel_with_loader_workers_checkpoints_and_the_rerun_matches(slurm, shards, uninterrupted,
+                                                                             tmp_path):
+    """`scancel JOBID` (SIGTERM to every process of the step, loader workers included) with
+    data.num_workers=2: the tasks checkpoint within KillWait; a new job resumes exactly."""
+    run_dir = tmp_path
+    args = [*train_args(run_dir, shards), "data.num_workers=2"]
+    job = slurm.sbatch(*TEST_SBATCH, f"--output={run_dir}/slurm-%j.out", SBATCH, *args)
+    slurm.wait(job, until=lambda info: len(losses(run_dir)) >= 3 or info["JobState"] in ("COMPLETED", "FAILED"))
+    slurm.run("scancel", job)
+    info = slurm.wait(job)
+    assert info["JobState"] == "CANCELLED", explain(slurm, run_dir, job)
+    latest = run_dir / "checkpoints" / "latest"
+    assert latest.is_file(), explain(slurm, run_dir, job)
+    stopped_at = int(latest.read_text().strip()[len("step-"):])
+    assert 3 <= stopped_at < STEPS, explain(slurm, run_dir, job)
+    assert "killed by signal" not in job_log(run_dir, job), explain(slurm, run_dir, job)
+    rerun = slurm.sbatch(*TEST_SBATCH, f"--output={run_dir}/slurm-%j.out", SBATCH, *args)
+    info = slurm.wait(rerun)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), explain(slurm, run_dir, rerun)
+    assert f"resumed from step-{stopped_at:06d}" in job_log(run_dir, rerun)
+    assert losses(run_dir) == losses(uninterrupted[2])
+
+
 def test_time_limit_signal_checkpoints_before_the_limit_and_requeues_are_bounded(slurm, shards, tmp_path):
     """--time=2 --signal=B:USR1@60: SLURM itself signals the batch script 60-90 s before the limit
     (its timer runs every 30 s); with MAX_REQUEUES=0 the checkpointed job gives up (exit 75)."""
