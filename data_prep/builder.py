@@ -6,11 +6,9 @@ a shard's bytes depend only on its unit's documents and the settings.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import resource
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from data_prep.encode import encode_documents
 from data_prep.errors import PrepError, write_error
 from data_prep.instances import create_instances, fill_row, instance_rng
 from data_prep.masking import MaskingConfig, continuation_table, mask_batch
+from data_prep.procs import die_with_parent
 from data_prep.shards import (SENTENCE_LABEL_KEYS, SPLIT_CODES, ShardWriter, bytes_rows, npy_rows, sample_fields,
                               sample_key, shard_name)
 
@@ -103,7 +102,6 @@ def init_worker(settings: ShardSettings | None = None) -> None:
 
 
 _parent_pid: int | None = None  # in a pool worker: the main process, whose death ends the worker
-PR_SET_PDEATHSIG = 1
 
 
 def init_pool_worker(settings: ShardSettings, parent_pid: int) -> None:
@@ -113,10 +111,7 @@ def init_pool_worker(settings: ShardSettings, parent_pid: int) -> None:
     _parent_pid = parent_pid
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if not parent_alive():  # it died before prctl took effect
-        os._exit(1)
+    die_with_parent(parent_pid)
     init_worker(settings)
 
 

@@ -11,9 +11,13 @@ class PrepError(Exception):
 
 
 class DirInUse(PrepError):
-    """Another data_prep run holds the output directory's lock."""
+    """Another process holds a directory's lock (``fsutil.lock_dir``); ``pid`` is 0 when unknown."""
 
     exit_status = 2
+
+    def __init__(self, message: str, pid: int = 0):
+        super().__init__(message)
+        self.pid = pid
 
 
 class Stopped(BaseException):

@@ -3,12 +3,14 @@ output file, and two runs never write one directory at once."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -93,28 +95,56 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+# Filesystems without flock support (some NFS or FUSE mounts) answer these.
+LOCKS_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+def lock_dir(directory: Path, name: str = LOCK_FILE, shared: bool = False) -> int | None:
+    """Take a non-blocking flock on ``directory/name`` (created, with the directory) and write this
+    process's pid and host in it; return its descriptor (the lock lasts until the descriptor is
+    closed or the process ends, however it ends), or None where the filesystem cannot lock.
+    DirInUse names the holder when another process holds it (exclusively, or at all for an
+    exclusive lock); a lock file that cannot be created is a PrepError naming it."""
+    path = Path(directory) / name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise write_error(path, err) from None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid, holder = _holder(fd)
+        os.close(fd)
+        raise DirInUse(f"{directory} is in use by {holder}", pid) from None
+    except OSError as err:
+        os.close(fd)
+        if err.errno in LOCKS_UNSUPPORTED:
+            return None
+        raise write_error(path, err) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    return fd
+
+
 @contextlib.contextmanager
 def locked_dir(directory: Path, name: str = LOCK_FILE, shared: bool = False) -> Iterator[None]:
-    """Hold a non-blocking flock on ``directory/name`` (created) for the block; when another
-    process holds it (exclusively, or at all for an exclusive lock): DirInUse naming its pid."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / name, os.O_RDWR | os.O_CREAT, 0o644)
+    """Hold ``lock_dir(directory, name, shared)`` for the block (unprotected, with a warning, where
+    the filesystem cannot lock)."""
+    fd = lock_dir(directory, name, shared)
+    if fd is None:
+        print(f"warning: {Path(directory) / name}: the filesystem cannot lock: nothing stops a second run "
+              f"from writing {directory} at the same time", file=sys.stderr)
     try:
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DirInUse(f"{directory} is in use by {_holder(fd)}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
-def _holder(fd: int) -> str:
-    """'pid N' (and its host when it is another one) from a lock file's content."""
+def _holder(fd: int) -> tuple[int, str]:
+    """(pid or 0, 'pid N' and its host when it is another one) from a lock file's content."""
     pid, _, host = os.pread(fd, 256, 0).decode("utf-8", "replace").strip().partition(" ")
-    if not pid:
-        return "another process"
-    return f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
+    if not pid.isdigit():
+        return 0, "another process"
+    return int(pid), f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")

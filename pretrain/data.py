@@ -357,7 +357,7 @@ class _Loader(DataLoader):
 
 class _WorkerInit:
     """Loader workers leave the stop signals to the main process, which checkpoints on them, and
-    die with it (pretrain.signals.leave_stop_signals_to, die_with_parent); a normal end of the main
+    die with it (pretrain.signals.leave_stop_signals_to, data_prep.procs.die_with_parent); a normal end of the main
     process shuts them down through the DataLoader.  Left to torch's worker handler, a SIGTERM
     from anyone but the main process would end a worker, and the main process would fail with
     "DataLoader worker (pid N) is killed by signal"."""
@@ -366,7 +366,8 @@ class _WorkerInit:
         self.main_pid = main_pid
 
     def __call__(self, worker_id: int) -> None:
-        from pretrain.signals import die_with_parent, leave_stop_signals_to
+        from data_prep.procs import die_with_parent
+        from pretrain.signals import leave_stop_signals_to
 
         leave_stop_signals_to(self.main_pid)
         die_with_parent(self.main_pid)

@@ -25,7 +25,6 @@ from pretrain.distributed import DistEnv
 from pretrain.engine import SkippableStep, Stepper, all_reduce_sum, build_engine, init_distributed
 from pretrain.evaluate import evaluate
 from pretrain.metrics import MetricsLogger, peak_tflops_for, plot_curves, throughput
-from pretrain.runlock import RunDirError, RunDirInUse, lock_run_dir
 from pretrain.signals import STOP_SIGNALS, StopSignal
 
 log = logging.getLogger(__name__)
@@ -71,23 +70,39 @@ def join_job(cfg: Config, dist_env: DistEnv) -> torch.device:
     return device
 
 
+RUN_LOCK = "train.lock"
+
+
+class RunDirError(RuntimeError):
+    """The run directory is in use by another run, or cannot be locked."""
+
+
 def hold_run_dir(run_dir: str, rank: int, device: torch.device) -> Optional[int]:
-    """Rank 0 locks the run directory before anything is written in it, and every rank learns the
-    outcome, so all ranks of a second run into a directory in use exit alike (RunDirInUse).
-    Returns rank 0's lock descriptor (None on the other ranks)."""
-    fd, outcome, failure = None, 0, None      # outcome: 0 locked, >0 holder's pid, -1 pid unknown, -2 error
+    """One run per run directory: rank 0 locks ``RUN_DIR/train.lock`` before anything is written
+    in it, and every rank learns the outcome, so all ranks of a second run into a directory in use
+    exit alike.  Returns rank 0's lock descriptor (None on the other ranks, or where the filesystem
+    cannot lock)."""
+    from data_prep.errors import DirInUse, PrepError
+    from data_prep.fsutil import lock_dir
+
+    fd, outcome, failure = None, 0, ""       # outcome: 0 locked, >0 holder's pid, -1 pid unknown, -2 error
     if rank == 0:
         try:
-            fd = lock_run_dir(run_dir)
-        except RunDirInUse as err:
+            fd = lock_dir(run_dir, RUN_LOCK)
+            if fd is None:
+                log.warning("%s: the filesystem cannot lock: nothing stops a second run from using %s at the "
+                            "same time", os.path.join(run_dir, RUN_LOCK), run_dir)
+        except DirInUse as err:
             outcome = err.pid or -1
-        except RunDirError as err:
-            outcome, failure = -2, err
+        except PrepError as err:
+            outcome, failure = -2, str(err)
     agreed = int(all_reduce_sum(torch.tensor([outcome], dtype=torch.int64, device=device)).item())
     if agreed == -2:
-        raise failure or RunDirError(f"{run_dir}: rank 0 could not lock the run directory (its error says why)")
+        raise RunDirError(failure or f"{run_dir}: rank 0 could not lock the run directory (its log says why)")
     if agreed:
-        raise RunDirInUse(run_dir, max(agreed, 0))
+        holder = f"pid {agreed}" if agreed > 0 else "another process"
+        raise RunDirError(f"{run_dir} is in use by {holder}, which holds {os.path.join(run_dir, RUN_LOCK)}: "
+                          f"wait for that run to end, or choose another logging.run_dir")
     return fd
 
 
@@ -99,7 +114,10 @@ def build_run(cfg: Config, dist_env: DistEnv, device: torch.device, load_univers
     seed_everything(cfg.training.seed, 0)          # identical initial weights on every rank
     model = build_model(cfg.model, cfg.kernels)
     if cfg.checkpoint.init_from:
-        _, state_dict, _ = load_weights(cfg.checkpoint.init_from)
+        try:
+            _, state_dict, _ = load_weights(cfg.checkpoint.init_from)
+        except (OSError, ValueError) as err:     # missing path, not a checkpoint, its config.yaml invalid
+            raise ckpt.CheckpointError(f"checkpoint.init_from: {err}") from None
         model.load_consolidated_state_dict(state_dict)
     model.to(device)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.kernels.lamb)
@@ -139,7 +157,7 @@ def train(cfg: Config, dist_env: DistEnv, *, stop_after_step: Optional[int] = No
 
     ``fault`` names a fault to inject for tests: ``kill-during-save@STEP`` ends the process
     abruptly in the middle of the checkpoint save of that step; ``nan-loss@A-B`` makes the loss
-    of steps A..B non-finite.  Raises RunDirInUse when another run holds ``logging.run_dir``.
+    of steps A..B non-finite.  Raises RunDirError when another run holds ``logging.run_dir``.
     """
     device = join_job(cfg, dist_env)
     lock = hold_run_dir(cfg.logging.run_dir, dist_env.rank, device)

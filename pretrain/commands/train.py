@@ -37,7 +37,11 @@ def run(args) -> int:
     from pretrain.config import ConfigError, load_config
     from pretrain.distributed import detect, resolve_master_addr
 
-    dist_env = resolve_master_addr(detect())
+    try:
+        dist_env = resolve_master_addr(detect())
+    except ValueError as err:    # e.g. a malformed SLURM_JOB_NODELIST or a non-integer RANK
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     stop.announce = dist_env.rank == 0
     if dist_env.launcher == "single" and not os.environ.get("MASTER_PORT"):
         # One process: any free port will do, and a fixed one would collide with another job.
@@ -51,10 +55,9 @@ def run(args) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if dist_env.rank == 0 else logging.WARNING,
                         format=f"[rank {dist_env.rank}] %(levelname)s %(name)s: %(message)s")
-    from pretrain.trainer import EXIT_ERROR, NonFiniteLossError, train
+    from pretrain.trainer import EXIT_ERROR, NonFiniteLossError, RunDirError, train
     from pretrain.data import DataError
     from pretrain.checkpoint import CheckpointError
-    from pretrain.runlock import RunDirError
     try:
         return train(cfg, dist_env, stop_after_step=args.stop_after_step, fault=args.fault, stop=stop)
     except (DataError, CheckpointError, RunDirError) as err:

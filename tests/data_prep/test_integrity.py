@@ -3,7 +3,6 @@ cleaned up, content fingerprinted, a full disk reported in one line."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from pathlib import Path

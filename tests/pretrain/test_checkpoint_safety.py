@@ -103,6 +103,36 @@ def test_payload_is_refused_by_init_from_with_the_optimizer(data, halted, tmp_pa
     assert_refused(run, path, marker)
 
 
+@pytest.mark.parametrize("init_from", ["missing", "not_a_checkpoint", "bad_config"])
+def test_an_init_from_that_is_not_a_checkpoint_is_one_line(data, halted, tmp_path, init_from):
+    source = copy_run(halted, tmp_path) / "checkpoints" / "step-000004"
+    if init_from == "missing":
+        source = tmp_path / "nowhere"
+    elif init_from == "not_a_checkpoint":
+        source = source / "fingerprints.json"
+    else:
+        (source / "config.yaml").write_text("model: {hidden_size: abc}\n")
+    run = launch(tmp_path / "phase2", BASE + data_overrides(data) + [f"checkpoint.init_from={source}"], nproc=1)
+    assert run.codes == [2] and "Traceback" not in run.logs[0], run.explain()
+    errors = error_lines(run.logs[0])
+    assert len(errors) == 1 and errors[0].startswith("error: checkpoint.init_from: ") and str(source) in errors[0], \
+        run.explain()
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "torchrun"])
+def test_a_bad_launcher_environment_is_one_line(data, tmp_path, launcher):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI", "MV2_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update({"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "7",
+                "SLURM_JOB_NODELIST": "node[1-2"} if launcher == "slurm" else {"RANK": "5", "WORLD_SIZE": "2"})
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "train", "--config", "configs/debug.yaml", *BASE,
+                           f"logging.run_dir={tmp_path / 'run'}", *data_overrides(data)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1 and ("node[1-2" if launcher == "slurm" else "rank 5") in errors[0], proc.stderr
+
+
 @pytest.mark.parametrize("command", [["eval"], ["export", "--out", "HF"]])
 def test_payload_in_model_pt_is_refused_by_eval_and_export(halted, tmp_path, command):
     source = copy_run(halted, tmp_path)
@@ -172,7 +202,7 @@ def test_failed_checkpoint_write_names_the_file_and_keeps_the_previous_checkpoin
     errors = error_lines(run.logs[0])
     assert len(errors) == 1, run.explain()
     assert f"checkpoint step-000006 was not saved ({root / '.tmp-step-000006'}/" in errors[0]
-    assert f"could not be written (" in errors[0] and "free on its filesystem" in errors[0]
+    assert "could not be written (" in errors[0] and "free on its filesystem" in errors[0]
     assert f"{root / 'latest'} still names step-000004" in errors[0]
     assert (root / "latest").read_text().strip() == "step-000004"
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(("step-", ".tmp"))) == \
