@@ -22,7 +22,8 @@ from pretrain import checkpoint as ckpt
 from pretrain.config import Config
 from pretrain.data import DataPosition, build_eval_loader, build_train_loader, open_split
 from pretrain.distributed import DistEnv
-from pretrain.engine import SkippableStep, Stepper, all_reduce_sum, build_engine, init_distributed
+from pretrain.engine import (SkippableStep, Stepper, all_reduce_sum, build_engine, init_distributed,
+                             shutdown_distributed)
 from pretrain.evaluate import evaluate
 from pretrain.metrics import MetricsLogger, peak_tflops_for, plot_curves, throughput
 from pretrain.signals import STOP_SIGNALS, StopSignal
@@ -162,10 +163,12 @@ def train(cfg: Config, dist_env: DistEnv, *, stop_after_step: Optional[int] = No
     device = join_job(cfg, dist_env)
     lock = hold_run_dir(cfg.logging.run_dir, dist_env.rank, device)
     try:
-        return _train(cfg, dist_env, device, stop_after_step, fault, stop or StopSignal())
+        code = _train(cfg, dist_env, device, stop_after_step, fault, stop or StopSignal())
     finally:
         if lock is not None:
             os.close(lock)
+    shutdown_distributed()     # only after a clean end: after an error a peer may be stuck in a collective
+    return code
 
 
 def _train(cfg: Config, dist_env: DistEnv, device: torch.device, stop_after_step: Optional[int],
