@@ -81,14 +81,17 @@ def read_json_or_none(path: Path):
         return None
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_stream(f, chunk: int = 1 << 20) -> str:
+    """The sha256 of an open binary file from its current position to its end."""
     h = hashlib.sha256()
+    for block in iter(lambda: f.read(chunk), b""):
+        h.update(block)
+    return h.hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
+        return sha256_stream(f, chunk)
 
 
 def sha256_text(text: str) -> str:

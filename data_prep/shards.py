@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from data_prep.errors import PrepError
-from data_prep.fsutil import remove_stale_temps, temp_path_for
+from data_prep.fsutil import remove_stale_temps, sha256_stream, temp_path_for
 
 FORMAT_NAME = "bertforge-wds"
 FORMAT_VERSION = 1
@@ -375,12 +375,10 @@ def shard_file_problem(f, entry: dict) -> str | None:
     if size != entry["bytes"]:
         return f"{size} bytes, manifest says {entry['bytes']} (truncated or replaced?)"
     f.seek(0)
-    sha = hashlib.sha256()
-    for block in iter(lambda: f.read(1 << 20), b""):
-        sha.update(block)
-    digest = sha.hexdigest()
+    digest = sha256_stream(f)
     if digest != entry["sha256"]:
-        return f"sha256 differs from the manifest (file {digest[:16]}..., manifest {entry['sha256'][:16]}...: corrupted)"
+        return (f"sha256 differs from the manifest (file {digest[:16]}..., "
+                f"manifest {entry['sha256'][:16]}...: corrupted)")
     return None
 
 
