@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_prep.errors import PrepError
 from data_prep.loader import example_from_sample
-from data_prep.shards import decode_fields, open_shard
+from data_prep.shards import decode_fields, open_shard, read_manifest, split_info
 from pretrain.config import DataConfig, EvalConfig, TrainingConfig
 
 IGNORE_INDEX = -100
@@ -89,17 +89,13 @@ class Split:
 # --------------------------------------------------------------------------------------------
 def open_split(data_cfg: DataConfig, name: str, training_cfg: TrainingConfig, model_vocab_size: int,
                required: bool = True) -> Optional[Split]:
-    from data_prep import shards as dp_shards
-
     if not data_cfg.dir:
         raise DataError("data.dir is empty: point it at a directory written by `python -m data_prep shards`")
-    from data_prep.errors import PrepError
-
     try:
-        manifest = dp_shards.read_manifest(data_cfg.dir)
+        manifest = read_manifest(data_cfg.dir)
     except PrepError as err:
         raise DataError(str(err)) from None
-    info = dp_shards.split_info(manifest, name)
+    info = split_info(manifest, name)
     if not info["shards"]:
         if required:
             raise DataError(f"{data_cfg.dir}: the manifest lists no {name} shards")
@@ -250,12 +246,10 @@ class ShardSamples(Dataset):
 
     def _open(self, shard: int) -> None:
         """Open a shard (checked against the manifest's size and sha256: one sequential read) and index it;
-        the least recently used shard is closed past ``max_open``.  Evicted, a shard is checked again."""
+        the least recently used shard is closed past ``max_open``.  Evicted, a shard is checked again.
+        A shard that fails its check is a PrepError (``__getitem__`` makes it a DataError)."""
         path = self.split.shard_paths[shard]
-        try:
-            f = open_shard(self.split.dir, self.split.shards[shard])
-        except PrepError as err:
-            raise DataError(str(err)) from None
+        f = open_shard(self.split.dir, self.split.shards[shard])
         index = tar_index(f, path)
         if len(index) != self.split.shard_sizes[shard]:
             f.close()
@@ -266,7 +260,11 @@ class ShardSamples(Dataset):
             self._files.popitem(last=False)[1].close()
 
     def _read(self, sample: int) -> dict:
-        """A sample decoded, with ``__key__`` and ``__shard__`` (its shard's name) as ``iter_samples`` gives."""
+        """A sample decoded (member extension -> value)."""
+        return self._read_located(sample)[1]
+
+    def _read_located(self, sample: int) -> tuple[str, dict]:
+        """``(where, sample decoded)``: ``where`` ("<shard path>: sample <key>") names it in errors."""
         shard = bisect.bisect_right(self.split.offsets, sample) - 1
         if shard in self._index:
             self._index.move_to_end(shard)
@@ -279,17 +277,15 @@ class ShardSamples(Dataset):
         for ext, (offset, size) in members.items():
             f.seek(offset)
             raw[ext] = f.read(size)
-        out = decode_fields(raw, f"{self.split.shard_paths[shard]}: sample {key}")
-        out["__key__"], out["__shard__"] = key, self.split.shards[shard]["name"]
-        return out
+        where = f"{self.split.shard_paths[shard]}: sample {key}"
+        return where, decode_fields(raw, where)
 
     def __getitem__(self, position: int) -> dict:
         epoch, sample = self.order(position)
         # data_prep owns the stored format: it decodes and checks, derives token types and masks
         # (dynamic shards: seeded by (seed, epoch, sample index)).
         try:
-            raw = self._read(sample)
-            where = f"{os.path.join(self.split.dir, raw['__shard__'])}: sample {raw['__key__']}"
+            where, raw = self._read_located(sample)
             return example_from_sample(raw, self.split, seed=self.seed, epoch=epoch, index=sample, where=where)
         except PrepError as err:
             raise DataError(str(err)) from None
@@ -325,7 +321,8 @@ def collate(examples: list[dict], pad_id: int, pad_to_multiple_of: int, max_pred
 
 class _Collate:
     def __init__(self, split: Split, pad_to_multiple_of: int):
-        self.pad_id, self.multiple, self.max_predictions = split.special["pad"], pad_to_multiple_of, split.max_predictions
+        self.pad_id, self.multiple = split.special["pad"], pad_to_multiple_of
+        self.max_predictions = split.max_predictions
 
     def __call__(self, examples):
         return collate(examples, self.pad_id, self.multiple, self.max_predictions)
