@@ -18,7 +18,8 @@ from data_prep.errors import DirInUse, write_error
 
 TMP_PREFIX = ".tmp-"
 LOCK_FILE = ".data_prep.lock"
-TEMP_NAME = re.compile(r"^\.tmp-.+\.\d+$")
+# The names temp_path_for gives: TMP_PREFIX, the output's name, "." and the writer's pid.
+TEMP_NAME = re.compile(rf"^{re.escape(TMP_PREFIX)}.+\.\d+$")
 
 
 def temp_path_for(path: Path) -> Path:

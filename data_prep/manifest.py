@@ -210,6 +210,13 @@ def split_totals(shards: list[dict]) -> dict:
     return totals
 
 
+def remove_out_dir_temps(out_dir: Path) -> None:
+    """Remove the temp files of killed or failed runs from the shard directory and its subdirectories;
+    only while holding its lock, with no other run of ours writing there."""
+    for directory in (out_dir, out_dir / PROGRESS_DIR, out_dir / TOKENIZER_SUBDIR):
+        remove_temps(directory)
+
+
 def remove_stale_shards(out_dir: Path, units: dict, overwrite: bool) -> None:
     """Shards (and records) left by an earlier run over a larger corpus are not part of this one; unless
     ``overwrite``, finding any means the corpus differs (it is smaller) and is refused."""
@@ -233,7 +240,8 @@ def merge_node_manifests(out_dir) -> dict:
 
 
 def _merge(out_dir: Path) -> dict:
-    parts = sorted(out_dir.glob("manifest.node-*-of-*.json"))
+    refuse_foreign_files(out_dir)  # first: a node manifest of another format is refused, not parsed
+    parts = [p for p in own_manifests(out_dir) if NODE_MANIFEST.match(p.name)]
     if not parts:
         raise PrepError(f"{out_dir}: no node manifests (manifest.node-*-of-*.json) to merge")
     manifests = [json.loads(p.read_text()) for p in parts]
@@ -257,9 +265,7 @@ def _merge(out_dir: Path) -> dict:
     merged["splits"] = split_totals(merged["shards"])
     merged["fingerprint"] = data_fingerprint(manifest_settings(merged), merged["shards"])
     merged["nodes"] = num_nodes
-    refuse_foreign_files(out_dir)
     remove_stale_shards(out_dir, merged["units"], overwrite=True)  # the node runs checked their units
     atomic_write_json(out_dir / MANIFEST, merged)
-    for directory in (out_dir, out_dir / PROGRESS_DIR, out_dir / TOKENIZER_SUBDIR):
-        remove_temps(directory)  # left by killed or failed node runs (none is running now)
+    remove_out_dir_temps(out_dir)  # left by killed or failed node runs (none is running now)
     return merged

@@ -31,10 +31,10 @@ from data_prep.builder import (ShardSettings, WorkUnit, build_shard, cache_token
 from data_prep.clean import CleanOptions, clean_documents
 from data_prep.config import PrepConfig
 from data_prep.errors import ErrorPolicy, PrepError
-from data_prep.fsutil import atomic_write_json, canonical_json, locked_dir, remove_temps, sha256_text
+from data_prep.fsutil import atomic_write_json, canonical_json, locked_dir, sha256_text
 from data_prep.manifest import (PROGRESS_DIR, TOKENIZER_SUBDIR, assemble_manifest, claim, finished_record,
                                 is_own_name, merge_node_manifests, node_manifest_name, prepare_out_dir,
-                                remove_stale_shards, settings_fingerprint)
+                                remove_out_dir_temps, remove_stale_shards, settings_fingerprint)
 from data_prep.readers import ReadOptions, expand_inputs, iter_documents
 from data_prep.shards import MANIFEST, SPLITS
 from data_prep.vocab import INFO_FILE, read_tokenizer, save_tokenizer_dir, tokenizer_info
@@ -264,8 +264,7 @@ def _build_shards(cfg: PrepConfig, tokenizer, out_dir: Path, overwrite: bool) ->
     if cfg.num_nodes == 1:
         remove_stale_shards(out_dir, manifest["units"], overwrite)
         atomic_write_json(out_dir / MANIFEST, manifest)
-        for directory in (out_dir, out_dir / PROGRESS_DIR, out_dir / TOKENIZER_SUBDIR):
-            remove_temps(directory)  # left by killed or failed runs (no other run writes here now)
+        remove_out_dir_temps(out_dir)  # left by killed or failed runs (no other run writes here now)
     else:
         manifest["node"] = {"rank": cfg.node_rank, "num_nodes": cfg.num_nodes}
         atomic_write_json(out_dir / node_manifest_name(cfg.node_rank, cfg.num_nodes), manifest)

@@ -62,10 +62,10 @@ def expand_inputs(specs: list[str | Path], is_output: Callable[[Path], bool] | N
             found = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
         else:
             raise PrepError(f"input not found: {spec}")
-        if is_output:
-            found = [f for f in found if not is_output(f.resolve())]
-        if not found:
-            raise PrepError(f"input {spec!r} matches no files" + (" but data_prep's own outputs" if is_output else ""))
+        kept = [f for f in found if not is_output(f.resolve())] if is_output else found
+        if not kept:
+            raise PrepError(f"input {spec!r} matches no files" + (" but data_prep's own outputs" if found else ""))
+        found = kept
         for f in found:
             key = f.resolve()
             if key not in seen:
