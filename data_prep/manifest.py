@@ -23,7 +23,8 @@ from data_prep.errors import PrepError
 from data_prep.fsutil import (atomic_write_json, canonical_json, locked_dir, read_json_or_none, remove_temps,
                              sha256_text)
 from data_prep.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, SHARD_NAME, SPLITS, shard_name
-from data_prep.vocab import INFO_FILE, TOKENIZER_FORMAT, read_tokenizer, save_tokenizer_dir, tokenizer_hash
+from data_prep.vocab import (INFO_FILE, TOKENIZER_FILES, TOKENIZER_FORMAT, read_tokenizer, save_tokenizer_dir,
+                             tokenizer_hash)
 
 PROGRESS_DIR = "progress"
 TOKENIZER_SUBDIR = "tokenizer"
@@ -45,7 +46,6 @@ def settings_fingerprint(cfg: PrepConfig, info) -> str:
 OWN_FILES_HINT = "data_prep replaces only files it wrote: move it away, or use a new --out directory"
 MISMATCH_HINT = "use a new --out directory, or --overwrite to replace its shards"
 NODE_MANIFEST = re.compile(r"^manifest\.node-\d+-of-\d+\.json$")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", INFO_FILE)
 
 
 def is_own_name(relative: Path) -> bool:

@@ -25,6 +25,8 @@ from data_prep.fsutil import atomic_write_json, atomic_write_text, sha256_text
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 INFO_FILE = "vocab_info.json"
+# The files save_tokenizer_dir writes (INFO_FILE last).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", INFO_FILE)
 TOKENIZER_FORMAT = "bertforge-tokenizer/1"
 # Ranges BertNormalizer(handle_chinese_chars=True) surrounds with spaces: never inside a word.
 CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
