@@ -18,8 +18,9 @@ import numpy as np
 from data_prep.errors import PrepError
 from data_prep.instances import token_type_ids
 from data_prep.masking import IGNORE_INDEX, MaskingConfig, mask_sample
+from data_prep.shards import SENTENCE_LABEL_KEYS
 
-SENTENCE_LABEL_FIELDS = ("nsp_label", "sop_label")
+SENTENCE_LABEL_FIELDS = tuple(SENTENCE_LABEL_KEYS.values())
 
 
 @lru_cache(maxsize=16)
@@ -73,14 +74,22 @@ def _sample_problem(sample: dict, ids, label, get) -> str | None:
         _range_problem("masked_lm_ids", labels[labels != IGNORE_INDEX], 0, int(get("vocab_size")))
 
 
+def _getter(split):
+    """``split``'s fields by name, for a dict (``shards.split_info``) or an object (``pretrain.data.Split``)."""
+    return split.get if isinstance(split, dict) else (lambda k: getattr(split, k))
+
+
+def _check(sample: dict, ids, label, get, where: str) -> None:
+    problem = _sample_problem(sample, ids, label, get)
+    if problem:
+        raise PrepError(f"{where}: {problem}")
+
+
 def check_sample(sample: dict, split, where: str = "sample") -> None:
     """PrepError("<where>: <problem>") unless the sample has its split's fields, with token ids and
     labels below vocab_size, 1..seq_len tokens, mask positions inside the sample and 0/1 labels.
     ``split`` as for ``example_from_sample``."""
-    get = split.get if isinstance(split, dict) else (lambda k: getattr(split, k))
-    problem = _sample_problem(sample, _field(sample, "input_ids", "npy"), _sentence_label(sample), get)
-    if problem:
-        raise PrepError(f"{where}: {problem}")
+    _check(sample, _field(sample, "input_ids", "npy"), _sentence_label(sample), _getter(split), where)
 
 
 def _is_binary_label(label) -> bool:
@@ -91,8 +100,11 @@ def _is_binary_label(label) -> bool:
 
 
 def _sentence_label(sample: dict):
-    return next((_field(sample, name, "cls") for name in SENTENCE_LABEL_FIELDS
-                 if _field(sample, name, "cls") is not None), None)
+    for name in SENTENCE_LABEL_FIELDS:
+        label = _field(sample, name, "cls")
+        if label is not None:
+            return label
+    return None
 
 
 def example_from_sample(sample: dict, split, *, seed: int, epoch: int, index: int, where: str = "sample") -> dict:
@@ -101,11 +113,12 @@ def example_from_sample(sample: dict, split, *, seed: int, epoch: int, index: in
     ``shards.split_info`` (where the last is called special_ids).  ``index`` is any stable integer
     naming the sample (the loader uses its ordinal in the split); with ``seed`` and ``epoch`` it fixes
     the dynamic mask.  ``where`` names the sample in errors (``check_sample``)."""
-    check_sample(sample, split, where)
-    get = split.get if isinstance(split, dict) else (lambda k: getattr(split, k))
+    get = _getter(split)
+    ids, label = _field(sample, "input_ids", "npy"), _sentence_label(sample)
+    if ids is not None:
+        ids = np.asarray(ids)
+    _check(sample, ids, label, get, where)   # as check_sample, with the fields looked up once
     special = get("special") if not isinstance(split, dict) else split["special_ids"]
-    ids = np.asarray(_field(sample, "input_ids", "npy"))
-    label = _sentence_label(sample)
     example = {"token_type_ids": token_type_ids(ids, int(special["sep"]), pair=label is not None)}
     if get("dynamic"):
         config = masking_config(int(get("vocab_size")), int(special["mask"]),
