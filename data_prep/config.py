@@ -173,21 +173,35 @@ def _check_type(key: str, value, expected) -> tuple[object, str | None]:
     return value, None if ok else f"{key}: got {value!r}, expected {expected.__name__}"
 
 
-def _check_float(key: str, value) -> tuple[object, str | None]:
-    """A float field takes a finite int or float (an int stays an int: settings are fingerprinted as
-    given) or a string float() reads: PyYAML reads 1e-3 and 1E-3 as strings, not numbers."""
+NOT_A_NUMBER, NOT_FINITE = "not a number", "not finite"
+
+
+def finite_number(value) -> tuple[object, str | None]:
+    """``(number, None)`` for a finite int or float (an int stays an int) or a string float() reads
+    (PyYAML reads 1e-3 and 1E-3 as strings, not numbers); ``(number, NOT_FINITE)`` for an infinite or
+    NaN one, or an int beyond the float range; ``(value, NOT_A_NUMBER)`` for anything else (a bool too).
+    Shared with pretrain's config, which words its own messages."""
     if isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
-            return value, f"{key}: got {value!r}, expected float"
+            return value, NOT_A_NUMBER
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
-        return value, f"{key}: got {value!r}, expected float"
+        return value, NOT_A_NUMBER
     try:
         finite = math.isfinite(value)
     except OverflowError:  # an int beyond the float range
         finite = False
-    if finite:
+    return value, None if finite else NOT_FINITE
+
+
+def _check_float(key: str, value) -> tuple[object, str | None]:
+    """A float field takes what finite_number accepts (an int stays an int: settings are fingerprinted
+    as given)."""
+    value, problem = finite_number(value)
+    if problem == NOT_A_NUMBER:
+        return value, f"{key}: got {value!r}, expected float"
+    if problem is None:
         return value, None
     lo, hi = RANGES.get(key, (None, None))
     where = f" {_range_words(lo, hi)}" if (lo, hi) != (None, None) else ""

@@ -8,14 +8,14 @@ from the command line are applied.  Precedence: CLI > file (> its bases) > defau
 Validation collects every problem (unknown keys with a close-match suggestion, wrong types,
 values out of range, cross-field rules) and raises them together in one ``ConfigError``.
 
-Of bertforge this module imports only data_prep's YAML file reader (one loader for both config
-engines; data_prep never imports pretrain); components receive only their own section.
+Of bertforge this module imports only data_prep's YAML file reader and its finite-number parsing
+(one loader for both config engines; data_prep never imports pretrain); components receive only
+their own section.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from data_prep.config import ConfigFileError, read_yaml_mapping
+from data_prep.config import NOT_A_NUMBER, ConfigFileError, finite_number, read_yaml_mapping
 
 
 class ConfigError(ValueError):
@@ -321,18 +321,13 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
 
 def _coerce_float(value: Any, key: str, bad: str, problems: list[str]) -> Optional[float]:
     """A finite float from an int, a float or a string float() reads (PyYAML reads 1e-3 as a string)."""
-    try:
-        number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
-    except ValueError:  # a string that is no number
-        number = None
-    except OverflowError:  # an int beyond the float range
-        number = math.inf
-    if number is None:
+    number, problem = finite_number(value)
+    if problem == NOT_A_NUMBER:
         problems.append(bad)
-    elif not math.isfinite(number):
+    elif problem is not None:
         problems.append(f"{key}: got {value!r}, expected a finite number")
     else:
-        return number
+        return float(number)
     return None
 
 
