@@ -11,8 +11,8 @@ import numpy as np
 from data_prep.errors import PrepError
 from data_prep.fsutil import TMP_PREFIX
 from data_prep.loader import check_sample, example_from_sample
-from data_prep.shards import (MANIFEST, SHARD_NAME, SPLITS, decode_fields, iter_shard, iter_tar_samples, parse_key,
-                              read_manifest, shard_file_problem, shard_path, split_info)
+from data_prep.shards import (MANIFEST, SHARD_NAME, SPLITS, decode_fields, iter_split_samples, iter_tar_samples,
+                              parse_key, read_manifest, shard_file_problem, shard_path, split_info)
 
 
 def verify_dir(out_dir, deep: bool = True) -> tuple[list[str], list[str]]:
@@ -95,20 +95,6 @@ def _check_samples(f, shard: dict, fields: list[str], info: dict) -> list[str]:
     return []
 
 
-def iter_split_samples(out_dir: Path, manifest: dict, split: str, limit: int | None):
-    """(where, key, decoded sample) in manifest order; every shard is checked against the manifest
-    first (``iter_shard``); ``where`` names shard and sample for errors."""
-    n = 0
-    for shard in split_info(manifest, split)["shards"]:
-        path = shard_path(out_dir, shard["name"])
-        for key, members in iter_shard(out_dir, shard):
-            if limit is not None and n >= limit:
-                return
-            where = f"{path}: sample {key}"
-            yield where, key, decode_fields(members, where)
-            n += 1
-
-
 def collect_stats(out_dir, split: str = "train", limit: int | None = None, epoch: int = 0) -> dict:
     """Lengths, tokens, masking (as stored, or as the loader would mask in ``epoch``) and labels."""
     out_dir = Path(out_dir)
@@ -118,7 +104,7 @@ def collect_stats(out_dir, split: str = "train", limit: int | None = None, epoch
     seq_len = info["seq_len"]
     lengths, labels = [], Counter()
     tokens = unk = maskable = masked = as_mask = as_same = 0
-    for ordinal, (where, _, raw) in enumerate(iter_split_samples(out_dir, manifest, split, limit)):
+    for ordinal, (where, _, _, raw) in enumerate(iter_split_samples(out_dir, manifest, split, limit)):
         ex = example_from_sample(raw, info, seed=manifest["seed"], epoch=epoch, index=ordinal, where=where)
         ids, positions = ex["input_ids"], ex["masked_lm_positions"]
         lengths.append(len(ids))
@@ -183,7 +169,7 @@ def render_samples(out_dir, n: int = 5, split: str = "train", epoch: int = 0) ->
     tok = read_tokenizer(out_dir / manifest["tokenizer"]["dir"])
     label_words = {"nsp_label": {0: "B follows A", 1: "B is random"}, "sop_label": {0: "in order", 1: "swapped"}}
     out = []
-    for ordinal, (where, key, raw) in enumerate(iter_split_samples(out_dir, manifest, split, n)):
+    for ordinal, (where, _, key, raw) in enumerate(iter_split_samples(out_dir, manifest, split, n)):
         ex = example_from_sample(raw, info, seed=manifest["seed"], epoch=epoch, index=ordinal, where=where)
         original = np.array(ex["input_ids"])
         original[ex["masked_lm_positions"]] = ex["masked_lm_labels"]

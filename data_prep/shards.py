@@ -451,7 +451,6 @@ def sample_fields(objective: str, masking: str, whole_word_mask: bool) -> list[s
     return out
 
 
-
 def _typed(problems: list[str], parent: dict, key: str, name: str, kind: type):
     """``parent[key]`` when present and of ``kind`` (float: any number), else None and a problem."""
     if key not in parent:
@@ -596,7 +595,7 @@ def split_info(manifest: dict, split: str) -> dict:
         "whole_word": fmt["whole_word_mask"],
         "mlm_probability": fmt["masked_lm_prob"],
         "objective": fmt["objective"],
-        "has_sentence_labels": fmt["objective"] in ("nsp", "sop"),
+        "has_sentence_labels": fmt["objective"] in SENTENCE_LABEL_KEYS,
         "sentence_label_key": fmt.get("sentence_label_key"),
         "token_dtype": fmt["token_dtype"],
         "vocab_size": tok["vocab_size"],
@@ -624,16 +623,24 @@ def iter_shard(out_dir, entry: dict) -> Iterator[tuple[str, dict[str, bytes]]]:
                         f"run `python -m data_prep verify {out_dir}`")
 
 
-def iter_samples(out_dir, split: str = "train", limit: int | None = None) -> Iterator[dict]:
-    """Decoded samples of a split in manifest order, each with ``__key__`` and ``__shard__``; every
-    shard is checked against the manifest first (``open_shard``)."""
-    manifest = read_manifest(out_dir)
+def iter_split_samples(out_dir, manifest: dict, split: str,
+                       limit: int | None = None) -> Iterator[tuple[str, str, str, dict]]:
+    """(where, shard name, key, decoded sample) in manifest order, at most ``limit``; every shard is
+    checked against the manifest first (``iter_shard``); ``where`` names shard and sample for errors."""
     n = 0
     for shard in split_info(manifest, split)["shards"]:
+        path = shard_path(out_dir, shard["name"])
         for key, fields in iter_shard(out_dir, shard):
             if limit is not None and n >= limit:
                 return
-            sample = decode_fields(fields, f"{shard_path(out_dir, shard['name'])}: sample {key}")
-            sample["__key__"], sample["__shard__"] = key, shard["name"]
-            yield sample
+            where = f"{path}: sample {key}"
+            yield where, shard["name"], key, decode_fields(fields, where)
             n += 1
+
+
+def iter_samples(out_dir, split: str = "train", limit: int | None = None) -> Iterator[dict]:
+    """Decoded samples of a split in manifest order, each with ``__key__`` and ``__shard__``; every
+    shard is checked against the manifest first (``open_shard``)."""
+    for _, name, key, sample in iter_split_samples(out_dir, read_manifest(out_dir), split, limit):
+        sample["__key__"], sample["__shard__"] = key, name
+        yield sample
