@@ -2,7 +2,8 @@
 
 ``deepspeed_config`` derives DeepSpeed's JSON from our Config in one place (micro batch x
 accumulation x data-parallel size computed once); ``build_engine`` wraps model + client optimizer;
-``Stepper`` runs one optimizer step of micro-batches, skipping steps whose loss is not finite.
+``Stepper`` runs one optimizer step of micro-batches, skipping steps whose loss is not finite; the
+same per-step collective tells every rank which stop signals any rank has received.
 ``load_checkpoint`` and ``convert_to_universal`` read DeepSpeed's checkpoint files through
 ``safe_torch_load``: tensors, plain data and the few DeepSpeed classes those files hold, nothing else.
 """
@@ -12,6 +13,7 @@ import contextlib
 import datetime
 import logging
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -22,6 +24,7 @@ import torch.distributed as dist
 
 from pretrain.config import Config
 from pretrain.optim import deepspeed_config_entries
+from pretrain.signals import STOP_SIGNALS, StopSignal
 from pretrain.weights import UnreadableFileError, load_torch_file, write_error
 
 log = logging.getLogger(__name__)
@@ -219,15 +222,24 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 class Stepper:
-    """One optimizer step = ``accum`` micro-batches through the DeepSpeed engine."""
+    """One optimizer step = ``accum`` micro-batches through the DeepSpeed engine.
 
-    def __init__(self, engine, guard: SkippableStep, scheduler, accum: int, device: torch.device):
+    ``stop``: the process's StopSignal, whose flag goes into the step's one collective (none: no
+    stop requests)."""
+
+    def __init__(self, engine, guard: SkippableStep, scheduler, accum: int, device: torch.device,
+                 stop: Optional[StopSignal] = None):
         self.engine, self.guard, self.scheduler, self.accum, self.device = engine, guard, scheduler, accum, device
+        self.stop = stop
         self.poison_loss = False   # fault injection for tests: make this step's loss NaN
 
-    def step(self, next_batch: Callable[[], dict]) -> tuple[dict, bool]:
-        """Run the micro-batches; return (summed detached metrics, whether the update was applied)."""
+    def step(self, next_batch: Callable[[], dict]) -> tuple[dict, bool, Optional[str]]:
+        """Run the micro-batches; return (summed detached metrics, whether the update was applied,
+        the stop signals any rank has received, e.g. "SIGTERM" or "SIGTERM and SIGUSR1", or None).
+        Every rank gets the same answer, so all stop at the same step even when the signal reached
+        one rank only, or the ranks a step apart."""
         totals: Optional[dict] = None
+        stop_request: Optional[str] = None
         for micro in range(self.accum):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next_batch().items()}
             out = self.engine(**batch)
@@ -235,16 +247,21 @@ class Stepper:
             stats = _output_stats(out, loss)
             totals = stats if totals is None else {k: totals[k] + stats[k] for k in totals}
             if micro == self.accum - 1:
-                # One host sync per optimizer step: every rank must agree whether to skip.
-                bad = all_reduce_sum((~torch.isfinite(totals["loss_sum"])).float().reshape(1))
-                self.guard.skip = bool(bad.item() > 0)
+                # One host sync per optimizer step: every rank must agree whether to skip, and whether to stop.
+                received = self.stop.received if self.stop is not None else None
+                flags = torch.tensor([float(received == sig) for sig in STOP_SIGNALS], device=loss.device)
+                local = torch.cat([(~torch.isfinite(totals["loss_sum"])).float().reshape(1), flags])
+                counts = all_reduce_sum(local).tolist()
+                self.guard.skip = counts[0] > 0
+                names = [signal.Signals(sig).name for sig, count in zip(STOP_SIGNALS, counts[1:]) if count]
+                stop_request = " and ".join(names) or None
             self.engine.backward(loss)
             self.engine.step()
         applied = not self.guard.skip and not _fp16_overflowed(self.engine)
         self.guard.skip = False
         if applied:
             self.scheduler.step()
-        return totals, applied
+        return totals, applied, stop_request
 
 
 def _fp16_overflowed(engine) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import signal
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -26,7 +25,7 @@ from pretrain.engine import (SkippableStep, Stepper, all_reduce_sum, build_engin
                              shutdown_distributed)
 from pretrain.evaluate import evaluate
 from pretrain.metrics import MetricsLogger, peak_tflops_for, plot_curves, throughput
-from pretrain.signals import STOP_SIGNALS, StopSignal
+from pretrain.signals import StopSignal
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +231,7 @@ def _loop(run: Run, state: ckpt.TrainerState, train_split, logger: MetricsLogger
     loader = build_train_loader(train_split, cfg.data, t, position=DataPosition(state.samples_consumed),
                                 rank=dist_env.rank, world_size=dist_env.world_size, accum=run.accum)
     batches = iter(loader)
-    stepper = Stepper(run.engine, run.guard, run.scheduler, run.accum, run.device)
+    stepper = Stepper(run.engine, run.guard, run.scheduler, run.accum, run.device, stop)
     from pretrain.model import flops_per_sequence
     flops_per_seq = flops_per_sequence(cfg.model, t.seq_len)
     device_name = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"
@@ -260,7 +259,7 @@ def _loop(run: Run, state: ckpt.TrainerState, train_split, logger: MetricsLogger
     while state.step < t.max_steps:
         stepper.poison_loss = state.step + 1 in nan_steps
         lr = run.scheduler.get_last_lr()[0]       # the rate of this update: the scheduler steps after it
-        totals, applied = stepper.step(next_batch)
+        totals, applied, signals = stepper.step(next_batch)
         state.step += 1
         state.samples_consumed += global_batch
         window.add(totals if applied else None, lr)   # a skipped step's NaN stays out of the averages
@@ -284,24 +283,15 @@ def _loop(run: Run, state: ckpt.TrainerState, train_split, logger: MetricsLogger
         if cfg.eval.every_steps and (state.step % cfg.eval.every_steps == 0 or state.step == t.max_steps):
             logger.log(state.step, run_eval(run), kind="eval")
         logger.advance(state.step)
-        signals = stop_signals_received(stop, run.device)
         if signals or (stop_after_step is not None and state.step >= stop_after_step and state.step < t.max_steps):
             save()
-            why = f"{' and '.join(signals)} received" if signals else f"--stop-after-step {stop_after_step} reached"
+            why = f"{signals} received" if signals else f"--stop-after-step {stop_after_step} reached"
             logger.message(f"{why}: checkpoint saved at step {state.step}; exiting with {EXIT_REQUEUE} "
                            f"(checkpointed, not finished: requeue or rerun to continue)")
             return EXIT_REQUEUE
         if state.step % cfg.checkpoint.every_steps == 0 or state.step == t.max_steps:
             save()
     return EXIT_DONE
-
-
-def stop_signals_received(stop: StopSignal, device: torch.device) -> list[str]:
-    """Names of the stop signals any rank has received.  Every rank gets the same answer, so all
-    stop at the same step even when the signal reached one rank only, or the ranks a step apart."""
-    local = torch.tensor([float(stop.received == sig) for sig in STOP_SIGNALS], device=device)
-    counts = all_reduce_sum(local).tolist()
-    return [signal.Signals(sig).name for sig, count in zip(STOP_SIGNALS, counts) if count]
 
 
 def fault_steps(fault: Optional[str], name: str) -> set[int]:
