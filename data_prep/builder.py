@@ -18,7 +18,7 @@ from data_prep.encode import encode_documents
 from data_prep.errors import PrepError, write_error
 from data_prep.instances import create_instances, fill_row, instance_rng
 from data_prep.masking import MaskingConfig, continuation_table, mask_batch
-from data_prep.procs import die_with_parent
+from data_prep.procs import die_with_parent, parent_alive
 from data_prep.shards import (SENTENCE_LABEL_KEYS, SPLIT_CODES, ShardWriter, bytes_rows, npy_rows, sample_fields,
                               sample_key, shard_name)
 
@@ -101,23 +101,13 @@ def init_worker(settings: ShardSettings | None = None) -> None:
         _tokenizer_and_table(settings)
 
 
-_parent_pid: int | None = None  # in a pool worker: the main process, whose death ends the worker
-
-
 def init_pool_worker(settings: ShardSettings, parent_pid: int) -> None:
     """Setup of a worker of the main process ``parent_pid``: stop signals are left to the main
     process (it stops the workers), and the kernel kills the worker when the main process dies."""
-    global _parent_pid
-    _parent_pid = parent_pid
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent(parent_pid)
     init_worker(settings)
-
-
-def parent_alive() -> bool:
-    """False in a worker whose main process is gone (it is then a child of init or a subreaper)."""
-    return _parent_pid is None or os.getppid() == _parent_pid
 
 
 def build_shard(unit: WorkUnit, settings: ShardSettings) -> dict:

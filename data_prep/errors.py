@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 class PrepError(Exception):
     """A problem the user can fix (bad input, bad config, mismatched output dir): shown without a traceback."""
 
+    exit_status = 1  # of the command that reports it
+
 
 class DirInUse(PrepError):
     """Another process holds a directory's lock (``fsutil.lock_dir``); ``pid`` is 0 when unknown."""

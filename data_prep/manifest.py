@@ -63,15 +63,15 @@ def record_path(out_dir: Path, name: str) -> Path:
 def is_own_record(path: Path) -> bool:
     """A progress record (or claim) of ours; one cut by a crash (not JSON) counts as ours, to rebuild."""
     data = read_json_or_none(path)
-    return data is None or (isinstance(data, dict) and data.get("name") == path.name[: -len(".json")])
+    return data is None or (isinstance(data, dict) and data.get("name") == path.stem)
 
 
-def own_records(out_dir: Path) -> list[Path]:
+def record_files(out_dir: Path) -> list[Path]:
     """The files at progress-record names (whether ours or not: see is_own_record)."""
-    return [p for p in sorted((out_dir / PROGRESS_DIR).glob("*.json")) if SHARD_NAME.match(p.name[: -len(".json")])]
+    return [p for p in sorted((out_dir / PROGRESS_DIR).glob("*.json")) if SHARD_NAME.match(p.stem)]
 
 
-def own_manifests(out_dir: Path) -> list[Path]:
+def manifest_files(out_dir: Path) -> list[Path]:
     """The files at manifest names (whether ours or not: see foreign_files)."""
     return [p for p in sorted(out_dir.glob("manifest*.json")) if p.name == MANIFEST or NODE_MANIFEST.match(p.name)]
 
@@ -81,12 +81,12 @@ def foreign_files(out_dir: Path) -> list[Path]:
     record or manifest of ours names, a manifest or record of another format, a tokenizer copy
     without our vocab_info.json."""
     foreign, named = [], set()
-    for p in own_records(out_dir):
+    for p in record_files(out_dir):
         if is_own_record(p):
-            named.add(p.name[: -len(".json")])
+            named.add(p.stem)
         else:
             foreign.append(p)
-    for p in own_manifests(out_dir):
+    for p in manifest_files(out_dir):
         data = read_json_or_none(p)
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             foreign.append(p)
@@ -120,7 +120,7 @@ def prepare_out_dir(out_dir: Path, tokenizer, info, fingerprint: str, overwrite:
     out_dir.mkdir(parents=True, exist_ok=True)
     refuse_foreign_files(out_dir)
     if overwrite:
-        for p in own_manifests(out_dir):
+        for p in manifest_files(out_dir):
             p.unlink()
     tok_dir = out_dir / TOKENIZER_SUBDIR
     if (tok_dir / INFO_FILE).is_file():
@@ -134,7 +134,7 @@ def prepare_out_dir(out_dir: Path, tokenizer, info, fingerprint: str, overwrite:
             save_tokenizer_dir(tokenizer, tok_dir, info=info)
     else:
         save_tokenizer_dir(tokenizer, tok_dir, info=info)
-    for f in [] if overwrite else [*own_manifests(out_dir), *own_records(out_dir)]:
+    for f in [] if overwrite else [*manifest_files(out_dir), *record_files(out_dir)]:
         data = read_json_or_none(f)  # a damaged record is rebuilt
         old = manifest_settings(data) if isinstance(data, dict) else fingerprint
         if old != fingerprint:
@@ -241,7 +241,7 @@ def merge_node_manifests(out_dir) -> dict:
 
 def _merge(out_dir: Path) -> dict:
     refuse_foreign_files(out_dir)  # first: a node manifest of another format is refused, not parsed
-    parts = [p for p in own_manifests(out_dir) if NODE_MANIFEST.match(p.name)]
+    parts = [p for p in manifest_files(out_dir) if NODE_MANIFEST.match(p.name)]
     if not parts:
         raise PrepError(f"{out_dir}: no node manifests (manifest.node-*-of-*.json) to merge")
     manifests = [json.loads(p.read_text()) for p in parts]

@@ -32,9 +32,10 @@ from data_prep.clean import CleanOptions, clean_documents
 from data_prep.config import PrepConfig
 from data_prep.errors import ErrorPolicy, PrepError
 from data_prep.fsutil import atomic_write_json, canonical_json, locked_dir, sha256_text
-from data_prep.manifest import (PROGRESS_DIR, TOKENIZER_SUBDIR, assemble_manifest, claim, finished_record,
+from data_prep.manifest import (TOKENIZER_SUBDIR, assemble_manifest, claim, finished_record,
                                 is_own_name, merge_node_manifests, node_manifest_name, prepare_out_dir,
-                                remove_out_dir_temps, remove_stale_shards, settings_fingerprint)
+                                record_path, remove_out_dir_temps, remove_stale_shards,
+                                settings_fingerprint)
 from data_prep.readers import ReadOptions, expand_inputs, iter_documents
 from data_prep.shards import MANIFEST, SPLITS
 from data_prep.vocab import INFO_FILE, read_tokenizer, save_tokenizer_dir, tokenizer_info
@@ -166,7 +167,7 @@ def _run_units(units: Iterable[WorkUnit], settings: ShardSettings, cfg: PrepConf
         stats["peak_worker_rss_mb"] = max(stats["peak_worker_rss_mb"], record.pop("_peak_rss_mb", 0))
         record["fingerprint"] = fingerprint
         # Not fsynced: the shard itself was; a record lost in a crash only means a rebuild.
-        atomic_write_json(out_dir / PROGRESS_DIR / f"{record['name']}.json", record, durable=False)
+        atomic_write_json(record_path(out_dir, record["name"]), record, durable=False)
         records.append(record)
         stats["shards_built"] += 1
         progress.shard_done(record)

@@ -74,7 +74,7 @@ def reports_errors(run):
             return int(run(args) or 0)
         except PrepError as err:
             print(f"error: {err}", file=sys.stderr)
-            return getattr(err, "exit_status", 1)
+            return err.exit_status
         except (KeyboardInterrupt, Stopped) as err:
             signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
             what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
