@@ -287,7 +287,7 @@ def _to_universal(root: str, tag: str, rank: int, device: torch.device) -> str:
             os.replace(tmp, target)
         except UnreadableFileError as err:
             error = damaged(root, tag, str(err))
-        except RuntimeError as err:
+        except (RuntimeError, OSError) as err:   # OSError: os.replace (or the subprocess start) failed
             error = CheckpointError(f"converting {os.path.join(root, tag)} to DeepSpeed's universal format for a "
                                     f"new world size failed:\n{err}")
         if error is not None:
