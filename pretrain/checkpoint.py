@@ -36,7 +36,7 @@ import torch.distributed as dist
 from pretrain import engine as ds
 from pretrain.config import Config
 from pretrain.weights import (TOKENIZER_DIR, CheckpointError, UnreadableFileError, atomic_write, copy_tokenizer,
-                              load_torch_file, save_weights)
+                              load_torch_file, read_json_object, save_weights)
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.pt"
@@ -243,15 +243,13 @@ def _read_trainer_state(root: str, tag: str, rank: int) -> tuple[dict, bool]:
 def _read_fingerprints(root: str, tag: str) -> dict:
     path = os.path.join(root, tag, FINGERPRINTS)
     try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+        return read_json_object(path)
     except FileNotFoundError:
         raise damaged(root, tag, f"{path}: missing") from None
-    except (ValueError, OSError) as err:       # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except ValueError as err:                  # names the file: not valid JSON, or not an object
+        raise damaged(root, tag, str(err)) from None
+    except OSError as err:
         raise damaged(root, tag, f"{path}: not valid JSON ({err})") from None
-    if not isinstance(saved, dict):
-        raise damaged(root, tag, f"{path}: expected a JSON object")
-    return saved
 
 
 def _agree(error: Optional[Exception], device: torch.device,

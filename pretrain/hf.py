@@ -24,6 +24,7 @@ import shutil
 import warnings
 
 from pretrain.config import Config, ModelConfig, TrainingConfig, config_from_dict
+from pretrain.weights import read_json_object
 
 SUPPORTED_HF_ARCHITECTURES = ("BertForPreTraining", "BertForMaskedLM", "MegatronBertForPreTraining",
                               "MegatronBertForMaskedLM", "AlbertForPreTraining", "AlbertForMaskedLM")
@@ -393,7 +394,7 @@ def _read_hf_config(hf_dir: str):
         raise FileNotFoundError(f"HF model directory not found: {hf_dir}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{hf_dir}: expected a transformers model directory with config.json")
-    data = _read_json_object(path)
+    data = read_json_object(path)
     model_type = data.get("model_type")
     if model_type not in ("bert", "megatron-bert", "albert"):
         raise ValueError(f"{path}: model_type {model_type!r} (architectures {data.get('architectures')}) is not "
@@ -402,17 +403,6 @@ def _read_hf_config(hf_dir: str):
         return transformers.AutoConfig.from_pretrained(hf_dir)
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(f"{path}: not a valid {model_type} config ({str(err).strip().splitlines()[0]})") from None
-
-
-def _read_json_object(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except ValueError as err:            # JSONDecodeError and UnicodeDecodeError
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 HF_WEIGHTS = (("model.safetensors", "model.safetensors.index.json"),      # (single file, sharded index)
@@ -426,7 +416,7 @@ def _hf_weight_files(hf_dir: str) -> list[str]:
             return [os.path.join(hf_dir, single)]
         index_path = os.path.join(hf_dir, index)
         if os.path.isfile(index_path):
-            weight_map = _read_json_object(index_path).get("weight_map")
+            weight_map = read_json_object(index_path).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index_path}: expected a 'weight_map' object (parameter name -> shard file)")
             return [os.path.join(hf_dir, name) for name in sorted(set(weight_map.values()))]

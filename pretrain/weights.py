@@ -184,14 +184,20 @@ def load_weights(path: str) -> tuple[Config, dict, dict]:
 def _read_extra(path: str) -> dict:
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        try:
-            extra = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(extra, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(extra).__name__}")
-    return extra
+    return read_json_object(path)
+
+
+def read_json_object(path: str) -> dict:
+    """The JSON object in ``path``; ValueError with a one-line message for a file that is not
+    valid JSON (bad UTF-8 included) or holds something else than an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as err:            # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def load_model(path: str, kernels_cfg=None):
