@@ -10,6 +10,8 @@ import os
 import time
 from typing import Optional
 
+from pretrain.weights import atomic_write
+
 # Dense bf16/fp16 tensor-core peak TFLOP/s by device-name substring (first match wins).
 PEAK_TFLOPS = [
     ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0), ("B200", 2250.0),
@@ -112,10 +114,7 @@ def drop_rows_after(path: str, step: int) -> int:
         lines = [line for line in f if line.strip()]
     kept = [line for line in lines if 0 <= _row_step(line) <= step] if step > 0 else []
     if len(kept) < len(lines):
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write("".join(kept).encode("utf-8")))
     return len(lines) - len(kept)
 
 
