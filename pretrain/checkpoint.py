@@ -55,12 +55,21 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write(path, write)
 
 
+def _pointer(root: str) -> str:
+    """What ``root/latest`` names, stripped ('' when there is no such file)."""
+    pointer = os.path.join(root, LATEST)
+    if not os.path.isfile(pointer):
+        return ""
+    with open(pointer, encoding="utf-8") as f:
+        return f.read().strip()
+
+
 def latest_tag(root: str) -> Optional[str]:
     """The tag named by ``root/latest`` if it points at an existing directory, else None."""
     pointer = os.path.join(root, LATEST)
     if not os.path.isfile(pointer):
         return None
-    tag = open(pointer, encoding="utf-8").read().strip()
+    tag = _pointer(root)
     if not tag or not os.path.isdir(os.path.join(root, tag)):
         raise CheckpointError(f"{pointer} names {tag!r}, which is not a directory in {root}")
     return tag
@@ -211,7 +220,7 @@ def _commit(root: str, tag: str, tmp_dir: str, final_dir: str, keep_last: int) -
 
 def _not_saved(root: str, tag: str, err: Exception) -> CheckpointError:
     pointer = os.path.join(root, LATEST)
-    previous = open(pointer, encoding="utf-8").read().strip() if os.path.isfile(pointer) else ""
+    previous = _pointer(root)
     kept = f"{pointer} still names {previous}" if previous else "there is no earlier checkpoint"
     return CheckpointError(f"checkpoint {tag} was not saved ({err}); {kept}")
 
