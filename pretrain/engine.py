@@ -29,6 +29,8 @@ from pretrain.weights import UnreadableFileError, load_torch_file, write_error
 
 log = logging.getLogger(__name__)
 
+UNREADABLE_EXIT = 3   # _ds_to_universal_main: a file was refused or damaged (message: last stderr line)
+
 
 def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
     """DeepSpeed's config, derived from ours (the single source of truth).
@@ -104,7 +106,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Opt
     return engine
 
 
-def checkpoint_classes() -> list:
+def _checkpoint_classes() -> list:
     """The classes DeepSpeed pickles into its model/optimizer state files besides tensors and
     plain containers (loss scaler, ZeRO stage enum, fragment addresses of the bf16/ZeRO-1/2 state)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -127,9 +129,9 @@ def _torch_function_replaced(name: str, replacement: Callable) -> Iterator[Calla
 
 def safe_torch_load() -> contextlib.AbstractContextManager:
     """Within: every ``torch.load`` (DeepSpeed's, which asks for weights_only=False, included)
-    unpickles only tensors, plain data and checkpoint_classes(); any other file is refused with an
+    unpickles only tensors, plain data and _checkpoint_classes(); any other file is refused with an
     UnreadableFileError naming it."""
-    allowed = checkpoint_classes()
+    allowed = _checkpoint_classes()
 
     def load(f, map_location=None, *_args, **_kwargs):
         return load_torch_file(f, allowed, map_location)
@@ -174,9 +176,6 @@ def convert_to_universal(ckpt_dir: str, out_dir: str) -> None:
         raise UnreadableFileError(lines[-1])
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
-
-
-UNREADABLE_EXIT = 3   # _ds_to_universal_main: a file was refused or damaged (message: last stderr line)
 
 
 def _ds_to_universal_main(argv: list[str]) -> int:
