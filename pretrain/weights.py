@@ -23,13 +23,13 @@ import shutil
 import tempfile
 from typing import Optional
 
+from data_prep.vocab import INFO_FILE, TOKENIZER_FILES
 from pretrain.config import Config, dump_config, load_config
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.yaml"
 EXTRA_FILE = "extra.json"
 TOKENIZER_DIR = "tokenizer"
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 LATEST_FILE = "latest"
 # Prefixes that wrappers add to parameter names: torch.compile, DDP / DeepSpeed engines.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -133,8 +133,9 @@ def copy_tokenizer(source: str, dest: str) -> Optional[str]:
         beside = os.path.join(os.path.dirname(source), "tokenizer_config.json")
         if name == "vocab.txt" and os.path.isfile(beside):   # its do_lower_case
             pairs.append((beside, "tokenizer_config.json"))
-    else:
-        pairs = [(os.path.join(source, n), n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(source, n))]
+    else:   # the tokenizer's own files; data_prep's vocab_info.json stays behind
+        pairs = [(os.path.join(source, n), n) for n in TOKENIZER_FILES
+                 if n != INFO_FILE and os.path.isfile(os.path.join(source, n))]
     if not any(name in ("tokenizer.json", "vocab.txt") for _, name in pairs):
         return None
     os.makedirs(dest, exist_ok=True)
