@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -37,10 +38,12 @@ def remove_stale_temps(path: Path) -> None:
 
 
 def remove_temps(directory: Path) -> None:
-    """Remove every temp file in ``directory`` (left by killed runs); only while holding its lock
-    exclusively, so that no other run of ours is writing one."""
+    """Remove every temp file or directory in ``directory`` (left by killed runs); only while holding
+    its lock exclusively, so that no other run of ours is writing one."""
     for stale in Path(directory).glob(f"{TMP_PREFIX}*"):
-        if TEMP_NAME.match(stale.name) and stale.is_file():
+        if TEMP_NAME.match(stale.name) and stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        elif TEMP_NAME.match(stale.name) and stale.is_file():
             stale.unlink(missing_ok=True)
 
 

@@ -23,8 +23,8 @@ from data_prep.errors import PrepError
 from data_prep.fsutil import (atomic_write_json, canonical_json, locked_dir, read_json_or_none, remove_temps,
                              sha256_text)
 from data_prep.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, SHARD_NAME, SPLITS, shard_name
-from data_prep.vocab import (INFO_FILE, TOKENIZER_FILES, TOKENIZER_FORMAT, read_tokenizer, save_tokenizer_dir,
-                             tokenizer_hash)
+from data_prep.vocab import (INFO_FILE, TOKENIZER_FILES, TOKENIZER_FORMAT, install_tokenizer_dir, read_tokenizer,
+                             save_tokenizer_dir, tokenizer_hash)
 
 PROGRESS_DIR = "progress"
 TOKENIZER_SUBDIR = "tokenizer"
@@ -133,7 +133,7 @@ def prepare_out_dir(out_dir: Path, tokenizer, info, fingerprint: str, overwrite:
                                 f"tokenizer is {info.sha256[:12]}... (mismatched tokenizer); {MISMATCH_HINT}")
             save_tokenizer_dir(tokenizer, tok_dir, info=info)
     else:
-        save_tokenizer_dir(tokenizer, tok_dir, info=info)
+        install_tokenizer_dir(tokenizer, tok_dir, info)
     for f in [] if overwrite else [*manifest_files(out_dir), *record_files(out_dir)]:
         data = read_json_or_none(f)  # a damaged record is rebuilt
         old = manifest_settings(data) if isinstance(data, dict) else fingerprint

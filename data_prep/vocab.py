@@ -11,8 +11,11 @@ produce, in sorted order, so training is a pure function of the text and the set
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import shutil
 import string
 import sys
 import unicodedata
@@ -20,8 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from data_prep.errors import PrepError
-from data_prep.fsutil import atomic_write_json, atomic_write_text, sha256_text
+from data_prep.errors import PrepError, write_error
+from data_prep.fsutil import atomic_write_json, atomic_write_text, sha256_text, temp_path_for
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 INFO_FILE = "vocab_info.json"
@@ -191,6 +194,27 @@ def save_tokenizer_dir(tokenizer, out_dir: Path, extra: dict | None = None,
         "mask_token": "[MASK]"})
     atomic_write_json(out_dir / INFO_FILE, {"format": TOKENIZER_FORMAT, **asdict(info), **(extra or {})})
     return info
+
+
+def install_tokenizer_dir(tokenizer, out_dir: Path, info: TokenizerInfo) -> None:
+    """Write a new tokenizer directory under a temp name and rename it into place, so that another
+    process (a node of the same multi-node run) never sees it half written.  Where one installed it
+    first, theirs is kept when it holds the same tokenizer."""
+    out_dir = Path(out_dir)
+    tmp = temp_path_for(out_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_tokenizer_dir(tokenizer, tmp, info=info)
+    try:
+        os.rename(tmp, out_dir)
+        return
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise write_error(out_dir, err) from None
+    theirs = tokenizer_hash(read_tokenizer(out_dir, validate=False))
+    if theirs != info.sha256:
+        raise PrepError(f"{out_dir}: written meanwhile by another process with tokenizer {theirs[:12]}..., but "
+                        f"this run's tokenizer is {info.sha256[:12]}... (mismatched tokenizer)")
 
 
 def _read_vocab_txt(path: Path) -> dict[str, int]:

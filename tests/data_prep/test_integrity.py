@@ -41,13 +41,49 @@ def test_a_failed_write_leaves_no_temp_and_a_left_over_temp_is_removed(small_en,
     run_shards([small_en], tokenizer_dir, out)
     left_over = out / ".tmp-manifest.json.999999"  # as a run killed while writing its manifest leaves it
     left_over.write_text("{")
+    (out / ".tmp-tokenizer.999998").mkdir()  # as one killed while installing the tokenizer copy leaves it
+    (out / ".tmp-tokenizer.999998" / "vocab.txt").write_text("[PAD]\n")
     with monkeypatch.context() as m:
         m.setattr(fsutil.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
         with pytest.raises(PrepError, match=f"writing {out / 'x.json'}: No space left on device"):
             fsutil.atomic_write_json(out / "x.json", {"a": 1})
-    assert sorted(p.name for p in out.glob(".tmp-*")) == [left_over.name]
+    assert sorted(p.name for p in out.glob(".tmp-*")) == [left_over.name, ".tmp-tokenizer.999998"]
     run_shards([small_en], tokenizer_dir, out)
     assert not list(out.rglob(".tmp-*"))
+
+
+def test_the_tokenizer_copy_is_never_seen_half_written_by_another_node(small_en, tokenizer_dir, tmp_path,
+                                                                      monkeypatch):
+    # Nodes of a multi-node run check --out for foreign files while another node installs the
+    # tokenizer copy: at no write of it may the directory hold a copy without its vocab_info.json.
+    from data_prep import manifest, vocab
+
+    out, seen = tmp_path / "out", []
+    write = vocab.atomic_write_text
+
+    def write_and_look(path, text, durable=True):
+        write(path, text, durable)
+        seen.append(manifest.foreign_files(out))
+
+    monkeypatch.setattr(vocab, "atomic_write_text", write_and_look)
+    run_shards([small_en], tokenizer_dir, out)
+    assert seen and all(f == [] for f in seen)
+    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == sorted(vocab.TOKENIZER_FILES)
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_a_tokenizer_copy_installed_first_by_another_node_is_kept_when_it_matches(tokenizer_dir, tmp_path):
+    from data_prep.vocab import install_tokenizer_dir, read_tokenizer, tokenizer_info, train_wordpiece
+
+    tok = read_tokenizer(tokenizer_dir)
+    info = tokenizer_info(tok)
+    install_tokenizer_dir(tok, tmp_path / "copy", info)
+    install_tokenizer_dir(tok, tmp_path / "copy", info)  # the second node: theirs is kept
+    other = train_wordpiece(lambda: iter(["a different corpus of words"] * 50), 200, lowercase=True)
+    with pytest.raises(PrepError, match=r"copy: written meanwhile by another process with tokenizer .*mismatched"):
+        install_tokenizer_dir(other, tmp_path / "copy", tokenizer_info(other))
+    assert tokenizer_info(read_tokenizer(tmp_path / "copy")).sha256 == info.sha256
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
 
 
 FOREIGN = {"manifest.json": b'{"mine": true}\n', "train-000000.tar": b"my own tar\n",
