@@ -86,11 +86,15 @@ def init_distributed(backend: str, timeout_s: int) -> None:
 
 
 def shutdown_distributed() -> None:
-    """Leave the process group at the end of a run.  Left to the interpreter's shutdown, gloo's
-    worker threads can still be running while it tears down, and the process aborts
-    ("terminate called without an active exception", SIGABRT) after a clean run: seen once, on a
-    rank of a 2-rank CPU test run that had finished (pytorch/pytorch#190489 has the mechanism)."""
+    """Leave the process group at the end of a run, all ranks together.  Left to the interpreter's
+    shutdown, gloo's worker threads can still be running while it tears down, and the process
+    aborts ("terminate called without an active exception", SIGABRT) after a clean run
+    (pytorch/pytorch#190489 has the mechanism).  Destroying the group on a rank that finished
+    early, while rank 0 was still writing the final checkpoint, aborted the same way (seen twice
+    in 2-rank CPU test runs), so every rank first waits at a barrier for the others."""
     if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
