@@ -1,35 +1,37 @@
-"""`python -m data_prep SUBCOMMAND ...`: a thin dispatcher.
+"""`python -m data_prep SUBCOMMAND ...`, and the dispatcher both packages' entry points share.
 
-Each subcommand is a module ``data_prep/commands/<name>.py`` defining ``HELP``,
-``add_arguments(parser)`` and ``run(args) -> int``.  data_prep imports nothing from pretrain.
+Each subcommand is a module ``<package>/commands/<name>.py`` (``import_.py`` for a name that is a
+Python keyword) defining ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+Command modules import heavy libraries (torch, deepspeed) inside ``run``, and the dispatcher imports
+only the module of the command that runs, so ``--help`` stays fast.  A command module that fails
+to import is an error, never a command that silently disappears from ``--help``.
+data_prep imports nothing from pretrain; ``pretrain.cli`` calls :func:`dispatch`.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import keyword
 import sys
 
-PLANNED = ["vocab", "shards", "run", "verify", "stats", "inspect", "merge"]
+COMMANDS = ("vocab", "shards", "run", "verify", "stats", "inspect", "merge")   # order shown in --help
 
 
-def _commands() -> dict:
-    found = {}
-    for name in PLANNED:
-        try:
-            found[name] = importlib.import_module(f"data_prep.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name and err.name.startswith("data_prep.commands"):
-                continue
-            raise
-    return found
+def _command_module(package: str, name: str):
+    return importlib.import_module(f"{package}.commands.{name}{'_' if keyword.iskeyword(name) else ''}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep",
-                                     description="Offline stages: corpora to sharded WebDataset tarballs.")
+def dispatch(prog: str, description: str, package: str, commands: tuple[str, ...],
+             argv: list[str] | None = None) -> int:
+    """Parse ``argv`` against ``commands`` (modules of ``package.commands``) and run the chosen one."""
+    argv = sys.argv[1:] if argv is None else argv
+    # `prog NAME ...` needs NAME's module only; anything else (--help, a typo) lists every command.
+    chosen = argv[:1] if argv[:1] and argv[0] in commands else commands
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in _commands().items():
-        p = sub.add_parser(name, help=module.HELP, description=getattr(module, "__doc__", None) or module.HELP,
+    for name in chosen:
+        module = _command_module(package, name)
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__ or module.HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
@@ -38,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     return int(args._run(args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch("python -m data_prep", "Offline stages: corpora to sharded WebDataset tarballs.",
+                    "data_prep", COMMANDS, argv)
 
 
 if __name__ == "__main__":
