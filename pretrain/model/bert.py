@@ -23,10 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data_prep.masking import IGNORE_INDEX
 from pretrain.config import KernelsConfig, ModelConfig
 from pretrain.model.attention import ATTENTION_IMPLS, build_attention_mask, positions_from_segments
-
-IGNORE_INDEX = -100
 
 
 def padded_vocab_size(cfg: ModelConfig) -> int:
@@ -42,11 +41,6 @@ def embedding_size(cfg: ModelConfig) -> int:
 def has_projection(cfg: ModelConfig) -> bool:
     """ALBERT with embedding_size set has the E -> H projection (even when E == H, as HF ALBERT)."""
     return cfg.arch == "albert" and cfg.embedding_size is not None
-
-
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """True for biases and LayerNorm weights (every 1-d parameter here), which get no weight decay."""
-    return param.ndim < 2
 
 
 def activation(name: str):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from pretrain.config import KernelsConfig, ModelConfig
 from pretrain.model import (IGNORE_INDEX, build_attention_mask, build_model, flops_per_sequence,
-                            no_weight_decay, padded_vocab_size, positions_from_segments)
+                            padded_vocab_size, positions_from_segments)
 
 VOCAB = 101  # not a multiple of 8, so the vocabulary is padded to 104 inside the model
 
@@ -320,15 +320,6 @@ def test_bert_initialization():
             assert abs(rows.mean().item()) < 6 * sigma, name
             assert abs(rows.std().item() - 0.02) < 6 * sigma / 2**0.5, name
     assert torch.all(state["embeddings.word.weight"][1000:] == 0)
-
-
-def test_no_weight_decay_selects_exactly_biases_and_layer_norms():
-    model = build_model(tiny(arch="albert", embedding_size=16, sentence_head="sop"))
-    excluded = {n for n, p in model.named_parameters() if no_weight_decay(n, p)}
-    expected = {n for n, _ in model.named_parameters() if n.endswith("bias") or "norm." in n}
-    assert excluded == expected
-    assert "mlm_head.decoder_bias" in excluded and "embeddings.norm.weight" in excluded
-    assert "embeddings.word.weight" not in excluded and "encoder.layers.0.attention.qkv.weight" not in excluded
 
 
 def test_consolidated_state_dict_round_trip():
