@@ -35,7 +35,7 @@ def run(args) -> int:
     import sys
 
     from pretrain.config import ConfigError, load_config
-    from pretrain.distributed import detect, resolve_master_addr
+    from pretrain.distributed import detect, free_port, resolve_master_addr
 
     try:
         dist_env = resolve_master_addr(detect())
@@ -45,7 +45,7 @@ def run(args) -> int:
     stop.announce = dist_env.rank == 0
     if dist_env.launcher == "single" and not os.environ.get("MASTER_PORT"):
         # One process: any free port will do, and a fixed one would collide with another job.
-        dist_env = dataclasses.replace(dist_env, master_port=_free_port())
+        dist_env = dataclasses.replace(dist_env, master_port=free_port())
     dist_env.export()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _cuda() else "cpu")
     try:
@@ -71,10 +71,3 @@ def run(args) -> int:
 def _cuda() -> bool:
     import torch
     return torch.cuda.is_available()
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

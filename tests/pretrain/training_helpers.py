@@ -8,12 +8,13 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from pretrain.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CORPUS = REPO / "data_prep" / "assets" / "demo_corpus_en.txt.gz"
@@ -25,12 +26,6 @@ TINY = [
     "training.precision=fp32", "logging.every_steps=1", "logging.progress_bar=false",
     "eval.every_steps=0", "checkpoint.every_steps=1000", "data.num_workers=0",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_shards(out: Path, masking: str, objective: str = "nsp", lines: int = 1500) -> Path:
