@@ -22,9 +22,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from data_prep.config import OBJECTIVES
 from data_prep.encode import EncodedUnit
 
-OBJECTIVES = ("nsp", "sop", "full-sentences")
 RANDOM_DOC_TRIES = 10
 NO_LABEL = -1
 
@@ -199,14 +199,3 @@ def token_type_ids(input_ids: np.ndarray, sep_id: int, pair: bool) -> np.ndarray
         types[first_sep + 1:] = 1
     return types
 
-
-def materialize(inst: Instance, tokens: np.ndarray, cls_id: int, sep_id: int,
-                word_starts: np.ndarray | None = None):
-    """(input_ids int32, token_type_ids uint8, word_starts uint8 or None) of one instance."""
-    length = 1 + sum(e - s for s, e in inst.a) + len(inst.a)
-    if inst.b is not None:
-        length += inst.b[1] - inst.b[0] + 1
-    ids = np.empty(length, dtype=np.int32)
-    starts = np.empty(length, dtype=np.uint8) if word_starts is not None else None
-    fill_row(inst, tokens, cls_id, sep_id, ids, word_starts, starts)
-    return ids, token_type_ids(ids, sep_id, inst.b is not None), starts

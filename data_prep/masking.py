@@ -4,17 +4,18 @@ Numpy only, no tokenizer: the loader calls it per sample.  The recipe is BERT's
 (create_pretraining_data.py): choose ``round(masked_lm_prob * n)`` of the ``n`` maskable tokens
 (at least 1, at most ``max_predictions``) by visiting whole words in a random order and taking a
 word only if it still fits; then each chosen token becomes [MASK] with probability 0.8, a random
-token with 0.1, and stays itself with 0.1.  Special tokens ([CLS] [SEP] [PAD] [UNK]? no: every
-id in ``special_ids``) are never chosen and never drawn as random replacements.
+token with 0.1, and stays itself with 0.1.  Special tokens (every id in ``special_ids``: [PAD],
+[UNK], [CLS], [SEP], [MASK]) are never chosen and never drawn as random replacements.
 
 Whole-word masking: ``word_starts[i]`` is true when token ``i`` begins a word; a word is a start
 token plus the continuation tokens after it.  Without ``word_starts`` every token is its own word.
-English word starts come from WordPiece (a token not starting with ``##``); Chinese ones from
-jieba at prep time, stored in the shards (see docs/data-format.md).
+English word starts come from WordPiece (a token not starting with ``##``, ``continuation_table``);
+Chinese ones from jieba at prep time, stored in the shards (see docs/data-format.md).
 
 Reproducibility: dynamic masking seeds a fresh generator with ``masking_rng(seed, epoch,
-sample_index)``, so a resumed run masks every sample exactly as before.  Static masking uses the
-same function at prep time with epoch 0.
+sample_index)``, so a resumed run masks every sample exactly as before.  Static masking draws from
+one generator per shard instead (seeded by seed, stream, split and shard index in
+``data_prep.builder``), masking the shard's samples in write order with ``mask_batch``.
 """
 from __future__ import annotations
 
@@ -80,13 +81,6 @@ def masking_rng(seed: int, epoch: int, sample_index: int) -> np.random.Generator
     return np.random.default_rng([int(seed), int(epoch), int(sample_index)])
 
 
-def num_to_predict(num_maskable: int, config: MaskingConfig) -> int:
-    if num_maskable <= 0:
-        return 0
-    wanted = int(num_maskable * config.masked_lm_prob + 0.5)  # round half up
-    return min(config.max_predictions, max(1, wanted), num_maskable)
-
-
 def _choose_words(sizes: np.ndarray, budget: int, rng: np.random.Generator) -> np.ndarray:
     """Word indices chosen greedily in a random order, skipping words that no longer fit."""
     order = rng.permutation(len(sizes))
@@ -112,7 +106,8 @@ class MaskedBatch(NamedTuple):
 
 
 def budgets(num_maskable: np.ndarray, config: MaskingConfig) -> np.ndarray:
-    """``num_to_predict`` of every row at once."""
+    """Tokens to predict per row: ``round(masked_lm_prob * n)`` (half up) of its ``n`` maskable tokens,
+    at least 1 and at most ``max_predictions`` (and ``n``); 0 when nothing is maskable."""
     n = np.asarray(num_maskable, dtype=np.int64)
     wanted = np.floor(n * config.masked_lm_prob + 0.5).astype(np.int64)
     return np.where(n > 0, np.minimum(np.minimum(config.max_predictions, np.maximum(1, wanted)), n), 0)
@@ -182,23 +177,8 @@ def mask_sample(input_ids: np.ndarray, config: MaskingConfig, *, seed: int, epoc
     return mask_tokens(input_ids, masking_rng(seed, epoch, sample_index), config, word_starts)
 
 
-def labels_from_positions(length: int, positions: np.ndarray, masked_lm_ids: np.ndarray,
-                          ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    """Full-length int64 label vector: the original id at masked positions, ``ignore_index`` elsewhere."""
-    labels = np.full(length, ignore_index, dtype=np.int64)
-    labels[np.asarray(positions, dtype=np.int64)] = masked_lm_ids
-    return labels
-
-
-def word_starts_from_wordpiece(input_ids: np.ndarray, is_continuation: np.ndarray) -> np.ndarray:
-    """English whole-word flags: a token starts a word unless its vocabulary entry begins with ``##``.
-
-    ``is_continuation``: bool table over the vocabulary (see ``continuation_table``).
-    """
-    return ~is_continuation[np.asarray(input_ids)]
-
-
 def continuation_table(vocab: dict[str, int]) -> np.ndarray:
+    """Bool over the vocabulary: true for a WordPiece continuation (``##...``), which starts no word."""
     table = np.zeros(max(vocab.values()) + 1, dtype=bool)
     for token, i in vocab.items():
         if token.startswith("##"):

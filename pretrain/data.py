@@ -31,10 +31,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_prep.errors import PrepError
 from data_prep.loader import example_from_sample
+from data_prep.masking import IGNORE_INDEX
 from data_prep.shards import decode_fields, open_shard, read_manifest, split_info
 from pretrain.config import DataConfig, EvalConfig, TrainingConfig
-
-IGNORE_INDEX = -100
 
 
 class DataError(ValueError):

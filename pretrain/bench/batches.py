@@ -27,9 +27,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from data_prep.masking import IGNORE_INDEX
+from pretrain.data import collate
+
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 FIRST_REGULAR_ID = 5
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -42,6 +44,12 @@ class Instance:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def example(self) -> dict:
+        """This instance as a training example (the input of ``pretrain.data.collate``)."""
+        return {"input_ids": self.input_ids, "token_type_ids": self.token_type_ids,
+                "masked_lm_positions": self.masked_positions, "masked_lm_labels": self.masked_labels,
+                "sentence_label": self.sentence_label}
 
 
 def default_max_predictions(seq_len: int) -> int:
@@ -116,21 +124,8 @@ def draw_instances(rng: np.random.Generator, count: int, seq_len: int, vocab_siz
 
 
 def render_padded(instances: list[Instance], seq_len: int, max_predictions: int) -> dict:
-    """Our padded batch (one instance per row), the layout of ``pretrain.data.collate``."""
-    b = len(instances)
-    input_ids = np.full((b, seq_len), PAD, dtype=np.int64)
-    token_type_ids = np.zeros((b, seq_len), dtype=np.int64)
-    attention_mask = np.zeros((b, seq_len), dtype=np.int64)
-    positions = np.zeros((b, max_predictions), dtype=np.int64)
-    labels = np.full((b, max_predictions), IGNORE_INDEX, dtype=np.int64)
-    for i, inst in enumerate(instances):
-        n, k = len(inst), len(inst.masked_positions)
-        input_ids[i, :n], token_type_ids[i, :n], attention_mask[i, :n] = inst.input_ids, inst.token_type_ids, 1
-        positions[i, :k], labels[i, :k] = inst.masked_positions, inst.masked_labels
-    batch = dict(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
-                 masked_lm_positions=positions, masked_lm_labels=labels,
-                 sentence_labels=np.array([inst.sentence_label for inst in instances], dtype=np.int64))
-    return {k: torch.from_numpy(v) for k, v in batch.items()}
+    """Our padded batch (one instance per row, padded to seq_len): ``pretrain.data.collate``'s."""
+    return collate([inst.example() for inst in instances], PAD, seq_len, max_predictions)
 
 
 def dense_labels(padded: dict) -> torch.Tensor:

@@ -7,9 +7,17 @@ import numpy as np
 import pytest
 
 from data_prep.encode import EncodedUnit, _layout
-from data_prep.instances import create_instances, instance_rng, materialize, truncate_pair
+from data_prep.instances import Instance, create_instances, fill_row, instance_rng, token_type_ids, truncate_pair
 
 CLS, SEP = 2, 3
+
+
+def row_of(inst: Instance, tokens: np.ndarray, word_starts: np.ndarray | None = None):
+    """(input_ids, token_type_ids, word_starts or None) of one instance, as the builder lays a row out."""
+    ids = np.full(256, -1, dtype=np.int32)
+    starts = np.zeros(256, dtype=np.uint8) if word_starts is not None else None
+    n = fill_row(inst, tokens, CLS, SEP, ids, word_starts, starts)
+    return ids[:n], token_type_ids(ids[:n], SEP, inst.b is not None), None if starts is None else starts[:n]
 
 
 def make_unit(docs: list[list[int]], max_segment_tokens: int = 1000) -> EncodedUnit:
@@ -89,27 +97,25 @@ def test_full_sentences_pack_across_documents():
     insts = create_instances(unit, "full-sentences", seq_len, 0.1, instance_rng(5))
     seen = []
     for inst in insts:
-        ids, types, _ = materialize(inst, unit.tokens, CLS, SEP)
+        ids, types, _ = row_of(inst, unit.tokens)
         assert len(ids) <= seq_len and ids[0] == CLS and ids[-1] == SEP and not types.any()
         assert inst.label == -1 and inst.b is None
         for s, e in inst.a:
             seen.extend(range(s, e))
             assert doc_of(unit, s) == doc_of(unit, e - 1)  # [SEP] marks every document change
     assert seen == list(range(len(unit.tokens)))  # every token once, in order
-    first, _, _ = materialize(insts[0], unit.tokens, CLS, SEP)
+    first, _, _ = row_of(insts[0], unit.tokens)
     assert first.tolist() == [CLS] + list(range(100, 146)) + [SEP] + list(range(146, 158)) + [SEP]
 
 
-def test_materialize_pair_layout_and_word_starts():
+def test_fill_row_pair_layout_and_word_starts():
     unit = make_unit([[3, 2]])
     starts = np.array([1, 0, 1, 1, 0], dtype=bool)
-    from data_prep.instances import Instance
-
-    ids, types, ws = materialize(Instance(((0, 3),), (3, 5), 0), unit.tokens, CLS, SEP, starts)
+    ids, types, ws = row_of(Instance(((0, 3),), (3, 5), 0), unit.tokens, starts)
     assert ids.tolist() == [CLS, 100, 101, 102, SEP, 103, 104, SEP]
     assert types.tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
     assert ws.tolist() == [1, 1, 0, 1, 1, 1, 0, 1]
-    assert ids.dtype == np.int32 and types.dtype == np.uint8 and ws.dtype == np.uint8
+    assert types.dtype == np.uint8
 
 
 def test_same_rng_same_instances():

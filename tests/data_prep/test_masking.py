@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_prep.masking import (MaskingConfig, continuation_table, labels_from_positions, mask_sample,
-                               mask_tokens, masking_rng, num_to_predict, word_starts_from_wordpiece)
+from data_prep.masking import MaskingConfig, budgets, continuation_table, mask_sample, mask_tokens, masking_rng
 
 PAD, UNK, CLS, SEP, MASK = range(5)
 CONFIG = MaskingConfig(vocab_size=1000, mask_id=MASK, special_ids=(PAD, UNK, CLS, SEP, MASK), max_predictions=20)
@@ -23,7 +22,7 @@ def test_counts_specials_and_labels():
         n = int(rng.integers(4, 129))
         ids = sample(rng, n, sep_at=n // 2)
         out = mask_tokens(ids, rng, CONFIG)
-        assert len(out.masked_lm_positions) == num_to_predict(n - 3, CONFIG)
+        assert len(out.masked_lm_positions) == budgets([n - 3], CONFIG)[0]
         assert len(out.masked_lm_positions) == min(20, max(1, int((n - 3) * 0.15 + 0.5)))
         assert np.all(np.diff(out.masked_lm_positions) > 0)
         assert not np.isin(ids[out.masked_lm_positions], CONFIG.special_ids).any()
@@ -75,7 +74,7 @@ def test_whole_words_are_masked_together():
         for w in np.unique(word[chosen]):
             members = (word == w) & ~np.isin(ids, CONFIG.special_ids)
             assert chosen[members].all(), "a word was masked only in part"
-        assert len(out.masked_lm_positions) <= num_to_predict(125, CONFIG)
+        assert len(out.masked_lm_positions) <= budgets([125], CONFIG)[0]
 
 
 def test_whole_word_budget_is_filled_when_words_fit():
@@ -107,11 +106,9 @@ def test_padding_is_never_masked():
     assert out.masked_lm_positions.max() < 40 and len(out.masked_lm_positions) == 6
 
 
-def test_labels_and_wordpiece_word_starts():
-    labels = labels_from_positions(6, np.array([1, 4]), np.array([50, 60]))
-    assert labels.tolist() == [-100, 50, -100, -100, 60, -100]
+def test_continuation_table_marks_wordpiece_continuations():
     table = continuation_table({"[PAD]": 0, "play": 1, "##ing": 2, "##s": 3})
-    assert word_starts_from_wordpiece(np.array([1, 2, 1, 3]), table).tolist() == [True, False, True, False]
+    assert table.tolist() == [False, False, True, True]
 
 
 def test_config_is_validated():
