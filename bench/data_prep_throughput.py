@@ -63,8 +63,9 @@ def train_vocab(work: Path, corpus: Path) -> Path:
 
 
 RAW_ENCODE = """
-import os, sys, time
-os.environ["TOKENIZERS_PARALLELISM"] = "false"
+import sys, time
+from data_prep.builder import init_worker
+init_worker()  # one tokenizer thread, as in a data_prep worker
 from tokenizers import Tokenizer
 tok = Tokenizer.from_file(sys.argv[1] + "/tokenizer.json")
 docs = [l for l in open(sys.argv[2], encoding="utf-8").read().split("\\n") if l.strip()]
@@ -81,7 +82,7 @@ print(best[0], best[1], tokens)
 
 def raw_tokenizer(tokenizer: Path, corpus: Path, repeat: int) -> dict:
     out = subprocess.run([sys.executable, "-c", RAW_ENCODE, str(tokenizer), str(corpus), str(repeat)],
-                         check=True, capture_output=True, text=True).stdout.split()
+                         check=True, capture_output=True, text=True, cwd=REPO).stdout.split()
     seconds, cpu, tokens = float(out[0]), float(out[1]), int(out[2])
     mb = corpus.stat().st_size / 1e6
     return {"seconds": seconds, "mb_s": mb / seconds, "mb_cpu_s": mb / cpu, "tokens_s": tokens / seconds}

@@ -363,5 +363,4 @@ def run_all(cfg: PrepConfig, *, overwrite: bool = False) -> dict:
     out = Path(cfg.out)
     with out_dir_locks(out, cfg):
         prepare_vocab(cfg, out / TOKENIZER_SUBDIR)
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the shard stage runs one tokenizer thread per worker
         return build_shards(cfg, out / TOKENIZER_SUBDIR, out / SHARDS_SUBDIR, overwrite=overwrite)
