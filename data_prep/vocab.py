@@ -156,7 +156,7 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def tokenizer_info(tokenizer) -> TokenizerInfo:
-    lowercase = _lowercase_of(json.loads(tokenizer.to_str()))
+    lowercase = bool(normalizer_flags(json.loads(tokenizer.to_str()).get("normalizer"))[0])
     ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
     missing = [t for t, i in ids.items() if i is None]
     if missing:
@@ -166,11 +166,24 @@ def tokenizer_info(tokenizer) -> TokenizerInfo:
                          sep_id=ids["[SEP]"], mask_id=ids["[MASK]"])
 
 
-def _lowercase_of(spec: dict) -> bool:
-    norm = spec.get("normalizer") or {}
-    parts = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
-    return any(p.get("type") == "Lowercase" or (p.get("type") == "BertNormalizer" and p.get("lowercase"))
-               for p in parts)
+def normalizer_flags(normalizer: dict | None) -> tuple[bool | None, bool | None]:
+    """(lowercase, strip_accents) of a tokenizer.json ``normalizer`` entry, Sequences searched
+    recursively (accents are stripped when any member strips them); (None, None) when there is none.
+    strip_accents is None where the normalizer leaves it to lowercasing (BertNormalizer's rule)."""
+    if not normalizer:
+        return None, None
+    kind = normalizer.get("type")
+    if kind == "BertNormalizer":
+        return bool(normalizer.get("lowercase")), normalizer.get("strip_accents")
+    if kind == "Lowercase":
+        return True, None
+    if kind == "StripAccents":
+        return False, True
+    if kind == "Sequence":
+        flags = [normalizer_flags(n) for n in normalizer.get("normalizers", [])]
+        strips = [s for _, s in flags if s is not None]
+        return any(lc for lc, _ in flags), (any(strips) if strips else None)
+    return False, None
 
 
 def save_tokenizer_dir(tokenizer, out_dir: Path, extra: dict | None = None,

@@ -23,6 +23,7 @@ import os
 import shutil
 import warnings
 
+from data_prep.vocab import normalizer_flags
 from pretrain.config import Config, ModelConfig, TrainingConfig, config_from_dict
 from pretrain.weights import read_json_object
 
@@ -318,7 +319,7 @@ def _tokenizer_spec(tokenizer_dir: str, m: ModelConfig) -> dict:
             spec["vocab"] = model.get("vocab")
         else:
             spec["class"] = "PreTrainedTokenizerFast"
-        spec["lowercase"], spec["strip_accents"] = _normalizer_flags(data.get("normalizer"))
+        spec["lowercase"], spec["strip_accents"] = normalizer_flags(data.get("normalizer"))
     if spec["vocab"] is None and "vocab.txt" in files:
         with open(os.path.join(tokenizer_dir, "vocab.txt"), encoding="utf-8") as f:
             spec["vocab"] = {line.rstrip("\n"): i for i, line in enumerate(f)}
@@ -329,25 +330,6 @@ def _tokenizer_spec(tokenizer_dir: str, m: ModelConfig) -> dict:
         declared = _declared_lowercase(tokenizer_dir)
         spec["lowercase"] = True if declared is None else declared
     return spec
-
-
-def _normalizer_flags(normalizer) -> tuple:
-    """(lowercase, strip_accents) of a tokenizer.json normalizer; (None, None) when it has none."""
-    if not normalizer:
-        return None, None
-    kind = normalizer.get("type")
-    if kind == "BertNormalizer":
-        return bool(normalizer.get("lowercase")), normalizer.get("strip_accents")
-    if kind == "Lowercase":
-        return True, None
-    if kind == "Sequence":
-        flags = [_normalizer_flags(n) for n in normalizer.get("normalizers", [])]
-        lowercase = any(lc for lc, _ in flags)
-        strip = next((s for _, s in flags if s is not None), None)
-        if strip is None and any(n.get("type") == "StripAccents" for n in normalizer["normalizers"]):
-            strip = True
-        return lowercase, strip
-    return False, None
 
 
 def _declared_lowercase(tokenizer_dir: str):

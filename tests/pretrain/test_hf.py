@@ -313,6 +313,24 @@ def test_exported_tokenizer_round_trips_with_auto_tokenizer(tmp_path, lowercase,
     assert (tmp_path / "hf" / "vocab.txt").read_text().split("\n")[5:8] == ["the", "quick", "brown"]
 
 
+def test_exported_tokenizer_keeps_a_sequence_normalizers_lowercasing_and_accent_stripping(tmp_path):
+    """A tokenizer.json whose normalizer is Sequence[NFD, Lowercase, StripAccents] (not BertNormalizer):
+    data_prep.vocab.normalizer_flags reads both flags, so the export strips accents like the original."""
+    tokenizer_dir = write_tokenizer(tmp_path / "tok", files=("tokenizer.json",))
+    path = os.path.join(tokenizer_dir, "tokenizer.json")
+    spec = json.loads(open(path, encoding="utf-8").read())
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "NFD"}, {"type": "Lowercase"},
+                                                               {"type": "StripAccents"}]}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+    _, ckpt = save_ours(tmp_path, tiny())
+    export_checkpoint(ckpt, str(tmp_path / "hf"), tokenizer_dir)
+    settings = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert settings["do_lower_case"] is True and settings["strip_accents"] is True
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert tokenizer.tokenize("Thé QUÍCK fox") == ["the", "quick", "fox"]
+
+
 def test_export_uses_the_tokenizer_recorded_in_the_checkpoint(tmp_path):
     tokenizer_dir = write_tokenizer(tmp_path / "tok")
     _, ckpt = save_ours(tmp_path, tiny(), extra={"tokenizer_dir": tokenizer_dir})
