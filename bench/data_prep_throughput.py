@@ -167,7 +167,7 @@ def table(raw: dict, runs: list[dict], split: dict, machine: str, command: str) 
     lines += ["", "Scaling 1 -> 2 workers (static): " + "; ".join(notes) + ".",
               f"Sentence splitter alone (one core): English {split['English']['mb_s']:.1f} MB/s, "
               f"Chinese {split['Chinese']['mb_s']:.1f} MB/s.",
-              "Reference (from the issue, not re-measured here): NVIDIA's create_pretraining_data.py, 2 MB of English, "
+              "Reference (quoted when the targets were set, measured on another machine, not re-measured here): NVIDIA's create_pretraining_data.py, 2 MB of English, "
               "seq 128, dupe factor 1, one core: 0.18 MB/s and 315 MB RSS (it holds the corpus in memory); "
               "HF tokenizers' WordPiece batch encode alone: 1.29 MB/s on one thread.", ""]
     return "\n".join(lines)

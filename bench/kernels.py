@@ -25,7 +25,7 @@ Minimal traffic (e = bytes per element of the activations):
                  phase 1 reads p, g, m, v and writes m, v, u; phase 2 reads p, u and writes p
                  (10 float32 passes with float32 gradients).
 
-Issue #5 targets: LayerNorm and softmax fwd+bwd >= 80% of copy bandwidth and faster than torch;
+Targets: LayerNorm and softmax fwd+bwd >= 80% of copy bandwidth and faster than torch;
 LAMB >= 75% of copy bandwidth and >= 3x the per-tensor loop.  Figures belong in
 docs/benchmarks.md only from a real GPU run (with the device name and date this prints).
 """

@@ -9,7 +9,7 @@ Each case times full training steps (forward, backward, optimizer step, zero_gra
 warm-up: median and IQR of the step times (CUDA events on GPU, perf_counter on CPU), seq/s,
 tokens/s, TFLOP/s and MFU (anchors' formula, MLM head at masked positions only), peak memory.
 Variants of ours (joined with '+'): default (torch kernels, LAMB), ops (pretrain.ops kernels),
-adamw, packing (several instances per row), unpad (model.unpad), dense (MLM head at every
+adamw, packing (several instances per row), unpad (kernels.unpad), dense (MLM head at every
 token), compile (torch.compile), cudagraphs (compile mode reduce-overhead), deepspeed (through
 the training engine).  The peer is HF BertForPreTraining (SDPA, dense MLM head, fused AdamW).
 Results: --json (all numbers), --markdown (a table in the "Training throughput" section),
@@ -18,14 +18,14 @@ Results: --json (all numbers), --markdown (a table in the "Training throughput" 
 HELP = "training throughput: ours vs the HF BertForPreTraining peer (seq/s, TFLOP/s, MFU, memory)"
 
 PRESETS = {
-    # The issue's GPU table: bf16, the largest micro batch that fits, ratios vs the peer.
+    # The GPU table (targets: docs/performance.md): bf16, the largest micro batch that fits, ratios vs the peer.
     "gpu": dict(models="base,large", seq_lens="128,512", variants="default,ops,packing,dense,ops+packing+compile",
                 warmup=5, steps=30, rounds=1),
     # Every switch, one at a time and combined (long: split it with --models / --seq-lens).
     "gpu-full": dict(models="base,large", seq_lens="128,512",
                      variants="default,adamw,ops,packing,unpad,dense,compile,cudagraphs,deepspeed,"
                               "ops+packing+compile,ops+packing+cudagraphs", warmup=5, steps=30, rounds=1),
-    # The issue's CPU comparison: L4 H256 A4 I1024 V8192, seq 128, micro batch 32, fp32.
+    # The CPU comparison of docs/benchmarks.md: L4 H256 A4 I1024 V8192, seq 128, micro batch 32, fp32.
     # Many short interleaved rounds: on a shared CPU the load drifts within minutes.
     "cpu": dict(models="mini", seq_lens="128", micro_batch=32, variants="default,packing,unpad,dense,compile",
                 warmup=2, steps=1, rounds=12, round_warmup=0, sweep="8,16"),

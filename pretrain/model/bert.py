@@ -101,7 +101,7 @@ class Embeddings(nn.Module):
 
 
 class Unpadded:
-    """Where the real tokens of a padded [B, S] batch lie, to skip the padding (``model.unpad``).
+    """Where the real tokens of a padded [B, S] batch lie, to skip the padding (``kernels.unpad``).
 
     Token-wise work (every matmul but attention's two, LayerNorm, dropout, GELU) then runs on the
     T real tokens only, [T, ...]; attention pads its q/k/v back to [B, S] (zeros at padding, which
