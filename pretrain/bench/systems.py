@@ -26,7 +26,7 @@ from pretrain.config import KernelsConfig, ModelConfig, OptimizerConfig
 MODELS = {
     # tests only
     "tiny": dict(vocab_size=512, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
-    # the CPU comparison (L4 H256 A4, I1024, V8192)
+    # the CPU comparison of docs/benchmarks.md (L4 H256 A4, I1024, V8192)
     "mini": dict(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024),
     "base": dict(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
     "large": dict(vocab_size=30522, hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
@@ -45,7 +45,7 @@ class Variant:
     kernels: str = "torch"      # torch: SDPA + torch LayerNorm + reference LAMB; ops: pretrain.ops kernels
     optimizer: str = "lamb"     # lamb | adamw
     packing: bool = False       # several instances per row, block-diagonal attention
-    unpad: bool = False         # model.unpad: token-wise work on real tokens only
+    unpad: bool = False         # kernels.unpad: token-wise work on real tokens only
     mlm_head: str = "sparse"    # sparse: masked positions only; dense: every token (as HF)
     compile: bool = False       # torch.compile the model
     cudagraphs: bool = False    # torch.compile mode="reduce-overhead" (CUDA graphs of forward/backward)
