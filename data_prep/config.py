@@ -11,17 +11,16 @@ against the current directory.
 from __future__ import annotations
 
 import difflib
-import math
 import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
-import yaml
 
 from data_prep.errors import ON_ERROR_CHOICES, PrepError
 from data_prep.readers import DOC_SEPARATORS, FORMATS
+from data_prep.settings import NOT_A_NUMBER, ConfigFileError, finite_number, read_yaml_mapping
 
 OBJECTIVES = ("nsp", "sop", "full-sentences")
 MASKING_MODES = ("static", "dynamic")
@@ -173,28 +172,6 @@ def _check_type(key: str, value, expected) -> tuple[object, str | None]:
     return value, None if ok else f"{key}: got {value!r}, expected {expected.__name__}"
 
 
-NOT_A_NUMBER, NOT_FINITE = "not a number", "not finite"
-
-
-def finite_number(value) -> tuple[object, str | None]:
-    """``(number, None)`` for a finite int or float (an int stays an int) or a string float() reads
-    (PyYAML reads 1e-3 and 1E-3 as strings, not numbers); ``(number, NOT_FINITE)`` for an infinite or
-    NaN one, or an int beyond the float range; ``(value, NOT_A_NUMBER)`` for anything else (a bool too).
-    Shared with pretrain's config, which words its own messages."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return value, NOT_A_NUMBER
-    elif isinstance(value, bool) or not isinstance(value, (int, float)):
-        return value, NOT_A_NUMBER
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:  # an int beyond the float range
-        finite = False
-    return value, None if finite else NOT_FINITE
-
-
 def _check_float(key: str, value) -> tuple[object, str | None]:
     """A float field takes what finite_number accepts (an int stays an int: settings are fingerprinted
     as given)."""
@@ -272,86 +249,13 @@ def cross_check(cfg: PrepConfig) -> list[str]:
     return problems
 
 
-class ConfigFileError(PrepError):
-    """A config file that cannot be read as a YAML mapping; the message is one line naming the file."""
-
-
-class _RepeatedKey(yaml.YAMLError):
-    def __init__(self, key, line: int, first_line: int):
-        super().__init__(f"key {key!r} appears twice (first at line {first_line})")
-        self.line = line
-
-
-class StrictLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last).
-    Keys merged in with ``<<: *anchor`` may still be overridden, as YAML intends."""
-
-    def construct_mapping(self, node, deep=False):
-        first_lines: dict = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
-            try:
-                if key in first_lines:
-                    raise _RepeatedKey(key, line, first_lines[key])
-                first_lines[key] = line
-            except TypeError:  # an unhashable key: the base class reports it
-                pass
-        return super().construct_mapping(node, deep)
-
-
-MAX_CONFIG_BYTES = 4 << 20
-
-
-def read_yaml_mapping(path) -> dict:
-    """The top-level mapping of YAML file ``path`` (StrictLoader).  Also used by pretrain's config.
-
-    A missing, unreadable, oversized, non-UTF-8, invalid, empty or non-mapping file raises
-    ConfigFileError."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigFileError(f"{path} is a directory; expected a YAML file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigFileError(f"config file not found: {path}") from None
-    except OSError as err:
-        raise ConfigFileError(f"{path}: cannot read ({err.strerror or err})") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigFileError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; a config file is a few KB of YAML")
-    try:
-        data = yaml.load(raw.decode("utf-8"), Loader=StrictLoader)
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise ConfigFileError(f"{path}:{line}: not UTF-8 text (invalid byte at offset {err.start}); "
-                              "expected a YAML file") from None
-    except yaml.YAMLError as err:
-        raise ConfigFileError(_yaml_problem(path, err)) from None
-    if data is None:
-        raise ConfigFileError(f"{path} is empty (no settings; delete it or drop --config to use the defaults)")
-    if not isinstance(data, dict):
-        raise ConfigFileError(f"{path}: top level is a {type(data).__name__}; expected a mapping of sections")
-    return data
-
-
-def _yaml_problem(path: Path, err: yaml.YAMLError) -> str:
-    """One line: FILE:LINE: what is wrong."""
-    if isinstance(err, _RepeatedKey):
-        return f"{path}:{err.line}: {err}"
-    mark = getattr(err, "problem_mark", None)
-    if mark is not None:
-        return f"{path}:{mark.line + 1}: not valid YAML ({err.problem or err.context})"
-    if isinstance(err, yaml.reader.ReaderError):
-        return f"{path}: not valid YAML (character {err.character!r} at offset {err.position}: {err.reason})"
-    return f"{path}: not valid YAML ({' '.join(str(err).split())})"
-
-
 def load_yaml(path) -> dict:
     """A data_prep YAML as dotted keys, relative paths resolved against the file's directory."""
     path = Path(path)
-    raw = read_yaml_mapping(path)
+    try:
+        raw = read_yaml_mapping(path)
+    except ConfigFileError as err:
+        raise PrepError(str(err)) from None
     flat = _flatten(raw)
     base = path.resolve().parent
     for key in PATH_KEYS:  # relative to the YAML file's directory

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import Config, ConfigError, config_from_dict, load_config, parse_overrides
+from pretrain.config import Config, ConfigError, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(p for p in (REPO / "configs").glob("*.yaml"))
@@ -85,7 +85,7 @@ def test_base_cycle_and_missing_base_are_reported(tmp_path):
 
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="expected section.key=value"):
-        parse_overrides(["max_steps"])
+        load_config(None, ["max_steps"])
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
@@ -117,19 +117,19 @@ def test_cli_reports_invalid_config_with_exit_2(tmp_path):
     assert "model.hidden_sise: unknown key (did you mean 'model.hidden_size'?)" in proc.stderr
 
 
-def test_every_field_is_documented():
-    import dataclasses
-    import inspect
+def test_every_field_of_both_trees_is_documented():
+    from data_prep.settings import keys
 
-    import pretrain.config as config_module
-    source = inspect.getsource(config_module)
-    for section in dataclasses.fields(Config):
-        for f in dataclasses.fields(section.type if isinstance(section.type, type) else
-                                    getattr(config_module, section.type)):
-            # each field line is followed by a docstring line
-            idx = source.index(f"    {f.name}: ", source.index(f"class {type(getattr(Config(), section.name)).__name__}"))
-            next_line = source[idx:].splitlines()[1].strip()
-            assert next_line.startswith('"""'), f"{section.name}.{f.name} has no docstring"
+    undocumented = [k for tree in (Config,) for k, key in keys(tree).items() if not key.doc]
+    assert undocumented == []
+
+
+def test_the_configuration_reference_is_generated_from_the_field_docstrings():
+    from data_prep.settings import render_reference_doc
+
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    assert "<!-- reference pretrain.config:Config -->" in doc
+    assert render_reference_doc(doc) == doc, "regenerate: python -m data_prep.settings docs/configuration.md"
 
 
 DATA_CONFIGS = sorted((REPO / "configs" / "data").glob("*.yaml"))
@@ -174,3 +174,67 @@ def test_warmup_steps_and_ratio_replace_each_other_layer_by_layer(tmp_path):
                                           r"set in one place"):
         load_config(str(steps_file), ["schedule.warmup_ratio=0.1", "schedule.warmup_steps=3"])
     assert resolve_warmup_steps(load_config(None, ["training.max_steps=2000"]).schedule, 2000) == 20  # 1% default
+
+
+def test_a_cross_field_problem_is_kept_beside_a_bad_value_whose_name_it_shares():
+    # optimizer.lr's leaf name is inside "min_lr_ratio": both are reported.
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["optimizer.lr=abc", "schedule.min_lr_ratio=5"])
+    assert err.value.problems == ["optimizer.lr: got 'abc', expected a number",
+                                  "schedule.min_lr_ratio: got 5.0, expected between 0 and 1"]
+
+
+def test_a_rule_runs_when_its_keys_are_valid_and_not_when_one_was_refused():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["optimizer.lr=abc", "model.num_heads=5"])
+    assert len(err.value.problems) == 2 and "must be divisible by model.num_heads (5)" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.num_heads=five"])  # no rule about the default 12 heads
+    assert err.value.problems == ["model.num_heads: got 'five', expected an integer"]
+
+
+def test_lamb_only_options_with_adamw_warn():
+    from data_prep.settings import ConfigWarning
+
+    with pytest.warns(ConfigWarning, match="optimizer.nvlamb=true has no effect: it is a LAMB option and "
+                                           "optimizer.name=adamw"):
+        load_config(None, ["optimizer.name=adamw", "optimizer.nvlamb=true"])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(str(REPO / "configs/bert-base.yaml"))           # AdamW with LAMB's defaults: quiet
+        load_config(None, ["optimizer.nvlamb=true"])                   # LAMB: used
+
+
+def test_mlm_probability_with_static_shards_is_reported_for_the_trainer():
+    from pretrain.config import ignored_option_warnings
+
+    cfg = load_config(None, ["data.mlm_probability=0.2"])
+    assert ignored_option_warnings(cfg, static_masking=False) == []
+    (warning,) = ignored_option_warnings(cfg, static_masking=True)
+    assert warning.startswith("data.mlm_probability=0.2 has no effect: the shards are statically masked")
+    assert ignored_option_warnings(load_config(None), static_masking=True) == []
+
+
+def test_allgather_bucket_is_its_own_key():
+    cfg = load_config(None, ["zero.reduce_bucket_size=1000"])
+    assert (cfg.zero.reduce_bucket_size, cfg.zero.allgather_bucket_size) == (1000, 50_000_000)
+    with pytest.raises(ConfigError, match="zero.allgather_bucket_size: got 0, expected > 0"):
+        load_config(None, ["zero.allgather_bucket_size=0"])
+
+
+def test_paths_are_relative_to_the_current_directory_and_tilde_is_expanded(tmp_path):
+    sub = tmp_path / "configs"
+    sub.mkdir()
+    path = write(sub, "c.yaml", "data:\n  dir: shards\nlogging:\n  run_dir: ~/runs/x\n")
+    cfg = load_config(path)
+    assert cfg.data.dir == "shards"                       # as given: the current directory's
+    assert cfg.logging.run_dir == str(Path.home() / "runs" / "x")
+
+
+def test_a_dumped_config_reads_back_equal(tmp_path):
+    from pretrain.config import dump_config
+
+    cfg = load_config(str(REPO / "configs/bert-large-phase2.yaml"))
+    path = write(tmp_path, "dumped.yaml", dump_config(cfg))
+    assert load_config(path) == cfg
