@@ -197,10 +197,10 @@ def _expected_ours(m: ModelConfig) -> set:
 # State-dict conversion
 # --------------------------------------------------------------------------------------------
 def to_hf_state_dict(state_dict: dict, m: ModelConfig) -> dict:
-    """Our unpadded state dict -> the HF state dict of hf_architecture(m)."""
+    """Our consolidated state dict (vocabulary trimmed) -> the HF state dict of hf_architecture(m)."""
     import torch
-    from pretrain.model import unpad_vocab
-    state_dict = unpad_vocab(state_dict, m)
+    from pretrain.model import trim_vocab
+    state_dict = trim_vocab(state_dict, m)
     expected = _expected_ours(m)
     names = {k: v for k, v in key_map(m).items() if k in expected}
     missing = sorted(set(names) - set(state_dict))
@@ -222,7 +222,7 @@ def to_hf_state_dict(state_dict: dict, m: ModelConfig) -> dict:
 
 
 def from_hf_state_dict(hf: dict, m: ModelConfig, source: str = "HF state dict") -> dict:
-    """An HF state dict (of the class model_config_from_hf derived m from) -> our unpadded state dict."""
+    """An HF state dict (of the class model_config_from_hf derived m from) -> our consolidated state dict."""
     import torch
     for copy, original in tied_copies(m).items():
         if copy in hf and original in hf and not torch.equal(hf[copy], hf[original]):

@@ -101,13 +101,13 @@ def _weights_only_reason(err: Exception) -> str:
 
 def canonical_state_dict(state_dict: dict, config: Config) -> dict:
     """Wrapper prefixes stripped, fp32 CPU tensors, vocabulary unpadded."""
-    from pretrain.model import unpad_vocab
+    from pretrain.model import trim_vocab
     clean = {}
     for key, tensor in state_dict.items():
         for prefix in WRAPPER_PREFIXES:
             key = key[len(prefix):] if key.startswith(prefix) else key
         clean[key] = tensor
-    return unpad_vocab(clean, config.model)
+    return trim_vocab(clean, config.model)
 
 
 def save_weights(ckpt_dir: str, config: Config, state_dict: dict, extra: dict | None = None) -> None:

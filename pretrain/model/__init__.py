@@ -7,7 +7,7 @@ from __future__ import annotations
 from pretrain.config import KernelsConfig, ModelConfig
 from pretrain.model.attention import build_attention_mask, positions_from_segments
 from pretrain.model.bert import (IGNORE_INDEX, BertForPretraining, PretrainOutput, flops_per_sequence,
-                                 pad_vocab, padded_vocab_size, unpad_vocab)
+                                 pad_vocab, padded_vocab_size, trim_vocab)
 
 
 def build_model(model_cfg: ModelConfig, kernels_cfg: KernelsConfig | None = None) -> BertForPretraining:
@@ -17,4 +17,4 @@ def build_model(model_cfg: ModelConfig, kernels_cfg: KernelsConfig | None = None
 
 __all__ = ["BertForPretraining", "IGNORE_INDEX", "PretrainOutput", "build_attention_mask", "build_model",
            "flops_per_sequence", "pad_vocab", "padded_vocab_size",
-           "positions_from_segments", "unpad_vocab"]
+           "positions_from_segments", "trim_vocab"]

@@ -325,21 +325,21 @@ class BertForPretraining(nn.Module):
         out.loss = sum(losses) if losses else None
         return out
 
-    # ---- the consolidated (unpadded) weights format, see pretrain/weights.py ----
+    # ---- the consolidated weights format (vocabulary rows trimmed), see pretrain/weights.py ----
     def consolidated_state_dict(self) -> dict:
         """fp32 CPU copy of the state dict with the vocabulary padding removed."""
-        return unpad_vocab(self.state_dict(), self.config)
+        return trim_vocab(self.state_dict(), self.config)
 
     def load_consolidated_state_dict(self, state_dict: dict, strict: bool = True):
-        """Load an unpadded (consolidated) state dict, re-padding the vocabulary rows with zeros."""
+        """Load a consolidated state dict, re-padding the vocabulary rows with zeros."""
         return self.load_state_dict(pad_vocab(state_dict, self.config), strict=strict)
 
 
 VOCAB_KEYS = ("embeddings.word.weight", "mlm_head.decoder_bias")
 
 
-def unpad_vocab(state_dict: dict, cfg: ModelConfig) -> dict:
-    """fp32 CPU copies, vocabulary rows cut to vocab_size (accepts padded or already unpadded)."""
+def trim_vocab(state_dict: dict, cfg: ModelConfig) -> dict:
+    """fp32 CPU copies, vocabulary rows cut to vocab_size (accepts padded or already trimmed)."""
     out = {}
     for key, tensor in state_dict.items():
         tensor = tensor.detach().float().cpu()
@@ -351,7 +351,7 @@ def unpad_vocab(state_dict: dict, cfg: ModelConfig) -> dict:
 
 
 def pad_vocab(state_dict: dict, cfg: ModelConfig) -> dict:
-    """Inverse of unpad_vocab: zero rows appended up to padded_vocab_size(cfg)."""
+    """Inverse of trim_vocab: zero rows appended up to padded_vocab_size(cfg)."""
     out = dict(state_dict)
     for key in VOCAB_KEYS:
         if key in out:
