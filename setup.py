@@ -1,5 +1,10 @@
 """bertforge: BERT-family pretraining (data_prep + pretrain packages).
 
+``pip install .`` is the light install: what ``python -m data_prep`` needs on a CPU-only prep node,
+without torch or DeepSpeed.  ``[train]`` adds the training stack (``python -m pretrain``); ``[mpi]``
+is ``[train]`` plus mpi4py; ``[dev]`` is ``[train]`` plus the test tools (``make install`` installs
+``.[dev,mpi]``: everything).
+
 The CUDA extension in csrc/ is optional.  Switch ``BERTFORGE_CUDA_EXT``:
   unset  build it when a CUDA build of torch and nvcc are both present, else skip quietly;
   1      build it, and fail if that is impossible;
@@ -14,6 +19,9 @@ import shutil
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# data_prep's imports (tests/data_prep/test_light_install.py checks them against this list).
+DATA_PREP = ["pyyaml>=6.0", "numpy>=1.24", "tokenizers>=0.15", "jieba>=0.42", "zstandard>=0.21", "tqdm>=4.60"]
+TRAIN = ["torch>=2.4", "deepspeed>=0.16", "tensorboard>=2.14", "matplotlib>=3.7"]
 DEFAULT_GENCODE = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 
 
@@ -65,22 +73,12 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["pretrain", "pretrain.*", "data_prep", "data_prep.*"]),
     package_data={"pretrain": ["py.typed"], "data_prep": ["assets/*"]},
-    install_requires=[
-        "torch>=2.4",
-        "deepspeed>=0.16",
-        "webdataset>=0.2.90",
-        "tensorboard>=2.14",
-        "pyyaml>=6.0",
-        "numpy>=1.24",
-        "tokenizers>=0.15",
-        "jieba>=0.42",
-        "zstandard>=0.21",
-        "tqdm>=4.60",
-        "matplotlib>=3.7",
-    ],
+    install_requires=DATA_PREP,
     extras_require={
-        "dev": ["pytest>=7.4", "transformers>=4.40"],
-        "mpi": ["mpi4py>=4.0"],   # the 4.x wheels load any MPI library at run time
+        "train": TRAIN,
+        "mpi": TRAIN + ["mpi4py>=4.0"],   # the 4.x wheels load any MPI library at run time
+        # webdataset: the tests read our shards with stock webdataset.WebDataset
+        "dev": TRAIN + ["pytest>=7.4", "transformers>=4.40", "webdataset>=0.2.90"],
     },
     entry_points={
         "console_scripts": [
