@@ -15,9 +15,11 @@ import unicodedata
 from array import array
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator, Literal, NamedTuple
 
 import numpy as np
+
+from data_prep.settings import setting
 
 UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD", "none")
 
@@ -38,10 +40,16 @@ HTML_ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[a-zA-Z][a-zA-Z
 
 @dataclass(frozen=True)
 class CleanOptions:
-    unicode_form: str = "NFKC"  # NFKC also folds full-width digits/letters (common in Chinese text)
-    strip_markup: bool = True  # stray HTML tags, comments and entities
-    min_doc_chars: int = 20  # shorter documents (after cleaning) are dropped
-    dedup: bool = True  # exact de-duplication of documents across the corpus
+    """The ``clean`` section of data_prep's config."""
+
+    unicode_form: Literal[UNICODE_FORMS] = "NFKC"
+    """Unicode normalization; NFKC also folds full-width digits and letters (common in Chinese text)."""
+    strip_markup: bool = True
+    """Remove stray HTML tags, comments and entities."""
+    min_doc_chars: int = setting(20, ge=0)
+    """Drop shorter documents (counted after cleaning)."""
+    dedup: bool = True
+    """Exact de-duplication of documents across the whole corpus (the first occurrence is kept)."""
 
 
 class CleanDoc(NamedTuple):

@@ -13,10 +13,11 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 from data_prep.compression import codec_error_message, codec_errors, open_binary
 from data_prep.errors import ErrorPolicy, InputError, PrepError
+from data_prep.settings import setting
 
 FORMATS = ("auto", "text", "jsonl", "wikiextractor", "mediawiki")
 DOC_SEPARATORS = ("line", "blank")
@@ -34,10 +35,16 @@ class Document:
 
 @dataclass(frozen=True)
 class ReadOptions:
-    format: str = "auto"
-    doc_separator: str = "line"  # text format: "line" = one document per line, "blank" = blank-line separated
+    """How input files are read: the ``input`` section of data_prep's config (less its paths)."""
+
+    format: Literal[FORMATS] = "auto"
+    """Input format; ``auto`` sniffs the first bytes (and the extension) of each file."""
+    doc_separator: Literal[DOC_SEPARATORS] = "line"
+    """Text format: one document per ``line``, or documents separated by ``blank`` lines."""
     jsonl_field: str = "text"
-    max_line_bytes: int = 16 << 20  # longer lines (and blank-separated documents) are bad input
+    """JSONL field holding the text."""
+    max_line_bytes: int = setting(16 << 20, ge=1024)
+    """Longer lines (and blank-separated documents) are bad input."""
 
 
 def expand_inputs(specs: list[str | Path], is_output: Callable[[Path], bool] | None = None) -> list[Path]:

@@ -162,7 +162,7 @@ def finite_number(value) -> tuple[object, str | None]:
     return value, None if finite else NOT_FINITE
 
 
-def _optional(tp: Any) -> tuple[Any, bool]:
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
     """(the annotation without None, whether None is allowed)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -173,7 +173,7 @@ def _optional(tp: Any) -> tuple[Any, bool]:
 
 def describe(tp: Any) -> str:
     """What annotation ``tp`` accepts, in words (used in problems and in the reference)."""
-    inner, nullable = _optional(tp)
+    inner, nullable = unwrap_optional(tp)
     if nullable:
         return describe(inner) + " or null"
     origin = typing.get_origin(tp)
@@ -209,7 +209,7 @@ class _Invalid(Exception):
 def _coerce(value: Any, tp: Any, key: str, widen_ints: bool, bounds: dict) -> Any:
     """``value`` checked against annotation ``tp`` (a number string read as a float; an int in a float
     field widened when ``widen_ints``; a single value for a list field made a list of one)."""
-    inner, nullable = _optional(tp)
+    inner, nullable = unwrap_optional(tp)
     if nullable:
         return None if value is None else _coerce(value, inner, key, widen_ints, bounds)
     bad = f"{key}: got {value!r}, expected {describe(tp)}"

@@ -5,59 +5,81 @@ import argparse
 import functools
 import signal
 import sys
+import typing
 
-from data_prep.config import CHOICES, CLI_OPTIONS, config_from_flat, section_keys, slurm_node_slice
+from data_prep import settings
+from data_prep.config import PrepConfig, load_config, slurm_node_slice
 from data_prep.errors import PrepError, Stopped
 
-BOOL_FLAGS = {"--no-dedup": False, "--whole-word-mask": True}
+
+def flags_of(key: settings.Key) -> dict[str, object]:
+    """{flag: the value it stores, or None for a flag that takes a value} of a config key: the
+    ``flags`` given on its field, else ``--LEAF-NAME``, and ``--no-LEAF-NAME`` for a boolean whose
+    default is true."""
+    given = key.field.metadata.get("flags")
+    if isinstance(given, dict):
+        return given
+    leaf = key.dotted.rsplit(".", 1)[-1].replace("_", "-")
+    if key.type is bool:
+        return {given or (f"--no-{leaf}" if key.default else f"--{leaf}"): not key.default}
+    return {given or f"--{leaf}": None}
 
 
-def add_config_flags(parser: argparse.ArgumentParser, keys_prefixes: tuple[str, ...] | None = None) -> None:
-    """Flags of CLI_OPTIONS (optionally only those whose key starts with one of ``keys_prefixes``).
+def _selected(dotted: str, include: tuple[str, ...] | None) -> bool:
+    """Whether ``include`` (sections, keys; "" = the top-level keys) names key ``dotted``."""
+    return include is None or any(dotted == p or dotted.startswith(p + ".") or (p == "" and "." not in dotted)
+                                  for p in include)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, include: tuple[str, ...] | None = None,
+                     required: tuple[str, ...] = ()) -> None:
+    """The flags of the config keys ``include`` names (all when None), and ``section.key=value``
+    arguments.  Help comes from the field docstrings; ``required`` keys must be given as flags.
 
     Defaults are left out (argparse.SUPPRESS): a flag given overrides the config, one not given
     leaves the config file's value or the built-in default.
     """
-    types = section_keys()
-    for flag, key, help_text in CLI_OPTIONS:
-        if keys_prefixes and not key.startswith(keys_prefixes):
+    for dotted, key in settings.keys(PrepConfig).items():
+        if not _selected(dotted, include):
             continue
-        kwargs = dict(dest=key, default=argparse.SUPPRESS, help=help_text,
-                      metavar=flag.lstrip("-").upper().replace("-", "_"))
-        if flag in BOOL_FLAGS:
-            parser.add_argument(flag, action="store_const", const=BOOL_FLAGS[flag], **kwargs)
-            continue
-        kind = types[key]
-        if key == "input.paths":
-            kwargs.update(nargs="+", metavar="PATH")
-        elif kind in (int, float):
-            kwargs.update(type=kind)
-        if key in CHOICES:
-            kwargs.update(choices=CHOICES[key], metavar="{" + ",".join(CHOICES[key]) + "}")
-        parser.add_argument(flag, **kwargs)
+        flags = flags_of(key)
+        group = parser.add_mutually_exclusive_group() if len(flags) > 1 else parser
+        for flag, const in flags.items():
+            kwargs = dict(dest=dotted, default=argparse.SUPPRESS, help=f"{key.doc} [{dotted}]")
+            if const is not None:
+                kwargs["help"] = f"{dotted}={str(const).lower()}: {key.doc}"
+                group.add_argument(flag, action="store_const", const=const, **kwargs)
+                continue
+            kind, _ = settings.unwrap_optional(key.type)
+            kwargs["metavar"] = flag.lstrip("-").upper().replace("-", "_")
+            if typing.get_origin(kind) is list:
+                kwargs.update(nargs="+", metavar="PATH")
+            elif typing.get_origin(kind) is typing.Literal:
+                choices = typing.get_args(kind)
+                kwargs.update(choices=choices, metavar="{" + ",".join(choices) + "}")
+            elif kind in (int, float):
+                kwargs["type"] = kind
+            group.add_argument(flag, required=dotted in required, **kwargs)
+    parser.add_argument("overrides", nargs="*", default=[], metavar="section.key=value",
+                        help="any config key (top-level keys: key=value), applied after the flags; "
+                             "give them together, before --input or after --")
 
 
 def given_flags(args: argparse.Namespace) -> dict:
     """{dotted key: value} of the config flags present on the command line."""
-    keys = {key for _, key, _ in CLI_OPTIONS}
-    flat = {k: v for k, v in vars(args).items() if k in keys}
-    if "input.paths" in flat:
-        flat["input.paths"] = list(flat["input.paths"])
-    return flat
+    known = settings.keys(PrepConfig)
+    return {k: list(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in known}
 
 
-def with_node_slice(flat: dict) -> dict:
-    """Fill num_nodes/node_rank from a SLURM job array when the flags do not set them."""
-    if "num_nodes" not in flat and "node_rank" not in flat:
-        found = slurm_node_slice()
-        if found:
-            flat["num_nodes"], flat["node_rank"] = found
-            print(f"data_prep: SLURM job array: node {found[1]} of {found[0]}", file=sys.stderr)
-    return flat
-
-
-def build_config(flat: dict, source: str = "the command line"):
-    return config_from_flat(flat, source)
+def config_from_args(args: argparse.Namespace, path=None) -> PrepConfig:
+    """The config of a command: a SLURM job array's node slice < YAML ``path`` < its flags < its
+    ``section.key=value`` arguments."""
+    found = slurm_node_slice()
+    cfg = load_config(path, given_flags(args), args.overrides,
+                      environment={"num_nodes": found[0], "node_rank": found[1]} if found else None)
+    if found and (cfg.num_nodes, cfg.node_rank) == found:
+        print(f"data_prep: SLURM job array: node {found[1]} of {found[0]}", file=sys.stderr)
+    return cfg
 
 
 def _raise_stopped(signum, frame):

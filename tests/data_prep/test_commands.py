@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from data_prep.cli import main
-from data_prep.config import load_yaml, config_from_flat
+from data_prep.config import PrepConfig, config_from_flat, load_config
 from data_prep.errors import PrepError
 from tests.data_prep.conftest import REPO, english_docs, write_lines
 
@@ -120,26 +120,55 @@ def test_slurm_array_gives_the_node_slice(tmp_path, tokenizer_dir, monkeypatch):
     assert (tmp_path / "s" / "manifest.node-00001-of-00002.json").is_file()
 
 
-def test_run_config_with_overrides_and_relative_paths(tmp_path, capsys):
+def test_run_config_with_flags_overrides_and_relative_paths(tmp_path, capsys, monkeypatch):
     (tmp_path / "data").mkdir()
     write_lines(tmp_path / "data" / "en.txt", english_docs(40_000))
     conf_dir = tmp_path / "configs"
     conf_dir.mkdir()
     (conf_dir / "small.yaml").write_text(yaml.safe_dump({
-        "out": "../out", "seed": 3, "input": {"paths": ["../data/*.txt"]},
+        "out": "out", "seed": 3, "input": {"paths": ["data/*.txt"]},
         "vocab": {"vocab_size": 500}, "shards": {"seq_len": 64, "text_per_shard_mb": 0.02}}))
-    assert main(["run", "--config", str(conf_dir / "small.yaml"), "--objective", "sop", "--masking", "static",
-                 "--whole-word-mask", "--no-progress"]) == 0
+    monkeypatch.chdir(tmp_path)  # relative paths are the current directory's, not the YAML file's
+    command = ["run", "--config", str(conf_dir / "small.yaml"), "--objective", "sop", "--whole-word-mask",
+               "shards.masking=static", "progress=false"]
+    assert main(command) == 0
     manifest = json.loads((tmp_path / "out" / "shards" / "manifest.json").read_text())
     fmt = manifest["sample_format"]
     assert (fmt["objective"], fmt["masking"], fmt["whole_word_mask"], fmt["seq_len"]) == ("sop", "static", True, 64)
     tok_info = json.loads((tmp_path / "out" / "tokenizer" / "vocab_info.json").read_text())
     assert manifest["tokenizer"]["sha256"] == tok_info["sha256"] and tok_info["vocab_size"] == 500
     capsys.readouterr()
-    assert main(["run", "--config", str(conf_dir / "small.yaml"), "--objective", "sop", "--masking", "static",
-                 "--whole-word-mask", "--no-progress"]) == 0
+    assert main(command) == 0
     err = capsys.readouterr().err
     assert "skipped" in err and " 0 built" in err
+
+
+def test_every_config_key_has_a_flag_on_run_and_the_familiar_names_are_kept():
+    import argparse
+
+    from data_prep.commands import run
+    from data_prep.commands._common import flags_of
+    from data_prep.settings import keys
+
+    parser = argparse.ArgumentParser()
+    run.add_arguments(parser)
+    dests = {a.dest for a in parser._actions}
+    assert set(keys(PrepConfig)) <= dests
+    names = {flag: k for k, key in keys(PrepConfig).items() for flag in flags_of(key)}
+    assert (names["--input"], names["--no-dedup"], names["--whole-word-mask"], names["--seq-len"],
+            names["--from"], names["--cased"], names["--no-progress"]) == \
+        ("input.paths", "clean.dedup", "shards.whole_word_mask", "shards.seq_len", "vocab.tokenizer",
+         "vocab.lowercase", "progress")
+
+
+def test_precedence_file_base_flags_and_key_value(tmp_path):
+    (tmp_path / "base.yaml").write_text("seed: 1\nshards:\n  seq_len: 64\n  dupe_factor: 2\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nshards:\n  seq_len: 256\n")
+    cfg = load_config(tmp_path / "child.yaml", {"seed": 5, "shards.dupe_factor": 3}, ["shards.dupe_factor=4"],
+                      environment={"num_nodes": 2, "node_rank": 1, "seed": 9})
+    assert (cfg.shards.seq_len, cfg.seed, cfg.shards.dupe_factor) == (256, 5, 4)
+    assert (cfg.num_nodes, cfg.node_rank) == (2, 1)  # the environment (a SLURM array) is the lowest layer
+    assert load_config(tmp_path / "child.yaml", environment={"seed": 9}).seed == 1
 
 
 def test_config_problems_are_all_reported(tmp_path, capsys):
@@ -148,21 +177,24 @@ def test_config_problems_are_all_reported(tmp_path, capsys):
                    "input:\n  paths: [a.txt]\n  jsonl_feild: body\n")
     assert main(["run", "--config", str(bad)]) == 1
     err = capsys.readouterr().err
-    assert "4 configuration problem(s)" in err
+    assert "5 configuration problem(s)" in err
     assert "shards.seq_length: unknown key (did you mean 'shards.seq_len'?)" in err
     assert "input.jsonl_feild: unknown key (did you mean 'input.jsonl_field'?)" in err
-    assert "workers: got 'two', expected int" in err
-    assert "shards.objective: got 'mlm', expected one of nsp, sop, full-sentences" in err
+    assert "workers: got 'two', expected an integer" in err
+    assert "shards.objective: got 'mlm', expected one of 'nsp', 'sop', 'full-sentences'" in err
+    # the cross check runs beside the per-key problems, since both of its keys are valid
+    assert "shards.max_predictions: got 999, expected <= shards.seq_len (128)" in err
     with pytest.raises(PrepError, match="shards.max_predictions: got 999, expected <= shards.seq_len"):
         config_from_flat({"shards.max_predictions": 999})
+    assert main(["run", "--config", str(bad), "shards.seq_len"]) == 1
+    assert "override 'shards.seq_len': expected section.key=value" in capsys.readouterr().err
 
 
-def test_demo_config_resolves_against_its_directory_and_runs(tmp_path, capsys):
+def test_demo_config_paths_are_relative_to_the_current_directory_and_it_runs(tmp_path, monkeypatch):
     demo = REPO / "configs" / "data" / "demo.yaml"
-    flat = load_yaml(demo)
-    assert flat["input.paths"] == [str(REPO / "data_prep" / "assets" / "demo_corpus_en.txt.gz")]
-    assert flat["out"] == str(REPO / "demo_out" / "data")
-    cfg = config_from_flat(flat)
+    monkeypatch.chdir(REPO)
+    cfg = load_config(demo)
+    assert cfg.input.paths == ["data_prep/assets/demo_corpus_en.txt.gz"] and cfg.out == "demo_out/data"
     assert (cfg.vocab.vocab_size, cfg.shards.seq_len, cfg.shards.objective, cfg.shards.masking) == \
         (8192, 128, "nsp", "dynamic")
     out = tmp_path / "demo"

@@ -7,11 +7,12 @@ import math
 import pytest
 
 from data_prep.cli import main
-from data_prep.config import RANGES, config_from_flat, load_yaml, section_keys
+from data_prep.config import RANGES, PrepConfig, config_from_flat, load_config
 from data_prep.errors import PrepError
+from data_prep.settings import keys, read_yaml_mapping, unwrap_optional
 from data_prep.vocab import train_wordpiece
 
-FLOAT_KEYS = sorted(k for k, tp in section_keys().items() if tp in (float, float | None))
+FLOAT_KEYS = sorted(k for k, key in keys(PrepConfig).items() if unwrap_optional(key.type)[0] is float)
 
 
 def test_every_float_key_is_found():
@@ -49,7 +50,7 @@ def test_non_finite_yaml_values_are_refused(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("shards:\n  val_fraction: .nan\n  text_per_shard_mb: .inf\n")
     with pytest.raises(PrepError) as err:
-        config_from_flat(load_yaml(path), source=str(path))
+        load_config(path)
     assert "2 configuration problem(s)" in str(err.value)
     assert "shards.val_fraction: got nan" in str(err.value) and "shards.text_per_shard_mb: got inf" in str(err.value)
 
@@ -60,7 +61,7 @@ def test_every_float_spelling_is_accepted_in_yaml(tmp_path):
     path.write_text("shards:\n  masked_lm_prob: 1.5E-1\n  val_fraction: 1e-3\n  short_seq_prob: .5\n"
                     "  text_per_shard_mb: 2.5e1\nvocab:\n  max_text_mb: 1_0e-1\n"
                     "input:\n  jsonl_field: 1e-3\n")
-    cfg = config_from_flat(load_yaml(path))
+    cfg = load_config(path)
     s = cfg.shards
     assert (s.masked_lm_prob, s.val_fraction, s.short_seq_prob, s.text_per_shard_mb, cfg.vocab.max_text_mb) == \
         (0.15, 0.001, 0.5, 25.0, 1.0)
@@ -71,7 +72,7 @@ def test_every_float_spelling_is_accepted_in_yaml(tmp_path):
 def test_float_spellings_one_by_one(tmp_path, text, expected):
     path = tmp_path / "c.yaml"
     path.write_text(f"shards:\n  text_per_shard_mb: {text}\n")
-    assert config_from_flat(load_yaml(path)).shards.text_per_shard_mb == expected
+    assert load_config(path).shards.text_per_shard_mb == expected
 
 
 def test_an_integer_in_a_float_field_stays_an_integer():
@@ -122,20 +123,20 @@ def test_a_duplicate_key_is_an_error_naming_both_lines(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("seed: 1\nshards:\n  seq_len: 64\n  objective: sop\n  seq_len: 128\n")
     with pytest.raises(PrepError, match=rf"^{path}:5: key 'seq_len' appears twice \(first at line 3\)$"):
-        load_yaml(path)
+        load_config(path)
 
 
 def test_a_duplicate_section_is_an_error(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("shards:\n  seq_len: 64\nseed: 3\nshards:\n  objective: sop\n")
     with pytest.raises(PrepError, match=rf"{path}:4: key 'shards' appears twice \(first at line 1\)"):
-        load_yaml(path)
+        load_config(path)
 
 
 def test_merge_keys_may_be_overridden(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("x: &base {seq_len: 64, objective: sop}\nshards:\n  <<: *base\n  seq_len: 128\n")
-    assert load_yaml(path)["shards.seq_len"] == 128
+    assert read_yaml_mapping(path)["shards"]["seq_len"] == 128
 
 
 @pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "---\n"])
@@ -143,7 +144,7 @@ def test_an_empty_file_is_an_error(tmp_path, text):
     path = tmp_path / "c.yaml"
     path.write_text(text)
     with pytest.raises(PrepError, match=f"^{path} is empty"):
-        load_yaml(path)
+        load_config(path)
 
 
 @pytest.mark.parametrize("make,problem", [
@@ -172,4 +173,4 @@ def test_a_huge_file_is_not_read_whole(tmp_path):
     with open(path, "wb") as f:
         f.truncate(64 << 20)  # sparse: a checkpoint given as --config by mistake
     with pytest.raises(PrepError, match=f"{path}: larger than 4 MiB; a config file is a few KB of YAML"):
-        load_yaml(path)
+        load_config(path)

@@ -120,7 +120,9 @@ def test_cli_reports_invalid_config_with_exit_2(tmp_path):
 def test_every_field_of_both_trees_is_documented():
     from data_prep.settings import keys
 
-    undocumented = [k for tree in (Config,) for k, key in keys(tree).items() if not key.doc]
+    from data_prep.config import PrepConfig
+
+    undocumented = [k for tree in (Config, PrepConfig) for k, key in keys(tree).items() if not key.doc]
     assert undocumented == []
 
 
@@ -128,7 +130,7 @@ def test_the_configuration_reference_is_generated_from_the_field_docstrings():
     from data_prep.settings import render_reference_doc
 
     doc = (REPO / "docs" / "configuration.md").read_text()
-    assert "<!-- reference pretrain.config:Config -->" in doc
+    assert "<!-- reference pretrain.config:Config -->" in doc and "<!-- reference data_prep.config:PrepConfig -->" in doc
     assert render_reference_doc(doc) == doc, "regenerate: python -m data_prep.settings docs/configuration.md"
 
 
@@ -137,22 +139,23 @@ DATA_CONFIGS = sorted((REPO / "configs" / "data").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", DATA_CONFIGS, ids=[p.name for p in DATA_CONFIGS])
 def test_every_shipped_data_yaml_loads_through_data_preps_loader(path):
-    from data_prep.config import config_from_flat, load_yaml
-    cfg = config_from_flat(load_yaml(path), source=str(path))
+    from data_prep.config import load_config as load_prep_config
+    cfg = load_prep_config(path)
     assert cfg.out and cfg.input.paths
 
 
 def test_bert_large_data_configs_feed_the_training_recipes():
-    from data_prep.config import config_from_flat, load_yaml
-    p1 = config_from_flat(load_yaml(REPO / "configs/data/wiki.yaml"))
-    p2 = config_from_flat(load_yaml(REPO / "configs/data/wiki-512.yaml"))
+    from data_prep.config import load_config as load_prep_config
+    p1 = load_prep_config(REPO / "configs/data/wiki.yaml")
+    p2 = load_prep_config(REPO / "configs/data/wiki-512.yaml")
     t1 = load_config(str(REPO / "configs/bert-large-phase1.yaml"))
     t2 = load_config(str(REPO / "configs/bert-large-phase2.yaml"))
     assert (p1.shards.seq_len, p1.shards.max_predictions) == (t1.training.seq_len, t1.training.max_predictions)
     assert (p2.shards.seq_len, p2.shards.max_predictions) == (t2.training.seq_len, t2.training.max_predictions)
-    assert Path(p1.out, "shards") == (REPO / t1.data.dir).resolve()
-    assert Path(p2.out, "shards") == (REPO / t2.data.dir).resolve()
-    assert Path(p2.vocab.tokenizer) == (REPO / t2.data.tokenizer).resolve() == Path(p1.out, "tokenizer")
+    # both relative to the current directory (the repository root), as every path in a config
+    assert Path(p1.out, "shards") == Path(t1.data.dir)
+    assert Path(p2.out, "shards") == Path(t2.data.dir)
+    assert Path(p2.vocab.tokenizer) == Path(t2.data.tokenizer) == Path(p1.out, "tokenizer")
     assert p1.vocab.vocab_size == t1.model.vocab_size
 
 
