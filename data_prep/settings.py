@@ -180,21 +180,22 @@ def describe(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"a list of {describe(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        return "a list of " + {int: "integers", float: "numbers", bool: "true/false", str: "strings"}.get(item, str(item))
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
 
 
 def range_words(bounds: dict) -> str:
     """``>= 1``, ``> 0``, ``between 16 and 1048576`` or ``0 <= value < 1``."""
-    low = [(op, bounds[k]) for k, op in (("ge", "<="), ("gt", "<")) if k in bounds]
+    if "ge" in bounds and "le" in bounds:
+        return f"between {bounds['ge']} and {bounds['le']}"
+    low = [(op, bounds[k]) for k, op in (("ge", ">="), ("gt", ">")) if k in bounds]
     high = [(op, bounds[k]) for k, op in (("le", "<="), ("lt", "<")) if k in bounds]
     if low and high:
-        if (low[0][0], high[0][0]) == ("<=", "<="):
-            return f"between {low[0][1]} and {high[0][1]}"
-        return f"{low[0][1]} {low[0][0]} value {high[0][0]} {high[0][1]}"
-    if low:
-        return f"{'>=' if low[0][0] == '<=' else '>'} {low[0][1]}"
-    return f"{high[0][0]} {high[0][1]}" if high else ""
+        (low_op, low_value), (high_op, high_value) = low[0], high[0]
+        return f"{low_value} {'<=' if low_op == '>=' else '<'} value {high_op} {high_value}"
+    ((op, value),) = low or high
+    return f"{op} {value}"
 
 
 def _in_range(value, bounds: dict) -> bool:
@@ -243,7 +244,7 @@ def _coerce(value: Any, tp: Any, key: str, widen_ints: bool, bounds: dict) -> An
 def _value(value: Any, k: Key, widen_ints: bool) -> Any:
     """The checked value of key ``k`` (raises _Invalid)."""
     value = _coerce(value, k.type, k.dotted, widen_ints, k.bounds)
-    if value is not None and k.bounds and not isinstance(value, list) and not _in_range(value, k.bounds):
+    if value is not None and k.bounds and not _in_range(value, k.bounds):
         raise _Invalid(f"{k.dotted}: got {value!r}, expected {range_words(k.bounds)}")
     if k.field.metadata.get("path") and value is not None:
         value = [os.path.expanduser(v) for v in value] if isinstance(value, list) else os.path.expanduser(value)
@@ -281,56 +282,54 @@ def _covers(bad: str, key: str) -> bool:
 # --------------------------------------------------------------------------------------------
 # Building the tree
 # --------------------------------------------------------------------------------------------
-def _unknown(dotted: str, known: list[str], all_keys: list[str]) -> str:
+def _unknown(dotted: str, names: list[str], known: dict[str, Key]) -> str:
     """``KEY: unknown key (did you mean 'CLOSEST'?)``, else the section's known keys."""
     prefix, _, leaf = dotted.rpartition(".")
-    close = difflib.get_close_matches(leaf, known, n=1)
+    close = difflib.get_close_matches(leaf, names, n=1)
     if close:
         return f"{dotted}: unknown key (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)"
-    same_leaf = [k for k in all_keys if k.rsplit(".", 1)[-1] == leaf]
+    same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
     if same_leaf:
         return f"{dotted}: unknown key (did you mean {same_leaf[0]!r}?)"
-    return f"{dotted}: unknown key (known keys: {', '.join(known)})"
+    return f"{dotted}: unknown key (known keys: {', '.join(names)})"
 
 
-def _build(cls: type, data: Any, prefix: str, problems: list[str], invalid: set[str], widen_ints: bool,
-           all_keys: list[str]):
+def _build(cls: type, data: Any, prefix: str, known: dict[str, Key], problems: list[str], invalid: set[str],
+           widen_ints: bool):
     if not isinstance(data, dict):
         problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
         invalid.add(prefix.rstrip("."))
         return cls()
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    docs = field_docs(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for name, value in data.items():
         dotted = f"{prefix}{name}"
-        if name not in fields:
-            problems.append(_unknown(dotted, list(fields), all_keys))
-            continue
-        if dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = _build(hints[name], value, dotted + ".", problems, invalid, widen_ints, all_keys)
-            continue
-        try:
-            kwargs[name] = _value(value, Key(dotted, hints[name], fields[name], docs.get(name, "")), widen_ints)
-        except _Invalid as err:
-            problems.append(str(err))
-            invalid.add(dotted)
+        if name not in names:
+            problems.append(_unknown(dotted, names, known))
+        elif dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], value, dotted + ".", known, problems, invalid, widen_ints)
+        else:
+            try:
+                kwargs[name] = _value(value, known[dotted], widen_ints)
+            except _Invalid as err:
+                problems.append(str(err))
+                invalid.add(dotted)
     return cls(**kwargs)
 
 
-def build(cls: type, data: dict, *, source: str | None = None, rules: Rules = Rules(), context: tuple = (),
-          warn: Rules = Rules(), widen_ints: bool = True):
+def build(cls: type, data: dict, *, source: str | None = None, rules: Rules | None = None, context: tuple = (),
+          warn: Rules | None = None, widen_ints: bool = True):
     """The tree ``cls`` from nested mapping ``data``, every problem raised together in one
     ConfigError; ``warn`` rules' findings are issued as ConfigWarning.  ``context`` is passed to
     the rules after the config.  ``widen_ints=False`` keeps an int given for a float field an int."""
     problems: list[str] = []
     invalid: set[str] = set()
-    cfg = _build(cls, data, "", problems, invalid, widen_ints, list(keys(cls)))
-    problems.extend(rules.run(cfg, invalid, context))
+    cfg = _build(cls, data, "", keys(cls), problems, invalid, widen_ints)
+    problems.extend((rules or Rules()).run(cfg, invalid, context))
     if problems:
         raise ConfigError(problems, source=source)
-    for message in warn.run(cfg, invalid, context):
+    for message in (warn or Rules()).run(cfg, invalid, context):
         warnings.warn(message, ConfigWarning, stacklevel=3)
     return cfg
 
@@ -505,7 +504,7 @@ def _type_words(k: Key) -> str:
     if k.bounds:
         words += f", {range_words(k.bounds)}"
     if k.field.metadata.get("path"):
-        words += ", a path"
+        words = words.replace("a list of strings", "a list of paths").replace("a string", "a path")
     return words
 
 
