@@ -17,7 +17,7 @@ import numpy as np
 from data_prep.encode import encode_documents
 from data_prep.errors import PrepError, write_error
 from data_prep.instances import create_instances, fill_row, instance_rng
-from data_prep.masking import MaskingConfig, continuation_table, mask_batch
+from data_prep.masking import continuation_table, mask_batch, masking_config
 from data_prep.procs import die_with_parent, parent_alive
 from data_prep.shards import (SENTENCE_LABEL_KEYS, SPLIT_CODES, ShardWriter, bytes_rows, npy_rows, sample_fields,
                               sample_key, shard_name)
@@ -55,10 +55,6 @@ class ShardSettings:
     def fields(self) -> list[str]:
         """Member extensions of every sample, in the order they are written."""
         return sample_fields(self.objective, self.masking, self.whole_word_mask)
-
-    def masking_config(self) -> MaskingConfig:
-        return MaskingConfig(vocab_size=self.vocab_size, mask_id=self.mask_id, special_ids=self.special_ids,
-                             masked_lm_prob=self.masked_lm_prob, max_predictions=self.max_predictions)
 
 
 @dataclass
@@ -162,7 +158,8 @@ def _add_samples(writer: ShardWriter, unit: WorkUnit, settings: ShardSettings, e
     dtype = np.dtype(settings.token_dtype)
     static = settings.masking == "static"
     wwm = settings.whole_word_mask
-    masking = settings.masking_config() if static else None
+    masking = masking_config(settings.vocab_size, settings.mask_id, settings.special_ids, settings.masked_lm_prob,
+                             settings.max_predictions) if static else None
     mask_rng = np.random.default_rng([settings.seed, STREAM_STATIC_MASK, SPLIT_CODES[unit.split], unit.index])
     label_key = settings.label_key
     pad_id = settings.pad_id

@@ -20,7 +20,7 @@ one generator per shard instead (seeded by seed, stream, split and shard index i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import NamedTuple
 
 import numpy as np
@@ -70,6 +70,15 @@ class MaskingConfig:
         return np.array([self.mask_token_prob, self.mask_token_prob + self.random_token_prob])
 
 
+@lru_cache(maxsize=16)
+def masking_config(vocab_size: int, mask_id: int, special_ids: tuple[int, ...], masked_lm_prob: float,
+                   max_predictions: int) -> MaskingConfig:
+    """The MaskingConfig of a shard format, made once per process: the loader asks for it per sample, and
+    its tables are built on first use."""
+    return MaskingConfig(vocab_size=vocab_size, mask_id=mask_id, special_ids=tuple(sorted(set(special_ids))),
+                         masked_lm_prob=masked_lm_prob, max_predictions=max_predictions)
+
+
 class MaskedSample(NamedTuple):
     input_ids: np.ndarray  # copy of the input with the chosen positions replaced (same dtype)
     masked_lm_positions: np.ndarray  # int64 [P], ascending, P <= max_predictions
@@ -111,6 +120,12 @@ def budgets(num_maskable: np.ndarray, config: MaskingConfig) -> np.ndarray:
     n = np.asarray(num_maskable, dtype=np.int64)
     wanted = np.floor(n * config.masked_lm_prob + 0.5).astype(np.int64)
     return np.where(n > 0, np.minimum(np.minimum(config.max_predictions, np.maximum(1, wanted)), n), 0)
+
+
+def num_to_predict(num_maskable: int, config: MaskingConfig) -> int:
+    """``budgets`` of one row.  Used by tests/data_prep/test_real_corpora.py only; to go once it calls
+    ``budgets``."""
+    return int(budgets([num_maskable], config)[0])
 
 
 def mask_batch(input_ids: np.ndarray, rng: np.random.Generator, config: MaskingConfig,

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import bisect
 import os
-import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import BinaryIO, Iterator, Optional
 
 import numpy as np
 import torch
@@ -32,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from data_prep.errors import PrepError
 from data_prep.loader import example_from_sample
 from data_prep.masking import IGNORE_INDEX
-from data_prep.shards import decode_fields, open_shard, read_manifest, split_info
+from data_prep.shards import decode_fields, index_shard, read_manifest, read_members, split_info
+from data_prep.shards.reader import TarIndex
 from pretrain.config import DataConfig, EvalConfig, TrainingConfig
 
 
@@ -55,32 +55,36 @@ class DataPosition:
 
 @dataclass
 class Split:
-    """One split (train or val) of a shard directory, as described by its manifest."""
-    name: str
+    """One split (train or val) of a shard directory: ``data_prep.shards.split_info`` of its manifest,
+    with this run's mlm_probability and max_predictions, and the tokenizer the run uses."""
     dir: str
-    shard_paths: list[str]
-    shard_sizes: list[int]
-    manifest: dict
-    fingerprint: str
-    tokenizer_hash: Optional[str]
+    info: dict
     tokenizer_dir: Optional[str]
-    seq_len: int
-    max_predictions: int
-    dynamic: bool
-    whole_word: bool
-    mlm_probability: float
-    special: dict
-    vocab_size: int
-    has_sentence_labels: bool
-    shards: list[dict] = field(default_factory=list)    # the manifest's entries (name, samples, bytes, sha256)
-    offsets: list[int] = field(default_factory=list)   # cumulative sample counts
+    offsets: list[int] = field(init=False)   # cumulative sample counts of the shards
 
     def __post_init__(self):
-        self.offsets = list(np.cumsum([0] + self.shard_sizes).tolist())
+        self.offsets = np.cumsum([0] + self.shard_sizes).tolist()
+
+    @property
+    def shards(self) -> list[dict]:
+        """The manifest's entries (name, samples, bytes, sha256, ...), in order."""
+        return self.info["shards"]
+
+    @property
+    def shard_sizes(self) -> list[int]:
+        return [int(s["samples"]) for s in self.shards]
 
     @property
     def num_samples(self) -> int:
         return self.offsets[-1]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.info["fingerprint"]
+
+    @property
+    def tokenizer_hash(self) -> str:
+        return self.info["tokenizer_hash"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,19 +111,11 @@ def open_split(data_cfg: DataConfig, name: str, training_cfg: TrainingConfig, mo
         raise DataError(f"{data_cfg.dir}: tokenizer vocabulary {info['vocab_size']} exceeds model.vocab_size "
                         f"{model_vocab_size}")
     tokenizer_dir = _check_tokenizer(data_cfg, info)
-    mlm_probability = data_cfg.mlm_probability if data_cfg.mlm_probability is not None else info["mlm_probability"]
-    return Split(
-        name=name, dir=data_cfg.dir,
-        shard_paths=[os.path.join(data_cfg.dir, s["name"]) for s in info["shards"]],
-        shard_sizes=[int(s["samples"]) for s in info["shards"]],
-        manifest=manifest, fingerprint=info["fingerprint"], tokenizer_hash=info["tokenizer_hash"],
-        tokenizer_dir=tokenizer_dir, seq_len=seq_len,
-        max_predictions=min(info["max_predictions"], training_cfg.max_predictions)
-        if not info["dynamic"] else training_cfg.max_predictions,
-        dynamic=info["dynamic"], whole_word=info["whole_word"], mlm_probability=mlm_probability,
-        special=info["special_ids"], vocab_size=info["vocab_size"],
-        has_sentence_labels=info["has_sentence_labels"], shards=info["shards"],
-    )
+    if data_cfg.mlm_probability is not None:
+        info["mlm_probability"] = data_cfg.mlm_probability
+    info["max_predictions"] = training_cfg.max_predictions if info["dynamic"] else \
+        min(info["max_predictions"], training_cfg.max_predictions)
+    return Split(dir=data_cfg.dir, info=info, tokenizer_dir=tokenizer_dir)
 
 
 def _check_tokenizer(data_cfg: DataConfig, info: dict) -> Optional[str]:
@@ -209,28 +205,6 @@ class RankPositions(Sampler):
 # --------------------------------------------------------------------------------------------
 # Reading samples
 # --------------------------------------------------------------------------------------------
-def tar_index(f, path: str) -> list[tuple[str, dict]]:
-    """Members of a WebDataset tar (a binary file open at its start) grouped by sample key, in file
-    order: [(key, {ext: (offset, size)})]."""
-    samples: list[tuple[str, dict]] = []
-    keys: dict[str, int] = {}
-    try:
-        with tarfile.open(fileobj=f, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = os.path.basename(member.name)
-                key, _, ext = base.partition(".")
-                key = os.path.join(os.path.dirname(member.name), key)
-                if key not in keys:
-                    keys[key] = len(samples)
-                    samples.append((key, {}))
-                samples[keys[key]][1][ext] = (member.offset_data, member.size)
-    except (tarfile.TarError, OSError) as err:
-        raise DataError(f"{path}: cannot read shard ({err}); run `python -m data_prep verify` on its directory")
-    return samples
-
-
 class ShardSamples(Dataset):
     """Map-style dataset: global position -> one training example (numpy arrays)."""
 
@@ -240,44 +214,32 @@ class ShardSamples(Dataset):
         # every worker touches every shard, and an index costs 0.5-0.8 KB a sample (measured).
         # A shuffle window reads its shards in random order, so the bound covers two windows.
         self.max_open = max(16, 2 * order.window_shards)
-        self._index: OrderedDict[int, list[tuple[str, dict]]] = OrderedDict()
-        self._files: OrderedDict[int, object] = OrderedDict()
+        self._open_shards: OrderedDict[int, tuple[BinaryIO, TarIndex]] = OrderedDict()
 
     def _open(self, shard: int) -> None:
-        """Open a shard (checked against the manifest's size and sha256: one sequential read) and index it;
-        the least recently used shard is closed past ``max_open``.  Evicted, a shard is checked again.
-        A shard that fails its check is a PrepError (``__getitem__`` makes it a DataError)."""
-        path = self.split.shard_paths[shard]
-        f = open_shard(self.split.dir, self.split.shards[shard])
-        index = tar_index(f, path)
-        if len(index) != self.split.shard_sizes[shard]:
-            f.close()
-            raise DataError(f"{path}: holds {len(index)} samples but the manifest says {self.split.shard_sizes[shard]}")
-        self._index[shard], self._files[shard] = index, f
-        if len(self._index) > self.max_open:
-            self._index.popitem(last=False)
-            self._files.popitem(last=False)[1].close()
+        """Open a shard (checked against the manifest's size, sha256 and sample count: one sequential
+        read) and index it; the least recently used shard is closed past ``max_open``.  Evicted, a shard
+        is checked again.  A shard that fails its check is a PrepError (``__getitem__`` makes it a
+        DataError)."""
+        self._open_shards[shard] = index_shard(self.split.dir, self.split.shards[shard])
+        if len(self._open_shards) > self.max_open:
+            self._open_shards.popitem(last=False)[1][0].close()
 
     def _read(self, sample: int) -> dict:
-        """A sample decoded (member extension -> value)."""
+        """A sample decoded (field name -> value)."""
         return self._read_located(sample)[1]
 
     def _read_located(self, sample: int) -> tuple[str, dict]:
         """``(where, sample decoded)``: ``where`` ("<shard path>: sample <key>") names it in errors."""
         shard = bisect.bisect_right(self.split.offsets, sample) - 1
-        if shard in self._index:
-            self._index.move_to_end(shard)
-            self._files.move_to_end(shard)
+        if shard in self._open_shards:
+            self._open_shards.move_to_end(shard)
         else:
             self._open(shard)
-        f = self._files[shard]
-        key, members = self._index[shard][sample - self.split.offsets[shard]]
-        raw = {}
-        for ext, (offset, size) in members.items():
-            f.seek(offset)
-            raw[ext] = f.read(size)
-        where = f"{self.split.shard_paths[shard]}: sample {key}"
-        return where, decode_fields(raw, where)
+        f, index = self._open_shards[shard]
+        key, members = index[sample - self.split.offsets[shard]]
+        where = f"{os.path.join(self.split.dir, self.split.shards[shard]['name'])}: sample {key}"
+        return where, decode_fields(read_members(f, members), where)
 
     def __getitem__(self, position: int) -> dict:
         epoch, sample = self.order(position)
@@ -285,7 +247,7 @@ class ShardSamples(Dataset):
         # (dynamic shards: seeded by (seed, epoch, sample index)).
         try:
             where, raw = self._read_located(sample)
-            return example_from_sample(raw, self.split, seed=self.seed, epoch=epoch, index=sample, where=where)
+            return example_from_sample(raw, self.split.info, seed=self.seed, epoch=epoch, index=sample, where=where)
         except PrepError as err:
             raise DataError(str(err)) from None
 
@@ -320,8 +282,8 @@ def collate(examples: list[dict], pad_id: int, pad_to_multiple_of: int, max_pred
 
 class _Collate:
     def __init__(self, split: Split, pad_to_multiple_of: int):
-        self.pad_id, self.multiple = split.special["pad"], pad_to_multiple_of
-        self.max_predictions = split.max_predictions
+        self.pad_id, self.multiple = split.info["special_ids"]["pad"], pad_to_multiple_of
+        self.max_predictions = split.info["max_predictions"]
 
     def __call__(self, examples):
         return collate(examples, self.pad_id, self.multiple, self.max_predictions)

@@ -1,4 +1,4 @@
-"""Shard writing primitives: npy bytes, tar headers, atomic commit, reading back."""
+"""Shard writing primitives: npy bytes, tar headers, the writer (tarfile's bytes, atomic commit), reading back."""
 from __future__ import annotations
 
 import io
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from data_prep.errors import PrepError
-from data_prep.shards import (ShardWriter, decode_fields, iter_tar_samples, npy_bytes, parse_key, read_manifest,
-                              sample_key, shard_name, tar_header)
+from data_prep.shards import (ShardWriter, bytes_rows, decode_fields, iter_tar_samples, npy_bytes, npy_rows, parse_key,
+                              read_manifest, sample_key, shard_name)
+from data_prep.shards.writer import tar_header
 
 
 @pytest.mark.parametrize("arr", [np.arange(7, dtype=np.uint16), np.zeros(0, np.int32), np.ones(129, np.uint8),
@@ -69,9 +70,10 @@ def test_abort_and_stale_temps(tmp_path):
 
 
 def test_keys_and_manifest_errors(tmp_path):
-    assert parse_key("dir/train-000012-000345") == ("train", 12, 345)
-    with pytest.raises(ValueError):
-        parse_key("other-1-2")
+    assert parse_key("train-000012-000345") == ("train", 12, 345)
+    for key in ("other-1-2", "dir/train-000012-000345"):  # keys data_prep never writes
+        with pytest.raises(ValueError):
+            parse_key(key)
     with pytest.raises(PrepError, match="no manifest.json"):
         read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text('{"format": "bertforge-wds", "format_version": 99}')
@@ -79,23 +81,22 @@ def test_keys_and_manifest_errors(tmp_path):
         read_manifest(tmp_path)
 
 
-def test_header_templates_match_tar_header():
-    from data_prep.shards import _HeaderTemplates
-
-    templates = _HeaderTemplates()
-    for key in ("train-000001-000002", "val-000000-999999", "train-000001-1000000"):
-        for ext, size in (("input_ids.npy", 384), ("nsp_label.cls", 1), ("input_ids.npy", 384)):
-            kb = key.encode()
-            assert templates.header(kb, sum(kb), ext, size) == tar_header(f"{key}.{ext}", size)
+def tarfile_shard(path, samples) -> None:
+    """The reference: stdlib tarfile writing the same members with the writer's fixed metadata."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, fields in samples:
+            for ext, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = \
+                    len(data), 0, 0o644, 0, 0, "", ""
+                tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.mark.parametrize("keys", [[sample_key("train", 7, i) for i in range(2500)],  # one key length, 3 chunks
                                   [sample_key("val", 0, 999_998 + i) for i in range(4)]])  # 6 then 7 digits
-def test_add_rows_writes_the_bytes_add_writes(tmp_path, keys):
-    """The vectorized writer (npy_rows + add_rows) against the per-sample one, with rows of every layout:
-    members of 0 bytes, exactly one block, several blocks, labels of several digits."""
-    from data_prep.shards import bytes_rows, npy_rows
-
+def test_add_rows_writes_the_bytes_tarfile_writes(tmp_path, keys):
+    """The writer against stdlib tarfile, with rows of every layout: members of 0 bytes, exactly one
+    block, several blocks, labels of several digits; one sample added alone, then a batch."""
     rng = np.random.default_rng(0)
     n = len(keys)
     ids = rng.integers(0, 30_000, size=(n, 600), dtype=np.uint16)
@@ -106,12 +107,38 @@ def test_add_rows_writes_the_bytes_add_writes(tmp_path, keys):
     samples = [(key, {"input_ids.npy": npy_bytes(ids[r, :id_lengths[r]]),
                       "word_starts.npy": npy_bytes(flags[r, :id_lengths[r]]),
                       "label.cls": labels[r]}) for r, key in enumerate(keys)]
-    expected = write_shard(tmp_path / "a.tar", samples)
+    tarfile_shard(tmp_path / "a.tar", samples)
 
     w = ShardWriter(tmp_path / "b.tar")
-    w.add(*samples[0])  # gathered by add, then flushed before add_rows writes
+    w.add(*samples[0])
     w.add_rows(keys[1:], [("input_ids.npy", *[a[1:] for a in npy_rows(ids, id_lengths)]),
                           ("word_starts.npy", *[a[1:] for a in npy_rows(flags, id_lengths)]),
                           ("label.cls", *[a[1:] for a in bytes_rows(labels)])])
-    assert w.commit() == expected
+    record = w.commit()
     assert (tmp_path / "b.tar").read_bytes() == (tmp_path / "a.tar").read_bytes()
+    assert record["samples"] == n and record["bytes"] == (tmp_path / "a.tar").stat().st_size
+
+
+def test_names_longer_than_a_ustar_header_are_refused(tmp_path):
+    w = ShardWriter(tmp_path / "c.tar")
+    with pytest.raises(ValueError, match="do not fit a USTAR header"):
+        w.add("k" * 90, {"masked_lm_positions.npy": b""})
+    w.abort()
+
+
+def test_reader_groups_adjacent_members_by_webdatasets_key_rule(tmp_path):
+    """A sample is a run of adjacent members with one key, the key being the member's directory and
+    base name up to its first dot (webdataset's rule)."""
+    members = [("a/x.input_ids.npy", b"1"), ("a/x.nsp_label.cls", b"0"), ("b/x.input_ids.npy", b"2"),
+               ("y.input_ids.npy", b"3"), ("a/x.input_ids.npy", b"4")]
+    with tarfile.open(tmp_path / "t.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert list(iter_tar_samples(tmp_path / "t.tar")) == [
+        ("a/x", {"input_ids.npy": b"1", "nsp_label.cls": b"0"}), ("b/x", {"input_ids.npy": b"2"}),
+        ("y", {"input_ids.npy": b"3"}), ("a/x", {"input_ids.npy": b"4"})]
+    (tmp_path / "bad.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(PrepError, match="bad.tar: not a readable tar"):
+        list(iter_tar_samples(tmp_path / "bad.tar"))

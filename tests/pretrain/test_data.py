@@ -144,7 +144,7 @@ def test_shard_indexes_and_open_files_stay_bounded_and_reads_stay_right(shards):
 
     data, training = _cfgs(shards, 0)
     split = open_split(data, "train", training, model_vocab_size=2048)
-    assert len(split.shard_paths) >= 2
+    assert len(split.shards) >= 2
     order = GlobalOrder(split.shard_sizes, seed=1, window_samples=0, shuffle=False)
     bounded, fresh = ShardSamples(split, order, seed=1), ShardSamples(split, order, seed=1)
     assert bounded.max_open == 16
@@ -152,7 +152,7 @@ def test_shard_indexes_and_open_files_stay_bounded_and_reads_stay_right(shards):
     samples = [s for _ in range(2) for s in split.offsets[:-1]] + [split.num_samples - 1, 0]  # first of each shard
     for s in samples:
         got = bounded._read(s)
-        assert len(bounded._index) <= 1 and len(bounded._files) <= 1
+        assert len(bounded._open_shards) <= 1
         expected = fresh._read(s)
         assert got.keys() == expected.keys()
         assert all(np.array_equal(got[k], expected[k]) for k in got)

@@ -1,0 +1,204 @@
+"""manifest.json of a shard directory: read, every field a reader uses checked (a missing or bad one
+is named in one error), and the view a reader of one split needs (``split_info``)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from data_prep.errors import PrepError
+from data_prep.shards.format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SENTENCE_LABEL_KEYS, SPLITS, sample_fields,
+                                     shard_name, shard_path)
+
+
+def read_manifest(out_dir) -> dict:
+    """The manifest of a finished shard directory, with ``dir`` (its absolute path) added.  Its fields
+    are checked (``manifest_problems``): a missing key or bad value is one PrepError naming it."""
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise PrepError(f"{out_dir}: no {MANIFEST}; expected a directory written by `python -m data_prep shards` "
+                        "(an unfinished multi-node run needs `python -m data_prep merge` first)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PrepError(f"{path}: not valid JSON ({err})") from err
+    except OSError as err:
+        raise PrepError(f"{path}: cannot read ({err.strerror})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise PrepError(f"{path}: format is {found!r}; expected {FORMAT_NAME!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise PrepError(f"{path}: format_version {manifest.get('format_version')} is not supported by this "
+                        f"data_prep (it reads version {FORMAT_VERSION}); rebuild the shards")
+    problems = manifest_problems(manifest, out_dir)
+    if problems:
+        shown = "; ".join(problems[:MAX_SHOWN]) + (f"; and {len(problems) - MAX_SHOWN} more" if
+                                                    len(problems) > MAX_SHOWN else "")
+        raise PrepError(f"{path}: {shown}" if len(problems) == 1 else f"{path}: {len(problems)} problems: {shown}")
+    manifest["dir"] = str(Path(out_dir).resolve())
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest checks: every key a reader uses is present, of its type, and makes sense
+# --------------------------------------------------------------------------------------------
+MAX_SHOWN = 10  # problems named in one error
+_KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "a dict", list: "a list",
+          type(None): "null"}
+
+
+def _typed(problems: list[str], parent: dict, key: str, name: str, kind: type):
+    """``parent[key]`` when present and of ``kind`` (float: any number), else None and a problem."""
+    if key not in parent:
+        problems.append(f"{name}: missing")
+        return None
+    value = parent[key]
+    kinds = (int, float) if kind is float else kind
+    if not isinstance(value, kinds) or (isinstance(value, bool) and kind is not bool):
+        problems.append(f"{name}: got {_KINDS.get(type(value), type(value).__name__)}, expected {_KINDS[kind]}")
+        return None
+    return value
+
+
+def _int_in(problems: list[str], parent: dict, key: str, name: str, lo: int, hi: int | None = None):
+    value = _typed(problems, parent, key, name, int)
+    if value is not None and not (lo <= value and (hi is None or value <= hi)):
+        problems.append(f"{name}: got {value}, expected an integer " + (f"in [{lo}, {hi}]" if hi is not None
+                                                                         else f">= {lo}"))
+        return None
+    return value
+
+
+def _tokenizer_problems(problems: list[str], manifest: dict) -> int | None:
+    """Problems of the ``tokenizer`` section; its vocab_size when that is valid."""
+    tok = _typed(problems, manifest, "tokenizer", "tokenizer", dict)
+    if tok is None:
+        return None
+    _typed(problems, tok, "sha256", "tokenizer.sha256", str)
+    tok_dir = _typed(problems, tok, "dir", "tokenizer.dir", str)
+    if tok_dir is not None and (tok_dir in ("", ".", "..") or "/" in tok_dir or "\\" in tok_dir):
+        problems.append(f"tokenizer.dir: {tok_dir!r} is not a plain directory name (expected 'tokenizer')")
+    vocab_size = _int_in(problems, tok, "vocab_size", "tokenizer.vocab_size", 16, 1 << 31)
+    special = _typed(problems, tok, "special_ids", "tokenizer.special_ids", dict)
+    for role in ("pad", "unk", "cls", "sep", "mask") if special is not None else ():
+        value = _int_in(problems, special, role, f"tokenizer.special_ids.{role}", 0)
+        if value is not None and vocab_size is not None and value >= vocab_size:
+            problems.append(f"tokenizer.special_ids.{role}: {value} is not below tokenizer.vocab_size ({vocab_size})")
+    return vocab_size
+
+
+def _format_problems(problems: list[str], manifest: dict, vocab_size: int | None) -> None:
+    from data_prep.config import MASKING_MODES, OBJECTIVES, RANGES
+
+    fmt = _typed(problems, manifest, "sample_format", "sample_format", dict)
+    if fmt is None:
+        return
+    where = "sample_format."
+    objective = _typed(problems, fmt, "objective", where + "objective", str)
+    masking = _typed(problems, fmt, "masking", where + "masking", str)
+    for key, value, allowed in (("objective", objective, OBJECTIVES), ("masking", masking, MASKING_MODES)):
+        if value is not None and value not in allowed:
+            problems.append(f"{where}{key}: got {value!r}, expected one of {', '.join(allowed)}")
+    whole_word = _typed(problems, fmt, "whole_word_mask", where + "whole_word_mask", bool)
+    seq_len = _int_in(problems, fmt, "seq_len", where + "seq_len", *RANGES["shards.seq_len"])
+    _int_in(problems, fmt, "max_predictions", where + "max_predictions", 1, seq_len or RANGES["shards.seq_len"][1])
+    prob = _typed(problems, fmt, "masked_lm_prob", where + "masked_lm_prob", float)
+    if prob is not None and not 0 < prob < 1:
+        problems.append(f"{where}masked_lm_prob: got {prob}, expected a number in (0, 1)")
+    dtype = _typed(problems, fmt, "token_dtype", where + "token_dtype", str)
+    if dtype is not None and dtype not in ("uint16", "int32"):
+        problems.append(f"{where}token_dtype: got {dtype!r}, expected uint16 or int32")
+    elif dtype == "uint16" and vocab_size is not None and vocab_size > 1 << 16:
+        problems.append(f"{where}token_dtype: uint16 cannot hold the ids of a vocabulary of {vocab_size}")
+    if objective in OBJECTIVES and masking in MASKING_MODES and whole_word is not None:
+        _members_problems(problems, fmt, objective, masking, whole_word)
+
+
+def _members_problems(problems: list[str], fmt: dict, objective: str, masking: str, whole_word: bool) -> None:
+    """The sentence label key and the sample fields must be those the objective and masking give."""
+    label_key = SENTENCE_LABEL_KEYS.get(objective)
+    if fmt.get("sentence_label_key") != label_key:
+        problems.append(f"sample_format.sentence_label_key: {fmt.get('sentence_label_key')!r} does not fit "
+                        f"objective {objective!r} (expected {label_key!r})")
+    expected = sample_fields(objective, masking, whole_word)
+    if fmt.get("fields") != expected:
+        problems.append(f"sample_format.fields: {fmt.get('fields')} do not fit objective {objective!r}, masking "
+                        f"{masking!r}, whole_word_mask {whole_word} (expected {expected})")
+
+
+def _shard_problems(problems: list[str], manifest: dict, out_dir) -> None:
+    shards = _typed(problems, manifest, "shards", "shards", list)
+    splits = _typed(problems, manifest, "splits", "splits", dict)
+    for split in SPLITS if splits is not None else ():
+        _typed(problems, splits, split, f"splits.{split}", dict)
+    seen = set()
+    for i, entry in enumerate(shards or ()):
+        where = f"shards[{i}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: got {_KINDS.get(type(entry), type(entry).__name__)}, expected a dict")
+            continue
+        name = _typed(problems, entry, "name", where + ".name", str)
+        split = _typed(problems, entry, "split", where + ".split", str)
+        if split is not None and split not in SPLITS:
+            problems.append(f"{where}.split: got {split!r}, expected one of {', '.join(SPLITS)}")
+        index = _int_in(problems, entry, "index", where + ".index", 0)
+        for key in ("samples", "tokens", "bytes"):
+            _int_in(problems, entry, key, f"{where}.{key}", 0)
+        digest = _typed(problems, entry, "sha256", where + ".sha256", str)
+        if digest is not None and not re.fullmatch(r"[0-9a-f]{64}", digest):
+            problems.append(f"{where}.sha256: {digest!r} is not a sha256 hex digest")
+        if name is None:
+            continue
+        try:
+            shard_path(out_dir, name)
+        except PrepError as err:
+            problems.append(f"{where}.name: {err}")
+            continue
+        if split in SPLITS and index is not None and name != shard_name(split, index):
+            problems.append(f"{where}.name: {name!r} does not fit its split and index "
+                            f"(expected {shard_name(split, index)!r})")
+        elif name in seen:
+            problems.append(f"{where}.name: {name!r} is listed twice")
+        seen.add(name)
+
+
+def manifest_problems(manifest: dict, out_dir) -> list[str]:
+    """Every problem of a manifest's fields, each naming its key: what a reader needs is present, of its
+    type and consistent (special ids below the vocabulary size, fields that fit the objective and the
+    masking, seq_len and max_predictions in range, shard names confined to ``out_dir``)."""
+    problems: list[str] = []
+    _typed(problems, manifest, "fingerprint", "fingerprint", str)
+    _int_in(problems, manifest, "seed", "seed", 0)
+    _format_problems(problems, manifest, _tokenizer_problems(problems, manifest))
+    _shard_problems(problems, manifest, out_dir)
+    return problems
+
+
+def split_info(manifest: dict, split: str) -> dict:
+    """What a reader of one split needs: its shards (the manifest's entries: name, samples, bytes,
+    sha256, ...) and its sample format.  ``data_prep.loader.example_from_sample`` reads this dict."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    fmt = manifest["sample_format"]
+    tok = manifest["tokenizer"]
+    tok_dir = tok.get("dir")
+    if tok_dir and manifest.get("dir"):
+        tok_dir = str(Path(manifest["dir"]) / tok_dir)
+    return {
+        "shards": [s for s in manifest["shards"] if s["split"] == split],
+        "seq_len": fmt["seq_len"],
+        "max_predictions": fmt["max_predictions"],
+        "dynamic": fmt["masking"] == "dynamic",
+        "whole_word": fmt["whole_word_mask"],
+        "mlm_probability": fmt["masked_lm_prob"],
+        "objective": fmt["objective"],
+        "has_sentence_labels": fmt["objective"] in SENTENCE_LABEL_KEYS,
+        "sentence_label_key": fmt.get("sentence_label_key"),
+        "token_dtype": fmt["token_dtype"],
+        "vocab_size": tok["vocab_size"],
+        "special_ids": dict(tok["special_ids"]),
+        "tokenizer_hash": tok["sha256"],
+        "tokenizer_dir": tok_dir,
+        "fingerprint": manifest["fingerprint"],
+        "seed": manifest["seed"],
+    }
