@@ -72,20 +72,17 @@ def test_an_out_of_range_token_names_shard_and_sample(built, tmp_path, workers):
 def test_static_labels_and_positions_out_of_range_are_named(built, tmp_path):
     shard_dir = _copy(built, "static", tmp_path)
 
-    def bad_label(at, members):
-        labels = np.load(io.BytesIO(members["masked_lm_ids.npy"]))
-        members["masked_lm_ids.npy"] = npy_bytes(np.full_like(labels, 3000))
-        return members
+    def filled(ext: str, value: int):
+        """A mutation: every value of member ``ext`` set to ``value`` in every sample."""
+        def mutate(at, members):
+            members[ext] = npy_bytes(np.full_like(np.load(io.BytesIO(members[ext])), value))
+            return members
+        return mutate
     for name in _train_shards(shard_dir):
-        rewrite_shard(shard_dir, name, bad_label)
+        rewrite_shard(shard_dir, name, filled("masked_lm_ids.npy", 3000))
     assert "masked_lm_ids: 3000 at position 0 is outside [0, 2048)" in _one_line_error(shard_dir, 0)
-
-    def bad_position(at, members):
-        positions = np.load(io.BytesIO(members["masked_lm_positions.npy"]))
-        members["masked_lm_positions.npy"] = npy_bytes(np.full_like(positions, 200))
-        return members
     for name in _train_shards(shard_dir):
-        rewrite_shard(shard_dir, name, bad_position)
+        rewrite_shard(shard_dir, name, filled("masked_lm_positions.npy", 200))
     assert "masked_lm_positions: 200 at position 0 is outside [0, " in _one_line_error(shard_dir, 0)
 
 
