@@ -13,10 +13,11 @@ Layout under ``<run_dir>/<checkpoint.dir>``::
 A save writes into ``.tmp-step-000100``; after every rank has finished, rank 0 renames it to
 ``step-000100`` and then replaces ``latest`` atomically (write temp, os.replace).  A crash at any
 point leaves ``latest`` naming the previous complete checkpoint; stale ``.tmp-*`` dirs are removed
-by the next save.  Only the engine module talks to DeepSpeed: this module receives the engine.
+by the next save.  This module receives the Engine (pretrain.engine), which reads and writes
+DeepSpeed's files.
 
 Every .pt file is read with weights-only unpickling (pretrain.weights.load_torch_file, and
-pretrain.engine.safe_torch_load for DeepSpeed's files): a received checkpoint cannot run code.  A
+pretrain.engine.files.safe_torch_load for DeepSpeed's files): a received checkpoint cannot run code.  A
 file that is refused, damaged or missing is a CheckpointError naming it and the previous checkpoint.
 """
 from __future__ import annotations
@@ -33,8 +34,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pretrain import engine as ds
+from pretrain.engine import all_reduce_sum, convert_to_universal
 from pretrain.config import Config
+from pretrain.faults import NO_FAULTS, Faults
 from pretrain.weights import (TOKENIZER_DIR, CheckpointError, UnreadableFileError, atomic_write, copy_tokenizer,
                               load_torch_file, read_json_object, save_weights)
 
@@ -157,7 +159,7 @@ def _barrier() -> None:
 
 def save(engine, root: str, state: TrainerState, *, cfg: Config, scheduler, prints: dict,
          consolidated_state_dict: Optional[dict], rank: int, keep_last: int, extra: dict,
-         crash_before_commit: bool = False) -> str:
+         faults: Faults = NO_FAULTS) -> str:
     """Save a checkpoint for ``state.step`` on every rank; return its directory.
 
     ``consolidated_state_dict`` is the full fp32 model state on rank 0 (None elsewhere).  A failed
@@ -177,7 +179,7 @@ def save(engine, root: str, state: TrainerState, *, cfg: Config, scheduler, prin
     try:
         # universal_checkpoint_info lets DeepSpeed's ds_to_universal re-partition the optimizer state
         # when a run resumes with another world size (see load()).
-        ds.save_checkpoint(engine, root, tmp_tag, {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
+        engine.save(root, tmp_tag, {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
         # Every rank writes its own RNG state: dropout masks differ per rank.
         trainer_state = {"trainer": state.__dict__, "rng": rng_state(), "scheduler": scheduler.state_dict()}
         atomic_write(os.path.join(tmp_dir, f"rank{rank:05d}_{TRAINER_STATE}"), lambda f: torch.save(trainer_state, f))
@@ -188,8 +190,7 @@ def save(engine, root: str, state: TrainerState, *, cfg: Config, scheduler, prin
             atomic_write_text(os.path.join(tmp_dir, FINGERPRINTS), json.dumps(prints, indent=2))
     except (CheckpointError, OSError) as err:
         error = _not_saved(root, tag, err)
-    if crash_before_commit:   # fault injection for tests: die with the save half done
-        os._exit(137)
+    faults.during_save(state.step)
     try:
         _agree(error, engine.device, f"checkpoint {tag} was not saved: a write failed on another rank")
         if rank == 0:
@@ -265,7 +266,7 @@ def _agree(error: Optional[Exception], device: torch.device,
            elsewhere: str = "loading the checkpoint failed on another rank (its error names the file)") -> None:
     """Raise on every rank if any rank failed (``elsewhere`` on the ranks that did not): one rank's
     bad file must not leave the others waiting in the next collective."""
-    failed = ds.all_reduce_sum(torch.tensor([0.0 if error is None else 1.0], device=device))
+    failed = all_reduce_sum(torch.tensor([0.0 if error is None else 1.0], device=device))
     if error is not None:
         raise error
     if failed.item() > 0:
@@ -290,7 +291,7 @@ def _to_universal(root: str, tag: str, rank: int, device: torch.device) -> str:
         tmp = target + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            ds.convert_to_universal(os.path.join(root, tag), tmp)
+            convert_to_universal(os.path.join(root, tag), tmp)
             os.replace(tmp, target)
         except UnreadableFileError as err:
             error = damaged(root, tag, str(err))
@@ -318,7 +319,7 @@ def load(engine, root: str, *, rank: int, scheduler, current_prints: dict, allow
     load_tag = _to_universal(root, tag, rank, engine.device) if universal else tag
     error = None
     try:
-        if ds.load_checkpoint(engine, root, load_tag, load_optimizer) is None:
+        if engine.load(root, load_tag, load_optimizer) is None:
             raise damaged(root, tag, "DeepSpeed found no model states file in it")
         saved, own = _read_trainer_state(root, tag, rank)
     except UnreadableFileError as err:
@@ -343,7 +344,7 @@ def load_optimizer_from(engine, init_from: str) -> str:
     ckpt_dir = os.path.abspath(resolve_checkpoint_dir(init_from))
     error = None
     try:
-        if ds.load_checkpoint(engine, os.path.dirname(ckpt_dir), os.path.basename(ckpt_dir), True) is None:
+        if engine.load(os.path.dirname(ckpt_dir), os.path.basename(ckpt_dir), True) is None:
             error = CheckpointError(f"DeepSpeed could not load the optimizer state of {ckpt_dir}")
     except UnreadableFileError as err:
         error = CheckpointError(f"checkpoint.init_from: {err}")

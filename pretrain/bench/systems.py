@@ -3,7 +3,7 @@
 * ``ours``: ``build_model`` + ``build_optimizer`` (LAMB by default, as training), the sparse MLM
   head at ``masked_lm_positions``; bf16 autocast on CUDA with fp32 weights (as the peer); LAMB
   clips by global norm itself (max_grad_norm 1.0), AdamW gets ``clip_grad_norm_``.  With the
-  ``deepspeed`` switch the step goes through the training engine (``pretrain.engine.Stepper``:
+  ``deepspeed`` switch the step goes through the training engine (``pretrain.engine.Engine``:
   DeepSpeed bf16/ZeRO, the non-finite-loss check with its one host sync per step).
 * ``peer``: what users would pick instead: transformers ``BertForPreTraining`` with SDPA
   attention, dense MLM logits over every token (labels -100 elsewhere), bf16 autocast on CUDA,
@@ -110,7 +110,7 @@ class OursStep:
         if variant.deepspeed:
             self._init_engine(model_cfg, opt_cfg)
             return
-        self.optimizer = build_optimizer(self.model, opt_cfg, self.kernels.lamb, deepspeed=False)
+        self.optimizer = build_optimizer(self.model, opt_cfg, self.kernels.lamb, clips_itself=True)
         self.forward = self.model
         if variant.compile or variant.cudagraphs:
             self.forward = torch.compile(self.model, mode="reduce-overhead" if variant.cudagraphs else None)
@@ -118,8 +118,8 @@ class OursStep:
 
     def _init_engine(self, model_cfg: ModelConfig, opt_cfg: OptimizerConfig) -> None:
         from pretrain.config import Config, TrainingConfig, ZeroConfig
-        from pretrain.engine import SkippableStep, Stepper, build_engine, init_distributed
-        from pretrain.optim import attach_zero_layout, build_optimizer, build_scheduler
+        from pretrain.engine import Engine, init_distributed
+        from pretrain.optim import build_optimizer, build_scheduler
 
         # The entry point (pretrain/commands/bench.py) has exported RANK, WORLD_SIZE, MASTER_*.
         cfg = Config(model=model_cfg, optimizer=opt_cfg, kernels=self.kernels, zero=ZeroConfig(stage=1),
@@ -127,17 +127,16 @@ class OursStep:
                                              precision="bf16" if self.precision == "bf16" else "fp32"))
         init_distributed("nccl" if self.device.type == "cuda" else "gloo", cfg.training.collective_timeout_s)
         optimizer = build_optimizer(self.model, opt_cfg, self.kernels.lamb)
-        guard = SkippableStep(optimizer)
         scheduler = build_scheduler(optimizer, cfg.schedule, cfg.training.max_steps)
         if self.variant.compile or self.variant.cudagraphs:   # in place, so the engine wraps the compiled module
             self.model.compile(mode="reduce-overhead" if self.variant.cudagraphs else None)
-        engine = build_engine(cfg, self.model, optimizer, 1)
-        attach_zero_layout(engine, optimizer)
-        self.stepper = Stepper(engine, guard, scheduler, 1, self.device)
+        self.engine = Engine(cfg, self.model, optimizer, scheduler, 1)
+        self.steps = 0
 
     def __call__(self, batch: dict) -> None:
         if self.variant.deepspeed:
-            self.stepper.step(lambda: batch)
+            self.steps += 1
+            self.engine.step(lambda: batch, self.steps)
             return
         with autocast(self.device, self.precision):
             out = self.forward(**batch)

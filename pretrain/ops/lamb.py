@@ -31,7 +31,8 @@ from torch import Tensor
 Scalar = Union[float, Tensor]
 
 
-def _check_lengths(**lists: Sequence) -> int:
+def check_lengths(**lists: Sequence) -> int:
+    """The common length of same-length-paired tensor lists (ValueError naming each length otherwise)."""
     lengths = {name: len(values) for name, values in lists.items()}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"tensor lists differ in length: {lengths}")
@@ -52,7 +53,7 @@ def lamb_update_reference(params: Sequence[Tensor], grads: Sequence[Tensor], exp
     and ``v_hat = v / (1-beta2**step)`` when ``bias_correction`` is on, else ``m`` and ``v``.
     ``step`` counts from 1 (the step being taken).  ``params`` are only read.
     """
-    n = _check_lengths(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+    n = check_lengths(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
                        weight_decays=weight_decays)
     if step < 1:
         raise ValueError(f"step counts from 1, got {step}")
@@ -120,7 +121,7 @@ def lamb_apply_reference(params: Sequence[Tensor], updates: Sequence[Tensor], *,
     the L2 norms of the WHOLE parameter tensor and of its WHOLE update (a shard carries the
     norms of the tensor it belongs to).  See :func:`trust_ratios` for the ratio.
     """
-    n = _check_lengths(params=params, updates=updates, adapt=adapt)
+    n = check_lengths(params=params, updates=updates, adapt=adapt)
     if param_norms.numel() != n or update_norms.numel() != n:
         raise ValueError(f"expected {n} param and update norms, got {param_norms.numel()} and "
                          f"{update_norms.numel()}")

@@ -11,7 +11,8 @@
   new fp32 master values cast to their dtype in the same pass.
 * :func:`lamb_step` = ``lamb_step_reference`` for whole tensors, with the norms from the fused
   ``sq_norms_out``.
-* :func:`available`: whether the kernels can run here (the optimizer's ``impl="fused"`` asks).
+* :func:`available`: whether the kernels can run here; :func:`unavailable_reason` says why not on a
+  device (the optimizer's ``impl="fused"`` asks it once), :func:`log_fallback_once` logs it once.
 
 Kernel requirements: CUDA tensors on one device, params / exp_avgs / exp_avg_sqs float32 (the
 master weights and their state), grads float32, float16 or bfloat16 (one dtype per call), all
@@ -32,7 +33,7 @@ from torch import Tensor
 from . import _ext
 from . import lamb as _ref
 
-__all__ = ["available", "lamb_update", "lamb_apply", "lamb_step"]
+__all__ = ["available", "lamb_update", "lamb_apply", "lamb_step", "log_fallback_once", "unavailable_reason"]
 
 Scalar = Union[float, Tensor]
 log = logging.getLogger("pretrain.ops")
@@ -47,17 +48,16 @@ def available() -> bool:
     return _ext.cuda_available()
 
 
-def _log_fallback_once(reason: str) -> None:
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """Why the kernels cannot run for tensors on ``device`` (None: they can)."""
+    return _common_unsupported([], device)
+
+
+def log_fallback_once(reason: str) -> None:
+    """One warning per distinct reason for running the PyTorch reference instead of the kernels."""
     if reason not in _fallbacks_logged:
         _fallbacks_logged.add(reason)
         log.warning("pretrain.ops.lamb_fused: using the PyTorch reference (%s)", reason)
-
-
-def _check_lengths(**lists: Sequence) -> int:
-    lengths = {name: len(values) for name, values in lists.items()}
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"tensor lists differ in length: {lengths}")
-    return next(iter(lengths.values()), 0)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -158,7 +158,7 @@ def lamb_update(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seq
     sq_norms_out: optional float32 ``[2, len(params)]`` tensor on the params' device, overwritten
     with the per-tensor sums of squares of params (row 0) and of the returned updates (row 1).
     """
-    n = _check_lengths(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+    n = _ref.check_lengths(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
                        weight_decays=weight_decays)
     if step < 1:
         raise ValueError(f"step counts from 1, got {step}")
@@ -172,7 +172,7 @@ def lamb_update(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seq
             or not sq_norms_out.is_contiguous()):
         reason = "sq_norms_out is not a contiguous float32 tensor on the params' device"
     if reason is not None:
-        _log_fallback_once(reason)
+        log_fallback_once(reason)
         updates = _ref.lamb_update_reference(
             params, grads, exp_avgs, exp_avg_sqs, beta1=beta1, beta2=beta2, eps=eps,
             weight_decays=weight_decays, step=step, bias_correction=bias_correction,
@@ -204,7 +204,7 @@ def lamb_apply(params: Sequence[Tensor], updates: Sequence[Tensor], *, lr: Scala
     that receive the updated params cast to their dtype (fp16/bf16 model weights of fp32
     masters).
     """
-    n = _check_lengths(params=params, updates=updates, adapt=adapt)
+    n = _ref.check_lengths(params=params, updates=updates, adapt=adapt)
     if param_norms.numel() != n or update_norms.numel() != n:
         raise ValueError(f"expected {n} param and update norms, got {param_norms.numel()} and "
                          f"{update_norms.numel()}")
@@ -225,7 +225,7 @@ def lamb_apply(params: Sequence[Tensor], updates: Sequence[Tensor], *, lr: Scala
             for i, (p, u) in enumerate(zip(params, updates))):
         reason = "tensor sizes differ between params, updates and model_params"
     if reason is not None:
-        _log_fallback_once(reason)
+        log_fallback_once(reason)
         _ref.lamb_apply_reference(params, updates, lr=lr, param_norms=param_norms,
                                   update_norms=update_norms, adapt=adapt,
                                   min_trust_ratio=min_trust_ratio, max_trust_ratio=max_trust_ratio)
@@ -250,7 +250,7 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
     """One LAMB step on whole tensors (see ``lamb_step_reference``): 2 fused launches + 1 sqrt."""
     n = len(params)
     if n == 0:
-        _check_lengths(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+        _ref.check_lengths(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
                        weight_decays=weight_decays, adapt=adapt)
         return
     sq = torch.empty((2, n), dtype=torch.float32, device=params[0].device)

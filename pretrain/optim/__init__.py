@@ -1,20 +1,19 @@
-"""Optimizers (LAMB, AdamW), their parameter groups, LR schedules, and LAMB under ZeRO.
+"""Optimizers (LAMB, AdamW) with holdable steps, their parameter groups, LR schedules, and the
+partition layouts that keep LAMB's trust ratios whole-tensor under ZeRO.  Plain PyTorch: the
+training engine (pretrain.engine) wraps them in DeepSpeed::
 
-Typical use by the training engine::
-
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.kernels.lamb)        # deepspeed=True
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.kernels.lamb)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.training.max_steps)
-    ds_config.update(deepspeed_config_entries(cfg.optimizer))                  # gradient_clipping, ...
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, ...)
-    attach_zero_layout(engine)      # every rank, once, before the first step (no-op for AdamW)
+    engine = Engine(cfg, model, optimizer, scheduler, world_size)   # registers a Lamb's layouts
 """
-from pretrain.optim.build import build_optimizer, deepspeed_config_entries, is_no_decay, param_groups
+from pretrain.optim.build import build_optimizer, is_no_decay, param_groups
+from pretrain.optim.hold import AdamW, HoldableStep
 from pretrain.optim.lamb import Lamb, UnknownTensorError, resolve_lamb_kernels
-from pretrain.optim.schedule import build_scheduler, lr_at, lr_multiplier, resolve_warmup_steps
-from pretrain.optim.zero_norms import PartitionLayout, Segment, attach_zero_layout
+from pretrain.optim.partition import PartitionLayout, Segment
+from pretrain.optim.schedule import build_scheduler, lr_multiplier, resolve_warmup_steps
 
 __all__ = [
-    "Lamb", "PartitionLayout", "Segment", "UnknownTensorError", "attach_zero_layout", "build_optimizer",
-    "build_scheduler", "deepspeed_config_entries", "is_no_decay", "lr_at", "lr_multiplier", "param_groups",
-    "resolve_lamb_kernels", "resolve_warmup_steps",
+    "AdamW", "HoldableStep", "Lamb", "PartitionLayout", "Segment", "UnknownTensorError", "build_optimizer",
+    "build_scheduler", "is_no_decay", "lr_multiplier", "param_groups", "resolve_lamb_kernels",
+    "resolve_warmup_steps",
 ]

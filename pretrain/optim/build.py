@@ -6,10 +6,11 @@ No weight decay on biases and normalisation weights.  A parameter is "no decay" 
 embedding tables) decays.  The rule is by parameter, not by module type, so it also catches
 ALBERT's factorized projections' biases and any custom norm modules.
 
-Gradient clipping: under DeepSpeed (``deepspeed=True``, the default) the optimizer never clips;
-put ``gradient_clipping: opt_cfg.max_grad_norm`` in the DeepSpeed config (see
-:func:`deepspeed_config_entries`).  Without DeepSpeed, Lamb clips by global norm itself;
-AdamW does not, so call ``torch.nn.utils.clip_grad_norm_`` before ``step()``.
+Gradient clipping: under the training engine (``clips_itself=False``, the default) the optimizer
+never clips: the engine clips by ``optimizer.max_grad_norm`` across all ranks and groups.  With
+``clips_itself=True`` (no engine), Lamb clips by global norm itself; AdamW does not, so call
+``torch.nn.utils.clip_grad_norm_`` before ``step()``.  Both optimizers' steps can be held
+(:mod:`pretrain.optim.hold`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Iterable
 import torch
 
 from pretrain.config import OptimizerConfig
+from pretrain.optim.hold import AdamW
 from pretrain.optim.lamb import Lamb
 
 
@@ -44,12 +46,12 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_
 
 
 def build_optimizer(model: torch.nn.Module, opt_cfg: OptimizerConfig, kernels_lamb: str = "reference", *,
-                    deepspeed: bool = True) -> torch.optim.Optimizer:
+                    clips_itself: bool = False) -> torch.optim.Optimizer:
     """The client optimizer for ``model`` from the ``optimizer`` config section.
 
-    ``kernels_lamb``: ``kernels.lamb`` ("reference" | "fused").  ``deepspeed``: whether DeepSpeed
-    will wrap the optimizer (then it does the clipping, and a Lamb needs
-    :func:`~pretrain.optim.zero_norms.attach_zero_layout` after ``deepspeed.initialize``).
+    ``kernels_lamb``: ``kernels.lamb`` ("reference" | "fused").  ``clips_itself``: no engine wraps
+    the optimizer, so a Lamb clips by ``opt_cfg.max_grad_norm`` itself (under the engine, the
+    engine clips, and registers its partition layouts with a Lamb).
     """
     groups = param_groups(model.named_parameters(), opt_cfg.weight_decay)
     if not groups:
@@ -58,25 +60,12 @@ def build_optimizer(model: torch.nn.Module, opt_cfg: OptimizerConfig, kernels_la
     if opt_cfg.name == "lamb":
         return Lamb(groups, lr=opt_cfg.lr, betas=betas, eps=opt_cfg.eps, bias_correction=opt_cfg.bias_correction,
                     min_trust_ratio=opt_cfg.min_trust_ratio, max_trust_ratio=opt_cfg.max_trust_ratio,
-                    nvlamb=opt_cfg.nvlamb, max_grad_norm=0.0 if deepspeed else opt_cfg.max_grad_norm,
+                    nvlamb=opt_cfg.nvlamb, max_grad_norm=opt_cfg.max_grad_norm if clips_itself else 0.0,
                     impl=kernels_lamb)
     if opt_cfg.name == "adamw":
         for group in groups:
             del group["exclude_from_adaptation"]  # a LAMB notion
         on_cuda = all(p.is_cuda for group in groups for p in group["params"])
-        # fused is the fastest CUDA path; DeepSpeed hands the optimizer fp32 CUDA partitions.
-        return torch.optim.AdamW(groups, lr=opt_cfg.lr, betas=betas, eps=opt_cfg.eps,
-                                 fused=True if on_cuda else None)
+        # fused is the fastest CUDA path; the engine hands the optimizer fp32 CUDA partitions.
+        return AdamW(groups, lr=opt_cfg.lr, betas=betas, eps=opt_cfg.eps, fused=True if on_cuda else None)
     raise ValueError(f"unknown optimizer {opt_cfg.name!r}: expected 'lamb' or 'adamw'")
-
-
-def deepspeed_config_entries(opt_cfg: OptimizerConfig) -> dict:
-    """The DeepSpeed config keys the client optimizers rely on (merge into the DeepSpeed config).
-
-    ``gradient_clipping``: global-norm clipping is DeepSpeed's job under DeepSpeed.
-    ``zero_allow_untested_optimizer``: ZeRO refuses client optimizers it does not know (Lamb)
-    without it.  ``zero_force_ds_cpu_optimizer``: with optimizer offload, DeepSpeed otherwise
-    refuses any client optimizer but its own (JIT-compiled) CPU Adam.
-    """
-    return {"gradient_clipping": float(opt_cfg.max_grad_norm), "zero_allow_untested_optimizer": True,
-            "zero_force_ds_cpu_optimizer": False}

@@ -11,24 +11,22 @@ Semantics (NVIDIA apex ``FusedLAMB`` / NVLAMB, with DeepSpeed-style trust-ratio 
   the apex rule; a group may say so explicitly with ``exclude_from_adaptation`` (``build_optimizer``
   marks its no-decay group, biases and LayerNorm weights, as excluded).  Excluded tensors take
   plain AdamW steps (ratio 1).  ``nvlamb=True`` applies the trust ratio to every tensor.
-* gradient clipping by global norm (``max_grad_norm``) is for use WITHOUT DeepSpeed.  Under
-  DeepSpeed, clipping is DeepSpeed's ``gradient_clipping`` (it sees the gradients of all ranks and
-  all groups before calling this optimizer once per group); a Lamb with a ZeRO layout attached
-  refuses to clip by itself.
+* gradient clipping by global norm (``max_grad_norm``) is for use WITHOUT the training engine.
+  Under it, the engine clips (it sees the gradients of all ranks and all groups before calling
+  this optimizer once per group); a Lamb with a partition layout registered refuses to clip.
+* the step can be held (:mod:`pretrain.optim.hold`).
 
-Under ZeRO the optimizer steps flat partitions; :func:`pretrain.optim.zero_norms.attach_zero_layout`
-must register their layouts first, and stepping any tensor that is neither one the optimizer was
-built with nor registered raises :class:`UnknownTensorError` instead of silently computing trust
-ratios of partition pieces.
+Under ZeRO the optimizer steps flat partitions; their layouts (:mod:`pretrain.optim.partition`)
+must be registered first (the engine does, right after building itself), and stepping any tensor
+that is neither one the optimizer was built with nor registered raises :class:`UnknownTensorError`
+instead of silently computing trust ratios of partition pieces.
 
 The arithmetic is ``pretrain.ops.lamb`` (``impl="reference"``) or the multi-tensor CUDA kernel
 ``pretrain.ops.lamb_fused`` (``impl="fused"``), which falls back to the reference, with one log
-message, when it is not importable, not ``available()``, or the tensors are not on CUDA.
+message, where it says the kernels cannot run (no extension, no CUDA, tensors not on CUDA).
 """
 from __future__ import annotations
 
-import importlib
-import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
@@ -37,12 +35,8 @@ import torch
 from torch import Tensor
 
 from pretrain.ops import lamb as lamb_reference
-from pretrain.optim.zero_norms import PartitionLayout
-
-logger = logging.getLogger(__name__)
-
-FUSED_MODULE = "pretrain.ops.lamb_fused"
-_fallbacks_logged: set[str] = set()
+from pretrain.optim.hold import HoldableStep
+from pretrain.optim.partition import PartitionLayout
 
 
 class UnknownTensorError(RuntimeError):
@@ -62,35 +56,23 @@ class LambKernels:
 REFERENCE = LambKernels("reference", lamb_reference.lamb_update_reference, lamb_reference.lamb_apply_reference)
 
 
-def _log_fallback_once(reason: str) -> None:
-    if reason not in _fallbacks_logged:
-        _fallbacks_logged.add(reason)
-        logger.warning("LAMB: fused kernel not used (%s); using the PyTorch reference", reason)
-
-
 def resolve_lamb_kernels(impl: str, device: torch.device) -> LambKernels:
     """The kernels for ``impl`` ("reference" or "fused") on ``device``; "fused" falls back to the
-    reference when ``pretrain.ops.lamb_fused`` cannot be imported, says it is not ``available()``,
-    or the tensors are not on a CUDA device."""
+    reference, with one warning, where ``pretrain.ops.lamb_fused`` says the kernels cannot run."""
     if impl == "reference":
         return REFERENCE
     if impl != "fused":
         raise ValueError(f"unknown LAMB implementation {impl!r}: expected 'reference' or 'fused'")
-    if device.type != "cuda":
-        _log_fallback_once(f"parameters are on {device.type}, the fused kernel needs CUDA")
+    from pretrain.ops import lamb_fused
+
+    reason = lamb_fused.unavailable_reason(device)
+    if reason is not None:
+        lamb_fused.log_fallback_once(reason)
         return REFERENCE
-    try:
-        fused = importlib.import_module(FUSED_MODULE)
-    except ImportError as err:
-        _log_fallback_once(f"{FUSED_MODULE} is not importable: {err}")
-        return REFERENCE
-    if not fused.available():
-        _log_fallback_once(f"{FUSED_MODULE}.available() is false")
-        return REFERENCE
-    return LambKernels("fused", fused.lamb_update, fused.lamb_apply, fuses_norms=True)
+    return LambKernels("fused", lamb_fused.lamb_update, lamb_fused.lamb_apply, fuses_norms=True)
 
 
-class Lamb(torch.optim.Optimizer):
+class Lamb(HoldableStep, torch.optim.Optimizer):
     """LAMB with optional ZeRO partition layouts; see the module docstring for the semantics.
 
     Group options: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``bias_correction``,
@@ -130,10 +112,10 @@ class Lamb(torch.optim.Optimizer):
             self._whole_tensors[id(t)] = t
 
     def register_partition_layout(self, layout: PartitionLayout) -> None:
-        """Declare a flat partition and where the original tensors lie in it (see zero_norms)."""
+        """Declare a flat partition and where the original tensors lie in it (see optim.partition)."""
         if self.max_grad_norm > 0:
-            raise ValueError("Lamb(max_grad_norm > 0) cannot clip partitioned gradients: under DeepSpeed set "
-                             "its 'gradient_clipping' instead and build the optimizer with deepspeed=True")
+            raise ValueError("Lamb(max_grad_norm > 0) cannot clip partitioned gradients: the engine clips (by "
+                             "optimizer.max_grad_norm); build the optimizer with clips_itself=False")
         self._layouts[id(layout.flat)] = layout
 
     @property
@@ -170,7 +152,7 @@ class Lamb(torch.optim.Optimizer):
         if self.max_grad_norm <= 0:
             return 1.0
         if self._layouts:
-            raise ValueError("Lamb cannot clip partitioned gradients; use DeepSpeed's gradient_clipping")
+            raise ValueError("Lamb cannot clip partitioned gradients; the engine clips (optimizer.max_grad_norm)")
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return 1.0
@@ -195,13 +177,10 @@ class Lamb(torch.optim.Optimizer):
         by_step: dict[int, list[Tensor]] = defaultdict(list)
         for p in group["params"]:
             if id(p) not in self._whole_tensors:
-                if self._is_state_initialization(p):
-                    self._state_of(p)
-                    continue
                 raise UnknownTensorError(
-                    f"Lamb was asked to step a tensor of shape {tuple(p.shape)} it was not built with. Under "
-                    f"DeepSpeed this is a ZeRO flat partition of many parameters or an fp32 master copy: call "
-                    f"pretrain.optim.attach_zero_layout(engine) after deepspeed.initialize, otherwise the "
+                    f"Lamb was asked to step a tensor of shape {tuple(p.shape)} it was not built with: a ZeRO "
+                    f"flat partition of many parameters or an fp32 master copy, whose layout was not registered "
+                    f"(pretrain.engine.layout.attach_layout does, after deepspeed.initialize); otherwise the "
                     f"trust ratios could be computed per partition instead of per parameter tensor.")
             if p.grad is None:
                 continue
@@ -214,17 +193,10 @@ class Lamb(torch.optim.Optimizer):
         for step, params in by_step.items():
             self._lamb(group, params, [p.grad for p in params], step, adapt, grad_scale, layout=None)
 
-    def _is_state_initialization(self, p: Tensor) -> bool:
-        """DeepSpeed's FP16_UnfusedOptimizer (ZeRO 0 with fp16/bf16) calls ``step()`` with all-zero
-        gradients inside ``deepspeed.initialize``, before any layout can be attached, to create the
-        optimizer state of its fp32 master copies.  Such a call on a tensor without state creates
-        the state and updates nothing (a LAMB step on zero gradients would still apply weight decay)."""
-        return not self.state[p] and p.grad is not None and not bool(p.grad.any())
-
     def _step_partition(self, group: dict, layout: PartitionLayout, grad_scale: Tensor | float) -> None:
         flat = layout.flat
         if flat.grad is None:
-            raise RuntimeError("a ZeRO flat partition has no gradient; DeepSpeed sets one on every rank")
+            raise RuntimeError("a ZeRO flat partition has no gradient; the engine sets one on every rank")
         state = self._state_of(flat)
         state["step"] += 1
         self._lamb(group, [flat], [flat.grad], state["step"], self.adapts(group), grad_scale, layout=layout)

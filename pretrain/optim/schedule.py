@@ -1,7 +1,7 @@
 """Learning-rate schedules: linear warmup, then decay measured from the END of warmup.
 
-``lr_at(step)`` is the learning rate of optimizer update number ``step`` (0-based; equivalently
-the rate after ``step`` scheduler steps):
+``peak * lr_multiplier(step)`` is the learning rate of optimizer update number ``step`` (0-based;
+equivalently the rate after ``step`` scheduler steps):
 
 * warmup, ``step < W``: ``peak * step / W`` (the first update runs at 0 and still warms the moments);
 * decay, ``W <= step <= T``: with ``progress = (step - W) / (T - W)`` in [0, 1],
@@ -58,13 +58,6 @@ def lr_multiplier(step: int, *, warmup_steps: int, max_steps: int, decay: str = 
     else:
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
-
-
-def lr_at(step: int, *, peak_lr: float, warmup_steps: int, max_steps: int, decay: str = "poly",
-          power: float = 1.0, min_lr_ratio: float = 0.0) -> float:
-    """The learning rate of optimizer update ``step`` (pure; used for plots and resume checks)."""
-    return peak_lr * lr_multiplier(step, warmup_steps=warmup_steps, max_steps=max_steps, decay=decay,
-                                   power=power, min_lr_ratio=min_lr_ratio)
 
 
 class WarmupDecay:

@@ -15,7 +15,6 @@ tolerance.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -124,7 +123,7 @@ def _snapshot(engine) -> dict[str, torch.Tensor]:
 
 def _register_naive_layouts(engine) -> None:
     """Treat each flat partition as ONE tensor: the per-partition trust ratio of an unaware LAMB."""
-    from pretrain.optim.zero_norms import PartitionLayout, Segment
+    from pretrain.optim.partition import PartitionLayout, Segment
     zero_opt = engine.optimizer
     for flat in zero_opt.single_partition_of_fp32_groups:
         layout = PartitionLayout(flat, (Segment(0, 0, flat.numel(), 0),), ("flat partition",), None, 1)
@@ -133,24 +132,26 @@ def _register_naive_layouts(engine) -> None:
 
 def run_scenario(name: str, rank: int) -> dict:
     import deepspeed
-    from pretrain.optim import attach_zero_layout, build_optimizer, deepspeed_config_entries
+    from pretrain.engine import initialize
+    from pretrain.engine.config import optimizer_entries
+    from pretrain.optim import build_optimizer
 
     optimizer_name, zero, accum, naive = SCENARIOS[name]
     cfg = opt_config(optimizer_name)
     model = make_model()
-    optimizer = build_optimizer(model, cfg, "reference", deepspeed=True)
+    optimizer = build_optimizer(model, cfg, "reference")
     micro = GLOBAL_BATCH // WORLD // accum
     ds_config = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": micro,
                  "gradient_accumulation_steps": accum, "zero_optimization": zero, "steps_per_print": 10**9,
-                 **deepspeed_config_entries(cfg), **EXTRA_DS_CONFIG.get(name, {})}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    if naive:
-        _register_naive_layouts(engine)
-        attached = "naive"
-    elif naive is None:
-        attached = "nothing"
+                 **optimizer_entries(cfg), **EXTRA_DS_CONFIG.get(name, {})}
+    if naive is False:
+        engine, attached = initialize(model, optimizer, ds_config)   # what the training engine does
     else:
-        attached = attach_zero_layout(engine)
+        with optimizer.held():
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        if naive:
+            _register_naive_layouts(engine)
+        attached = "naive" if naive else "nothing"
     layouts = [[[s.tensor_index, s.start, s.length, s.tensor_offset] for s in layout.segments]
                for layout in getattr(optimizer, "_layouts", {}).values()]
     x, y = make_data()
@@ -187,16 +188,12 @@ def worker(out_dir: str, names: list[str]) -> None:
 # --------------------------------------------------------------------------------------------
 # Launch and reference
 # --------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("lamb_zero")
-    port = _free_port()
+    from pretrain.distributed import free_port
+
+    port = free_port()
     repo = str(Path(__file__).resolve().parents[2])
     procs = []
     for rank in range(WORLD):
@@ -231,7 +228,7 @@ def reference_trajectory(optimizer_name: str, micro_batches: int = WORLD) -> lis
     torch.set_num_threads(1)  # the workers' reduction order
     try:
         model = make_model()
-        optimizer = build_optimizer(model, opt_config(optimizer_name), "reference", deepspeed=False)
+        optimizer = build_optimizer(model, opt_config(optimizer_name), "reference", clips_itself=True)
         x, y = make_data()
         trajectory = [{n: p.detach().clone() for n, p in model.named_parameters()}]
         for step in range(STEPS):
@@ -322,10 +319,10 @@ def test_adamw_under_zero2_follows_unpartitioned_reference(zero_runs):
 
 
 def test_lamb_refuses_zero_partitions_without_layout(zero_runs):
-    """Without attach_zero_layout, Lamb raises instead of using per-partition trust ratios."""
+    """Without the layout attached, Lamb raises instead of using per-partition trust ratios."""
     for rank in range(WORLD):
         error = zero_runs[rank]["zero2_unattached"].get("error", "")
-        assert error.startswith("UnknownTensorError") and "attach_zero_layout" in error
+        assert error.startswith("UnknownTensorError") and "attach_layout" in error
 
 
 @pytest.mark.parametrize("scenario, attached", [

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from pretrain.config import ScheduleConfig
-from pretrain.optim import build_scheduler, lr_at, lr_multiplier, resolve_warmup_steps
+from pretrain.optim import build_scheduler, lr_multiplier, resolve_warmup_steps
 
 DECAYS = ["poly", "linear", "cosine", "constant"]
 
 
 def _lrs(decay, warmup=10, total=100, power=0.5, min_ratio=0.0, peak=1.0):
-    return [lr_at(s, peak_lr=peak, warmup_steps=warmup, max_steps=total, decay=decay, power=power,
-                  min_lr_ratio=min_ratio) for s in range(total + 1)]
+    return [peak * lr_multiplier(s, warmup_steps=warmup, max_steps=total, decay=decay, power=power,
+                                 min_lr_ratio=min_ratio) for s in range(total + 1)]
 
 
 @pytest.mark.parametrize("decay", DECAYS)
@@ -62,7 +62,7 @@ def test_monotone_and_bounded_by_min_lr(decay):
     assert all(a < b for a, b in zip(warm, warm[1:]))
     assert all(a >= b for a, b in zip(rest, rest[1:]))
     assert min(rest) >= 0.25 - 1e-12
-    assert lr_at(1000, peak_lr=1.0, warmup_steps=7, max_steps=60, decay=decay, min_lr_ratio=0.25) == \
+    assert lr_multiplier(1000, warmup_steps=7, max_steps=60, decay=decay, min_lr_ratio=0.25) == \
         pytest.approx(1.0 if decay == "constant" else 0.25)
 
 
@@ -92,14 +92,14 @@ def _scheduler(peak=0.5, **cfg):
     return opt, build_scheduler(opt, ScheduleConfig(**cfg), max_steps=40)
 
 
-def test_build_scheduler_follows_lr_at():
+def test_build_scheduler_follows_lr_multiplier():
     opt, sched = _scheduler(warmup_ratio=0.1, decay="cosine", min_lr_ratio=0.1)
     seen = []
     for _ in range(41):
         seen.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    expected = [lr_at(s, peak_lr=0.5, warmup_steps=4, max_steps=40, decay="cosine", power=0.5, min_lr_ratio=0.1)
+    expected = [0.5 * lr_multiplier(s, warmup_steps=4, max_steps=40, decay="cosine", power=0.5, min_lr_ratio=0.1)
                 for s in range(41)]
     assert seen == pytest.approx(expected, rel=1e-12, abs=0)
 
