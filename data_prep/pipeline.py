@@ -28,7 +28,7 @@ from typing import Iterable, Iterator
 
 from data_prep.builder import (ShardSettings, WorkUnit, build_shard, cache_tokenizer, init_pool_worker,
                               init_worker)
-from data_prep.clean import CleanOptions, clean_documents
+from data_prep.clean import clean_documents
 from data_prep.config import PrepConfig
 from data_prep.errors import ErrorPolicy, PrepError
 from data_prep.fsutil import atomic_write_json, canonical_json, locked_dir, sha256_text
@@ -36,7 +36,7 @@ from data_prep.manifest import (TOKENIZER_SUBDIR, assemble_manifest, claim, fini
                                 is_own_name, merge_node_manifests, node_manifest_name, prepare_out_dir,
                                 record_path, remove_out_dir_temps, remove_stale_shards,
                                 settings_fingerprint)
-from data_prep.readers import ReadOptions, expand_inputs, iter_documents
+from data_prep.readers import expand_inputs, iter_documents
 from data_prep.shards import MANIFEST, SPLITS
 from data_prep.vocab import INFO_FILE, read_tokenizer, save_tokenizer_dir, tokenizer_info
 
@@ -44,18 +44,6 @@ __all__ = ["build_shards", "prepare_vocab", "run_all", "merge_node_manifests", "
 
 MB = 1_000_000
 SHARDS_SUBDIR = "shards"  # of ``run``'s output directory
-
-
-def read_options(cfg: PrepConfig) -> ReadOptions:
-    i = cfg.input
-    return ReadOptions(format=i.format, doc_separator=i.doc_separator, jsonl_field=i.jsonl_field,
-                       max_line_bytes=i.max_line_bytes)
-
-
-def clean_options(cfg: PrepConfig) -> CleanOptions:
-    c = cfg.clean
-    return CleanOptions(unicode_form=c.unicode_form, strip_markup=c.strip_markup,
-                        min_doc_chars=c.min_doc_chars, dedup=c.dedup)
 
 
 def is_output(cfg: PrepConfig, out_dir: Path):
@@ -70,7 +58,7 @@ def cleaned_documents(cfg: PrepConfig, policy: ErrorPolicy, counts: Counter, out
         raise PrepError("no input: give --input FILES... (or input.paths in the config)")
     paths = expand_inputs(cfg.input.paths, is_output(cfg, out_dir))
     counts["input_files"] = len(paths)
-    return clean_documents(iter_documents(paths, read_options(cfg), policy), clean_options(cfg), counts)
+    return clean_documents(iter_documents(paths, cfg.input, policy), cfg.clean, counts)
 
 
 def split_key(seed: int) -> bytes:
