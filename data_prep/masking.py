@@ -122,12 +122,6 @@ def budgets(num_maskable: np.ndarray, config: MaskingConfig) -> np.ndarray:
     return np.where(n > 0, np.minimum(np.minimum(config.max_predictions, np.maximum(1, wanted)), n), 0)
 
 
-def num_to_predict(num_maskable: int, config: MaskingConfig) -> int:
-    """``budgets`` of one row.  Used by tests/data_prep/test_real_corpora.py only; to go once it calls
-    ``budgets``."""
-    return int(budgets([num_maskable], config)[0])
-
-
 def mask_batch(input_ids: np.ndarray, rng: np.random.Generator, config: MaskingConfig,
                word_starts: np.ndarray | None = None) -> MaskedBatch:
     """Mask every row of a (N, L) id array (rows padded with [PAD], which is special).

@@ -12,12 +12,12 @@ describes every field.  Everything that writes, reads or checks shards (data_pre
 """
 from data_prep.shards.format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SENTENCE_LABEL_KEYS, SHARD_NAME,
                                      SPLIT_CODES, SPLITS, parse_key, sample_fields, sample_key, shard_name, shard_path)
-from data_prep.shards.reader import (decode_fields, index_shard, iter_samples, iter_split_samples, iter_tar_samples,
-                                     read_members, shard_file_problem)
+from data_prep.shards.reader import (decode_fields, index_shard, iter_split_samples, iter_tar_samples, read_members,
+                                     shard_file_problem)
 from data_prep.shards.schema import read_manifest, split_info
 from data_prep.shards.writer import ShardWriter, bytes_rows, npy_bytes, npy_rows
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST", "SENTENCE_LABEL_KEYS", "SHARD_NAME", "SPLIT_CODES", "SPLITS",
-           "ShardWriter", "bytes_rows", "decode_fields", "index_shard", "iter_samples", "iter_split_samples",
+           "ShardWriter", "bytes_rows", "decode_fields", "index_shard", "iter_split_samples",
            "iter_tar_samples", "npy_bytes", "npy_rows", "parse_key", "read_manifest", "read_members", "sample_fields",
            "sample_key", "shard_file_problem", "shard_name", "shard_path", "split_info"]

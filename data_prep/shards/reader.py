@@ -16,7 +16,7 @@ import numpy as np
 from data_prep.errors import PrepError
 from data_prep.fsutil import sha256_stream
 from data_prep.shards.format import shard_path
-from data_prep.shards.schema import read_manifest, split_info
+from data_prep.shards.schema import split_info
 
 # [(key, {extension: (offset, size)})] of a shard, in file order
 TarIndex = list[tuple[str, dict[str, tuple[int, int]]]]
@@ -149,10 +149,3 @@ def iter_split_samples(out_dir, manifest: dict, split: str,
                 yield where, shard["name"], key, decode_fields(read_members(f, members), where)
                 n += 1
 
-
-def iter_samples(out_dir, split: str = "train", limit: int | None = None) -> Iterator[dict]:
-    """``iter_split_samples``'s samples, each with ``__key__`` and ``__shard__``.  Used by tests only
-    (tests/data_prep/test_pipeline.py, test_real_corpora.py); to go once they use ``iter_split_samples``."""
-    for _, name, key, sample in iter_split_samples(out_dir, read_manifest(out_dir), split, limit):
-        sample["__key__"], sample["__shard__"] = key, name
-        yield sample

@@ -12,6 +12,7 @@ import pytest
 
 from data_prep.config import config_from_flat
 from data_prep.pipeline import build_shards
+from data_prep.shards import iter_split_samples, read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CORPUS = REPO / "data_prep" / "assets" / "demo_corpus_en.txt.gz"
@@ -79,6 +80,11 @@ def run_shards(inputs, tokenizer, out: Path, overwrite: bool = False, **flat):
                 "shards.text_per_shard_mb": 0.05, "shards.val_fraction": 0.1, "seed": 7}
     settings.update({k.replace("__", "."): v for k, v in flat.items()})
     return build_shards(config_from_flat(settings), tokenizer, out, overwrite=overwrite)
+
+
+def split_samples(out: Path, split: str = "train"):
+    """The decoded samples of a split, in manifest order (``iter_split_samples``)."""
+    return (sample for *_, sample in iter_split_samples(out, read_manifest(out), split))
 
 
 def shard_bytes(out: Path) -> dict[str, bytes]:

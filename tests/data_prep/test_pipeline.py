@@ -17,9 +17,9 @@ import webdataset as wds
 from data_prep.errors import InputError, PrepError
 from data_prep.loader import example_from_sample
 from data_prep.pipeline import merge_node_manifests
-from data_prep.shards import iter_samples, read_manifest, split_info
+from data_prep.shards import read_manifest, split_info
 from data_prep.vocab import read_tokenizer
-from tests.data_prep.conftest import REPO, ZH_DOCS, english_docs, run_shards, shard_bytes, write_lines
+from tests.data_prep.conftest import REPO, ZH_DOCS, english_docs, run_shards, shard_bytes, split_samples, write_lines
 
 CLS, SEP = 2, 3
 
@@ -93,7 +93,7 @@ def test_english_whole_word_masking(small_en, tokenizer_dir, tmp_path):
     is_piece = np.zeros(len(vocab), bool)
     is_piece[[i for t, i in vocab.items() if t.startswith("##")]] = True
     partial = multi = 0
-    for s in iter_samples(out, "train"):
+    for s in split_samples(out, "train"):
         original = s["input_ids"].astype(np.int64)
         original[s["masked_lm_positions"]] = s["masked_lm_ids"]
         chosen = np.zeros(len(original), bool)
@@ -118,7 +118,7 @@ def test_chinese_whole_word_masking_uses_jieba(zh_tokenizer_dir, tmp_path):
     run_shards([corpus], zh_tokenizer_dir, out, shards__masking="dynamic", shards__whole_word_mask=True,
                clean__dedup=False, clean__min_doc_chars=5, shards__val_fraction=0.0)
     found = {w: 0 for w in expected}
-    for s in iter_samples(out, "train"):
+    for s in split_samples(out, "train"):
         ids, starts = s["input_ids"].tolist(), s["word_starts"]
         assert starts.dtype == np.uint8 and len(starts) == len(ids)
         for w, pattern in patterns.items():
@@ -131,7 +131,7 @@ def test_chinese_whole_word_masking_uses_jieba(zh_tokenizer_dir, tmp_path):
     run_shards([corpus], zh_tokenizer_dir, static, shards__masking="static", shards__whole_word_mask=True,
                clean__dedup=False, clean__min_doc_chars=5, shards__val_fraction=0.0, shards__dupe_factor=20)
     partial = whole = 0
-    for s in iter_samples(static, "train"):
+    for s in split_samples(static, "train"):
         original = s["input_ids"].astype(np.int64)
         original[s["masked_lm_positions"]] = s["masked_lm_ids"]
         chosen = set(s["masked_lm_positions"].tolist())
@@ -153,7 +153,7 @@ def test_val_split_is_by_document(en_corpus, tokenizer_dir, tmp_path):
     total = docs["train"] + docs["val"]
     assert abs(docs["val"] / total - 0.2) < 4 * np.sqrt(0.2 * 0.8 / total)
     tok = read_tokenizer(tokenizer_dir)
-    text = {s: " ".join(tok.decode(x["input_ids"].tolist()) for x in iter_samples(out, s)) for s in ("train", "val")}
+    text = {s: " ".join(tok.decode(x["input_ids"].tolist()) for x in split_samples(out, s)) for s in ("train", "val")}
     val_docs = [d for d in english_docs() if len(d) > 200][:400]
     in_val = [d for d in val_docs if tok.decode(tok.encode(d[:150]).ids) in text["val"]]
     assert in_val and not any(tok.decode(tok.encode(d[:150]).ids) in text["train"] for d in in_val)
@@ -269,7 +269,7 @@ def test_literal_special_tokens_in_text_never_reach_samples(tokenizer_dir, tmp_p
     manifest = run_shards([write_lines(tmp_path / "t.txt", docs)], tokenizer_dir, tmp_path / "o",
                           shards__val_fraction=0.0)
     assert manifest["splits"]["train"]["samples"] > 0
-    for s in iter_samples(tmp_path / "o", "train"):
+    for s in split_samples(tmp_path / "o", "train"):
         ids = s["input_ids"]
         assert ids[0] == CLS and np.count_nonzero(ids == SEP) == 2 and not np.isin(ids, [0, 2, 4])[1:].any()
 

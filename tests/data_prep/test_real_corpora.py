@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from data_prep.loader import example_from_sample
-from data_prep.masking import num_to_predict, MaskingConfig
-from data_prep.shards import iter_samples, read_manifest, split_info
+from data_prep.masking import MaskingConfig, budgets
+from data_prep.shards import read_manifest, split_info
 from data_prep.vocab import save_tokenizer_dir, train_wordpiece
-from tests.data_prep.conftest import run_shards, write_lines
+from tests.data_prep.conftest import run_shards, split_samples, write_lines
 
 
 def head_lines(path, n_chars: int) -> list[str]:
@@ -46,12 +46,12 @@ def test_static_masking_rate_and_80_10_10_on_real_english(english_static):
     info = split_info(read_manifest(english_static), "train")
     config = MaskingConfig(vocab_size=info["vocab_size"], mask_id=4, special_ids=(0, 1, 2, 3, 4))
     maskable = masked = as_mask = kept = 0
-    for s in iter_samples(english_static, "train"):
+    for s in split_samples(english_static, "train"):
         original = s["input_ids"].astype(np.int64)
         original[s["masked_lm_positions"]] = s["masked_lm_ids"]
         n = int(np.count_nonzero(original > 4))
         k = len(s["masked_lm_positions"])
-        assert k == num_to_predict(n, config)  # round(15%), at least 1, at most max_predictions
+        assert k == budgets([n], config)[0]  # round(15%), at least 1, at most max_predictions
         maskable += n
         masked += k
         shown = s["input_ids"][s["masked_lm_positions"]]
@@ -64,7 +64,7 @@ def test_static_masking_rate_and_80_10_10_on_real_english(english_static):
 
 
 def test_nsp_balance_on_real_english(english_static):
-    labels = [s["nsp_label"] for s in iter_samples(english_static, "train")]
+    labels = [s["nsp_label"] for s in split_samples(english_static, "train")]
     assert len(labels) > 2000 and within(float(np.mean(labels)), 0.5, len(labels))
 
 
@@ -77,7 +77,7 @@ def test_dynamic_masking_on_real_english_changes_by_epoch(corpora_dir, tokenizer
     info = split_info(manifest, "train")
     same = rate_num = rate_den = 0
     labels = []
-    for i, s in enumerate(iter_samples(out, "train")):
+    for i, s in enumerate(split_samples(out, "train")):
         e0 = example_from_sample(s, info, seed=5, epoch=0, index=i)
         e1 = example_from_sample(s, info, seed=5, epoch=1, index=i)
         again = example_from_sample(s, info, seed=5, epoch=0, index=i)
@@ -101,7 +101,7 @@ def test_chinese_whole_word_masking_on_real_text(corpora_dir, tmp_path):
                shards__text_per_shard_mb=0.05, clean__min_doc_chars=10)
     info = split_info(read_manifest(out), "train")
     masked = maskable = multi_char_words = labels = ones = 0
-    for i, s in enumerate(iter_samples(out, "train")):
+    for i, s in enumerate(split_samples(out, "train")):
         ex = example_from_sample(s, info, seed=1, epoch=0, index=i)
         starts = s["word_starts"].astype(bool) | (s["input_ids"] <= 4)
         word = np.cumsum(starts | np.r_[True, s["input_ids"][:-1] <= 4])
