@@ -12,7 +12,7 @@ from pretrain.engine import all_reduce_sum
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device, max_batches: int = 0,
              counted_batches: Optional[int] = None) -> dict:
-    """Run ``model`` (a DeepSpeed engine or a plain module) in eval mode over ``loader``.
+    """Run ``model`` (the training Engine or a plain module) in eval mode over ``loader``.
 
     Every rank must call this (the sums are all-reduced); losses are averaged per masked token
     and per sentence pair, so the result does not depend on the batch size.  With
