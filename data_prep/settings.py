@@ -22,6 +22,7 @@ config wherever it is stored.  Only ``base:`` itself is relative to the file tha
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -36,7 +37,7 @@ import typing
 import warnings
 from dataclasses import MISSING, dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import yaml
 
@@ -61,6 +62,26 @@ class ConfigFileError(ValueError):
 
 class ConfigWarning(UserWarning):
     """A setting that is valid but has no effect (e.g. a LAMB-only option with AdamW)."""
+
+
+@contextlib.contextmanager
+def collected_warnings() -> Iterator[list[str]]:
+    """Within: ConfigWarnings are collected into the yielded list (their messages) instead of being
+    printed in Python's ``file:line: ConfigWarning:`` form, so that a command can print each once,
+    as ``warning: ...`` (on rank 0 only, in a distributed run).  Other warnings show as usual."""
+    messages: list[str] = []
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, ConfigWarning):
+                messages.append(str(message))
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.simplefilter("always", ConfigWarning)
+        warnings.showwarning = show
+        yield messages
 
 
 # --------------------------------------------------------------------------------------------

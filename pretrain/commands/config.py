@@ -24,12 +24,16 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import sys
 
+    from data_prep.settings import collected_warnings
     from pretrain.config import ConfigError, dump_config, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides, world_size=args.world_size)
+        with collected_warnings() as warnings:
+            cfg = load_config(args.config, args.overrides, world_size=args.world_size)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     sys.stdout.write(dump_config(cfg))
     return 0

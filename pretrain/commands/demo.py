@@ -32,14 +32,17 @@ def run(args) -> int:
     py = sys.executable
     began = time.time()
 
-    def step(title: str, cmd: list) -> None:
+    def step(title: str, cmd: list, cwd: str | None = None) -> None:
         print(f"\n=== {title}\n$ {' '.join(cmd)}", flush=True)
-        code = subprocess.call(cmd)
+        code = subprocess.call(cmd, cwd=cwd)
         if code != 0:
             raise SystemExit(f"demo: `{' '.join(cmd)}` failed with exit status {code}")
 
+    # The bundled config's input path is relative to the repository (config paths are relative to
+    # the current directory); a config of the user's own is read from where the user is.
     step("1/4 data_prep: vocabulary, instances, shards",
-         [py, "-m", "data_prep", "run", "--config", data_config, "--out", data_dir])
+         [py, "-m", "data_prep", "run", "--config", data_config, "--out", data_dir],
+         cwd=None if args.data_config else repo)
     step("2/4 pretrain: tiny BERT on the shards",
          [py, "-m", "pretrain", "train", "--config", train_config, f"data.dir={data_dir}/shards",
           f"data.tokenizer={data_dir}/tokenizer", f"logging.run_dir={run_dir}", *args.overrides])

@@ -34,6 +34,7 @@ def run(args) -> int:
     import os
     import sys
 
+    from data_prep.settings import collected_warnings
     from pretrain.config import ConfigError, load_config
     from pretrain.distributed import detect, free_port, resolve_master_addr
 
@@ -49,10 +50,13 @@ def run(args) -> int:
     dist_env.export()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _cuda() else "cpu")
     try:
-        cfg = load_config(args.config, args.overrides, world_size=dist_env.world_size)
+        with collected_warnings() as config_warnings:
+            cfg = load_config(args.config, args.overrides, world_size=dist_env.world_size)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for warning in config_warnings if dist_env.rank == 0 else []:
+        print(f"warning: {warning}", file=sys.stderr)
     logging.basicConfig(level=logging.INFO if dist_env.rank == 0 else logging.WARNING,
                         format=f"[rank {dist_env.rank}] %(levelname)s %(name)s: %(message)s")
     from pretrain.trainer import EXIT_ERROR, NonFiniteLossError, RunDirError, train

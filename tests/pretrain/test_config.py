@@ -209,6 +209,15 @@ def test_lamb_only_options_with_adamw_warn():
         load_config(None, ["optimizer.nvlamb=true"])                   # LAMB: used
 
 
+def test_a_command_prints_a_config_warning_once_as_a_warning_line(capsys):
+    from pretrain.cli import main
+
+    assert main(["config", "--config", str(REPO / "configs/debug.yaml"), "optimizer.name=adamw",
+                 "optimizer.nvlamb=true"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: optimizer.nvlamb=true has no effect: it is a LAMB option")
+
+
 def test_mlm_probability_with_static_shards_is_reported_for_the_trainer():
     from pretrain.config import ignored_option_warnings
 

@@ -235,11 +235,12 @@ def test_eval_command_matches_the_in_training_evaluation(dynamic_data, tmp_path)
 
 
 def test_demo_command_runs_the_main_job_end_to_end(tmp_path):
-    """The README's main command (`make demo` = `python -m pretrain demo`), shortened."""
+    """The README's main command (`make demo` = `python -m pretrain demo`), shortened, run from
+    outside the checkout (the bundled data config's paths are relative to the repository)."""
     proc = subprocess.run([sys.executable, "-m", "pretrain", "demo", "--out", str(tmp_path / "demo"),
                            "training.max_steps=10", "eval.every_steps=5", "eval.max_batches=2",
                            "logging.progress_bar=false", "checkpoint.every_steps=10"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for line in ("held-out MLM accuracy  step 0:", "HuggingFace export", "transformers.BertForPreTraining fills",
