@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call of a GPU lease: everything a session with a lent GPU (the `device` tool; an H100 or
 # H200, no network, the machine's own python3 with torch, transformers, nvcc and ninja but no
-# DeepSpeed or webdataset) must measure for issues 5 and 7, as two calls of at most ~9 minutes:
+# DeepSpeed or webdataset) must measure (CUDA kernel parity and bandwidth, GPU training
+# throughput), as two calls of at most ~9 minutes:
 #
 #   bash bench/gpu_session.sh kernels
 #       JIT-builds the bertforge_C extension from csrc/ (sm_90 unless TORCH_CUDA_ARCH_LIST says

@@ -23,7 +23,7 @@ import os
 import shutil
 import warnings
 
-from data_prep.vocab import normalizer_flags
+from data_prep.vocab import declared_lowercase, normalizer_flags
 from pretrain.config import Config, ModelConfig, TrainingConfig, config_from_dict
 from pretrain.weights import read_json_object
 
@@ -327,18 +327,9 @@ def _tokenizer_spec(tokenizer_dir: str, m: ModelConfig) -> dict:
         raise ValueError(f"tokenizer {tokenizer_dir} has {len(spec['vocab'])} tokens but model.vocab_size is "
                          f"{m.vocab_size}")
     if spec["lowercase"] is None:  # a bare vocab.txt: as data_prep reads it, uncased unless declared
-        declared = _declared_lowercase(tokenizer_dir)
+        declared = declared_lowercase(tokenizer_dir)
         spec["lowercase"] = True if declared is None else declared
     return spec
-
-
-def _declared_lowercase(tokenizer_dir: str):
-    path = os.path.join(tokenizer_dir, "tokenizer_config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        value = json.load(f).get("do_lower_case")
-    return None if value is None else bool(value)
 
 
 def import_hf(hf_dir: str, out_dir: str) -> Config:

@@ -201,10 +201,11 @@ def read_json_object(path: str) -> dict:
     return data
 
 
-def load_model(path: str, kernels_cfg=None):
-    """(model in eval mode, Config, extra) rebuilt from a consolidated-weights checkpoint."""
+def load_model(path: str):
+    """(model in eval mode, Config, extra) rebuilt from a consolidated-weights checkpoint, with the
+    kernels its config names (each falls back to its PyTorch reference where it cannot run)."""
     from pretrain.model import build_model
     config, state_dict, extra = load_weights(path)
-    model = build_model(config.model, kernels_cfg)
+    model = build_model(config.model, config.kernels)
     model.load_consolidated_state_dict(state_dict)
     return model.eval(), config, extra

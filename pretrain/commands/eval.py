@@ -27,12 +27,11 @@ def run(args) -> int:
 
     from pretrain.data import DataError, build_eval_loader, open_split
     from pretrain.evaluate import evaluate
-    from pretrain.model import build_model
-    from pretrain.weights import load_weights, resolve_checkpoint_dir
+    from pretrain.weights import load_model, resolve_checkpoint_dir
 
     try:
         ckpt_dir = resolve_checkpoint_dir(args.checkpoint)
-        cfg, state_dict, extra = load_weights(ckpt_dir)
+        model, cfg, extra = load_model(ckpt_dir)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -52,8 +51,6 @@ def run(args) -> int:
               f"with {extra['fingerprints']['tokenizer']}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(cfg.model, cfg.kernels)
-    model.load_consolidated_state_dict(state_dict)
     model.to(device)
     loader = build_eval_loader(split, cfg.data, cfg.training, cfg.eval, rank=0, world_size=1)
     metrics = evaluate(model, loader, device, max_batches=args.max_batches)

@@ -127,7 +127,7 @@ def test_packed_and_unpacked_logits_are_equal_for_the_same_instances():
 
 
 # ---------------------------------------------------------------------------------------------
-# Model fast path: model.unpad (token-wise work on real tokens only) computes the same function
+# Model fast path: kernels.unpad (token-wise work on real tokens only) computes the same function
 # ---------------------------------------------------------------------------------------------
 UNPAD_CASES = {
     "bert_post_ln": {},
