@@ -37,7 +37,8 @@ import torch.distributed as dist
 from pretrain.engine import all_reduce_sum, convert_to_universal
 from pretrain.config import Config
 from pretrain.faults import NO_FAULTS, Faults
-from pretrain.weights import (TOKENIZER_DIR, CheckpointError, UnreadableFileError, atomic_write, copy_tokenizer,
+from pretrain.weights import (TOKENIZER_DIR, CheckpointError, UnreadableFileError, atomic_write, atomic_write_text,
+                              copy_tokenizer,
                               load_torch_file, read_json_object, save_weights)
 
 LATEST = "latest"
@@ -47,14 +48,6 @@ FINGERPRINTS = "fingerprints.json"
 
 def step_tag(step: int) -> str:
     return f"step-{step:06d}"
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    def write(f):
-        f.write(text.encode())
-        f.flush()
-        os.fsync(f.fileno())
-    atomic_write(path, write)
 
 
 def _pointer(root: str) -> str:

@@ -10,7 +10,7 @@ import os
 import time
 from typing import Optional
 
-from pretrain.weights import atomic_write
+from pretrain.weights import atomic_write_text
 
 # Dense bf16/fp16 tensor-core peak TFLOP/s by device-name substring (first match wins).
 PEAK_TFLOPS = [
@@ -115,7 +115,7 @@ def drop_rows_after(path: str, step: int) -> int:
     kept = [line for line in lines if 0 <= _row_step(line) <= step] if step > 0 else []
     if len(kept) < len(lines):
         mode = os.stat(path).st_mode & 0o777      # atomic_write's temp file is 0600: keep the file's own mode
-        atomic_write(path, lambda f: f.write("".join(kept).encode("utf-8")))
+        atomic_write_text(path, "".join(kept))
         os.chmod(path, mode)
     return len(lines) - len(kept)
 

@@ -36,12 +36,15 @@ WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
 def atomic_write(path: str, write) -> None:
-    """Call write(file_object) on a temporary file beside ``path``, then move it into place.
-    A failed write (disk full) removes the temporary file and raises write_error's CheckpointError."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
+    """Call write(file_object) on a temporary file beside ``path``, fsync it, then move it into place
+    (pretrain's one atomic writer).  A failed write (disk full) removes the temporary file and
+    raises write_error's CheckpointError."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
         if os.path.exists(tmp):
@@ -49,6 +52,10 @@ def atomic_write(path: str, write) -> None:
         if isinstance(err, (OSError, RuntimeError)):   # torch.save reports write errors as RuntimeError
             raise write_error(path, err) from None
         raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 class CheckpointError(RuntimeError):
@@ -120,8 +127,8 @@ def save_weights(ckpt_dir: str, config: Config, state_dict: dict, extra: dict | 
         raise TypeError(f"save_weights: extra must be JSON-serializable ({err})") from None
     weights = canonical_state_dict(state_dict, config)
     atomic_write(os.path.join(ckpt_dir, MODEL_FILE), lambda f: torch.save(weights, f))
-    atomic_write(os.path.join(ckpt_dir, EXTRA_FILE), lambda f: f.write(extra_text.encode()))
-    atomic_write(os.path.join(ckpt_dir, CONFIG_FILE), lambda f: f.write(dump_config(config).encode()))
+    atomic_write_text(os.path.join(ckpt_dir, EXTRA_FILE), extra_text)
+    atomic_write_text(os.path.join(ckpt_dir, CONFIG_FILE), dump_config(config))
 
 
 def copy_tokenizer(source: str, dest: str) -> Optional[str]:

@@ -10,6 +10,8 @@ import json
 import os
 from typing import Optional
 
+from pretrain.weights import atomic_write_text
+
 SECTION = "## Training throughput"
 
 
@@ -31,11 +33,7 @@ def merge(runs: list[dict]) -> dict:
 
 def write_json(data: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def _fmt(value: Optional[float], digits: int = 1) -> str:
@@ -113,10 +111,7 @@ def update_markdown(path: str, body: str, device_type: str) -> None:
     else:
         text = text.rstrip("\n") + f"\n\n{SECTION}\n\n" + block
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def plot(data: dict, path: str) -> Optional[str]:

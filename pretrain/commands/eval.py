@@ -27,7 +27,7 @@ def run(args) -> int:
 
     from pretrain.data import DataError, build_eval_loader, open_split
     from pretrain.evaluate import evaluate
-    from pretrain.weights import load_model, resolve_checkpoint_dir
+    from pretrain.weights import atomic_write_text, load_model, resolve_checkpoint_dir
 
     try:
         ckpt_dir = resolve_checkpoint_dir(args.checkpoint)
@@ -55,9 +55,7 @@ def run(args) -> int:
     loader = build_eval_loader(split, cfg.data, cfg.training, cfg.eval, rank=0, world_size=1)
     metrics = evaluate(model, loader, device, max_batches=args.max_batches)
     out = args.out or os.path.join(ckpt_dir, "eval_metrics.json")
-    with open(out + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=2)
-    os.replace(out + ".tmp", out)
+    atomic_write_text(out, json.dumps(metrics, indent=2))
     for key, value in metrics.items():
         print(f"{key:24s} {value:.4f}")
     print(f"written to {out}")

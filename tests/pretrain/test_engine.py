@@ -44,7 +44,8 @@ def test_optim_is_plain_pytorch():
 
 
 def test_deepspeed_config_is_derived_from_ours():
-    cfg = Config(optimizer=OptimizerConfig(max_grad_norm=2.0), zero=ZeroConfig(stage=2),
+    cfg = Config(optimizer=OptimizerConfig(max_grad_norm=2.0),
+                 zero=ZeroConfig(stage=2, reduce_bucket_size=1000, allgather_bucket_size=3000),
                  training=TrainingConfig(micro_batch_size=4, global_batch_size=64, precision="bf16"))
     ds = deepspeed_config(cfg, world_size=4)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \
@@ -52,7 +53,9 @@ def test_deepspeed_config_is_derived_from_ours():
     assert ds["gradient_clipping"] == 2.0 and ds["zero_allow_untested_optimizer"] is True
     assert ds["zero_force_ds_cpu_optimizer"] is False
     assert ds["bf16"] == {"enabled": True} and not ds["fp16"]["enabled"]
-    assert ds["zero_optimization"]["stage"] == 2 and "checkpoint" not in ds
+    zero = ds["zero_optimization"]
+    assert (zero["stage"], zero["reduce_bucket_size"], zero["allgather_bucket_size"]) == (2, 1000, 3000)
+    assert "checkpoint" not in ds
     assert deepspeed_config(cfg, world_size=4, load_universal=True)["checkpoint"] == {"load_universal": True}
 
 
