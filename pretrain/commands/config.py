@@ -21,19 +21,33 @@ def add_arguments(parser) -> None:
                         help="data-parallel size, to check global = micro x accumulation x world")
 
 
-def run(args) -> int:
+def load_or_report(args, world_size, announce: bool = True):
+    """The config of ``--config`` and the overrides, its warnings printed once as ``warning: ...``
+    lines (where ``announce``: rank 0 of a distributed run); None after printing every problem
+    of an invalid one (the command then exits with status 2)."""
     import sys
 
     from data_prep.settings import collected_warnings
-    from pretrain.config import ConfigError, dump_config, load_config
+    from pretrain.config import ConfigError, load_config
 
     try:
         with collected_warnings() as warnings:
-            cfg = load_config(args.config, args.overrides, world_size=args.world_size)
+            cfg = load_config(args.config, args.overrides, world_size=world_size)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    for warning in warnings:
+        return None
+    for warning in warnings if announce else []:
         print(f"warning: {warning}", file=sys.stderr)
+    return cfg
+
+
+def run(args) -> int:
+    import sys
+
+    from pretrain.config import dump_config
+
+    cfg = load_or_report(args, args.world_size)
+    if cfg is None:
+        return 2
     sys.stdout.write(dump_config(cfg))
     return 0

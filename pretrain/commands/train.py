@@ -7,7 +7,7 @@ pretrain/distributed.py).  Exit status: 0 finished, 75 checkpointed after SIGTER
 Ctrl-C (requeue me), 1 error, 2 invalid config or data, or the run directory in use by another
 run.  Resumes automatically from the run's latest checkpoint.
 """
-from pretrain.commands.config import add_config_arguments
+from pretrain.commands.config import add_config_arguments, load_or_report
 
 HELP = "pretrain (DeepSpeed ZeRO) from a YAML config"
 
@@ -34,8 +34,6 @@ def run(args) -> int:
     import os
     import sys
 
-    from data_prep.settings import collected_warnings
-    from pretrain.config import ConfigError, load_config
     from pretrain.distributed import detect, free_port, resolve_master_addr
 
     try:
@@ -49,14 +47,9 @@ def run(args) -> int:
         dist_env = dataclasses.replace(dist_env, master_port=free_port())
     dist_env.export()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _cuda() else "cpu")
-    try:
-        with collected_warnings() as config_warnings:
-            cfg = load_config(args.config, args.overrides, world_size=dist_env.world_size)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    cfg = load_or_report(args, dist_env.world_size, announce=dist_env.rank == 0)
+    if cfg is None:
         return 2
-    for warning in config_warnings if dist_env.rank == 0 else []:
-        print(f"warning: {warning}", file=sys.stderr)
     logging.basicConfig(level=logging.INFO if dist_env.rank == 0 else logging.WARNING,
                         format=f"[rank {dist_env.rank}] %(levelname)s %(name)s: %(message)s")
     from pretrain.trainer import EXIT_ERROR, NonFiniteLossError, RunDirError, train

@@ -200,8 +200,8 @@ def test_mpi4py_other_ranks_take_what_rank0_sent(fake_mpi4py, capsys):
 
 def test_mpi4py_rank0_on_several_nodes_sends_its_network_address(fake_mpi4py, monkeypatch):
     monkeypatch.setattr(distributed, "host_address", lambda env: "127.0.0.1")  # stands for e.g. 10.0.0.5
-    d = resolve_master_addr(DistEnv(0, 0, 4, "", 29500, "openmpi"),
-                            {"OMPI_COMM_WORLD_LOCAL_SIZE": "2", "MASTER_PORT": "4321"})
+    resolve_master_addr(DistEnv(0, 0, 4, "", 29500, "openmpi"),
+                        {"OMPI_COMM_WORLD_LOCAL_SIZE": "2", "MASTER_PORT": "4321"})
     assert fake_mpi4py.sent == [("127.0.0.1", 4321)]  # an explicit MASTER_PORT is kept
 
 
