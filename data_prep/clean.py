@@ -17,7 +17,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal, NamedTuple
 
-import numpy as np
 
 from data_prep.settings import setting
 
@@ -118,6 +117,8 @@ class HashSet64:
     def _grow(self) -> None:
         """Double the table, re-inserting every value with numpy (a Python loop here would cost more
         than all the lookups): rounds of "claim your current slot if empty, else probe the next"."""
+        import numpy as np   # here, not at import: every data_prep command (--help too) imports this module
+
         values = np.frombuffer(self._slots, dtype=np.uint64)
         values = values[values != 0]
         table = np.zeros(2 * len(self._slots), dtype=np.uint64)

@@ -131,11 +131,6 @@ def load_config(path=None, flags: dict | None = None, overrides: list[str] | Non
     return _build(data, str(path) if path else "the command line")
 
 
-def config_from_flat(flat: dict, source: str = "config") -> PrepConfig:
-    """``{dotted key: value}`` -> PrepConfig; raises PrepError listing every problem."""
-    return _build(settings.unflatten(flat), source)
-
-
 def _build(data: dict, source: str) -> PrepConfig:
     try:  # settings are fingerprinted as given: an int in a float field stays an int (4, not 4.0)
         return settings.build(PrepConfig, data, source=source, rules=RULES, widen_ints=False)

@@ -41,9 +41,11 @@ def remove_temps(directory: Path) -> None:
     """Remove every temp file or directory in ``directory`` (left by killed runs); only while holding
     its lock exclusively, so that no other run of ours is writing one."""
     for stale in Path(directory).glob(f"{TMP_PREFIX}*"):
-        if TEMP_NAME.match(stale.name) and stale.is_dir() and not stale.is_symlink():
+        if not TEMP_NAME.match(stale.name):
+            continue
+        if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
-        elif TEMP_NAME.match(stale.name) and stale.is_file():
+        elif stale.is_file():
             stale.unlink(missing_ok=True)
 
 

@@ -207,14 +207,13 @@ def _run_units(units: Iterable[WorkUnit], settings: ShardSettings, cfg: PrepConf
     return records
 
 
-def build_shards(cfg: PrepConfig, tokenizer_source, out_dir, *, overwrite: bool = False,
-                 lowercase: bool | None = None) -> dict:
+def build_shards(cfg: PrepConfig, tokenizer_source, out_dir, *, overwrite: bool = False) -> dict:
     """The shards stage: returns the manifest written (or, on a multi-node slice, the node manifest).
 
-    ``lowercase`` only matters when ``tokenizer_source`` is a bare vocab.txt (see read_tokenizer).
+    ``cfg.vocab.lowercase`` only matters when ``tokenizer_source`` is a bare vocab.txt (see read_tokenizer).
     """
     out_dir = Path(out_dir)
-    tokenizer = read_tokenizer(Path(tokenizer_source), lowercase)
+    tokenizer = read_tokenizer(Path(tokenizer_source), cfg.vocab.lowercase)
     with out_dir_locks(out_dir, cfg):
         return _build_shards(cfg, tokenizer, out_dir, overwrite)
 

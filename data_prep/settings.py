@@ -101,12 +101,17 @@ def setting(default: Any = MISSING, *, factory: Callable[[], Any] | None = None,
 
 @dataclass(frozen=True)
 class Key:
-    """One leaf of a config tree: its dotted name, annotation, field and docstring."""
+    """One leaf of a config tree: its dotted name, annotation, field and the dataclass declaring it."""
 
     dotted: str
     type: Any
     field: dataclasses.Field
-    doc: str
+    owner: type
+
+    @property
+    def doc(self) -> str:
+        """The field's docstring (read from the source only when asked: help and the reference)."""
+        return field_docs(self.owner).get(self.field.name, "")
 
     @property
     def default(self) -> Any:
@@ -119,16 +124,20 @@ class Key:
 
 
 def keys(cls: type, prefix: str = "") -> dict[str, Key]:
-    """Every leaf key of the tree rooted at ``cls``, in declaration order."""
+    """Every leaf key of the tree rooted at ``cls``, in declaration order (a new dict each call)."""
+    return dict(_keys(cls, prefix))
+
+
+@functools.cache
+def _keys(cls: type, prefix: str) -> dict[str, Key]:
     hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
     out: dict[str, Key] = {}
     for f in dataclasses.fields(cls):
         dotted = prefix + f.name
         if dataclasses.is_dataclass(hints[f.name]):
-            out.update(keys(hints[f.name], dotted + "."))
+            out.update(_keys(hints[f.name], dotted + "."))
         else:
-            out[dotted] = Key(dotted, hints[f.name], f, docs.get(f.name, ""))
+            out[dotted] = Key(dotted, hints[f.name], f, cls)
     return out
 
 

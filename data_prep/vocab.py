@@ -286,22 +286,21 @@ def read_tokenizer(path: Path, lowercase: bool | None = None, validate: bool = T
                             f"expected all of {list(SPECIAL_TOKENS)}")
         return tok
     if lowercase is None:
-        declared = declared_lowercase(path.parent)
-        lowercase = True if declared is None else declared
+        lowercase = declared_lowercase(path.parent)
     return build_bert_tokenizer(_read_vocab_txt(path), lowercase)
 
 
-def declared_lowercase(tokenizer_dir) -> bool | None:
-    """``do_lower_case`` of the directory's tokenizer_config.json; None where there is no such file,
-    or it does not say (missing or null: BERT's default, uncased, applies)."""
+def declared_lowercase(tokenizer_dir) -> bool:
+    """``do_lower_case`` of the directory's tokenizer_config.json; True (BERT's default, uncased)
+    where there is no such file, or it does not say (missing or null)."""
     path = Path(tokenizer_dir) / "tokenizer_config.json"
     if not path.is_file():
-        return None
+        return True
     try:
         value = json.loads(path.read_text(encoding="utf-8")).get("do_lower_case")
     except (ValueError, AttributeError):
         raise PrepError(f"{path}: not a JSON object; expected a tokenizer_config.json") from None
-    return None if value is None else bool(value)
+    return True if value is None else bool(value)
 
 
 def load_tokenizer_dir(path: Path):

@@ -36,7 +36,6 @@ import torch.distributed as dist
 
 from pretrain.engine import all_reduce_sum, convert_to_universal
 from pretrain.config import Config
-from pretrain.faults import NO_FAULTS, Faults
 from pretrain.weights import (TOKENIZER_DIR, CheckpointError, UnreadableFileError, atomic_write, atomic_write_text,
                               copy_tokenizer,
                               load_torch_file, read_json_object, save_weights)
@@ -150,15 +149,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(engine, root: str, state: TrainerState, *, cfg: Config, scheduler, prints: dict,
-         consolidated_state_dict: Optional[dict], rank: int, keep_last: int, extra: dict,
-         faults: Faults = NO_FAULTS) -> str:
+def save(engine, root: str, state: TrainerState, *, cfg: Config, prints: dict, rank: int, keep_last: int,
+         extra: dict) -> str:
     """Save a checkpoint for ``state.step`` on every rank; return its directory.
 
-    ``consolidated_state_dict`` is the full fp32 model state on rank 0 (None elsewhere).  A failed
+    Rank 0 also writes the engine's consolidated fp32 weights (gathered from every rank).  A failed
     write on any rank (disk full) is a CheckpointError on every rank naming the file; the partial
     directory is removed and ``latest`` still names the previous checkpoint.
     """
+    consolidated = engine.consolidated_state_dict(rank)   # a collective under ZeRO-3: every rank, first
     tag = step_tag(state.step)
     tmp_tag = f".tmp-{tag}"
     final_dir, tmp_dir = os.path.join(root, tag), os.path.join(root, tmp_tag)
@@ -174,16 +173,16 @@ def save(engine, root: str, state: TrainerState, *, cfg: Config, scheduler, prin
         # when a run resumes with another world size (see load()).
         engine.save(root, tmp_tag, {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
         # Every rank writes its own RNG state: dropout masks differ per rank.
-        trainer_state = {"trainer": state.__dict__, "rng": rng_state(), "scheduler": scheduler.state_dict()}
+        trainer_state = {"trainer": state.__dict__, "rng": rng_state(), "scheduler": engine.scheduler.state_dict()}
         atomic_write(os.path.join(tmp_dir, f"rank{rank:05d}_{TRAINER_STATE}"), lambda f: torch.save(trainer_state, f))
         if rank == 0:
-            save_weights(tmp_dir, cfg, consolidated_state_dict, extra=extra)
+            save_weights(tmp_dir, cfg, consolidated, extra=extra)
             if extra.get("tokenizer_dir"):
                 copy_tokenizer(extra["tokenizer_dir"], os.path.join(tmp_dir, TOKENIZER_DIR))
             atomic_write_text(os.path.join(tmp_dir, FINGERPRINTS), json.dumps(prints, indent=2))
     except (CheckpointError, OSError) as err:
         error = _not_saved(root, tag, err)
-    faults.during_save(state.step)
+    engine.faults.during_save(state.step)
     try:
         _agree(error, engine.device, f"checkpoint {tag} was not saved: a write failed on another rank")
         if rank == 0:
@@ -297,7 +296,7 @@ def _to_universal(root: str, tag: str, rank: int, device: torch.device) -> str:
     return universal_tag
 
 
-def load(engine, root: str, *, rank: int, scheduler, current_prints: dict, allow_mismatch: bool,
+def load(engine, root: str, *, rank: int, current_prints: dict, allow_mismatch: bool,
          load_optimizer: bool = True, universal: bool = False) -> tuple[Optional[TrainerState], list[str]]:
     """Resume from ``root/latest`` if there is one.  Returns (state or None, fingerprint diffs).
 
@@ -324,7 +323,7 @@ def load(engine, root: str, *, rank: int, scheduler, current_prints: dict, allow
     finally:
         if universal and rank == 0:
             shutil.rmtree(os.path.join(root, load_tag), ignore_errors=True)
-    scheduler.load_state_dict(saved["scheduler"])
+    engine.scheduler.load_state_dict(saved["scheduler"])
     if own:
         set_rng_state(saved["rng"])
     return TrainerState(**saved["trainer"]), diffs

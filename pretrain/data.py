@@ -225,10 +225,6 @@ class ShardSamples(Dataset):
         if len(self._open_shards) > self.max_open:
             self._open_shards.popitem(last=False)[1][0].close()
 
-    def _read(self, sample: int) -> dict:
-        """A sample decoded (field name -> value)."""
-        return self._read_located(sample)[1]
-
     def _read_located(self, sample: int) -> tuple[str, dict]:
         """``(where, sample decoded)``: ``where`` ("<shard path>: sample <key>") names it in errors."""
         shard = bisect.bisect_right(self.split.offsets, sample) - 1

@@ -327,8 +327,7 @@ def _tokenizer_spec(tokenizer_dir: str, m: ModelConfig) -> dict:
         raise ValueError(f"tokenizer {tokenizer_dir} has {len(spec['vocab'])} tokens but model.vocab_size is "
                          f"{m.vocab_size}")
     if spec["lowercase"] is None:  # a bare vocab.txt: as data_prep reads it, uncased unless declared
-        declared = declared_lowercase(tokenizer_dir)
-        spec["lowercase"] = True if declared is None else declared
+        spec["lowercase"] = declared_lowercase(tokenizer_dir)
     return spec
 
 

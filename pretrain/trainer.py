@@ -56,7 +56,6 @@ class Run:
     dist_env: DistEnv
     device: torch.device
     engine: Engine
-    faults: Faults
 
 
 def join_job(cfg: Config, dist_env: DistEnv) -> torch.device:
@@ -122,7 +121,7 @@ def build_run(cfg: Config, dist_env: DistEnv, device: torch.device, stop: StopSi
     engine = Engine(cfg, model, optimizer, scheduler, dist_env.world_size, load_universal=load_universal,
                     stop=stop, faults=faults)
     seed_everything(cfg.training.seed, dist_env.rank)  # per-rank dropout streams
-    return Run(cfg, dist_env, device, engine, faults)
+    return Run(cfg, dist_env, device, engine)
 
 
 def train(cfg: Config, dist_env: DistEnv, *, stop_after_step: Optional[int] = None,
@@ -178,9 +177,8 @@ def _starting_state(run: Run, ckpt_root: str, prints: dict, resuming: bool,
     state = ckpt.TrainerState(step=0, samples_consumed=0, world_size=world_size)
     messages = []
     if resuming:
-        loaded, diffs = ckpt.load(run.engine, ckpt_root, rank=run.dist_env.rank, scheduler=run.engine.scheduler,
-                                  current_prints=prints, allow_mismatch=cfg.checkpoint.allow_fingerprint_mismatch,
-                                  universal=new_world)
+        loaded, diffs = ckpt.load(run.engine, ckpt_root, rank=run.dist_env.rank, current_prints=prints,
+                                  allow_mismatch=cfg.checkpoint.allow_fingerprint_mismatch, universal=new_world)
         if loaded is not None:
             messages.append(f"resumed from {ckpt.latest_tag(ckpt_root)} at step {loaded.step}, "
                             f"sample {loaded.samples_consumed}")
@@ -213,9 +211,8 @@ class _Saver:
 
     def __call__(self, state: ckpt.TrainerState) -> None:
         run, rank = self.run, self.run.dist_env.rank
-        ckpt.save(run.engine, self.root, state, cfg=run.cfg, scheduler=run.engine.scheduler, prints=self.prints,
-                  consolidated_state_dict=run.engine.consolidated_state_dict(rank), rank=rank,
-                  keep_last=run.cfg.checkpoint.keep_last, extra=self.extra, faults=run.faults)
+        ckpt.save(run.engine, self.root, state, cfg=run.cfg, prints=self.prints, rank=rank,
+                  keep_last=run.cfg.checkpoint.keep_last, extra=self.extra)
 
 
 def _loop(run: Run, state: ckpt.TrainerState, train_split, logger: MetricsLogger, save: _Saver,
@@ -354,8 +351,8 @@ class _Window:
         if tot["sentence_count"] > 0:
             values["train/sentence_loss"] = tot["sentence_loss_sum"] / micro
             values["train/sentence_accuracy"] = tot["sentence_correct"] / tot["sentence_count"]
-        if run.engine.loss_scale() is not None:
-            values["train/loss_scale"] = run.engine.loss_scale()
+        if (scale := run.engine.loss_scale()) is not None:
+            values["train/loss_scale"] = scale
         values.update(throughput(self.steps * global_batch, int(tot["tokens"]), seconds, rates.flops_per_seq,
                                  rates.peak))
         if run.device.type == "cuda":

@@ -25,5 +25,5 @@ def run(args) -> int:
     from data_prep.pipeline import build_shards
 
     cfg = config_from_args(args)
-    build_shards(cfg, args.tokenizer, cfg.out, overwrite=args.overwrite, lowercase=cfg.vocab.lowercase)
+    build_shards(cfg, args.tokenizer, cfg.out, overwrite=args.overwrite)
     return 0

@@ -174,7 +174,8 @@ class ShardWriter:
 
     def add_rows(self, keys: list[str], members: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
         """Samples ``keys``, the same members for each: per member, (extension, uint8 payloads
-        [len(keys), width] as ``npy_rows`` / ``bytes_rows`` give, byte sizes)."""
+        [len(keys), width], zero past each row's size, as ``npy_rows`` / ``bytes_rows`` give them,
+        byte sizes)."""
         encoded = [k.encode("utf-8") for k in keys]
         lo = 0
         while lo < len(keys):  # ROWS_AT_ONCE at most, of one key length (it grows past 999,999 samples)
@@ -195,7 +196,7 @@ class ShardWriter:
             if (sizes >= 8 ** 11).any():
                 raise ValueError(f"a member {ext!r} of {int(sizes.max())} bytes does not fit a USTAR header")
             heads.append(_header_rows(key_arr, ext, sizes))
-            bodies.append(np.where(np.arange(payload.shape[1]) < sizes[:, None], payload, 0).astype(np.uint8))
+            bodies.append(payload)
             blocks.append(1 + -(-sizes // BLOCK))
         # A sample is a whole number of blocks.  Samples with the same blocks per member (few kinds)
         # are laid out together with slices, then their blocks moved into place.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.config import config_from_flat
+from data_prep.config import load_config
 from data_prep.pipeline import build_shards
 from data_prep.shards import iter_split_samples, read_manifest
 
@@ -79,7 +79,7 @@ def run_shards(inputs, tokenizer, out: Path, overwrite: bool = False, **flat):
     settings = {"input.paths": [str(p) for p in inputs], "out": str(out), "progress": False,
                 "shards.text_per_shard_mb": 0.05, "shards.val_fraction": 0.1, "seed": 7}
     settings.update({k.replace("__", "."): v for k, v in flat.items()})
-    return build_shards(config_from_flat(settings), tokenizer, out, overwrite=overwrite)
+    return build_shards(load_config(flags=settings), tokenizer, out, overwrite=overwrite)
 
 
 def split_samples(out: Path, split: str = "train"):

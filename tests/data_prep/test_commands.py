@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from data_prep.cli import main
-from data_prep.config import PrepConfig, config_from_flat, load_config
+from data_prep.config import PrepConfig, load_config
 from data_prep.errors import PrepError
 from tests.data_prep.conftest import REPO, english_docs, write_lines
 
@@ -185,7 +185,7 @@ def test_config_problems_are_all_reported(tmp_path, capsys):
     # the cross check runs beside the per-key problems, since both of its keys are valid
     assert "shards.max_predictions: got 999, expected <= shards.seq_len (128)" in err
     with pytest.raises(PrepError, match="shards.max_predictions: got 999, expected <= shards.seq_len"):
-        config_from_flat({"shards.max_predictions": 999})
+        load_config(flags={"shards.max_predictions": 999})
     assert main(["run", "--config", str(bad), "shards.seq_len"]) == 1
     assert "override 'shards.seq_len': expected section.key=value" in capsys.readouterr().err
 

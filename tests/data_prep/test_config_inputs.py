@@ -7,7 +7,7 @@ import math
 import pytest
 
 from data_prep.cli import main
-from data_prep.config import RANGES, PrepConfig, config_from_flat, load_config
+from data_prep.config import RANGES, PrepConfig, load_config
 from data_prep.errors import PrepError
 from data_prep.settings import keys, read_yaml_mapping, unwrap_optional
 from data_prep.vocab import train_wordpiece
@@ -25,12 +25,12 @@ def test_every_float_key_is_found():
                                    pytest.param(10 ** 400, id="int-beyond-float")])
 def test_non_finite_floats_are_refused(key, value):
     with pytest.raises(PrepError, match=f"{key}: got .*, expected a finite number"):
-        config_from_flat({key: value})
+        load_config(flags={key: value})
 
 
 def test_the_message_names_the_key_and_the_range():
     with pytest.raises(PrepError) as err:
-        config_from_flat({"shards.val_fraction": math.nan})
+        load_config(flags={"shards.val_fraction": math.nan})
     assert "shards.val_fraction: got nan, expected a finite number between 0.0 and 0.999" in str(err.value)
 
 
@@ -77,7 +77,7 @@ def test_float_spellings_one_by_one(tmp_path, text, expected):
 
 def test_an_integer_in_a_float_field_stays_an_integer():
     # Shard settings are fingerprinted as given: 4 must not turn into 4.0 for existing runs.
-    value = config_from_flat({"shards.text_per_shard_mb": 4}).shards.text_per_shard_mb
+    value = load_config(flags={"shards.text_per_shard_mb": 4}).shards.text_per_shard_mb
     assert value == 4 and type(value) is int
 
 
@@ -86,14 +86,14 @@ def test_an_integer_in_a_float_field_stays_an_integer():
                                        ("shards.val_fraction", True)])
 def test_other_types_keep_their_rules(key, value):
     with pytest.raises(PrepError, match=f"{key}: got {value!r}, expected"):
-        config_from_flat({key: value})
+        load_config(flags={key: value})
 
 
 def test_vocab_size_has_a_sane_maximum():
     assert RANGES["vocab.vocab_size"] == (16, 1 << 20)
-    assert config_from_flat({"vocab.vocab_size": 1 << 20}).vocab.vocab_size == 1 << 20
+    assert load_config(flags={"vocab.vocab_size": 1 << 20}).vocab.vocab_size == 1 << 20
     with pytest.raises(PrepError, match="vocab.vocab_size: got 2147483648, expected between 16 and 1048576"):
-        config_from_flat({"vocab.vocab_size": 2147483648})
+        load_config(flags={"vocab.vocab_size": 2147483648})
 
 
 def test_the_documented_old_maximum_is_refused_on_the_command_line(tmp_path, capsys):

@@ -151,8 +151,8 @@ def test_shard_indexes_and_open_files_stay_bounded_and_reads_stay_right(shards):
     bounded.max_open = 1
     samples = [s for _ in range(2) for s in split.offsets[:-1]] + [split.num_samples - 1, 0]  # first of each shard
     for s in samples:
-        got = bounded._read(s)
+        got = bounded._read_located(s)[1]
         assert len(bounded._open_shards) <= 1
-        expected = fresh._read(s)
+        expected = fresh._read_located(s)[1]
         assert got.keys() == expected.keys()
         assert all(np.array_equal(got[k], expected[k]) for k in got)
