@@ -1,0 +1,198 @@
+"""data_prep.shards.store: a shard directory read from a local directory, a pipe: command, a real local
+HTTP server and fsspec's memory:// filesystem; checked reads, retries, timeouts, the cache."""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shlex
+import sys
+import time
+
+import pytest
+
+from data_prep.errors import PrepError
+from data_prep.shards.store import BLOCK, open_store
+from tests.http_server import serve_directory, silent_server
+
+SHARD = "train-000000.tar"
+FAST = dict(timeout=1.0, attempts=3, backoff=0.01)  # retries and timeouts short enough for tests
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    """A directory with a manifest, a tokenizer file and one 'shard' of 2.5 blocks of bytes."""
+    root = tmp_path / "shards"
+    (root / "tokenizer").mkdir(parents=True)
+    (root / "manifest.json").write_text('{"format": "test"}\n')
+    (root / "tokenizer" / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    (root / SHARD).write_bytes(os.urandom(BLOCK * 2 + BLOCK // 2))
+    return root
+
+
+def entry(path):
+    data = path.read_bytes()
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+def test_local_reads_whole_blocks_and_checks(shard_dir):
+    store = open_store(str(shard_dir))
+    assert store.read("manifest.json") == b'{"format": "test"}\n'
+    assert store.read("tokenizer/vocab.txt") == b"[PAD]\n[UNK]\n"
+    store.read_calls = store.bytes_read = 0
+    size, sha = entry(shard_dir / SHARD)
+    assert store.read_checked(SHARD, size, sha) == (shard_dir / SHARD).read_bytes()
+    assert (store.read_calls, store.bytes_read) == (4, size)  # 3 blocks and the end
+    with pytest.raises(PrepError, match=rf"{shard_dir / SHARD}: corrupted: sha256 .* does not match"):
+        store.read_checked(SHARD, size, "0" * 64)
+    with pytest.raises(PrepError, match=rf"{shard_dir / SHARD}: truncated: got {size} of its {size + 1} bytes$"):
+        store.read_checked(SHARD, size + 1, sha)
+    with pytest.raises(PrepError, match=rf"{shard_dir / SHARD}: larger than its {size - 1} bytes"):
+        store.read_checked(SHARD, size - 1, sha)
+    with pytest.raises(PrepError, match=rf"{shard_dir / 'val-000000.tar'}: no such file$"):
+        store.read("val-000000.tar")
+    assert open_store(f"file://{shard_dir}").read("manifest.json") == b'{"format": "test"}\n'
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../x.tar", "a/../b", "./manifest.json", "", "a//b", ".hidden",
+                                  "a\\b", "tokenizer/", 7])
+def test_names_outside_the_directory_are_refused(shard_dir, name):
+    store = open_store(str(shard_dir), cache_dir=str(shard_dir / "cache"))
+    with pytest.raises(PrepError, match="is not a relative file name of a shard directory"):
+        store.read(name)
+    with pytest.raises(PrepError, match="is not a relative file name of a shard directory"):
+        store.read_checked(name, 1, "0" * 64)
+
+
+def test_http_reads_and_checks(shard_dir):
+    size, sha = entry(shard_dir / SHARD)
+    with serve_directory(shard_dir) as server:
+        store = open_store(server.url + "/", **FAST)
+        assert store.where(SHARD) == f"{server.url}/{SHARD}"
+        assert store.read("tokenizer/vocab.txt") == b"[PAD]\n[UNK]\n"
+        assert store.read_checked(SHARD, size, sha) == (shard_dir / SHARD).read_bytes()
+        assert store.bytes_read == size + 12
+        with pytest.raises(PrepError, match=rf"^{server.url}/val-000000.tar: HTTP 404 File not found$"):
+            store.read_checked("val-000000.tar", 1, sha)
+        assert server.requests["/val-000000.tar"] == 1  # not retried
+        with pytest.raises(PrepError, match=rf"^{server.url}/{SHARD}: corrupted: .* \(after 2 tries\)$"):
+            store.read_checked(SHARD, size, "0" * 64)
+        assert server.requests[f"/{SHARD}"] == 3  # one good read, then a wrong hash read twice
+
+
+def test_http_truncated_answer_is_retried_then_an_error(shard_dir):
+    size, sha = entry(shard_dir / SHARD)
+    with serve_directory(shard_dir) as server:
+        store = open_store(server.url, **FAST)
+        server.truncate[f"/{SHARD}"] = 1000  # Content-Length says the whole file, the body stops short
+        with pytest.raises(PrepError, match=rf"^{server.url}/{SHARD}: truncated: the connection closed {size - 1000} "
+                                            r"bytes short of its Content-Length \(after 3 tries\)$"):
+            store.read_checked(SHARD, size, sha)
+        assert server.requests[f"/{SHARD}"] == 3
+        with pytest.raises(PrepError, match=r"manifest.json: truncated: the connection closed 9 bytes short"):
+            server.truncate["/manifest.json"] = 10
+            store.read("manifest.json")  # no size to check against: the Content-Length is
+        server.truncate.clear()
+        # A file shorter than its manifest entry (an honest, complete answer of the wrong file)
+        with pytest.raises(PrepError, match=rf"{SHARD}: truncated: got {size} of its {size + 5} bytes "
+                                            r"\(after 3 tries\)$"):
+            store.read_checked(SHARD, size + 5, sha)
+        assert store.read_checked(SHARD, size, sha) == (shard_dir / SHARD).read_bytes()
+
+
+def test_http_silent_or_refusing_server_fails_within_the_timeout():
+    with silent_server() as url:
+        store = open_store(url, timeout=0.5, attempts=2, backoff=0.01)
+        start = time.monotonic()
+        with pytest.raises(PrepError, match=rf"^{url}/{SHARD}: no answer within 0.5 s \(after 2 tries\)$"):
+            store.read_checked(SHARD, 10, "0" * 64)
+        assert time.monotonic() - start < 5
+    # nothing listens there any more
+    with pytest.raises(PrepError, match=rf"^{url}/manifest.json: .*refused.* \(after 2 tries\)$"):
+        store.read("manifest.json")
+
+
+def test_cache_serves_verified_copies_and_replaces_bad_ones(shard_dir, tmp_path):
+    size, sha = entry(shard_dir / SHARD)
+    cache = tmp_path / "cache"
+    with serve_directory(shard_dir) as server:
+        store = open_store(server.url, cache_dir=str(cache), **FAST)
+        data = store.read_checked(SHARD, size, sha)
+        cached = store.cache_root() / SHARD
+        assert cached.read_bytes() == data and cached.parent.parent == cache
+        assert sorted(p.name for p in cached.parent.iterdir()) == [SHARD]  # no temp left
+        assert pickle.loads(pickle.dumps(store)).read_checked(SHARD, size, sha) == data
+        assert server.requests[f"/{SHARD}"] == 1  # served from the cache, by a copy too
+        store.read("manifest.json"), store.read("manifest.json")
+        assert server.requests["/manifest.json"] == 2  # small files are not cached
+
+        cached.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # a corrupted cached copy ...
+        assert store.read_checked(SHARD, size, sha) == data  # ... is not trusted
+        assert server.requests[f"/{SHARD}"] == 2 and cached.read_bytes() == data
+        cached.write_bytes(data[:100])  # a short one neither
+        assert store.read_checked(SHARD, size, sha) == data and server.requests[f"/{SHARD}"] == 3
+
+        with pytest.raises(PrepError, match="corrupted"):  # a bad source never reaches the cache
+            open_store(server.url, cache_dir=str(tmp_path / "other"), **FAST).read_checked(SHARD, size, "0" * 64)
+        assert not list((tmp_path / "other").rglob(SHARD))
+    # one location, one cache directory; another location, another one
+    assert open_store(server.url + "/", cache_dir=str(cache)).cache_root() == store.cache_root()
+    assert open_store(str(shard_dir), cache_dir=str(cache)).cache_root() != store.cache_root()
+
+
+def test_pipe_command(shard_dir):
+    size, sha = entry(shard_dir / SHARD)
+    store = open_store(f"pipe:cat {shlex.quote(str(shard_dir))}/{{name}}", **FAST)
+    assert store.where(SHARD) == f"pipe:cat {shlex.quote(str(shard_dir))}/{SHARD}"
+    assert store.read("tokenizer/vocab.txt") == b"[PAD]\n[UNK]\n"
+    assert store.read_checked(SHARD, size, sha) == (shard_dir / SHARD).read_bytes()
+    with pytest.raises(PrepError, match=r"val-000000.tar: the command exited with status 1: cat: .*No such file"
+                                        r".* \(after 3 tries\)$"):
+        store.read_checked("val-000000.tar", 1, sha)
+    with pytest.raises(PrepError, match=rf"{SHARD}: larger than its {size - 10} bytes"):
+        store.read_checked(SHARD, size - 10, sha)  # stops reading; the command is ended, not waited for
+    slow = open_store(f"pipe:sleep 30; cat {shlex.quote(str(shard_dir))}/{{name}}", timeout=0.3, attempts=1)
+    start = time.monotonic()
+    with pytest.raises(PrepError, match=rf"{SHARD}: the command printed nothing for 0.3 s$"):
+        slow.read_checked(SHARD, size, sha)
+    assert time.monotonic() - start < 5
+    with pytest.raises(PrepError, match=r"must contain \{name\}"):
+        open_store(f"pipe:cat {shard_dir}/manifest.json")
+
+
+def test_fsspec_memory_filesystem(shard_dir):
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    data = (shard_dir / SHARD).read_bytes()
+    fs.pipe({"/bertforge-test/shards/manifest.json": b"{}", f"/bertforge-test/shards/{SHARD}": data})
+    try:
+        store = open_store("memory://bertforge-test/shards", **FAST)
+        assert store.where(SHARD) == f"memory://bertforge-test/shards/{SHARD}"
+        assert store.read("manifest.json") == b"{}"
+        store = pickle.loads(pickle.dumps(store))
+        assert store.read_checked(SHARD, *entry(shard_dir / SHARD)) == data
+        assert store.read_calls == 4 and store.bytes_read == len(data)
+        with pytest.raises(PrepError, match=r"^memory://bertforge-test/shards/val-000000.tar: no such file$"):
+            store.read("val-000000.tar")
+    finally:
+        fs.rm("/bertforge-test", recursive=True)
+
+
+def test_missing_fsspec_backend_names_the_package(monkeypatch):
+    pytest.importorskip("fsspec")
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if not installed
+    with pytest.raises(PrepError, match=r"^s3://bucket/shards: reading s3:// URLs needs the s3fs package "
+                                        r"\(pip install s3fs\)$"):
+        open_store("s3://bucket/shards")
+    with pytest.raises(PrepError, match=r"^nosuch://x: nosuch:// is not a scheme fsspec knows"):
+        open_store("nosuch://x")
+
+
+def test_stores_pickle_without_their_counters(shard_dir):
+    for location in (str(shard_dir), f"pipe:cat {shard_dir}/{{name}}", "http://127.0.0.1:9/shards",
+                     "memory://x/shards"):
+        store = open_store(location, cache_dir=str(shard_dir / "cache"))
+        store.read_calls, store.bytes_read = 5, 500
+        copy = pickle.loads(pickle.dumps(store))
+        assert (type(copy), copy.location, copy.cache_root()) == (type(store), location, store.cache_root())
+        assert (copy.read_calls, copy.bytes_read) == (0, 0)
