@@ -18,6 +18,7 @@ source keeps sending (slowly).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import http.client
 import io
@@ -25,6 +26,7 @@ import os
 import re
 import select
 import shlex
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -42,6 +44,7 @@ TIMEOUT_S = 30.0        # silence (no connection, no bytes) after which a try fa
 ATTEMPTS = 4            # tries of a read that breaks off; content of the wrong size or hash gets 2 at most
 BACKOFF_S = 0.5         # pause before the second try; doubles before each further one
 STDERR_TAIL = 400       # characters of a failed pipe: command's stderr shown in its error
+PIPE_SIZE = 1 << 20     # a pipe: command's pipe buffer (Linux's default 64 KiB caps each read at that)
 HTTP_RETRIED = (408, 425, 429)  # 4xx answers worth asking again (5xx always are)
 
 # A relative name of a shard directory: parts of letters, digits and ._+- (not starting with a dot, so
@@ -278,8 +281,9 @@ class HttpStore(Store):
             err.close()
             raise _Failure(f"HTTP {err.code} {err.reason}", retry=err.code >= 500 or err.code in HTTP_RETRIED) \
                 from None
-        except urllib.error.URLError as err:
-            raise _Failure(_network_problem(err.reason, self.timeout)) from None
+        except urllib.error.URLError as err:  # a certificate that does not verify will not on a retry
+            raise _Failure(_network_problem(err.reason, self.timeout),
+                           retry=not isinstance(err.reason, ssl.SSLCertVerificationError)) from None
         except (OSError, http.client.HTTPException) as err:
             raise _Failure(_network_problem(err, self.timeout)) from None
 
@@ -311,6 +315,8 @@ class PipeStore(Store):
         with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty command cannot block
             proc = subprocess.Popen(command, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=stderr, bufsize=0)
+            with contextlib.suppress(OSError, AttributeError):  # Linux only; the default size works too
+                fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             pipe = _TimedPipe(proc.stdout, self.timeout)
             try:
                 yield pipe

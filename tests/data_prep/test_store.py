@@ -3,6 +3,7 @@ HTTP server and fsspec's memory:// filesystem; checked reads, retries, timeouts,
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import pickle
 import shlex
@@ -17,6 +18,13 @@ from tests.http_server import serve_directory, silent_server
 
 SHARD = "train-000000.tar"
 FAST = dict(timeout=1.0, attempts=3, backoff=0.01)  # retries and timeouts short enough for tests
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_for_the_test_server(monkeypatch):
+    """urllib honours http_proxy; the test servers are on this machine."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
 
 
 @pytest.fixture
@@ -138,6 +146,31 @@ def test_cache_serves_verified_copies_and_replaces_bad_ones(shard_dir, tmp_path)
     # one location, one cache directory; another location, another one
     assert open_store(server.url + "/", cache_dir=str(cache)).cache_root() == store.cache_root()
     assert open_store(str(shard_dir), cache_dir=str(cache)).cache_root() != store.cache_root()
+
+
+def _read_through_cache(args) -> str:
+    url, cache, size, sha = args
+    return hashlib.sha256(open_store(url, cache_dir=cache, **FAST).read_checked(SHARD, size, sha)).hexdigest()
+
+
+def test_concurrent_processes_leave_one_good_cached_copy(shard_dir, tmp_path):
+    size, sha = entry(shard_dir / SHARD)
+    cache = tmp_path / "cache"
+    with serve_directory(shard_dir) as server, multiprocessing.get_context("spawn").Pool(4) as pool:
+        assert pool.map(_read_through_cache, [(server.url, str(cache), size, sha)] * 8) == [sha] * 8
+        assert 1 <= server.requests[f"/{SHARD}"] <= 8
+    root = open_store(server.url, cache_dir=str(cache)).cache_root()
+    assert [p.name for p in root.iterdir()] == [SHARD] and entry(root / SHARD) == (size, sha)
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning(shard_dir, tmp_path, capsys):
+    size, sha = entry(shard_dir / SHARD)
+    (tmp_path / "cache").write_text("a file, not a directory")
+    store = open_store(str(shard_dir), cache_dir=str(tmp_path / "cache"))
+    for _ in range(2):
+        assert store.read_checked(SHARD, size, sha) == (shard_dir / SHARD).read_bytes()
+    warning = capsys.readouterr().err
+    assert warning.count("warning: not caching") == 1 and f"{shard_dir / SHARD} in {tmp_path / 'cache'}" in warning
 
 
 def test_pipe_command(shard_dir):
