@@ -72,9 +72,31 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One corpus of a mixture (an item of ``data.sources``)."""
+    dir: str = setting("", path=True)
+    """Where its shards are: as ``data.dir``."""
+    weight: float = setting(1.0, gt=0)
+    """Its share of the training samples, relative to the other sources' weights."""
+    name: Optional[str] = None
+    """Its name in the logs (``data/<name>/samples``, ``eval/<name>/...``); None: the last part of dir (before a final ``shards``)."""
+
+
+@dataclass
 class DataConfig:
     dir: str = setting("", path=True)
-    """Directory written by ``data_prep shards`` (holds manifest.json, train-*.tar, val-*.tar)."""
+    """Shards written by ``data_prep shards`` (manifest.json, tokenizer/, train-*/val-* shards): a local
+    directory, ``file://``, ``http(s)://`` or another fsspec URL (``s3://``, ``gs://`` with their package
+    installed), or ``pipe:<command with {name}>`` that writes a file of the directory to stdout."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture of shard directories instead of ``dir``: a list of ``{dir: ..., weight: ...,
+    name: ...}`` (weight 1 and name from dir when left out).  Every global sample position maps to one
+    source by the weights (at every prefix of training each source's count is within one sample of its
+    share); each source repeats on its own epoch counter.  The sources must share the tokenizer and the
+    shard settings."""
+    cache_dir: Optional[str] = setting(None, path=True)
+    """Node-local directory where shards read from a URL or a ``pipe:`` are kept once verified, so later
+    epochs and runs read them from there (None: read them again each time)."""
     tokenizer: Optional[str] = setting(None, path=True)
     """Tokenizer directory of the run; its hash must match the shards' (None: trust the manifest)."""
     num_workers: int = setting(2, ge=0)
@@ -95,6 +117,10 @@ class DataConfig:
     mlm_probability: Optional[float] = None
     """Dynamic masking rate; None uses the value recorded in the manifest (0.15 by default).
     Statically masked shards carry their masks, so there it has no effect (a warning says so)."""
+
+    def source_list(self) -> list[SourceConfig]:
+        """The sources of the run: ``sources``, or ``dir`` as one source of weight 1."""
+        return list(self.sources) or [SourceConfig(dir=self.dir)]
 
 
 @dataclass
@@ -267,7 +293,7 @@ class Config:
 # --------------------------------------------------------------------------------------------
 # Keys that say the same thing two ways: a layer (a child file over its base, the command line
 # over the file) that sets one of them replaces the other too; one layer setting both is an error.
-ALTERNATIVES = {"schedule": (("warmup_steps", "warmup_ratio"),)}
+ALTERNATIVES = {"schedule": (("warmup_steps", "warmup_ratio"),), "data": (("dir", "sources"),)}
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None,
@@ -286,7 +312,58 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
 
 
 def config_from_dict(data: dict, source: str | None = None, world_size: int | None = None) -> Config:
-    return settings.build(Config, data, source=source, rules=RULES, context=(world_size,), warn=WARNINGS)
+    section = data.get("data") if isinstance(data, dict) else None
+    raw_sources = section.get("sources") if isinstance(section, dict) else None
+    if raw_sources is not None:    # a list of sections, which the config engine's leaf types do not cover
+        data = {**data, "data": {k: v for k, v in section.items() if k != "sources"}}
+    sources, problems = _sources(raw_sources, section.get("dir") if isinstance(section, dict) else None)
+    try:
+        cfg = settings.build(Config, data, source=source, rules=RULES, context=(world_size,), warn=WARNINGS)
+    except ConfigError as err:
+        raise ConfigError(err.problems + problems, source=source) from None
+    if problems:
+        raise ConfigError(problems, source=source)
+    cfg.data.sources = sources
+    return cfg
+
+
+def _sources(raw, data_dir) -> tuple[list[SourceConfig], list[str]]:
+    """``data.sources`` built item by item (problems named ``data.sources[i].key``), with their names."""
+    if raw is None or raw == []:
+        return [], []
+    if not isinstance(raw, list):
+        return [], [f"data.sources: got {raw!r}, expected a list of {{dir: ..., weight: ...}} mappings"]
+    if data_dir:
+        return [], [f"data.dir ({data_dir}) and data.sources are both set in one place; they are alternatives: "
+                    f"set one (data.dir is one source of weight 1)"]
+    sources, problems = [], []
+    for i, item in enumerate(raw):
+        where = f"data.sources[{i}]"
+        if not isinstance(item, dict):
+            problems.append(f"{where}: got {item!r}, expected a mapping {{dir: ..., weight: ...}}")
+            continue
+        try:
+            source = settings.build(SourceConfig, item)
+        except ConfigError as err:
+            problems += [f"{where}.{p}" for p in err.problems]
+            continue
+        if not source.dir:
+            problems.append(f"{where}.dir: missing (the source's shard directory or URL)")
+            continue
+        source.name = source.name or _default_name(source.dir)
+        sources.append(source)
+    names = [s.name for s in sources]
+    problems += [f"data.sources: two sources are named {n!r}: give them distinct `name`s"
+                 for n in sorted({n for n in names if names.count(n) > 1})]
+    return sources, problems
+
+
+def _default_name(location: str) -> str:
+    """The last part of a source's dir, skipping a final ``shards`` (data_prep writes OUT/shards)."""
+    parts = [p for p in location.replace("\\", "/").split("/") if p]
+    if len(parts) > 1 and parts[-1] == "shards":
+        parts.pop()
+    return parts[-1] if parts else location
 
 
 def dump_config(cfg: Config) -> str:
