@@ -19,8 +19,8 @@ from data_prep.errors import PrepError, write_error
 from data_prep.instances import create_instances, fill_row, instance_rng
 from data_prep.masking import continuation_table, mask_batch, masking_config
 from data_prep.procs import die_with_parent, parent_alive
-from data_prep.shards import (SENTENCE_LABEL_KEYS, SPLIT_CODES, ShardWriter, bytes_rows, npy_rows, sample_fields,
-                              sample_key, shard_name)
+from data_prep.shards import (CHUNK_SAMPLES, SENTENCE_LABEL_KEYS, SPLIT_CODES, ZSTD_LEVEL, ShardWriter, column_dtype,
+                              sample_columns, shard_name)
 
 # Independent random streams of a unit (the second entry of every seed list).
 STREAM_INSTANCES, STREAM_SHUFFLE, STREAM_STATIC_MASK = 1, 2, 3
@@ -52,9 +52,9 @@ class ShardSettings:
     def label_key(self) -> str | None:
         return SENTENCE_LABEL_KEYS.get(self.objective)
 
-    def fields(self) -> list[str]:
-        """Member extensions of every sample, in the order they are written."""
-        return sample_fields(self.objective, self.masking, self.whole_word_mask)
+    def columns(self) -> list[str]:
+        """The columns of every chunk, in the order they are written."""
+        return sample_columns(self.objective, self.masking, self.whole_word_mask)
 
 
 @dataclass
@@ -136,7 +136,9 @@ def _write_samples(unit: WorkUnit, settings: ShardSettings, encoded, instances) 
     """Write and commit the shard; an OSError (e.g. a full disk) becomes one line naming it."""
     path = Path(settings.out_dir) / shard_name(unit.split, unit.index)
     try:
-        writer = ShardWriter(path)
+        writer = ShardWriter(path, unit.split, unit.index,
+                             {c: column_dtype(c, settings.token_dtype) for c in settings.columns()},
+                             CHUNK_SAMPLES, ZSTD_LEVEL)
     except OSError as err:
         raise write_error(path, err) from None
     try:
@@ -155,43 +157,36 @@ def _write_samples(unit: WorkUnit, settings: ShardSettings, encoded, instances) 
 
 
 def _add_samples(writer: ShardWriter, unit: WorkUnit, settings: ShardSettings, encoded, instances) -> dict:
-    dtype = np.dtype(settings.token_dtype)
     static = settings.masking == "static"
     wwm = settings.whole_word_mask
     masking = masking_config(settings.vocab_size, settings.mask_id, settings.special_ids, settings.masked_lm_prob,
                              settings.max_predictions) if static else None
     mask_rng = np.random.default_rng([settings.seed, STREAM_STATIC_MASK, SPLIT_CODES[unit.split], unit.index])
     label_key = settings.label_key
-    pad_id = settings.pad_id
     tokens = masked = label_ones = 0
     for lo in range(0, len(instances), BATCH_ROWS):
         batch = instances[lo: lo + BATCH_ROWS]
-        ids = np.full((len(batch), settings.seq_len), pad_id, dtype=np.int32)
+        ids = np.full((len(batch), settings.seq_len), settings.pad_id, dtype=np.int32)
         starts = np.zeros(ids.shape, dtype=np.uint8) if wwm else None
         lengths = [fill_row(inst, encoded.tokens, settings.cls_id, settings.sep_id, ids[r],
                             encoded.word_starts, starts[r] if wwm else None) for r, inst in enumerate(batch)]
         lengths = np.asarray(lengths, dtype=np.int64)
-        members = []
+        real = np.arange(settings.seq_len) < lengths[:, None]  # the tokens of each row, row-major
+        columns = {"lengths": lengths}
         if static:  # one vectorized call per batch (the loader masks one sample at a time)
             result = mask_batch(ids, mask_rng, masking, starts)
-            members.append(("input_ids.npy", *npy_rows(result.input_ids.astype(dtype), lengths)))
             rows, cols = np.nonzero(result.chosen)  # row-major: each row's positions ascending
-            counts = np.bincount(rows, minlength=len(batch))
-            slot = np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]
-            positions = np.zeros((len(batch), max(int(counts.max()), 1)), dtype=np.uint16)
-            labels = np.zeros(positions.shape, dtype=dtype)
-            positions[rows, slot], labels[rows, slot] = cols, ids[rows, cols]
-            members.append(("masked_lm_positions.npy", *npy_rows(positions, counts)))
-            members.append(("masked_lm_ids.npy", *npy_rows(labels, counts)))
+            columns.update(input_ids=result.input_ids[real], masked_lm_counts=np.bincount(rows, minlength=len(batch)),
+                           masked_lm_positions=cols, masked_lm_ids=ids[rows, cols])
             masked += len(rows)
         else:
-            members.append(("input_ids.npy", *npy_rows(ids.astype(dtype), lengths)))
+            columns["input_ids"] = ids[real]
             if wwm:
-                members.append(("word_starts.npy", *npy_rows(starts, lengths)))
+                columns["word_starts"] = starts[real]
         if label_key:
             values = [inst.label for inst in batch]
-            members.append((f"{label_key}.cls", *bytes_rows([b"%d" % v for v in values])))
+            columns[label_key] = np.asarray(values)
             label_ones += sum(values)
-        writer.add_rows([sample_key(unit.split, unit.index, lo + r) for r in range(len(batch))], members)
+        writer.add(columns, len(batch))
         tokens += int(lengths.sum())
     return dict(tokens=tokens, masked_positions=masked, sentence_label_ones=label_ones)

@@ -22,7 +22,8 @@ from data_prep.config import PrepConfig
 from data_prep.errors import PrepError
 from data_prep.fsutil import (atomic_write_json, canonical_json, locked_dir, read_json_or_none, remove_temps,
                              sha256_text)
-from data_prep.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, SHARD_NAME, SPLITS, shard_name
+from data_prep.shards import (CHUNK_SAMPLES, FORMAT_NAME, FORMAT_VERSION, MANIFEST, SHARD_NAME, SPLITS, ZSTD_LEVEL,
+                              shard_name)
 from data_prep.vocab import (INFO_FILE, TOKENIZER_FILES, TOKENIZER_FORMAT, install_tokenizer_dir, read_tokenizer,
                              save_tokenizer_dir, tokenizer_hash)
 
@@ -37,7 +38,8 @@ def settings_fingerprint(cfg: PrepConfig, info) -> str:
     """What a shard's bytes depend on besides its unit's documents."""
     s = cfg.shards
     return sha256_text(canonical_json({
-        "format_version": FORMAT_VERSION, "tokenizer": info.sha256, "seed": cfg.seed,
+        "format_version": FORMAT_VERSION, "chunk_samples": CHUNK_SAMPLES, "zstd_level": ZSTD_LEVEL,
+        "tokenizer": info.sha256, "seed": cfg.seed,
         "seq_len": s.seq_len, "objective": s.objective, "masking": s.masking, "whole_word_mask": s.whole_word_mask,
         "dupe_factor": s.dupe_factor, "max_predictions": s.max_predictions, "masked_lm_prob": s.masked_lm_prob,
         "short_seq_prob": s.short_seq_prob}))
@@ -190,7 +192,8 @@ def assemble_manifest(cfg: PrepConfig, info, fingerprint: str, settings: ShardSe
             "max_predictions": settings.max_predictions, "masked_lm_prob": settings.masked_lm_prob,
             "short_seq_prob": settings.short_seq_prob, "dupe_factor": settings.dupe_factor,
             "token_dtype": settings.token_dtype, "sentence_label_key": settings.label_key,
-            "fields": settings.fields()},
+            "columns": settings.columns(), "chunk_samples": CHUNK_SAMPLES,
+            "compression": {"codec": "zstd", "level": ZSTD_LEVEL}},
         "config": {"input": vars(cfg.input), "clean": vars(cfg.clean),
                    "shards": {"val_fraction": cfg.shards.val_fraction,
                               "text_per_shard_mb": cfg.shards.text_per_shard_mb}},

@@ -10,15 +10,16 @@ import numpy as np
 
 from data_prep.errors import PrepError
 from data_prep.fsutil import TMP_PREFIX
-from data_prep.loader import check_sample, example_from_sample
-from data_prep.shards import (MANIFEST, SHARD_NAME, SPLITS, decode_fields, iter_split_samples, iter_tar_samples,
-                              parse_key, read_manifest, shard_file_problem, shard_path, split_info)
+from data_prep.loader import example_from_sample
+from data_prep.masking import mask_sample, masking_config
+from data_prep.shards import (MANIFEST, SHARD_NAME, SPLITS, decode_shard, iter_split_samples, iter_split_shards,
+                              read_manifest, shard_bytes_problem, shard_path, split_info)
 
 
 def verify_dir(out_dir, deep: bool = True) -> tuple[list[str], list[str]]:
     """(problems, warnings).  The manifest's fields (``read_manifest``: a bad one is a PrepError) and
     split totals; every shard's size and sha256 against the manifest; with ``deep``, also its
-    samples: keys in order, the expected fields, values in range, and the sample and token counts."""
+    contents (``decode_shard``: chunks and columns in order, sample and token counts, values in range)."""
     from data_prep.vocab import INFO_FILE, read_tokenizer, tokenizer_hash
 
     out_dir = Path(out_dir)
@@ -29,22 +30,27 @@ def verify_dir(out_dir, deep: bool = True) -> tuple[list[str], list[str]]:
         problems.append(f"{tok_dir}: tokenizer copy missing")
     elif tokenizer_hash(read_tokenizer(tok_dir)) != manifest["tokenizer"]["sha256"]:
         problems.append(f"{tok_dir}: tokenizer does not hash to the manifest's {manifest['tokenizer']['sha256']}")
-    infos = {split: split_info(manifest, split) for split in SPLITS}
-    fields = manifest["sample_format"]["fields"]
+    entries = [e for split in SPLITS for e in split_info(manifest, split)["shards"]]
     listed = set()
-    for shard in manifest["shards"]:
-        path = shard_path(out_dir, shard["name"])
-        listed.add(shard["name"])
-        if not path.is_file():
-            problems.append(f"{shard['name']}: missing")
+    for entry in entries:
+        path = shard_path(out_dir, entry["name"])
+        listed.add(entry["name"])
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            problems.append(f"{entry['name']}: missing")
             continue
-        with open(path, "rb") as f:
-            problem = shard_file_problem(f, shard)
-            if problem:
-                problems.append(f"{shard['name']}: {problem}")
-            elif deep:
-                f.seek(0)
-                problems.extend(_check_samples(f, shard, fields, infos[shard["split"]]))
+        except OSError as err:
+            problems.append(f"{entry['name']}: cannot read ({err.strerror})")
+            continue
+        problem = shard_bytes_problem(data, entry)
+        if problem:
+            problems.append(f"{entry['name']}: {problem}")
+        elif deep:
+            try:
+                decode_shard(data, entry, entry["name"])
+            except PrepError as err:
+                problems.append(str(err))
     for f in sorted(out_dir.iterdir()):
         if SHARD_NAME.match(f.name) and f.name not in listed:
             warnings.append(f"{f.name}: not in the manifest (left from another run?)")
@@ -72,53 +78,53 @@ def _total_problems(manifest: dict) -> list[str]:
     return problems
 
 
-def _check_samples(f, shard: dict, fields: list[str], info: dict) -> list[str]:
-    samples = tokens = 0
-    try:
-        for key, members in iter_tar_samples(f):
-            split, index, position = parse_key(key)
-            if (split, index, position) != (shard["split"], shard["index"], samples):
-                return [f"{shard['name']}: sample {samples} has key {key!r}, expected position {samples}"]
-            if list(members) != fields:
-                return [f"{shard['name']}: sample {key} has fields {list(members)}, expected {fields}"]
-            sample = decode_fields(members, f"{shard['name']}: sample {key}")
-            check_sample(sample, info, f"{shard['name']}: sample {key}")
-            tokens += len(sample["input_ids"])
-            samples += 1
-    except PrepError as err:
-        return [str(err)]
-    except Exception as err:  # a damaged tar member: report, do not crash the check
-        return [f"{shard['name']}: unreadable ({type(err).__name__}: {err})"]
-    if (samples, tokens) != (shard["samples"], shard["tokens"]):
-        return [f"{shard['name']}: {samples} samples / {tokens} tokens, manifest says "
-                f"{shard['samples']} / {shard['tokens']}"]
-    return []
-
-
 def collect_stats(out_dir, split: str = "train", limit: int | None = None, epoch: int = 0) -> dict:
-    """Lengths, tokens, masking (as stored, or as the loader would mask in ``epoch``) and labels."""
+    """Lengths, tokens, masking (as stored, or as the loader would mask in ``epoch``) and labels, from
+    the decoded columns of each shard (dynamic masks drawn per sample, as the loader draws them)."""
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     info = split_info(manifest, split)
     special = info["special_ids"]
+    specials = np.array(sorted(special.values()))
     seq_len = info["seq_len"]
-    lengths, labels = [], Counter()
-    tokens = unk = maskable = masked = as_mask = as_same = 0
-    for ordinal, (where, _, _, raw) in enumerate(iter_split_samples(out_dir, manifest, split, limit)):
-        ex = example_from_sample(raw, info, seed=manifest["seed"], epoch=epoch, index=ordinal, where=where)
-        ids, positions = ex["input_ids"], ex["masked_lm_positions"]
-        lengths.append(len(ids))
+    config = masking_config(int(info["vocab_size"]), int(special["mask"]), tuple(int(v) for v in special.values()),
+                            float(info["mlm_probability"]), int(info["max_predictions"]))
+    all_lengths, labels = [], Counter()
+    tokens = unk = maskable = masked = as_mask = as_same = ordinal = 0
+    for _, shard in iter_split_shards(out_dir, manifest, split) if limit is None or limit > 0 else ():
+        cols = shard.columns
+        n = len(shard) if limit is None else min(len(shard), limit - ordinal)
+        lengths = cols["lengths"][:n].astype(np.int64)
+        ids = cols["input_ids"][:int(lengths.sum())]
+        if info["dynamic"]:
+            original = ids
+            for i in range(n):
+                s = shard.sample(i)
+                m = mask_sample(s["input_ids"], config, seed=manifest["seed"], epoch=epoch, sample_index=ordinal + i,
+                                word_starts=s.get("word_starts"))
+                shown = m.input_ids[m.masked_lm_positions]
+                masked += len(shown)
+                as_mask += int(np.count_nonzero(shown == special["mask"]))
+                as_same += int(np.count_nonzero(shown == m.masked_lm_ids))
+        else:
+            counts = cols["masked_lm_counts"][:n]
+            at = np.repeat(np.cumsum(lengths) - lengths, counts) + cols["masked_lm_positions"][:int(counts.sum())]
+            shown, stored = ids[at], cols["masked_lm_ids"][:len(at)]
+            original = ids.copy()
+            original[at] = stored
+            masked += len(at)
+            as_mask += int(np.count_nonzero(shown == special["mask"]))
+            as_same += int(np.count_nonzero(shown == stored))
+        all_lengths.append(lengths)
         tokens += len(ids)
         unk += int(np.count_nonzero(ids == special["unk"]))
-        original = np.array(ex["input_ids"])
-        original[positions] = ex["masked_lm_labels"]
-        maskable += int(np.count_nonzero(~np.isin(original, list(special.values()))))
-        masked += len(positions)
-        shown = ex["input_ids"][positions]
-        as_mask += int(np.count_nonzero(shown == special["mask"]))
-        as_same += int(np.count_nonzero(shown == ex["masked_lm_labels"]))
-        if "sentence_label" in ex:
-            labels[ex["sentence_label"]] += 1
+        maskable += int(np.count_nonzero(~np.isin(original, specials)))
+        if info["sentence_label_key"]:
+            labels.update(dict(enumerate(np.bincount(cols[info["sentence_label_key"]][:n], minlength=2).tolist())))
+        ordinal += n
+        if limit is not None and ordinal >= limit:
+            break
+    lengths = np.concatenate(all_lengths) if all_lengths else np.zeros(0, np.int64)
     n = len(lengths)
     hist_edges = np.linspace(0, seq_len, 9).astype(int)
     hist = np.histogram(lengths, bins=hist_edges)[0].tolist() if n else []

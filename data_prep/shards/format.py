@@ -1,6 +1,9 @@
-"""The names of the shard format: its version, file and sample names, splits and the members of a sample.
+"""The names of the shard format: its version, file and sample names, splits and the columns of a chunk.
 
-docs/data-format.md describes every field; a change to any of them is a new ``FORMAT_VERSION``.
+A shard is a plain tar of **chunks** of ``CHUNK_SAMPLES`` consecutive samples; a chunk is one member
+per column, ``<chunk key>.<column>.npy.zst`` (a zstd frame of an ``.npy`` file), its key the
+``sample_key`` of its first sample.  docs/data-format.md describes every column; a change to any of
+them is a new ``FORMAT_VERSION``.
 """
 from __future__ import annotations
 
@@ -11,13 +14,24 @@ from pathlib import Path
 from data_prep.errors import PrepError
 
 FORMAT_NAME = "bertforge-wds"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 SPLIT_CODES = {"train": 0, "val": 1}
 SHARD_NAME = re.compile(r"^(train|val)-(\d{6,})\.tar$")
 KEY = re.compile(r"^(train|val)-(\d{6,})-(\d{6,})$")
 SENTENCE_LABEL_KEYS = {"nsp": "nsp_label", "sop": "sop_label"}
+
+MEMBER_SUFFIX = ".npy.zst"
+# Samples per chunk and zstd level of the shards data_prep writes (bench/shard_size.py measured the
+# choice); a reader takes both from the manifest's sample_format.
+CHUNK_SAMPLES = 16384
+ZSTD_LEVEL = 3
+# A ragged column holds the items of every sample of a chunk end to end; its count column says how
+# many items each sample has.  The other columns hold one item per sample.
+COUNT_COLUMN = {"input_ids": "lengths", "word_starts": "lengths",
+                "masked_lm_positions": "masked_lm_counts", "masked_lm_ids": "masked_lm_counts"}
+COUNT_COLUMNS = ("lengths", "masked_lm_counts")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -36,16 +50,28 @@ def parse_key(key: str) -> tuple[str, int, int]:
     return m.group(1), int(m.group(2)), int(m.group(3))
 
 
-def sample_fields(objective: str, masking: str, whole_word_mask: bool) -> list[str]:
-    """Member extensions of every sample, in write order (docs/data-format.md, "Samples")."""
-    out = ["input_ids.npy"]
+def member_name(chunk_key: str, column: str) -> str:
+    return f"{chunk_key}.{column}{MEMBER_SUFFIX}"
+
+
+def sample_columns(objective: str, masking: str, whole_word_mask: bool) -> list[str]:
+    """The columns of every chunk, in write order (docs/data-format.md, "Chunks and columns")."""
+    out = ["lengths", "input_ids"]
     if masking == "dynamic" and whole_word_mask:
-        out.append("word_starts.npy")
+        out.append("word_starts")
     if masking == "static":
-        out += ["masked_lm_positions.npy", "masked_lm_ids.npy"]
+        out += ["masked_lm_counts", "masked_lm_positions", "masked_lm_ids"]
     if objective in SENTENCE_LABEL_KEYS:
-        out.append(f"{SENTENCE_LABEL_KEYS[objective]}.cls")
+        out.append(SENTENCE_LABEL_KEYS[objective])
     return out
+
+
+def column_dtype(column: str, token_dtype: str) -> str:
+    """The numpy dtype of a column: token ids in ``token_dtype``, counts and positions uint16, flags
+    and labels uint8."""
+    if column in ("input_ids", "masked_lm_ids"):
+        return token_dtype
+    return "uint8" if column in ("word_starts", *SENTENCE_LABEL_KEYS.values()) else "uint16"
 
 
 def shard_path(out_dir, name: str) -> Path:

@@ -1,151 +1,262 @@
-"""Reading shards: a shard is opened against its manifest entry (size and sha256), indexed once (its
-members grouped into samples, with their offsets) and read by sample, in order or at random.
+"""Reading shards: a whole shard (bytes already checked against its manifest entry) parsed in memory,
+its columns decompressed, checked against each other and the manifest, and served by sample.
 
-One key rule, webdataset's: a member ``<dir>/<key>.<ext>`` (``ext`` from the first dot of the base
-name) belongs to sample ``<dir>/<key>``, and a sample is a run of adjacent members with one key.
+``decode_shard`` is what every reader uses (pretrain's loader, ``verify``, ``stats``, ``inspect``,
+``iter_split_samples``); ``wds_samples`` turns the chunks stock ``webdataset.WebDataset`` yields into
+samples (docs/data-format.md, "Stock WebDataset").
 """
 from __future__ import annotations
 
+import hashlib
 import io
-import os
-import tarfile
-from typing import BinaryIO, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
+import zstandard
 
 from data_prep.errors import PrepError
-from data_prep.fsutil import sha256_stream
-from data_prep.shards.format import shard_path
+from data_prep.shards.format import (COUNT_COLUMN, COUNT_COLUMNS, KEY, MEMBER_SUFFIX, SENTENCE_LABEL_KEYS,
+                                     member_name, sample_key, shard_path)
 from data_prep.shards.schema import split_info
 
-# [(key, {extension: (offset, size)})] of a shard, in file order
-TarIndex = list[tuple[str, dict[str, tuple[int, int]]]]
+BLOCK = 512
+MAX_COLUMN_BYTES = 1 << 30  # a column that says it is larger is refused before it is allocated
+NPY_HEADER_MAX = 4096       # room for an npy header in the size bound of a column
+LABEL_COLUMNS = tuple(SENTENCE_LABEL_KEYS.values())
 
 
-def tar_index(f: BinaryIO, name) -> TarIndex:
-    """The samples of a tar (a binary file open at its start) in file order, each member's data located
-    by offset and size; PrepError naming ``name`` when it is not a readable tar."""
-    samples: TarIndex = []
-    try:
-        with tarfile.open(fileobj=f, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                head, base = os.path.split(member.name)
-                stem, _, ext = base.partition(".")
-                key = os.path.join(head, stem)
-                if not samples or samples[-1][0] != key:
-                    samples.append((key, {}))
-                samples[-1][1][ext] = (member.offset_data, member.size)
-    except (tarfile.TarError, OSError) as err:
-        raise PrepError(f"{name}: not a readable tar ({err}); run `python -m data_prep verify` on its directory") \
-            from None
-    return samples
-
-
-def read_members(f: BinaryIO, members: dict[str, tuple[int, int]]) -> dict[str, bytes]:
-    """{extension: raw bytes} of one sample of a ``tar_index``."""
-    out = {}
-    for ext, (offset, size) in members.items():
-        f.seek(offset)
-        out[ext] = f.read(size)
-    return out
-
-
-def iter_tar_samples(source) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: raw bytes}) per sample of a tar, in file order.  ``source``: a path, or a
-    binary file open at the tar's start (e.g. from ``open_shard``)."""
-    if isinstance(source, (str, os.PathLike)):
-        with open(source, "rb") as f:
-            yield from iter_tar_samples(f)
-        return
-    for key, members in tar_index(source, getattr(source, "name", "tar")):
-        yield key, read_members(source, members)
-
-
-def decode_fields(fields: dict[str, bytes], where: str = "sample") -> dict:
-    """Raw member bytes -> numpy arrays (``.npy``) and ints (``.cls``), by field name (``input_ids``);
-    a member that does not decode raises PrepError naming ``where`` (e.g. "<shard>: sample <key>")."""
-    out = {}
-    for ext, data in fields.items():
-        name, _, kind = ext.rpartition(".")
+def tar_members(data, where: str) -> list[tuple[str, memoryview]]:
+    """(name, data) of the regular-file members of an in-memory USTAR tar, in file order: one pass
+    over the headers; PrepError naming ``where`` for a damaged or truncated tar or another member type."""
+    view = memoryview(data)
+    out, at = [], 0
+    while at + BLOCK <= len(view):
+        header = bytes(view[at:at + BLOCK])
+        if header == bytes(BLOCK):
+            return out
         try:
-            if kind == "npy":
-                out[name] = np.load(io.BytesIO(data), allow_pickle=False)
-            elif kind == "cls":
-                out[name] = int(data)
-            else:
-                out[ext] = data
-        except (ValueError, EOFError, OSError) as err:
-            raise PrepError(f"{where}: {ext}: cannot decode ({err})") from None
-    return out
+            stored = int(header[148:156].split(b"\0")[0].strip() or b"0", 8)
+            size = int(header[124:136].split(b"\0")[0].strip() or b"0", 8)
+            name = header[0:100].split(b"\0")[0].decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            stored, size, name = -1, 0, ""
+        if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+            raise PrepError(f"{where}: not a readable tar (bad header checksum at byte {at})")
+        if header[156:157] not in (b"0", b"\0") or header[345:500].strip(b"\0"):
+            raise PrepError(f"{where}: member {name!r} is not a plain file of a data_prep shard")
+        if at + BLOCK + size > len(view):
+            raise PrepError(f"{where}: truncated tar (member {name!r} ends past the end of the file)")
+        out.append((name, view[at + BLOCK:at + BLOCK + size]))
+        at += BLOCK + size + (-size % BLOCK)
+    raise PrepError(f"{where}: truncated tar (no end-of-archive marker)")
 
 
-def shard_file_problem(f: BinaryIO, entry: dict) -> str | None:
-    """What is wrong with an open shard file against its manifest entry (size, then sha256), or None.
-    One streaming pass over the file, whose position it leaves at the end."""
-    f.seek(0, os.SEEK_END)
-    size = f.tell()
-    if size != entry["bytes"]:
-        return f"{size} bytes, manifest says {entry['bytes']} (truncated or replaced?)"
-    f.seek(0)
-    digest = sha256_stream(f)
+def decode_column(data, where: str, max_bytes: int = MAX_COLUMN_BYTES, dtype: str | None = None) -> np.ndarray:
+    """A 1-D array from a zstd frame of an ``.npy`` file (read-only, a view of the decompressed bytes).
+    A frame whose declared size is unknown or above ``max_bytes``, bad zstd, a bad npy header, another
+    ``dtype`` or shape: PrepError naming ``where``."""
+    try:
+        size = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as err:
+        raise PrepError(f"{where}: not a zstd frame ({err})") from None
+    if size < 0 or size > min(max_bytes, MAX_COLUMN_BYTES):
+        said = "no content size" if size < 0 else f"a content size of {size:,} bytes"
+        raise PrepError(f"{where}: the zstd frame declares {said}; expected at most {min(max_bytes, MAX_COLUMN_BYTES):,}")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+    except zstandard.ZstdError as err:
+        raise PrepError(f"{where}: cannot decompress ({err})") from None
+    if len(raw) != size:
+        raise PrepError(f"{where}: decompressed to {len(raw)} bytes, its frame declares {size}")
+    f = io.BytesIO(raw)
+    try:
+        version = np.lib.format.read_magic(f)
+        header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in header:
+            raise ValueError(f"npy format version {version}")
+        shape, _, found = header[version](f)
+    except (ValueError, EOFError) as err:
+        raise PrepError(f"{where}: not an .npy array ({err})") from None
+    if found.hasobject or len(shape) != 1 or (dtype is not None and found != np.dtype(dtype)):
+        raise PrepError(f"{where}: a {found} array of shape {shape}, expected 1-D {dtype or 'numbers'}")
+    if len(raw) - f.tell() != shape[0] * found.itemsize:
+        raise PrepError(f"{where}: {len(raw) - f.tell()} bytes of data for {shape[0]} items of {found}")
+    return np.frombuffer(raw, dtype=found, offset=f.tell())
+
+
+class DecodedShard:
+    """Consecutive samples (a whole shard, or a chunk of one) as numpy columns, served by sample.
+
+    ``sample(i)`` gives field name -> value: ``input_ids`` and, per format, ``word_starts``,
+    ``masked_lm_positions``, ``masked_lm_ids`` (1-D read-only views into the columns) and
+    ``nsp_label`` / ``sop_label`` (int).  ``columns`` holds the stored columns themselves."""
+
+    def __init__(self, name: str, split: str, index: int, columns: dict[str, np.ndarray], first: int = 0):
+        self.name, self.split, self.index, self.first = name, split, index, first
+        self.columns = columns
+        self.nbytes = sum(a.nbytes for a in columns.values())
+        self._count = len(columns["lengths"])
+        self._offsets = {c: np.concatenate([[0], np.cumsum(columns[c], dtype=np.int64)]).tolist()
+                         for c in COUNT_COLUMNS if c in columns}
+        self._ragged = [(c, self._offsets[COUNT_COLUMN[c]]) for c in columns if c in COUNT_COLUMN]
+        self._labels = [(c, columns[c].tolist()) for c in LABEL_COLUMNS if c in columns]
+
+    def __len__(self) -> int:
+        return self._count
+
+    def sample(self, i: int) -> dict:
+        if not 0 <= i < self._count:
+            raise IndexError(f"{self.name}: sample {i} of {self._count}")
+        out = {c: self.columns[c][offsets[i]:offsets[i + 1]] for c, offsets in self._ragged}
+        out.update((c, labels[i]) for c, labels in self._labels)
+        return out
+
+    def key(self, i: int) -> str:
+        return sample_key(self.split, self.index, self.first + i)
+
+
+def _counts_problem(columns: dict[str, np.ndarray], samples: int) -> str | None:
+    """Why columns do not hold ``samples`` samples (one item each, or their counts' sum), or None."""
+    for name, column in columns.items():
+        expected = int(columns[COUNT_COLUMN[name]].sum(dtype=np.int64)) if name in COUNT_COLUMN else samples
+        if len(column) != expected:
+            what = f"the sum of {COUNT_COLUMN[name]}" if name in COUNT_COLUMN else "one per sample"
+            return f"{name} holds {len(column)} items, expected {expected} ({what})"
+    return None
+
+
+def _values_problem(columns: dict[str, np.ndarray], layout: dict) -> str | None:
+    """The first value out of range in a chunk's columns (vectorised), or None."""
+    vocab, seq_len = layout["vocab_size"], layout["seq_len"]
+    bounds = {"lengths": (1, seq_len + 1), "input_ids": (0, vocab), "word_starts": (0, 2),
+              "masked_lm_counts": (0, layout["max_predictions"] + 1), "masked_lm_ids": (0, vocab),
+              **{c: (0, 2) for c in LABEL_COLUMNS}}
+    for name, column in columns.items():
+        if name == "masked_lm_positions":
+            lo, hi = 0, np.repeat(columns["lengths"], columns["masked_lm_counts"])
+        else:
+            lo, hi = bounds[name]
+        bad = (column < lo) | (column >= hi)
+        if bad.any():
+            at = int(np.flatnonzero(bad)[0])
+            limit = hi if np.isscalar(hi) else int(hi[at])
+            return f"{name}: {column[at]} at item {at} is outside [{lo}, {limit})"
+    return None
+
+
+def _column_bound(name: str, samples: int, layout: dict) -> int:
+    per_sample = {"input_ids": layout["seq_len"], "word_starts": layout["seq_len"],
+                  "masked_lm_positions": layout["max_predictions"], "masked_lm_ids": layout["max_predictions"]}
+    return NPY_HEADER_MAX + samples * per_sample.get(name, 1) * np.dtype(layout["columns"][name]).itemsize
+
+
+def decode_shard(data, entry: dict, where: str) -> DecodedShard:
+    """A whole shard file, decoded.  ``entry``: its shard entry from ``split_info`` (the manifest's entry
+    plus the split's ``layout``); ``data``: the file's bytes, their size and sha256 already checked
+    against it.  The members must be the chunks and columns the layout gives, in order, holding
+    ``entry["samples"]`` samples and ``entry["tokens"]`` tokens with every value in range; anything else
+    is a PrepError "<where>: ..." naming the member."""
+    layout = entry["layout"]
+    chunk, samples = layout["chunk_samples"], entry["samples"]
+    members = tar_members(data, where)
+    expected = [(first, name) for first in range(0, samples, chunk) for name in layout["columns"]]
+    for at, (name, _) in enumerate(members):
+        want = member_name(sample_key(entry["split"], entry["index"], expected[at][0]), expected[at][1]) \
+            if at < len(expected) else None
+        if name != want:
+            raise PrepError(f"{where}: member {at} is {name!r}, expected "
+                            + (repr(want) if want else f"no more members ({len(expected)} for {samples} samples)"))
+    if len(members) != len(expected):
+        raise PrepError(f"{where}: {len(members)} members, expected {len(expected)} for {samples} samples "
+                        f"(the shard ends early)")
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in layout["columns"]}
+    for (first, name), (member, raw) in zip(expected, members):
+        n = min(chunk, samples - first)
+        parts[name].append(decode_column(raw, f"{where}: {member}", _column_bound(name, n, layout),
+                                         layout["columns"][name]))
+        if name == list(layout["columns"])[-1]:  # a whole chunk decoded: check it
+            cols = {c: parts[c][-1] for c in layout["columns"]}
+            problem = _counts_problem(cols, n) or _values_problem(cols, layout)
+            if problem:
+                raise PrepError(f"{where}: chunk {sample_key(entry['split'], entry['index'], first)}: {problem}")
+    columns = {c: p[0] if len(p) == 1 else np.concatenate(p) if p else np.zeros(0, layout["columns"][c])
+               for c, p in parts.items()}
+    tokens = int(columns["lengths"].sum(dtype=np.int64))
+    if "tokens" in entry and tokens != entry["tokens"]:
+        raise PrepError(f"{where}: holds {tokens} tokens, the manifest says {entry['tokens']}")
+    return DecodedShard(entry["name"], entry["split"], entry["index"], columns)
+
+
+def wds_samples(src: Iterable[dict]) -> Iterator[dict]:
+    """Stock webdataset's samples of a shard (one per chunk: ``__key__``, ``<column>.npy.zst`` raw bytes)
+    -> one dict per stored sample (``__key__`` its sample key, then field name -> numpy array or int,
+    as ``DecodedShard.sample``): ``webdataset.WebDataset(urls).compose(wds_samples)``."""
+    for chunk in src:
+        key, url = chunk.get("__key__", ""), chunk.get("__url__", "shard")
+        m = KEY.match(key.rsplit("/", 1)[-1])
+        if not m:
+            raise PrepError(f"{url}: {key!r} is not a data_prep chunk key (is this a format-2 shard?)")
+        columns = {ext[:-len(MEMBER_SUFFIX)]: decode_column(raw, f"{url}: {key}.{ext}")
+                   for ext, raw in chunk.items() if ext.endswith(MEMBER_SUFFIX)}
+        if "lengths" not in columns:
+            raise PrepError(f"{url}: chunk {key} has no lengths column")
+        problem = _counts_problem(columns, len(columns["lengths"]))
+        if problem:
+            raise PrepError(f"{url}: chunk {key}: {problem}")
+        decoded = DecodedShard(url, m.group(1), int(m.group(2)), columns, first=int(m.group(3)))
+        for i in range(len(decoded)):
+            yield {"__key__": decoded.key(i), "__url__": url, **decoded.sample(i)}
+
+
+def read_shard(out_dir, entry: dict) -> bytes:
+    """The bytes of a local shard once their size and sha256 match its manifest entry; PrepError naming
+    the shard otherwise."""
+    path = shard_path(out_dir, entry["name"])
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise PrepError(f"{path}: cannot read shard ({err.strerror}); run `python -m data_prep verify {out_dir}`") \
+            from None
+    problem = shard_bytes_problem(data, entry)
+    if problem:
+        raise PrepError(f"{path}: {problem}; rebuild the shards or run `python -m data_prep verify {out_dir}`")
+    return data
+
+
+def shard_bytes_problem(data: bytes, entry: dict) -> str | None:
+    """What is wrong with a shard's bytes against its manifest entry (size, then sha256), or None."""
+    if len(data) != entry["bytes"]:
+        return f"{len(data)} bytes, manifest says {entry['bytes']} (truncated or replaced?)"
+    digest = hashlib.sha256(data).hexdigest()
     if digest != entry["sha256"]:
         return (f"sha256 differs from the manifest (file {digest[:16]}..., "
                 f"manifest {entry['sha256'][:16]}...: corrupted)")
     return None
 
 
-def open_shard(out_dir, entry: dict) -> BinaryIO:
-    """A shard opened for reading (binary, at its start) once its size and sha256 match its manifest
-    entry; PrepError naming the shard otherwise.  The check reads the whole file once."""
-    path = shard_path(out_dir, entry["name"])
-    try:
-        f = open(path, "rb")
-    except OSError as err:
-        raise PrepError(f"{path}: cannot open shard ({err.strerror}); run `python -m data_prep verify {out_dir}`") \
-            from None
-    try:
-        problem = shard_file_problem(f, entry)
-    except OSError as err:
-        problem = f"cannot read shard ({err.strerror})"
-    if problem:
-        f.close()
-        raise PrepError(f"{path}: {problem}; rebuild the shards or run `python -m data_prep verify {out_dir}`")
-    f.seek(0)
-    return f
-
-
-def index_shard(out_dir, entry: dict) -> tuple[BinaryIO, TarIndex]:
-    """A shard opened (``open_shard``) and indexed (``tar_index``); PrepError naming it when it holds
-    another number of samples than its manifest entry."""
-    path = shard_path(out_dir, entry["name"])
-    f = open_shard(out_dir, entry)
-    try:
-        index = tar_index(f, path)
-    except PrepError:
-        f.close()
-        raise
-    if len(index) != entry["samples"]:
-        f.close()
-        raise PrepError(f"{path}: holds {len(index)} samples but the manifest says {entry['samples']}; "
-                        f"run `python -m data_prep verify {out_dir}`")
-    return f, index
+def iter_split_shards(out_dir, manifest: dict, split: str) -> Iterator[tuple[str, DecodedShard]]:
+    """(shard path, decoded shard) of a local split in manifest order, each read whole and checked
+    against the manifest (``read_shard``, ``decode_shard``) before it is yielded."""
+    for entry in split_info(manifest, split)["shards"]:
+        path = str(shard_path(out_dir, entry["name"]))
+        yield path, decode_shard(read_shard(out_dir, entry), entry, path)
 
 
 def iter_split_samples(out_dir, manifest: dict, split: str,
                        limit: int | None = None) -> Iterator[tuple[str, str, str, dict]]:
-    """(where, shard name, key, decoded sample) in manifest order, at most ``limit``; every shard is
-    checked against the manifest first (``index_shard``); ``where`` names shard and sample for errors."""
+    """(where, shard name, key, decoded sample) in manifest order, at most ``limit`` (``iter_split_shards``);
+    ``where`` names shard and sample for errors."""
     n = 0
-    for shard in split_info(manifest, split)["shards"]:
+    if limit is not None and limit <= 0:
+        return
+    for path, shard in iter_split_shards(out_dir, manifest, split):
+        for i in range(len(shard) if limit is None else min(len(shard), limit - n)):
+            key = shard.key(i)
+            yield f"{path}: sample {key}", shard.name, key, shard.sample(i)
+            n += 1
         if limit is not None and n >= limit:
-            return
-        path = shard_path(out_dir, shard["name"])
-        f, index = index_shard(out_dir, shard)
-        with f:
-            for key, members in index[:None if limit is None else limit - n]:
-                where = f"{path}: sample {key}"
-                yield where, shard["name"], key, decode_fields(read_members(f, members), where)
-                n += 1
+            return  # before the next shard is read
 
+
+__all__ = ["DecodedShard", "decode_column", "decode_shard", "iter_split_samples", "iter_split_shards", "read_shard",
+           "shard_bytes_problem", "tar_members", "wds_samples"]

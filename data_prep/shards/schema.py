@@ -1,4 +1,4 @@
-"""manifest.json of a shard directory: read, every field a reader uses checked (a missing or bad one
+"""manifest.json of a shard directory: parsed, every field a reader uses checked (a missing or bad one
 is named in one error), and the view a reader of one split needs (``split_info``)."""
 from __future__ import annotations
 
@@ -7,34 +7,51 @@ import re
 from pathlib import Path
 
 from data_prep.errors import PrepError
-from data_prep.shards.format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SENTENCE_LABEL_KEYS, SPLITS, sample_fields,
-                                     shard_name, shard_path)
+from data_prep.shards.format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SENTENCE_LABEL_KEYS, SHARD_NAME, SPLITS,
+                                     column_dtype, sample_columns, shard_name, shard_path)
+
+CONVERT_HINT = "python -m data_prep convert {dir} --out <new dir>"
+
+
+def parse_manifest(raw: bytes, where: str, out_dir=None) -> dict:
+    """A manifest from its bytes, every field checked (``manifest_problems``): a missing key or bad value
+    is one PrepError naming ``where`` and the key.  ``out_dir``: the local shard directory, whose shard
+    names are then also checked not to lead outside it."""
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PrepError(f"{where}: not valid JSON ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise PrepError(f"{where}: format is {found!r}; expected {FORMAT_NAME!r}")
+    version = manifest.get("format_version")
+    if version == 1:
+        shard_dir = out_dir if out_dir is not None else where.rpartition("/")[0] or "."
+        raise PrepError(f"{where}: shard format version 1, which this data_prep no longer reads; convert it "
+                        f"(same samples, same order): `{CONVERT_HINT.format(dir=shard_dir)}`")
+    if version != FORMAT_VERSION:
+        raise PrepError(f"{where}: format_version {version} is not supported by this data_prep (it reads version "
+                        f"{FORMAT_VERSION}); rebuild the shards")
+    problems = manifest_problems(manifest, out_dir)
+    if problems:
+        shown = "; ".join(problems[:MAX_SHOWN]) + (f"; and {len(problems) - MAX_SHOWN} more" if
+                                                    len(problems) > MAX_SHOWN else "")
+        raise PrepError(f"{where}: {shown}" if len(problems) == 1 else f"{where}: {len(problems)} problems: {shown}")
+    return manifest
 
 
 def read_manifest(out_dir) -> dict:
-    """The manifest of a finished shard directory, with ``dir`` (its absolute path) added.  Its fields
-    are checked (``manifest_problems``): a missing key or bad value is one PrepError naming it."""
+    """The manifest of a finished local shard directory (``parse_manifest``), with ``dir`` (its absolute
+    path) added."""
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
         raise PrepError(f"{out_dir}: no {MANIFEST}; expected a directory written by `python -m data_prep shards` "
                         "(an unfinished multi-node run needs `python -m data_prep merge` first)")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PrepError(f"{path}: not valid JSON ({err})") from err
+        raw = path.read_bytes()
     except OSError as err:
         raise PrepError(f"{path}: cannot read ({err.strerror})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise PrepError(f"{path}: format is {found!r}; expected {FORMAT_NAME!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise PrepError(f"{path}: format_version {manifest.get('format_version')} is not supported by this "
-                        f"data_prep (it reads version {FORMAT_VERSION}); rebuild the shards")
-    problems = manifest_problems(manifest, out_dir)
-    if problems:
-        shown = "; ".join(problems[:MAX_SHOWN]) + (f"; and {len(problems) - MAX_SHOWN} more" if
-                                                    len(problems) > MAX_SHOWN else "")
-        raise PrepError(f"{path}: {shown}" if len(problems) == 1 else f"{path}: {len(problems)} problems: {shown}")
+    manifest = parse_manifest(raw, str(path), out_dir)
     manifest["dir"] = str(Path(out_dir).resolve())
     return manifest
 
@@ -110,19 +127,23 @@ def _format_problems(problems: list[str], manifest: dict, vocab_size: int | None
         problems.append(f"{where}token_dtype: got {dtype!r}, expected uint16 or int32")
     elif dtype == "uint16" and vocab_size is not None and vocab_size > 1 << 16:
         problems.append(f"{where}token_dtype: uint16 cannot hold the ids of a vocabulary of {vocab_size}")
+    _int_in(problems, fmt, "chunk_samples", where + "chunk_samples", 1, 1 << 24)
+    compression = _typed(problems, fmt, "compression", where + "compression", dict)
+    if compression is not None and compression.get("codec") != "zstd":
+        problems.append(f"{where}compression.codec: got {compression.get('codec')!r}, expected 'zstd'")
     if objective in OBJECTIVES and masking in MASKING_MODES and whole_word is not None:
-        _members_problems(problems, fmt, objective, masking, whole_word)
+        _columns_problems(problems, fmt, objective, masking, whole_word)
 
 
-def _members_problems(problems: list[str], fmt: dict, objective: str, masking: str, whole_word: bool) -> None:
-    """The sentence label key and the sample fields must be those the objective and masking give."""
+def _columns_problems(problems: list[str], fmt: dict, objective: str, masking: str, whole_word: bool) -> None:
+    """The sentence label key and the columns must be those the objective and masking give."""
     label_key = SENTENCE_LABEL_KEYS.get(objective)
     if fmt.get("sentence_label_key") != label_key:
         problems.append(f"sample_format.sentence_label_key: {fmt.get('sentence_label_key')!r} does not fit "
                         f"objective {objective!r} (expected {label_key!r})")
-    expected = sample_fields(objective, masking, whole_word)
-    if fmt.get("fields") != expected:
-        problems.append(f"sample_format.fields: {fmt.get('fields')} do not fit objective {objective!r}, masking "
+    expected = sample_columns(objective, masking, whole_word)
+    if fmt.get("columns") != expected:
+        problems.append(f"sample_format.columns: {fmt.get('columns')} do not fit objective {objective!r}, masking "
                         f"{masking!r}, whole_word_mask {whole_word} (expected {expected})")
 
 
@@ -150,7 +171,10 @@ def _shard_problems(problems: list[str], manifest: dict, out_dir) -> None:
         if name is None:
             continue
         try:
-            shard_path(out_dir, name)
+            if out_dir is None and not SHARD_NAME.match(name):
+                raise PrepError(f"{name!r} is not a plain shard file name (like {shard_name('train', 0)})")
+            if out_dir is not None:
+                shard_path(out_dir, name)
         except PrepError as err:
             problems.append(f"{where}.name: {err}")
             continue
@@ -162,10 +186,10 @@ def _shard_problems(problems: list[str], manifest: dict, out_dir) -> None:
         seen.add(name)
 
 
-def manifest_problems(manifest: dict, out_dir) -> list[str]:
+def manifest_problems(manifest: dict, out_dir=None) -> list[str]:
     """Every problem of a manifest's fields, each naming its key: what a reader needs is present, of its
-    type and consistent (special ids below the vocabulary size, fields that fit the objective and the
-    masking, seq_len and max_predictions in range, shard names confined to ``out_dir``)."""
+    type and consistent (special ids below the vocabulary size, columns that fit the objective and the
+    masking, seq_len and max_predictions in range, plain shard names, confined to ``out_dir`` if given)."""
     problems: list[str] = []
     _typed(problems, manifest, "fingerprint", "fingerprint", str)
     _int_in(problems, manifest, "seed", "seed", 0)
@@ -174,18 +198,29 @@ def manifest_problems(manifest: dict, out_dir) -> list[str]:
     return problems
 
 
+def shard_layout(manifest: dict) -> dict:
+    """What ``reader.decode_shard`` checks a shard against: its columns (name -> dtype, in member order),
+    samples per chunk and the value bounds."""
+    fmt = manifest["sample_format"]
+    return {"columns": {c: column_dtype(c, fmt["token_dtype"]) for c in fmt["columns"]},
+            "chunk_samples": fmt["chunk_samples"], "seq_len": fmt["seq_len"],
+            "max_predictions": fmt["max_predictions"], "vocab_size": manifest["tokenizer"]["vocab_size"]}
+
+
 def split_info(manifest: dict, split: str) -> dict:
     """What a reader of one split needs: its shards (the manifest's entries: name, samples, bytes,
-    sha256, ...) and its sample format.  ``data_prep.loader.example_from_sample`` reads this dict."""
+    sha256, ..., each with the ``layout`` that ``decode_shard`` reads) and its sample format.
+    ``data_prep.loader.example_from_sample`` reads this dict."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     fmt = manifest["sample_format"]
     tok = manifest["tokenizer"]
+    layout = shard_layout(manifest)
     tok_dir = tok.get("dir")
     if tok_dir and manifest.get("dir"):
         tok_dir = str(Path(manifest["dir"]) / tok_dir)
     return {
-        "shards": [s for s in manifest["shards"] if s["split"] == split],
+        "shards": [{**s, "layout": layout} for s in manifest["shards"] if s["split"] == split],
         "seq_len": fmt["seq_len"],
         "max_predictions": fmt["max_predictions"],
         "dynamic": fmt["masking"] == "dynamic",

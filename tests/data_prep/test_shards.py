@@ -1,60 +1,92 @@
-"""Shard writing primitives: npy bytes, tar headers, the writer (tarfile's bytes, atomic commit), reading back."""
+"""Shard format v2 primitives: the writer (columns in chunks, atomic, deterministic), ``decode_shard``
+and its refusals (one-line PrepErrors), ``wds_samples`` under stock webdataset, manifest versions."""
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import numpy as np
 import pytest
+import zstandard
 
 from data_prep.errors import PrepError
-from data_prep.shards import (ShardWriter, bytes_rows, decode_fields, iter_tar_samples, npy_bytes, npy_rows, parse_key,
-                              read_manifest, sample_key, shard_name)
-from data_prep.shards.writer import tar_header
+from data_prep.shards import (ShardWriter, decode_shard, parse_key, parse_manifest, read_manifest, sample_key,
+                              shard_name, wds_samples)
+from data_prep.shards.writer import npy_bytes, tar_header
+
+COLUMNS = {"lengths": "uint16", "input_ids": "uint16", "word_starts": "uint8", "nsp_label": "uint8"}
+LAYOUT = {"columns": COLUMNS, "chunk_samples": 3, "seq_len": 16, "max_predictions": 4, "vocab_size": 100}
 
 
-@pytest.mark.parametrize("arr", [np.arange(7, dtype=np.uint16), np.zeros(0, np.int32), np.ones(129, np.uint8),
-                                 np.arange(3, dtype=np.int64)])
+@pytest.mark.parametrize("arr", [np.arange(7, dtype=np.uint16), np.zeros(0, np.int32), np.ones(129, np.uint8)])
 def test_npy_bytes_equal_np_save(arr):
     buf = io.BytesIO()
-    np.save(buf, arr)
+    np.save(buf, arr, allow_pickle=False)
     assert npy_bytes(arr) == buf.getvalue()
 
 
-@pytest.mark.parametrize("name,size", [("train-000000-000001.input_ids.npy", 384), ("k.cls", 1), ("x" * 100, 8 ** 11 - 1),
-                                       ("val-000003-000017.masked_lm_positions.npy", 0)])
-def test_tar_header_equals_tarfiles(name, size):
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
-    assert tar_header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
-    with pytest.raises(ValueError):
-        tar_header("y" * 101, 1)
+def samples(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        length = int(rng.integers(1, 17))
+        out.append({"input_ids": rng.integers(0, 100, length).astype(np.uint16),
+                    "word_starts": rng.integers(0, 2, length).astype(np.uint8), "nsp_label": int(rng.integers(0, 2))})
+    return out
 
 
-def write_shard(path, samples):
-    w = ShardWriter(path)
-    for key, fields in samples:
-        w.add(key, fields)
+def batch(chunk: list[dict]) -> dict:
+    return {"lengths": np.array([len(s["input_ids"]) for s in chunk]),
+            "input_ids": np.concatenate([s["input_ids"] for s in chunk]),
+            "word_starts": np.concatenate([s["word_starts"] for s in chunk]),
+            "nsp_label": np.array([s["nsp_label"] for s in chunk])}
+
+
+def write(path, data: list[dict], batch_sizes=(4, 1, 3)) -> dict:
+    """``data`` written in batches of ``batch_sizes`` (repeated), chunks of 3: batches cross chunks."""
+    w = ShardWriter(path, "train", 3, COLUMNS, chunk_samples=3, level=3)
+    at, k = 0, 0
+    while at < len(data):
+        size = batch_sizes[k % len(batch_sizes)]
+        w.add(batch(data[at:at + size]), len(data[at:at + size]))
+        at, k = at + size, k + 1
     return w.commit()
 
 
-def test_writer_is_atomic_deterministic_and_readable(tmp_path):
-    samples = [(sample_key("train", 3, i), {"input_ids.npy": npy_bytes(np.arange(i + 2, dtype=np.uint16)),
-                                            "nsp_label.cls": b"%d" % (i % 2)}) for i in range(5)]
+def entry(record: dict, tokens: int | None = None) -> dict:
+    out = {"name": shard_name("train", 3), "split": "train", "index": 3, "layout": LAYOUT, **record}
+    if tokens is not None:
+        out["tokens"] = tokens
+    return out
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_writer_round_trip_is_atomic_deterministic_and_a_plain_tar(tmp_path):
+    data = samples(11)
     a, b = tmp_path / "a" / shard_name("train", 3), tmp_path / "b" / shard_name("train", 3)
     a.parent.mkdir()
     b.parent.mkdir()
-    ra, rb = write_shard(a, samples), write_shard(b, samples)
-    assert ra == rb and a.read_bytes() == b.read_bytes() and ra["bytes"] == a.stat().st_size
-    assert ra["samples"] == 5 and a.stat().st_size % tarfile.RECORDSIZE == 0
+    ra, rb = write(a, data), write(b, data, batch_sizes=(11,))
+    assert ra == rb and a.read_bytes() == b.read_bytes() and ra["bytes"] == a.stat().st_size and ra["samples"] == 11
     with tarfile.open(a) as tar:
         members = tar.getmembers()
-    assert [m.name for m in members[:2]] == ["train-000003-000000.input_ids.npy", "train-000003-000000.nsp_label.cls"]
-    assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" and m.mode == 0o644 for m in members)
-    read = list(iter_tar_samples(a))
-    assert [k for k, _ in read] == [k for k, _ in samples]
-    decoded = decode_fields(read[4][1])
-    assert decoded["input_ids"].tolist() == list(range(6)) and decoded["nsp_label"] == 0
+        first = tar.extractfile(members[1]).read()
+    assert [m.name for m in members[:5]] == [
+        "train-000003-000000.lengths.npy.zst", "train-000003-000000.input_ids.npy.zst",
+        "train-000003-000000.word_starts.npy.zst", "train-000003-000000.nsp_label.npy.zst",
+        "train-000003-000003.lengths.npy.zst"]
+    assert len(members) == 4 * 4 and all(m.mtime == 0 and m.uid == 0 and m.uname == "" for m in members)
+    # a member is a zstd frame of an .npy file: readable with zstandard + numpy alone
+    ids = np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(first)), allow_pickle=False)
+    assert ids.tolist() == np.concatenate([s["input_ids"] for s in data[:3]]).tolist()
+    shard = decode_shard(a.read_bytes(), entry(ra, sum(len(s["input_ids"]) for s in data)), "a")
+    assert len(shard) == 11 and shard.key(10) == sample_key("train", 3, 10) and shard.nbytes > 0
+    assert all(same(shard.sample(i), data[i]) for i in range(11))
+    assert isinstance(shard.sample(0)["nsp_label"], int)
     assert not list(a.parent.glob(".tmp-*"))
 
 
@@ -62,14 +94,65 @@ def test_abort_and_stale_temps(tmp_path):
     path = tmp_path / shard_name("val", 0)
     stale = tmp_path / f".tmp-{path.name}.99999"
     stale.write_bytes(b"left by a killed run")
-    w = ShardWriter(path)
+    w = ShardWriter(path, "val", 0, COLUMNS, chunk_samples=3, level=3)
     assert not stale.exists()  # a new writer clears its own shard's leftovers
-    w.add("val-000000-000000", {"input_ids.npy": npy_bytes(np.arange(3, dtype=np.uint16))})
+    w.add(batch(samples(2)), 2)
     w.abort()
     assert not path.exists() and not list(tmp_path.iterdir())
 
 
-def test_keys_and_manifest_errors(tmp_path):
+def member(name: str, data: bytes) -> bytes:
+    return tar_header(name, len(data)) + data + bytes(-len(data) % 512)
+
+
+def frame(arr: np.ndarray) -> bytes:
+    return zstandard.ZstdCompressor().compress(npy_bytes(arr))
+
+
+def one_chunk(**replace) -> tuple[bytes, dict]:
+    """A shard of one chunk (3 samples) with some members' data replaced, and its entry."""
+    cols = batch(samples(3))
+    body = b"".join(member(f"train-000003-000000.{c}.npy.zst",
+                           replace.get(c, frame(cols[c].astype(COLUMNS[c])))) for c in COLUMNS)
+    return body + bytes(1024), entry({"samples": 3})
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda: one_chunk(input_ids=b"not zstd at all"), "input_ids.npy.zst: not a zstd frame"),
+    (lambda: one_chunk(input_ids=frame(np.zeros(2, np.uint16))), "input_ids holds 2 items, expected"),
+    (lambda: one_chunk(nsp_label=frame(np.array([0, 1, 2], np.uint8))), r"nsp_label: 2 at item 2 is outside \[0, 2\)"),
+    (lambda: one_chunk(nsp_label=frame(np.zeros(3, np.int64))), "a int64 array of shape"),
+    (lambda: one_chunk(input_ids=zstandard.ZstdCompressor().compress(bytes(10_000))), "declares a content size"),
+    (lambda: one_chunk(input_ids=zstandard.ZstdCompressor(write_content_size=False).compress(b"x")),
+     "declares no content size"),
+    (lambda: one_chunk(input_ids=frame(np.zeros(3, np.uint16))[:-4]), "input_ids.npy.zst: cannot decompress"),
+    (lambda: (one_chunk()[0][:2000], one_chunk()[1]), "truncated tar"),
+    (lambda: (b"x" * 2048, one_chunk()[1]), "not a readable tar"),
+    (lambda: (one_chunk()[0], entry({"samples": 4})), "4 members, expected 8"),
+    (lambda: (one_chunk()[0], entry({"samples": 2})), "lengths holds 3 items, expected 2"),
+])
+def test_damaged_shards_give_one_line_errors(damage, message):
+    data, shard_entry = damage()
+    with pytest.raises(PrepError, match=message) as err:
+        decode_shard(data, shard_entry, "dir/train-000003.tar")
+    assert str(err.value).startswith("dir/train-000003.tar: ") and "\n" not in str(err.value)
+
+
+def test_stock_webdataset_reads_the_shards_with_wds_samples(tmp_path):
+    wds = pytest.importorskip("webdataset")
+    data = samples(7)
+    write(tmp_path / shard_name("train", 3), data)
+    # the lines of docs/data-format.md, "Stock WebDataset"
+    from data_prep.shards import wds_samples
+    dataset = wds.WebDataset([str(tmp_path / "train-000003.tar")], shardshuffle=False).compose(wds_samples)
+    got = list(dataset)
+    assert [s["__key__"] for s in got] == [sample_key("train", 3, i) for i in range(7)]
+    assert all(same({k: v for k, v in g.items() if not k.startswith("__")}, d) for g, d in zip(got, data))
+    with pytest.raises(PrepError, match="not a data_prep chunk key"):
+        list(wds_samples([{"__key__": "x", "__url__": "u"}]))
+
+
+def test_keys_and_manifest_versions(tmp_path):
     assert parse_key("train-000012-000345") == ("train", 12, 345)
     for key in ("other-1-2", "dir/train-000012-000345"):  # keys data_prep never writes
         with pytest.raises(ValueError):
@@ -79,66 +162,11 @@ def test_keys_and_manifest_errors(tmp_path):
     (tmp_path / "manifest.json").write_text('{"format": "bertforge-wds", "format_version": 99}')
     with pytest.raises(PrepError, match="format_version 99 is not supported"):
         read_manifest(tmp_path)
-
-
-def tarfile_shard(path, samples) -> None:
-    """The reference: stdlib tarfile writing the same members with the writer's fixed metadata."""
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, fields in samples:
-            for ext, data in fields.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = \
-                    len(data), 0, 0o644, 0, 0, "", ""
-                tar.addfile(info, io.BytesIO(data))
-
-
-@pytest.mark.parametrize("keys", [[sample_key("train", 7, i) for i in range(2500)],  # one key length, 3 chunks
-                                  [sample_key("val", 0, 999_998 + i) for i in range(4)]])  # 6 then 7 digits
-def test_add_rows_writes_the_bytes_tarfile_writes(tmp_path, keys):
-    """The writer against stdlib tarfile, with rows of every layout: members of 0 bytes, exactly one
-    block, several blocks, labels of several digits; one sample added alone, then a batch."""
-    rng = np.random.default_rng(0)
-    n = len(keys)
-    ids = rng.integers(0, 30_000, size=(n, 600), dtype=np.uint16)
-    id_lengths = rng.integers(0, 601, size=n)
-    id_lengths[:3] = [0, 192, 600]  # 128 + 2 * 192 = 512 bytes: exactly one block
-    flags = rng.integers(0, 2, size=(n, 600), dtype=np.uint8)
-    labels = [b"%d" % v for v in rng.integers(0, 1000, size=n)]
-    samples = [(key, {"input_ids.npy": npy_bytes(ids[r, :id_lengths[r]]),
-                      "word_starts.npy": npy_bytes(flags[r, :id_lengths[r]]),
-                      "label.cls": labels[r]}) for r, key in enumerate(keys)]
-    tarfile_shard(tmp_path / "a.tar", samples)
-
-    w = ShardWriter(tmp_path / "b.tar")
-    w.add(*samples[0])
-    w.add_rows(keys[1:], [("input_ids.npy", *[a[1:] for a in npy_rows(ids, id_lengths)]),
-                          ("word_starts.npy", *[a[1:] for a in npy_rows(flags, id_lengths)]),
-                          ("label.cls", *[a[1:] for a in bytes_rows(labels)])])
-    record = w.commit()
-    assert (tmp_path / "b.tar").read_bytes() == (tmp_path / "a.tar").read_bytes()
-    assert record["samples"] == n and record["bytes"] == (tmp_path / "a.tar").stat().st_size
-
-
-def test_names_longer_than_a_ustar_header_are_refused(tmp_path):
-    w = ShardWriter(tmp_path / "c.tar")
-    with pytest.raises(ValueError, match="do not fit a USTAR header"):
-        w.add("k" * 90, {"masked_lm_positions.npy": b""})
-    w.abort()
-
-
-def test_reader_groups_adjacent_members_by_webdatasets_key_rule(tmp_path):
-    """A sample is a run of adjacent members with one key, the key being the member's directory and
-    base name up to its first dot (webdataset's rule)."""
-    members = [("a/x.input_ids.npy", b"1"), ("a/x.nsp_label.cls", b"0"), ("b/x.input_ids.npy", b"2"),
-               ("y.input_ids.npy", b"3"), ("a/x.input_ids.npy", b"4")]
-    with tarfile.open(tmp_path / "t.tar", "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    assert list(iter_tar_samples(tmp_path / "t.tar")) == [
-        ("a/x", {"input_ids.npy": b"1", "nsp_label.cls": b"0"}), ("b/x", {"input_ids.npy": b"2"}),
-        ("y", {"input_ids.npy": b"3"}), ("a/x", {"input_ids.npy": b"4"})]
-    (tmp_path / "bad.tar").write_bytes(b"not a tar" * 100)
-    with pytest.raises(PrepError, match="bad.tar: not a readable tar"):
-        list(iter_tar_samples(tmp_path / "bad.tar"))
+    (tmp_path / "manifest.json").write_text('{"format": "bertforge-wds", "format_version": 1}')
+    with pytest.raises(PrepError, match=f"version 1.*python -m data_prep convert {tmp_path} --out <new dir>"):
+        read_manifest(tmp_path)
+    with pytest.raises(PrepError, match="http://h/d/manifest.json: not valid JSON"):
+        parse_manifest(b"{", "http://h/d/manifest.json")
+    with pytest.raises(PrepError, match=r"^m.json: \d+ problems: fingerprint: missing"):
+        parse_manifest(json.dumps({"format": "bertforge-wds", "format_version": 2, "shards": [{"name": "../x.tar"}]}),
+                       "m.json")
