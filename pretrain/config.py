@@ -120,7 +120,7 @@ class DataConfig:
 
     def source_list(self) -> list[SourceConfig]:
         """The sources of the run: ``sources``, or ``dir`` as one source of weight 1."""
-        return list(self.sources) or [SourceConfig(dir=self.dir)]
+        return list(self.sources) or [SourceConfig(dir=self.dir, name=_default_name(self.dir))]
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Training data: data_prep's WebDataset shards, in a global order that makes resume exact.
+"""Training data: data_prep's shards, read whole, in a global order that makes resume exact.
 
 Design (docs/training.md has the longer story):
 
@@ -10,19 +10,27 @@ Design (docs/training.md has the longer story):
   global positions ``[s*G, (s+1)*G)`` (G = global batch); micro-batch ``m`` of rank ``r`` takes the
   slice ``(m*world + r)*micro ...``.  The samples of a step therefore do not depend on the world
   size or the accumulation, and a resume (with any world size) continues with the same batches.
-* **Random access into the tar files** through a member index, so loader workers fetch exactly the
-  samples they are given: no duplicates, no gaps, whatever the number of workers.  A worker checks
-  a shard's size and sha256 against the manifest when it opens it (one sequential read), and every
-  sample's values before use: bad data is a DataError naming shard and sample.
+* **Mixing**: with several sources (``data.sources``) a position first maps to (source, ordinal) by
+  the weights (``pretrain.mixing.Blend``), then the ordinal to (epoch, sample) by that source's own
+  order and seed.  One source is the plain order above.
+* **Whole shards**: a loader worker reads a shard whole through its store (a local directory, a URL,
+  a ``pipe:``: ``data_prep.shards.store``), sha256-checked while it reads, decodes it in memory
+  (``data_prep.shards.decode_shard``) and keeps the decoded shards of the current and next shuffle
+  window, so it serves exactly the samples it is given: no duplicates, no gaps, whatever the number
+  of workers.  Every sample is checked before use: bad data is a DataError naming shard and sample.
 * **Dynamic masking** calls data_prep's masking code seeded by (seed, epoch, sample index).
 """
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
 import os
+import shutil
+import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -31,9 +39,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from data_prep.errors import PrepError
 from data_prep.loader import example_from_sample
 from data_prep.masking import IGNORE_INDEX
-from data_prep.shards import decode_fields, index_shard, read_manifest, read_members, split_info
-from data_prep.shards.reader import TarIndex
-from pretrain.config import DataConfig, EvalConfig, TrainingConfig
+from data_prep.shards import MANIFEST, DecodedShard, decode_shard, parse_manifest, split_info
+from data_prep.shards.store import Store, open_store
+from pretrain.config import DataConfig, EvalConfig, SourceConfig, TrainingConfig
+from pretrain.mixing import Blend
 
 
 class DataError(ValueError):
@@ -55,11 +64,16 @@ class DataPosition:
 
 @dataclass
 class Split:
-    """One split (train or val) of a shard directory: ``data_prep.shards.split_info`` of its manifest,
-    with this run's mlm_probability and max_predictions, and the tokenizer the run uses."""
+    """One split (train or val) of one source: ``data_prep.shards.split_info`` of its manifest, with
+    this run's mlm_probability and max_predictions, the store its shards are read through, the
+    seed of its order and masks, and the tokenizer the run uses."""
+    name: str
     dir: str
+    store: Store
     info: dict
     tokenizer_dir: Optional[str]
+    seed: int
+    weight: float = 1.0
     offsets: list[int] = field(init=False)   # cumulative sample counts of the shards
 
     def __post_init__(self):
@@ -78,60 +92,177 @@ class Split:
     def num_samples(self) -> int:
         return self.offsets[-1]
 
+
+@dataclass
+class Mixture:
+    """The split of every source of the run (one for ``data.dir``), which share the tokenizer and the
+    shard settings (``open_split`` checks it): ``info`` and the tokenizer are the first source's."""
+    splits: list[Split]
+
     @property
-    def fingerprint(self) -> str:
-        return self.info["fingerprint"]
+    def info(self) -> dict:
+        return self.splits[0].info
 
     @property
     def tokenizer_hash(self) -> str:
         return self.info["tokenizer_hash"]
 
+    @property
+    def tokenizer_dir(self) -> Optional[str]:
+        return self.splits[0].tokenizer_dir
+
+    @property
+    def fingerprint(self) -> str:
+        """The data fingerprint a checkpoint records: one source's own (so a run of ``data.dir`` keeps
+        the one it always had), or a digest of every source's name, fingerprint and weight."""
+        if len(self.splits) == 1:
+            return self.info["fingerprint"]
+        parts = [[s.name, s.info["fingerprint"], s.weight] for s in self.splits]
+        return hashlib.sha256(json.dumps(parts).encode("utf-8")).hexdigest()
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.splits)
+
+    def blend(self) -> Blend:
+        return Blend([s.weight for s in self.splits])
+
+    def progress(self, samples_consumed: int) -> dict:
+        """Per source: the samples it has given to the first ``samples_consumed`` positions and the
+        epochs they make (fractional), for the metrics log."""
+        blend, out = self.blend(), {}
+        for i, s in enumerate(self.splits):
+            count = blend.count(i, samples_consumed)
+            out[f"data/{s.name}/samples"] = float(count)
+            out[f"data/{s.name}/epochs"] = count / s.num_samples
+        return out
+
+    def part(self, i: int) -> "Mixture":
+        return Mixture([self.splits[i]])
+
 
 # --------------------------------------------------------------------------------------------
 # Opening a split, with the checks that keep a run from training on the wrong data
 # --------------------------------------------------------------------------------------------
+# What the sources of a mixture must agree on (split_info's keys): one tokenizer, one sample format.
+SHARED = ("tokenizer_hash", "vocab_size", "special_ids", "seq_len", "objective", "dynamic", "whole_word",
+          "max_predictions", "mlm_probability")
+
+
+def source_seed(seed: int, index: int) -> int:
+    """The seed of source ``index``'s order and masks: the run's own for the first source (so one
+    source is the plain run), one drawn from (seed, index) for the others."""
+    return seed if index == 0 else int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
 def open_split(data_cfg: DataConfig, name: str, training_cfg: TrainingConfig, model_vocab_size: int,
-               required: bool = True) -> Optional[Split]:
-    if not data_cfg.dir:
-        raise DataError("data.dir is empty: point it at a directory written by `python -m data_prep shards`")
+               required: bool = True) -> Optional[Mixture]:
+    """The ``name`` split of every source.  ``required``: every source must have one; otherwise
+    sources without it are left out, and None is returned when none has it."""
+    sources = data_cfg.source_list()
+    if not sources[0].dir:
+        raise DataError("data.dir is empty: point it at a directory written by `python -m data_prep shards` "
+                        "(or list data.sources)")
+    splits = []
+    for i, source in enumerate(sources):
+        split = _open_source(source, data_cfg, name, training_cfg, model_vocab_size, required)
+        if split is not None:
+            split.seed = source_seed(training_cfg.seed, i)
+            splits.append(split)
+    for other in splits[1:]:
+        _check_shared(splits[0], other)
+    return Mixture(splits) if splits else None
+
+
+def _open_source(source: SourceConfig, data_cfg: DataConfig, name: str, training_cfg: TrainingConfig,
+                 model_vocab_size: int, required: bool) -> Optional[Split]:
+    where = source.dir
     try:
-        manifest = read_manifest(data_cfg.dir)
+        store = open_store(source.dir, data_cfg.cache_dir)
+        manifest = parse_manifest(store.read(MANIFEST), store.where(MANIFEST),
+                                  None if store.remote else store.where(""))
     except PrepError as err:
-        raise DataError(str(err)) from None
+        raise DataError(f"{err} (expected a shard directory written by `python -m data_prep shards`)") from None
     info = split_info(manifest, name)
     if not info["shards"]:
         if required:
-            raise DataError(f"{data_cfg.dir}: the manifest lists no {name} shards")
+            raise DataError(f"{where}: the manifest lists no {name} shards")
         return None
     seq_len = info["seq_len"]
     if seq_len != training_cfg.seq_len:
-        raise DataError(f"{data_cfg.dir}: shards were built for seq_len {seq_len} but training.seq_len is "
+        raise DataError(f"{where}: shards were built for seq_len {seq_len} but training.seq_len is "
                         f"{training_cfg.seq_len}")
     if info["vocab_size"] > model_vocab_size:
-        raise DataError(f"{data_cfg.dir}: tokenizer vocabulary {info['vocab_size']} exceeds model.vocab_size "
+        raise DataError(f"{where}: tokenizer vocabulary {info['vocab_size']} exceeds model.vocab_size "
                         f"{model_vocab_size}")
-    tokenizer_dir = _check_tokenizer(data_cfg, info)
+    tokenizer_dir = _check_tokenizer(data_cfg, info, store, where, manifest["tokenizer"]["dir"])
     if data_cfg.mlm_probability is not None:
         info["mlm_probability"] = data_cfg.mlm_probability
     info["max_predictions"] = training_cfg.max_predictions if info["dynamic"] else \
         min(info["max_predictions"], training_cfg.max_predictions)
-    return Split(dir=data_cfg.dir, info=info, tokenizer_dir=tokenizer_dir)
+    return Split(name=source.name, dir=source.dir, store=store, info=info, tokenizer_dir=tokenizer_dir,
+                 seed=training_cfg.seed, weight=source.weight)
 
 
-def _check_tokenizer(data_cfg: DataConfig, info: dict) -> Optional[str]:
-    """Refuse shards made with another tokenizer than the run's (when the run names one)."""
+def _check_shared(first: Split, other: Split) -> None:
+    for key in SHARED:
+        if first.info[key] != other.info[key]:
+            raise DataError(f"data.sources: {first.name} ({first.dir}) and {other.name} ({other.dir}) differ in "
+                            f"{key}: {first.info[key]!r} vs {other.info[key]!r}; the sources of a mixture must "
+                            f"share the tokenizer and the shard settings")
+
+
+def _check_tokenizer(data_cfg: DataConfig, info: dict, store: Store, where: str, stored_dir: str) -> Optional[str]:
+    """The tokenizer directory of the run: ``data.tokenizer`` when given (refused when its hash is not
+    the shards'), else the shard directory's copy (fetched through the store into a local directory
+    when the shards are not local)."""
     from pathlib import Path
 
     from data_prep import vocab as dp_vocab
 
     if data_cfg.tokenizer is None:
-        return info.get("tokenizer_dir")
+        return store.where(stored_dir) if not store.remote else \
+            _fetch_tokenizer(store, stored_dir, info["tokenizer_hash"], data_cfg.cache_dir)
     run_hash = dp_vocab.load_tokenizer_dir(Path(data_cfg.tokenizer))[1].sha256
     if info["tokenizer_hash"] != run_hash:
-        raise DataError(f"{data_cfg.dir}: shards were tokenized with tokenizer {info['tokenizer_hash']} but "
+        raise DataError(f"{where}: shards were tokenized with tokenizer {info['tokenizer_hash']} but "
                         f"data.tokenizer ({data_cfg.tokenizer}) hashes to {run_hash}; rebuild the shards "
                         f"with this tokenizer or point data.tokenizer at the one they were made with")
     return data_cfg.tokenizer
+
+
+def _fetch_tokenizer(store: Store, stored_dir: str, expected_hash: str, cache_dir: Optional[str]) -> str:
+    """A local copy of a remote shard directory's tokenizer, in ``<cache_dir or the temp dir>/tokenizers/
+    <hash>``: fetched once (to a temp directory, hash-checked, renamed into place, so processes that
+    fetch it together each install a whole copy), reused while it hashes right."""
+    from data_prep.vocab import TOKENIZER_FILES, tokenizer_hash
+
+    root = os.path.join(cache_dir or os.path.join(tempfile.gettempdir(), f"bertforge-{os.getuid()}"), "tokenizers")
+    final = os.path.join(root, expected_hash[:32])
+    if os.path.isfile(os.path.join(final, "tokenizer.json")) and tokenizer_hash(final) == expected_hash:
+        return final
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".fetch-", dir=root)
+    try:
+        for file in TOKENIZER_FILES:
+            with open(os.path.join(tmp, file), "wb") as f:
+                f.write(store.read(f"{stored_dir}/{file}"))
+        found = tokenizer_hash(tmp)
+        if found != expected_hash:
+            raise DataError(f"{store.where(stored_dir)}: the tokenizer hashes to {found}, its manifest says "
+                            f"{expected_hash}")
+        if os.path.isdir(final):          # an incomplete or stale copy (checked above)
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:                   # another process installed its copy first
+            if tokenizer_hash(final) != expected_hash:
+                raise
+    except PrepError as err:
+        raise DataError(str(err)) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,50 +336,88 @@ class RankPositions(Sampler):
 # --------------------------------------------------------------------------------------------
 # Reading samples
 # --------------------------------------------------------------------------------------------
+class MixedOrder:
+    """Training positions -> (source, epoch, sample index in that source): the blend of the sources'
+    weights, then each source's own GlobalOrder (its seed, its epochs)."""
+
+    def __init__(self, mixture: Mixture, window_samples: int):
+        self.blend = mixture.blend()
+        self.orders = [GlobalOrder(s.shard_sizes, s.seed, window_samples) for s in mixture.splits]
+
+    def __call__(self, position: int) -> tuple[int, int, int]:
+        source, ordinal = self.blend(position)
+        return (source, *self.orders[source](ordinal))
+
+    def window_shards(self, source: int) -> int:
+        return self.orders[source].window_shards
+
+
+class FileOrder:
+    """Held-out positions -> (source, 0, sample index): the sources' samples one after the other, in
+    file order."""
+
+    def __init__(self, mixture: Mixture):
+        self.starts = np.cumsum([0] + [s.num_samples for s in mixture.splits]).tolist()
+
+    def __call__(self, position: int) -> tuple[int, int, int]:
+        source = bisect.bisect_right(self.starts, position) - 1
+        return source, 0, position - self.starts[source]
+
+    def window_shards(self, source: int) -> int:
+        return 1
+
+
 class ShardSamples(Dataset):
-    """Map-style dataset: global position -> one training example (numpy arrays)."""
+    """Map-style dataset: global position -> one training example (numpy arrays).
 
-    def __init__(self, split: Split, order: GlobalOrder, seed: int):
-        self.split, self.order, self.seed = split, order, seed
-        # Member indexes and open files of the shards read most recently.  Bounded: over an epoch
-        # every worker touches every shard, and an index costs 0.5-0.8 KB a sample (measured).
-        # A shuffle window reads its shards in random order, so the bound covers two windows.
-        self.max_open = max(16, 2 * order.window_shards)
-        self._open_shards: OrderedDict[int, tuple[BinaryIO, TarIndex]] = OrderedDict()
+    Shards are read whole through their source's store (size and sha256 checked against the
+    manifest while reading) and decoded in memory.  A worker keeps, per source, the decoded shards
+    it read most recently, up to two shuffle windows' worth (the current one and the next, which
+    the batches at a window's end reach into): a window's shards are read in random order, and
+    every worker reads every shard of the window, each once per epoch."""
 
-    def _open(self, shard: int) -> None:
-        """Open a shard (checked against the manifest's size, sha256 and sample count: one sequential
-        read) and index it; the least recently used shard is closed past ``max_open``.  Evicted, a shard
-        is checked again.  A shard that fails its check is a PrepError (``__getitem__`` makes it a
-        DataError)."""
-        self._open_shards[shard] = index_shard(self.split.dir, self.split.shards[shard])
-        if len(self._open_shards) > self.max_open:
-            self._open_shards.popitem(last=False)[1][0].close()
+    def __init__(self, mixture: Mixture, order: Callable[[int], tuple[int, int, int]]):
+        self.mixture, self.order = mixture, order
+        self.max_kept = [2 * order.window_shards(i) for i in range(len(mixture.splits))]
+        self._kept: list[OrderedDict[int, DecodedShard]] = [OrderedDict() for _ in mixture.splits]
 
-    def _read_located(self, sample: int) -> tuple[str, dict]:
-        """``(where, sample decoded)``: ``where`` ("<shard path>: sample <key>") names it in errors."""
-        shard = bisect.bisect_right(self.split.offsets, sample) - 1
-        if shard in self._open_shards:
-            self._open_shards.move_to_end(shard)
-        else:
-            self._open(shard)
-        f, index = self._open_shards[shard]
-        key, members = index[sample - self.split.offsets[shard]]
-        where = f"{os.path.join(self.split.dir, self.split.shards[shard]['name'])}: sample {key}"
-        return where, decode_fields(read_members(f, members), where)
+    def _shard(self, source: int, shard: int) -> DecodedShard:
+        """Decoded shard ``shard`` of a source, read (and the least recently used one dropped past
+        ``max_kept``) when it is not kept.  A shard that fails its checks is a PrepError."""
+        kept = self._kept[source]
+        if shard in kept:
+            kept.move_to_end(shard)
+            return kept[shard]
+        split = self.mixture.splits[source]
+        entry = split.shards[shard]
+        where = split.store.where(entry["name"])
+        decoded = decode_shard(split.store.read_checked(entry["name"], entry["bytes"], entry["sha256"]), entry, where)
+        kept[shard] = decoded
+        if len(kept) > self.max_kept[source]:
+            kept.popitem(last=False)
+        return decoded
+
+    def _read_located(self, source: int, sample: int) -> tuple[str, dict]:
+        """``(where, sample decoded)``: ``where`` ("<shard>: sample <key>") names it in errors."""
+        split = self.mixture.splits[source]
+        shard = bisect.bisect_right(split.offsets, sample) - 1
+        decoded = self._shard(source, shard)
+        i = sample - split.offsets[shard]
+        return f"{split.store.where(split.shards[shard]['name'])}: sample {decoded.key(i)}", decoded.sample(i)
 
     def __getitem__(self, position: int) -> dict:
-        epoch, sample = self.order(position)
+        source, epoch, sample = self.order(position)
+        split = self.mixture.splits[source]
         # data_prep owns the stored format: it decodes and checks, derives token types and masks
-        # (dynamic shards: seeded by (seed, epoch, sample index)).
+        # (dynamic shards: seeded by (the source's seed, epoch, sample index)).
         try:
-            where, raw = self._read_located(sample)
-            return example_from_sample(raw, self.split.info, seed=self.seed, epoch=epoch, index=sample, where=where)
+            where, raw = self._read_located(source, sample)
+            return example_from_sample(raw, split.info, seed=split.seed, epoch=epoch, index=sample, where=where)
         except PrepError as err:
             raise DataError(str(err)) from None
 
     def __len__(self):
-        return self.split.num_samples
+        return self.mixture.num_samples
 
 
 def collate(examples: list[dict], pad_id: int, pad_to_multiple_of: int, max_predictions: int) -> dict:
@@ -277,7 +446,7 @@ def collate(examples: list[dict], pad_id: int, pad_to_multiple_of: int, max_pred
 
 
 class _Collate:
-    def __init__(self, split: Split, pad_to_multiple_of: int):
+    def __init__(self, split: Mixture, pad_to_multiple_of: int):
         self.pad_id, self.multiple = split.info["special_ids"]["pad"], pad_to_multiple_of
         self.max_predictions = split.info["max_predictions"]
 
@@ -285,7 +454,7 @@ class _Collate:
         return collate(examples, self.pad_id, self.multiple, self.max_predictions)
 
 
-def _loader(dataset, sampler, micro: int, data_cfg: DataConfig, split: Split) -> DataLoader:
+def _loader(dataset, sampler, micro: int, data_cfg: DataConfig, split: Mixture) -> DataLoader:
     workers = data_cfg.num_workers
     # Its own generator: DataLoader draws a worker seed when an iterator starts, and drawing it
     # from the global RNG would shift the dropout stream of a resumed run against a straight one.
@@ -327,12 +496,11 @@ class _WorkerInit:
         die_with_parent(self.main_pid)
 
 
-def build_train_loader(split: Split, data_cfg: DataConfig, training_cfg: TrainingConfig, *,
+def build_train_loader(split: Mixture, data_cfg: DataConfig, training_cfg: TrainingConfig, *,
                        position: DataPosition, rank: int, world_size: int, accum: int) -> DataLoader:
-    order = GlobalOrder(split.shard_sizes, training_cfg.seed, data_cfg.shuffle_buffer)
+    order = MixedOrder(split, data_cfg.shuffle_buffer)
     sampler = RankPositions(position.samples_consumed, rank, world_size, training_cfg.micro_batch_size, accum)
-    return _loader(ShardSamples(split, order, training_cfg.seed), sampler, training_cfg.micro_batch_size,
-                   data_cfg, split)
+    return _loader(ShardSamples(split, order), sampler, training_cfg.micro_batch_size, data_cfg, split)
 
 
 class _EvalPositions(Sampler):
@@ -362,9 +530,9 @@ class _EvalPositions(Sampler):
             yield from self._batch(0)
 
 
-def build_eval_loader(split: Split, data_cfg: DataConfig, training_cfg: TrainingConfig, eval_cfg: EvalConfig, *,
+def build_eval_loader(split: Mixture, data_cfg: DataConfig, training_cfg: TrainingConfig, eval_cfg: EvalConfig, *,
                       rank: int, world_size: int) -> DataLoader:
+    """The held-out samples of every source of ``split`` in file order (one source: ``split.part(i)``)."""
     micro = eval_cfg.micro_batch_size or training_cfg.micro_batch_size
-    order = GlobalOrder(split.shard_sizes, training_cfg.seed, 0, shuffle=False)
     sampler = _EvalPositions(split.num_samples, rank, world_size, micro, eval_cfg.max_batches)
-    return _loader(ShardSamples(split, order, training_cfg.seed), sampler, micro, data_cfg, split)
+    return _loader(ShardSamples(split, FileOrder(split)), sampler, micro, data_cfg, split)

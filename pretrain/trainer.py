@@ -19,10 +19,10 @@ import torch
 
 from pretrain import checkpoint as ckpt
 from pretrain.config import Config, ignored_option_warnings
-from pretrain.data import DataPosition, build_eval_loader, build_train_loader, open_split
+from pretrain.data import DataPosition, Mixture, build_eval_loader, build_train_loader, open_split
 from pretrain.distributed import DistEnv
 from pretrain.engine import Engine, all_reduce_sum, init_distributed, shutdown_distributed
-from pretrain.evaluate import evaluate
+from pretrain.evaluate import eval_metrics, eval_sums
 from pretrain.faults import Faults
 from pretrain.metrics import MetricsLogger, peak_tflops_for, plot_curves, throughput
 from pretrain.signals import StopSignal
@@ -151,6 +151,7 @@ def _train(cfg: Config, dist_env: DistEnv, device: torch.device, stop_after_step
     new_world = resuming and ckpt.saved_world_size(ckpt_root) != dist_env.world_size
     run = build_run(cfg, dist_env, device, stop, faults, load_universal=new_world)
     train_split = open_split(cfg.data, "train", cfg.training, cfg.model.vocab_size)
+    val_split = open_split(cfg.data, "val", cfg.training, cfg.model.vocab_size, required=False)
     prints = ckpt.fingerprints(cfg, train_split.fingerprint, train_split.tokenizer_hash)
     saver = _Saver(run, ckpt_root, prints, {"tokenizer_dir": train_split.tokenizer_dir, "fingerprints": prints})
     state, messages = _starting_state(run, ckpt_root, prints, resuming, new_world)
@@ -161,7 +162,7 @@ def _train(cfg: Config, dist_env: DistEnv, device: torch.device, stop_after_step
     for message in messages:
         logger.message(message)
     try:
-        code = _loop(run, state, train_split, logger, saver, stop_after_step)
+        code = _loop(run, state, train_split, val_split, logger, saver, stop_after_step)
     finally:
         logger.close()
     if dist_env.rank == 0 and code == EXIT_DONE:
@@ -215,15 +216,15 @@ class _Saver:
                   keep_last=run.cfg.checkpoint.keep_last, extra=self.extra)
 
 
-def _loop(run: Run, state: ckpt.TrainerState, train_split, logger: MetricsLogger, save: _Saver,
-          stop_after_step: Optional[int]) -> int:
+def _loop(run: Run, state: ckpt.TrainerState, train_split: Mixture, val_split: Optional[Mixture],
+          logger: MetricsLogger, save: _Saver, stop_after_step: Optional[int]) -> int:
     cfg, t = run.cfg, run.cfg.training
     global_batch = t.micro_batch_size * run.engine.accum * run.dist_env.world_size
     loader = build_train_loader(train_split, cfg.data, t, position=DataPosition(state.samples_consumed),
                                 rank=run.dist_env.rank, world_size=run.dist_env.world_size, accum=run.engine.accum)
     feed, rates, skips = _Feed(iter(loader)), _Rates(run), _Skips(logger, t.max_nonfinite_steps)
     if state.step == 0 and cfg.eval.every_steps:
-        logger.log(0, run_eval(run), kind="eval")   # the untrained baseline, for comparison
+        logger.log(0, run_eval(run, val_split), kind="eval")   # the untrained baseline, for comparison
     while state.step < t.max_steps:
         lr = run.engine.scheduler.get_last_lr()[0]   # the rate of this update: the scheduler steps after it
         totals, applied, signals = run.engine.step(feed.next_batch, state.step + 1)
@@ -234,9 +235,10 @@ def _loop(run: Run, state: ckpt.TrainerState, train_split, logger: MetricsLogger
         if state.step % cfg.logging.every_steps == 0 or state.step == t.max_steps:
             values = feed.new_window().reduce(run, global_batch, rates)
             values["train/skipped_steps"] = float(state.skipped_steps)
+            values.update(train_split.progress(state.samples_consumed))
             logger.log(state.step, values)
         if cfg.eval.every_steps and (state.step % cfg.eval.every_steps == 0 or state.step == t.max_steps):
-            logger.log(state.step, run_eval(run), kind="eval")
+            logger.log(state.step, run_eval(run, val_split), kind="eval")
         logger.advance(state.step)
         if signals or (stop_after_step is not None and stop_after_step <= state.step < t.max_steps):
             save(state)
@@ -270,15 +272,21 @@ class _Skips:
                 f"bf16/fp32")
 
 
-def run_eval(run: Run) -> dict:
-    cfg = run.cfg
-    val_split = open_split(cfg.data, "val", cfg.training, cfg.model.vocab_size, required=False)
+def run_eval(run: Run, val_split: Optional[Mixture]) -> dict:
+    """Held-out metrics (``eval/...``) over every source's val split; with several sources also each
+    source's own (``eval/<name>/...``), ``eval.max_batches`` applying to each."""
     if val_split is None:
         return {}
-    loader = build_eval_loader(val_split, cfg.data, cfg.training, cfg.eval, rank=run.dist_env.rank,
-                               world_size=run.dist_env.world_size)
-    return evaluate(run.engine, loader, run.device, max_batches=cfg.eval.max_batches,
-                    counted_batches=loader.sampler.counted_batches)
+    cfg, out, total = run.cfg, {}, [0.0] * 6
+    for i, split in enumerate(val_split.splits):
+        loader = build_eval_loader(val_split.part(i), cfg.data, cfg.training, cfg.eval, rank=run.dist_env.rank,
+                                   world_size=run.dist_env.world_size)
+        sums = eval_sums(run.engine, loader, run.device, max_batches=cfg.eval.max_batches,
+                         counted_batches=loader.sampler.counted_batches)
+        total = [a + b for a, b in zip(total, sums)]
+        if len(val_split.splits) > 1:
+            out.update(eval_metrics(sums, prefix=f"eval/{split.name}/"))
+    return {**eval_metrics(total), **out}
 
 
 class _Feed:

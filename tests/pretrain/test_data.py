@@ -1,4 +1,4 @@
-"""The training loader: global order, per-rank slices, tar random access, collate, refusals."""
+"""The training loader: global order, per-rank slices, whole-shard reads, collate, refusals."""
 from __future__ import annotations
 
 import itertools
@@ -133,26 +133,28 @@ def test_shard_with_wrong_sample_count_is_named(shards, tmp_path):
     data.dir, data.tokenizer = str(copy), None
     split = open_split(data, "train", training, model_vocab_size=2048)
     loader = build_eval_loader(split, data, training, EvalConfig(max_batches=1), rank=0, world_size=1)
-    with pytest.raises(DataError, match=f"{first_train['name']}: holds .* samples but the manifest says"):
+    with pytest.raises(DataError, match=f"{copy}/{first_train['name']}: chunk .*: lengths holds .* items, expected"):
         next(iter(loader))
 
 
-def test_shard_indexes_and_open_files_stay_bounded_and_reads_stay_right(shards):
-    """Over an epoch every loader worker touches every shard: the member indexes (0.5-0.8 KB a
-    sample) and open files it keeps are bounded (least recently used go); evicted shards read back right."""
-    from pretrain.data import ShardSamples
+def test_decoded_shards_kept_stay_bounded_and_reads_stay_right(shards):
+    """A loader worker keeps the decoded shards of two shuffle windows per source (least recently used
+    go); a shard read again after it went reads back the same samples."""
+    from pretrain.data import FileOrder, MixedOrder, ShardSamples
 
     data, training = _cfgs(shards, 0)
     split = open_split(data, "train", training, model_vocab_size=2048)
-    assert len(split.shards) >= 2
-    order = GlobalOrder(split.shard_sizes, seed=1, window_samples=0, shuffle=False)
-    bounded, fresh = ShardSamples(split, order, seed=1), ShardSamples(split, order, seed=1)
-    assert bounded.max_open == 16
-    bounded.max_open = 1
-    samples = [s for _ in range(2) for s in split.offsets[:-1]] + [split.num_samples - 1, 0]  # first of each shard
+    part = split.splits[0]
+    assert len(part.shards) >= 2
+    window = MixedOrder(split, data.shuffle_buffer).window_shards(0)
+    assert ShardSamples(split, MixedOrder(split, data.shuffle_buffer)).max_kept == [2 * window]
+    bounded, fresh = ShardSamples(split, FileOrder(split)), ShardSamples(split, FileOrder(split))
+    assert bounded.max_kept == [2]
+    bounded.max_kept = [1]
+    samples = [s for _ in range(2) for s in part.offsets[:-1]] + [part.num_samples - 1, 0]  # first of each shard
     for s in samples:
-        got = bounded._read_located(s)[1]
-        assert len(bounded._open_shards) <= 1
-        expected = fresh._read_located(s)[1]
+        got = bounded._read_located(0, s)[1]
+        assert len(bounded._kept[0]) <= 1
+        expected = fresh._read_located(0, s)[1]
         assert got.keys() == expected.keys()
         assert all(np.array_equal(got[k], expected[k]) for k in got)

@@ -67,7 +67,7 @@ def test_data_sources_config_names_sources_and_refuses_both_ways_at_once():
                                              "{dir: 'http://h/books/', weight: 0.3, name: bk}]"])
     assert cfg.data.dir == ""                              # the command line's sources replace the file's dir
     assert cfg.data.sources == [SourceConfig("/d/wiki/shards", 0.7, "wiki"), SourceConfig("http://h/books/", 0.3, "bk")]
-    assert load_config(None, ["data.dir=/x/shards"]).data.source_list() == [SourceConfig("/x/shards", 1.0)]
+    assert load_config(None, ["data.dir=/x/shards"]).data.source_list() == [SourceConfig("/x/shards", 1.0, "x")]
     with pytest.raises(ConfigError, match=r"data.dir \(/a\) and data.sources are both set in one place"):
         load_config(None, ["data.dir=/a", "data.sources=[{dir: /b}]"])
     with pytest.raises(ConfigError) as caught:
