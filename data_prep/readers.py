@@ -1,16 +1,20 @@
 """Stage 1, read: input files to a stream of raw documents, in a fixed global order.
 
-Formats: plain text (one document per line, or documents separated by blank lines), JSONL (text
-field by name), WikiExtractor output (``<doc ...>`` blocks) and MediaWiki XML dumps (streamed,
-markup stripped).  Inputs are files, directories (recursive) and globs; compressed files are read
-transparently (see compression.py).  Bad input raises InputError through an ErrorPolicy, which
-either stops or skips and counts it; nothing here holds more than one document in memory.
+Formats: plain text (one document per line, or documents separated by blank lines: ``auto``
+tells them apart per file, see ``text_separator``), JSONL (text field by name), WikiExtractor output
+(``<doc ...>`` blocks) and MediaWiki XML dumps (streamed, markup stripped).  Inputs are files,
+directories (recursive) and globs; compressed files are read transparently (see compression.py).
+Bad input raises InputError through an ErrorPolicy, which either stops or skips and counts it;
+nothing here holds more than one document in memory, but for the head of a text file that
+``auto`` looks at (``SEPARATOR_SNIFF_CHARS``).
 """
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Literal
@@ -20,7 +24,10 @@ from data_prep.errors import ErrorPolicy, InputError, PrepError
 from data_prep.settings import setting
 
 FORMATS = ("auto", "text", "jsonl", "wikiextractor", "mediawiki")
-DOC_SEPARATORS = ("line", "blank")
+DOC_SEPARATORS = ("auto", "line", "blank")
+# ``auto`` decides from about this many characters at the head of a text file: enough for tens of
+# documents of NVIDIA's format (a Wikipedia article, ~40 sentences), little to hold in memory.
+SEPARATOR_SNIFF_CHARS = 4_000_000
 SNIFF_BYTES = 8192
 EXTENSION_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".xml": "mediawiki"}
 COMPRESSION_SUFFIXES = {".gz", ".bz2", ".xz", ".lzma", ".zst"}
@@ -39,8 +46,11 @@ class ReadOptions:
 
     format: Literal[FORMATS] = "auto"
     """Input format; ``auto`` sniffs the first bytes (and the extension) of each file."""
-    doc_separator: Literal[DOC_SEPARATORS] = "line"
-    """Text format: one document per ``line``, or documents separated by ``blank`` lines."""
+    doc_separator: Literal[DOC_SEPARATORS] = "auto"
+    """Text format: one document per ``line``, or documents separated by ``blank`` lines (one sentence
+    or paragraph per line, NVIDIA's format); ``auto`` chooses per file from its first 4 MB: ``blank``
+    when it has at least 2 blank lines between non-blank lines and, on average, 2 or more non-blank
+    lines between them, else ``line``."""
     jsonl_field: str = "text"
     """JSONL field holding the text."""
     max_line_bytes: int = setting(16 << 20, ge=1024)
@@ -180,14 +190,60 @@ def _skip_rest_of_line(stream) -> None:
 
 def read_text(path, stream, options: ReadOptions, policy) -> Iterator[Document]:
     lines = iter_lines(path, stream, options.max_line_bytes, policy)
-    if options.doc_separator == "line":
+    separator = options.doc_separator
+    if separator == "auto":
+        lines, separator = text_separator(path, lines)
+    if separator == "line":
         for lineno, text in lines:
             if text is not None and text.strip():
                 yield Document(text, str(path), lineno)
         return
-    if options.doc_separator != "blank":
+    if separator != "blank":
         raise PrepError(f"doc_separator must be one of {DOC_SEPARATORS}, got {options.doc_separator!r}")
     yield from _read_blank_separated(path, lines, options.max_line_bytes, policy)
+
+
+_separator_told: set[str] = set()  # files whose ``auto`` choice this process has printed
+
+
+def text_separator(path, lines: Iterator[tuple[int, str | None]]) -> tuple[Iterator, str]:
+    """(``lines`` again, from the first, ``line`` or ``blank``): ``auto``'s choice for one text file.
+
+    Blank-separated when the first SEPARATOR_SNIFF_CHARS hold at least 2 breaks (blank lines between
+    non-blank ones) and the runs between them average 2 or more lines: a stray blank line in a file
+    of one document per line, or one between every line (where both readings agree), stays ``line``.
+    A file with breaks prints its choice once per process (the vocab and shards passes read it too).
+    Bad input met in the head is raised after the head's lines, where reading them would have met it."""
+    head, chars, nonblank, breaks, gap = [], 0, 0, 0, False
+    rest = lines
+    try:
+        for lineno, text in lines:
+            head.append((lineno, text))
+            if text is not None and not text.strip():
+                gap = nonblank > 0
+                continue
+            nonblank += 1
+            breaks += gap
+            gap = False
+            chars += len(text or "")
+            if chars >= SEPARATOR_SNIFF_CHARS:
+                break
+    except (InputError, *codec_errors()) as err:
+        rest = _raise(err)
+    separator = "blank" if breaks >= 2 and nonblank >= 2 * (breaks + 1) else "line"
+    if breaks and str(path) not in _separator_told:
+        _separator_told.add(str(path))
+        reading = "documents separated by blank lines" if separator == "blank" else "one document per line"
+        other = "line" if separator == "blank" else "blank"
+        counted = f"{breaks:,} blank-line break{'s' * (breaks != 1)} among its first {nonblank:,} non-blank lines"
+        print(f"data_prep: {path}: {reading} ({counted}; --doc-separator {other} reads it otherwise)",
+              file=sys.stderr)
+    return itertools.chain(head, rest), separator
+
+
+def _raise(err: Exception) -> Iterator:
+    raise err
+    yield  # a generator: raises when reached
 
 
 def _read_blank_separated(path, lines, max_doc_bytes: int, policy) -> Iterator[Document]:

@@ -34,6 +34,53 @@ def test_text_blank_line_separated_documents(tmp_path):
     assert read(p, doc_separator="blank") == ["s1 of d1\ns2 of d1", "s1 of d2", "s1 of d3"]
 
 
+# NVIDIA's input format: one sentence per line, a blank line between documents
+NVIDIA_DOCS = [["The cat sat on the mat.", "It was warm there.", "Then it left."],
+               ["A second document begins.", "It has two sentences."], ["The third has one."],
+               ["The fourth opens.", "And closes."]]
+
+
+def test_auto_separator_reads_nvidia_format_by_blank_lines(tmp_path, monkeypatch, capsys):
+    text = "\n\n".join("\n".join(doc) for doc in NVIDIA_DOCS) + "\n"
+    plain, packed = tmp_path / "wiki.txt", tmp_path / "wiki.txt.gz"
+    plain.write_text(text)
+    packed.write_bytes(gzip.compress(text.encode()))
+    documents = ["\n".join(doc) for doc in NVIDIA_DOCS]
+    for path in (plain, packed):
+        assert read(path) == documents
+        assert read(path, doc_separator="line") == [s for doc in NVIDIA_DOCS for s in doc]
+        assert read(path, doc_separator="blank") == documents
+    told = capsys.readouterr().err.splitlines()
+    assert told == [f"data_prep: {path}: documents separated by blank lines (3 blank-line breaks among its first 8 "
+                    "non-blank lines; --doc-separator line reads it otherwise)" for path in (plain, packed)]
+    assert read(plain) == documents and not capsys.readouterr().err  # told once per file
+    # decided on the head of the file; the rest is read on from where the look stopped
+    monkeypatch.setattr("data_prep.readers.SEPARATOR_SNIFF_CHARS", 110)
+    long = tmp_path / "long.txt"
+    long.write_text("\n\n".join([text.strip()] * 3) + "\n")
+    docs = list(read_file(long, ReadOptions(), ErrorPolicy("stop")))
+    assert [d.text for d in docs] == documents * 3
+    assert [d.line for d in docs][:5] == [1, 5, 8, 10, 13]
+    assert "(2 blank-line breaks among its first 6 non-blank lines" in capsys.readouterr().err
+
+
+def test_auto_separator_keeps_one_document_per_line(tmp_path, capsys):
+    stray = tmp_path / "reviews.txt"  # a file of one document per line with a stray blank line
+    stray.write_text("great\nawful\n\nfine\nok\n")
+    assert read(stray) == ["great", "awful", "fine", "ok"]
+    spaced = tmp_path / "spaced.txt"  # a blank line after every line: both readings agree
+    spaced.write_text("one\n\ntwo\n\nthree\n")
+    assert read(spaced) == ["one", "two", "three"] == read(spaced, doc_separator="blank")
+    told = capsys.readouterr().err.splitlines()
+    assert told == [f"data_prep: {stray}: one document per line (1 blank-line break among its first 4 non-blank "
+                    "lines; --doc-separator blank reads it otherwise)",
+                    f"data_prep: {spaced}: one document per line (2 blank-line breaks among its first 3 non-blank "
+                    "lines; --doc-separator blank reads it otherwise)"]
+    dense = tmp_path / "dense.txt"
+    dense.write_text("a\nb\n")
+    assert read(dense) == ["a", "b"] and not capsys.readouterr().err  # no blank line: nothing to tell
+
+
 def test_jsonl_field_by_name(tmp_path):
     p = tmp_path / "a.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in [{"body": "one", "id": 1}, {"body": "two"}]) + "\n")
