@@ -81,3 +81,117 @@ def test_data_sources_config_names_sources_and_refuses_both_ways_at_once():
     assert "data.sources[3].dir: missing (the source's shard directory or URL)" in problems
     with pytest.raises(ConfigError, match="two sources are named 'a'"):
         load_config(None, ["data.sources=[{dir: /x/a/shards}, {dir: /y/a}]"])
+
+
+# --------------------------------------------------------------------------------------------
+# Two prepared corpora with one tokenizer, trained together
+# --------------------------------------------------------------------------------------------
+def build_corpus(out, tokenizer, masking: str = "dynamic", skip: int = 1500, lines: int = 600, seq_len: int = 128):
+    """Shards of the bundled corpus's paragraphs [skip, skip + lines), tokenized with ``tokenizer``."""
+    import gzip
+    import subprocess
+    import sys
+
+    from tests.pretrain.training_helpers import DEMO_CORPUS, REPO
+
+    out.mkdir(parents=True, exist_ok=True)
+    with gzip.open(DEMO_CORPUS, "rt", encoding="utf-8") as f:
+        text = [line for i, line in zip(range(skip + lines), f) if i >= skip]
+    (out / "corpus.txt").write_text("".join(text), encoding="utf-8")
+    (out / "data.yaml").write_text(f"""
+out: {out}
+seed: 7
+workers: 1
+progress: false
+input: {{paths: [{out / 'corpus.txt'}], format: text}}
+vocab: {{tokenizer: {tokenizer}}}
+shards: {{seq_len: {seq_len}, objective: nsp, masking: {masking}, max_predictions: 20, val_fraction: 0.05,
+          text_per_shard_mb: 0.05}}
+""")
+    proc = subprocess.run([sys.executable, "-m", "data_prep", "run", "--config", str(out / "data.yaml")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "shards"
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    from tests.pretrain.training_helpers import build_shards
+
+    root = tmp_path_factory.mktemp("mix")
+    first = build_shards(root / "wiki", "dynamic", lines=900)
+    return {"wiki": first / "shards", "books": build_corpus(root / "books", first / "tokenizer"),
+            "tokenizer": first / "tokenizer", "root": root}
+
+
+def _mixed(corpora, weights=(0.7, 0.3)) -> list[str]:
+    return [f"data.sources=[{{dir: {corpora['wiki']}, weight: {weights[0]}}}, "
+            f"{{dir: {corpora['books']}, weight: {weights[1]}, name: books}}]", f"data.tokenizer={corpora['tokenizer']}"]
+
+
+@pytest.mark.slow
+def test_exact_resume_with_two_sources_and_per_source_counts_and_eval(corpora, tmp_path):
+    """Two ranks, ZeRO-2, one loader worker: stopped at step 4 and resumed, the losses of a straight
+    run, bit for bit; the log holds each source's samples (which add up to the samples consumed) and
+    epochs, and the held-out metrics of each source beside those over both."""
+    from tests.pretrain.training_helpers import TINY, launch
+
+    overrides = TINY + _mixed(corpora) + ["training.max_steps=8", "schedule.warmup_steps=2", "data.num_workers=1",
+                                          "zero.stage=2", "eval.every_steps=8", "eval.max_batches=2"]
+    straight = launch(tmp_path / "straight", overrides)
+    assert straight.codes == [0, 0], straight.explain()
+    halted = launch(tmp_path / "resumed", overrides, extra_args=["--stop-after-step", "4"])
+    assert halted.codes == [75, 75], halted.explain()
+    resumed = launch(tmp_path / "resumed", overrides)
+    assert resumed.codes == [0, 0], resumed.explain()
+    assert "resumed from step-000004 at step 4" in resumed.logs[0]
+    expected, got = straight.losses(), resumed.losses()
+    assert sorted(got) == list(range(1, 9)) and got == expected
+    blend = Blend([0.7, 0.3])
+    for row in straight.metrics():
+        consumed = row["step"] * 16
+        assert row["data/wiki/samples"] == blend.count(0, consumed)
+        assert row["data/wiki/samples"] + row["data/books/samples"] == consumed
+        assert abs(row["data/books/samples"] - 0.3 * consumed) <= 0.5
+        assert row["data/books/epochs"] > 0
+    held = straight.metrics("eval")[-1]
+    for key in ("eval/mlm_loss", "eval/wiki/mlm_loss", "eval/books/mlm_loss", "eval/books/sentence_accuracy"):
+        assert key in held, sorted(held)
+    assert held["eval/masked_tokens"] == held["eval/wiki/masked_tokens"] + held["eval/books/masked_tokens"]
+
+
+def test_mixture_positions_reach_each_source_with_its_own_order_and_epochs(corpora):
+    """The loader's view: a position maps to (source, its epoch, its sample) through the blend and that
+    source's own order; a small source wraps into its next epoch on its own counter."""
+    from pretrain.config import DataConfig, TrainingConfig
+    from pretrain.data import GlobalOrder, MixedOrder, open_split, source_seed
+
+    data = DataConfig(sources=[SourceConfig(str(corpora["wiki"]), 1.0, "wiki"),
+                               SourceConfig(str(corpora["books"]), 3.0, "books")], shuffle_buffer=64)
+    training = TrainingConfig(seq_len=128, max_predictions=20, seed=5)
+    split = open_split(data, "train", training, model_vocab_size=2048)
+    order = MixedOrder(split, data.shuffle_buffer)
+    books = split.splits[1]
+    assert books.seed == source_seed(5, 1) != 5 and split.splits[0].seed == 5
+    books_order = GlobalOrder(books.shard_sizes, books.seed, 64)
+    seen = [order(p) for p in range(2 * books.num_samples)]
+    from_books = [(e, s) for src, e, s in seen if src == 1]
+    assert from_books == [books_order(j) for j in range(len(from_books))]
+    assert {e for e, _ in from_books} == {0, 1}             # more draws than it has samples: its second epoch
+    assert {e for src, e, _ in seen if src == 0} == {0}
+
+
+def test_sources_with_other_shard_settings_or_tokenizer_are_refused_naming_both(corpora):
+    from pretrain.config import DataConfig, TrainingConfig
+    from pretrain.data import DataError, open_split
+    from tests.pretrain.training_helpers import build_shards
+
+    static = build_corpus(corpora["root"] / "static", corpora["tokenizer"], masking="static")
+    other_tok = build_shards(corpora["root"] / "other", "dynamic", lines=400) / "shards"
+    training = TrainingConfig(seq_len=128, max_predictions=20)
+    for second, field in ((static, "dynamic"), (other_tok, "tokenizer_hash")):
+        data = DataConfig(sources=[SourceConfig(str(corpora["wiki"]), 1.0, "wiki"),
+                                   SourceConfig(str(second), 1.0, "second")])
+        with pytest.raises(DataError, match=rf"data.sources: wiki \({corpora['wiki']}\) and second \({second}\) "
+                                            rf"differ in {field}: "):
+            open_split(data, "train", training, model_vocab_size=2048)
