@@ -223,7 +223,10 @@ def _check_tokenizer(data_cfg: DataConfig, info: dict, store: Store, where: str,
     if data_cfg.tokenizer is None:
         return store.where(stored_dir) if not store.remote else \
             _fetch_tokenizer(store, stored_dir, info["tokenizer_hash"], data_cfg.cache_dir)
-    run_hash = dp_vocab.load_tokenizer_dir(Path(data_cfg.tokenizer))[1].sha256
+    try:
+        run_hash = dp_vocab.load_tokenizer_dir(Path(data_cfg.tokenizer))[1].sha256
+    except PrepError as err:
+        raise DataError(f"data.tokenizer: {err}") from None
     if info["tokenizer_hash"] != run_hash:
         raise DataError(f"{where}: shards were tokenized with tokenizer {info['tokenizer_hash']} but "
                         f"data.tokenizer ({data_cfg.tokenizer}) hashes to {run_hash}; rebuild the shards "
