@@ -14,7 +14,7 @@ import importlib
 import keyword
 import sys
 
-COMMANDS = ("vocab", "shards", "run", "verify", "stats", "inspect", "merge")   # order shown in --help
+COMMANDS = ("vocab", "shards", "run", "verify", "stats", "inspect", "merge", "convert")   # order shown in --help
 
 
 def _command_module(package: str, name: str):

@@ -12,8 +12,9 @@ from data_prep.errors import PrepError
 from data_prep.fsutil import TMP_PREFIX
 from data_prep.loader import example_from_sample
 from data_prep.masking import mask_sample, masking_config
-from data_prep.shards import (MANIFEST, SHARD_NAME, SPLITS, decode_shard, iter_split_samples, iter_split_shards,
-                              read_manifest, shard_bytes_problem, shard_path, split_info)
+from data_prep.shards import (MANIFEST, SHARD_NAME, SPLITS, iter_split_samples, iter_split_shards, read_entry,
+                              read_manifest, split_info)
+from data_prep.shards.store import open_store
 
 
 def verify_dir(out_dir, deep: bool = True) -> tuple[list[str], list[str]]:
@@ -30,27 +31,17 @@ def verify_dir(out_dir, deep: bool = True) -> tuple[list[str], list[str]]:
         problems.append(f"{tok_dir}: tokenizer copy missing")
     elif tokenizer_hash(read_tokenizer(tok_dir)) != manifest["tokenizer"]["sha256"]:
         problems.append(f"{tok_dir}: tokenizer does not hash to the manifest's {manifest['tokenizer']['sha256']}")
-    entries = [e for split in SPLITS for e in split_info(manifest, split)["shards"]]
+    store = open_store(str(out_dir))
     listed = set()
-    for entry in entries:
-        path = shard_path(out_dir, entry["name"])
+    for entry in [e for split in SPLITS for e in split_info(manifest, split)["shards"]]:
         listed.add(entry["name"])
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            problems.append(f"{entry['name']}: missing")
-            continue
-        except OSError as err:
-            problems.append(f"{entry['name']}: cannot read ({err.strerror})")
-            continue
-        problem = shard_bytes_problem(data, entry)
-        if problem:
-            problems.append(f"{entry['name']}: {problem}")
-        elif deep:
-            try:
-                decode_shard(data, entry, entry["name"])
-            except PrepError as err:
-                problems.append(str(err))
+            if deep:
+                read_entry(store, entry)
+            else:
+                store.read_checked(entry["name"], entry["bytes"], entry["sha256"])
+        except PrepError as err:
+            problems.append(str(err))
     for f in sorted(out_dir.iterdir()):
         if SHARD_NAME.match(f.name) and f.name not in listed:
             warnings.append(f"{f.name}: not in the manifest (left from another run?)")

@@ -15,12 +15,12 @@ through the names below:
 from data_prep.shards.format import (CHUNK_SAMPLES, FORMAT_NAME, FORMAT_VERSION, MANIFEST, SENTENCE_LABEL_KEYS,
                                      SHARD_NAME, SPLIT_CODES, SPLITS, ZSTD_LEVEL, column_dtype, parse_key,
                                      sample_columns, sample_key, shard_name, shard_path)
-from data_prep.shards.reader import (DecodedShard, decode_shard, iter_split_samples, iter_split_shards, read_shard, shard_bytes_problem,
+from data_prep.shards.reader import (DecodedShard, decode_shard, iter_split_samples, iter_split_shards, read_entry,
                                      wds_samples)
 from data_prep.shards.schema import parse_manifest, read_manifest, split_info
 from data_prep.shards.writer import ShardWriter
 
 __all__ = ["CHUNK_SAMPLES", "FORMAT_NAME", "FORMAT_VERSION", "MANIFEST", "SENTENCE_LABEL_KEYS", "SHARD_NAME",
            "SPLIT_CODES", "SPLITS", "ZSTD_LEVEL", "DecodedShard", "ShardWriter", "column_dtype", "decode_shard",
-           "iter_split_samples", "iter_split_shards", "parse_key", "parse_manifest", "read_manifest", "read_shard", "sample_columns",
-           "sample_key", "shard_bytes_problem", "shard_name", "shard_path", "split_info", "wds_samples"]
+           "iter_split_samples", "iter_split_shards", "parse_key", "parse_manifest", "read_entry", "read_manifest", "sample_columns",
+           "sample_key", "shard_name", "shard_path", "split_info", "wds_samples"]

@@ -7,7 +7,6 @@ samples (docs/data-format.md, "Stock WebDataset").
 """
 from __future__ import annotations
 
-import hashlib
 import io
 from typing import Iterable, Iterator
 
@@ -16,7 +15,7 @@ import zstandard
 
 from data_prep.errors import PrepError
 from data_prep.shards.format import (COUNT_COLUMN, COUNT_COLUMNS, KEY, MEMBER_SUFFIX, SENTENCE_LABEL_KEYS,
-                                     member_name, sample_key, shard_path)
+                                     member_name, sample_key)
 from data_prep.shards.schema import split_info
 
 BLOCK = 512
@@ -125,8 +124,9 @@ def _counts_problem(columns: dict[str, np.ndarray], samples: int) -> str | None:
     return None
 
 
-def _values_problem(columns: dict[str, np.ndarray], layout: dict) -> str | None:
-    """The first value out of range in a chunk's columns (vectorised), or None."""
+def _values_problem(columns: dict[str, np.ndarray], layout: dict) -> tuple[int, str] | None:
+    """(sample within the chunk, problem) of the first value out of range in a chunk's columns, found
+    vectorised; None when every value is in range."""
     vocab, seq_len = layout["vocab_size"], layout["seq_len"]
     bounds = {"lengths": (1, seq_len + 1), "input_ids": (0, vocab), "word_starts": (0, 2),
               "masked_lm_counts": (0, layout["max_predictions"] + 1), "masked_lm_ids": (0, vocab),
@@ -137,10 +137,16 @@ def _values_problem(columns: dict[str, np.ndarray], layout: dict) -> str | None:
         else:
             lo, hi = bounds[name]
         bad = (column < lo) | (column >= hi)
-        if bad.any():
-            at = int(np.flatnonzero(bad)[0])
-            limit = hi if np.isscalar(hi) else int(hi[at])
-            return f"{name}: {column[at]} at item {at} is outside [{lo}, {limit})"
+        if not bad.any():
+            continue
+        at = int(np.flatnonzero(bad)[0])
+        limit = hi if np.isscalar(hi) else int(hi[at])
+        if name not in COUNT_COLUMN:
+            return at, f"{name}: got {column[at]}, expected [{lo}, {limit})"
+        ends = np.cumsum(columns[COUNT_COLUMN[name]], dtype=np.int64)
+        row = int(np.searchsorted(ends, at, side="right"))
+        position = at - (int(ends[row - 1]) if row else 0)
+        return row, f"{name}: {column[at]} at position {position} is outside [{lo}, {limit})"
     return None
 
 
@@ -176,9 +182,13 @@ def decode_shard(data, entry: dict, where: str) -> DecodedShard:
                                          layout["columns"][name]))
         if name == list(layout["columns"])[-1]:  # a whole chunk decoded: check it
             cols = {c: parts[c][-1] for c in layout["columns"]}
-            problem = _counts_problem(cols, n) or _values_problem(cols, layout)
+            problem = _counts_problem(cols, n)
             if problem:
                 raise PrepError(f"{where}: chunk {sample_key(entry['split'], entry['index'], first)}: {problem}")
+            bad = _values_problem(cols, layout)
+            if bad:
+                raise PrepError(f"{where}: sample {sample_key(entry['split'], entry['index'], first + bad[0])}: "
+                                f"{bad[1]}")
     columns = {c: p[0] if len(p) == 1 else np.concatenate(p) if p else np.zeros(0, layout["columns"][c])
                for c, p in parts.items()}
     tokens = int(columns["lengths"].sum(dtype=np.int64))
@@ -208,38 +218,21 @@ def wds_samples(src: Iterable[dict]) -> Iterator[dict]:
             yield {"__key__": decoded.key(i), "__url__": url, **decoded.sample(i)}
 
 
-def read_shard(out_dir, entry: dict) -> bytes:
-    """The bytes of a local shard once their size and sha256 match its manifest entry; PrepError naming
-    the shard otherwise."""
-    path = shard_path(out_dir, entry["name"])
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise PrepError(f"{path}: cannot read shard ({err.strerror}); run `python -m data_prep verify {out_dir}`") \
-            from None
-    problem = shard_bytes_problem(data, entry)
-    if problem:
-        raise PrepError(f"{path}: {problem}; rebuild the shards or run `python -m data_prep verify {out_dir}`")
-    return data
-
-
-def shard_bytes_problem(data: bytes, entry: dict) -> str | None:
-    """What is wrong with a shard's bytes against its manifest entry (size, then sha256), or None."""
-    if len(data) != entry["bytes"]:
-        return f"{len(data)} bytes, manifest says {entry['bytes']} (truncated or replaced?)"
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry["sha256"]:
-        return (f"sha256 differs from the manifest (file {digest[:16]}..., "
-                f"manifest {entry['sha256'][:16]}...: corrupted)")
-    return None
+def read_entry(store, entry: dict) -> DecodedShard:
+    """Shard ``entry`` (of ``split_info``) of a ``store.Store``: read whole, size and sha256 checked while
+    read, decoded (``decode_shard``); PrepError naming the shard otherwise."""
+    return decode_shard(store.read_checked(entry["name"], entry["bytes"], entry["sha256"]), entry,
+                        store.where(entry["name"]))
 
 
 def iter_split_shards(out_dir, manifest: dict, split: str) -> Iterator[tuple[str, DecodedShard]]:
-    """(shard path, decoded shard) of a local split in manifest order, each read whole and checked
-    against the manifest (``read_shard``, ``decode_shard``) before it is yielded."""
+    """(where, decoded shard) of a local split in manifest order, each read whole and checked against
+    the manifest (``read_entry``) before it is yielded."""
+    from data_prep.shards.store import open_store
+
+    store = open_store(str(out_dir))
     for entry in split_info(manifest, split)["shards"]:
-        path = str(shard_path(out_dir, entry["name"]))
-        yield path, decode_shard(read_shard(out_dir, entry), entry, path)
+        yield store.where(entry["name"]), read_entry(store, entry)
 
 
 def iter_split_samples(out_dir, manifest: dict, split: str,
@@ -258,5 +251,5 @@ def iter_split_samples(out_dir, manifest: dict, split: str,
             return  # before the next shard is read
 
 
-__all__ = ["DecodedShard", "decode_column", "decode_shard", "iter_split_samples", "iter_split_shards", "read_shard",
-           "shard_bytes_problem", "tar_members", "wds_samples"]
+__all__ = ["DecodedShard", "decode_column", "decode_shard", "iter_split_samples", "iter_split_shards", "read_entry",
+           "tar_members", "wds_samples"]

@@ -188,10 +188,10 @@ def test_a_manifest_of_the_previous_format_is_still_resumed(small_en, tokenizer_
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 2 MB tmpfs (needs root); unmounted at the end."""
+    """A 256 KB tmpfs (needs root), smaller than the run's shards; unmounted at the end."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=True)

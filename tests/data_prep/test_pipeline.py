@@ -16,8 +16,8 @@ import webdataset as wds
 
 from data_prep.errors import InputError, PrepError
 from data_prep.loader import example_from_sample
-from data_prep.pipeline import merge_node_manifests
-from data_prep.shards import read_manifest, split_info
+from data_prep.pipeline import COMPRESSED_RATIO, input_mb, merge_node_manifests, pick_unit_mb
+from data_prep.shards import read_manifest, split_info, wds_samples
 from data_prep.vocab import read_tokenizer
 from tests.data_prep.conftest import REPO, ZH_DOCS, english_docs, run_shards, shard_bytes, split_samples, write_lines
 
@@ -31,22 +31,31 @@ def small_en(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("objective", ["nsp", "sop", "full-sentences"])
 @pytest.mark.parametrize("masking", ["static", "dynamic"])
+@pytest.mark.parametrize("whole_word", [False, True])
 def test_objectives_and_masking_modes_read_with_stock_webdataset(small_en, tokenizer_dir, tmp_path, objective,
-                                                                 masking):
+                                                                 masking, whole_word):
+    """Every objective x masking x whole-word mode: stock webdataset with ``wds_samples`` gives the
+    samples data_prep's own reader gives, with the fields the format says."""
     out = tmp_path / "shards"
     manifest = run_shards([small_en], tokenizer_dir, out, shards__objective=objective, shards__masking=masking,
-                          shards__seq_len=64, shards__max_predictions=10)
+                          shards__whole_word_mask=whole_word, shards__seq_len=64, shards__max_predictions=10)
     fmt = manifest["sample_format"]
-    expected = ["input_ids.npy"]
-    expected += ["masked_lm_positions.npy", "masked_lm_ids.npy"] if masking == "static" else []
-    expected += {"nsp": ["nsp_label.cls"], "sop": ["sop_label.cls"]}.get(objective, [])
-    assert fmt["fields"] == expected and fmt["token_dtype"] == "uint16"
-    urls = [str(out / s["name"]) for s in manifest["shards"]]
+    expected = ["input_ids"] + (["word_starts"] if whole_word and masking == "dynamic" else [])
+    expected += ["masked_lm_positions", "masked_lm_ids"] if masking == "static" else []
+    expected += {"nsp": ["nsp_label"], "sop": ["sop_label"]}.get(objective, [])
+    columns = ["lengths", *expected]
+    if masking == "static":
+        columns.insert(columns.index("masked_lm_positions"), "masked_lm_counts")
+    assert fmt["columns"] == columns and fmt["chunk_samples"] >= 1 and fmt["compression"]["codec"] == "zstd"
+    assert fmt["token_dtype"] == "uint16"
+    urls = [str(out / s["name"]) for s in manifest["shards"] if s["split"] == "train"]
     info = split_info(read_manifest(out), "train")
+    own = list(split_samples(out))
     samples = tokens = 0
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode():
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False).compose(wds_samples):
         assert sorted(k for k in sample if not k.startswith("__")) == sorted(expected)
-        ids = sample["input_ids.npy"]
+        assert all(np.array_equal(sample[k], own[samples][k]) for k in expected)
+        ids = sample["input_ids"]
         assert ids.dtype == np.uint16 and len(ids) <= 64 and ids[0] == CLS and ids[-1] == SEP
         example = example_from_sample(sample, info, seed=1, epoch=0, index=samples)
         types = example["token_type_ids"]
@@ -57,12 +66,12 @@ def test_objectives_and_masking_modes_read_with_stock_webdataset(small_en, token
             first_sep = int(np.argmax(ids == SEP))
             assert 1 < first_sep < len(ids) - 2
             assert not types[: first_sep + 1].any() and types[first_sep + 1:].all()
-            assert sample[f"{objective}_label.cls"] in (0, 1)
-            assert example["sentence_label"] == sample[f"{objective}_label.cls"]
+            assert sample[f"{objective}_label"] in (0, 1)
+            assert example["sentence_label"] == sample[f"{objective}_label"]
         if masking == "static":
-            pos = sample["masked_lm_positions.npy"]
-            assert pos.dtype == np.uint16 and sample["masked_lm_ids.npy"].dtype == np.uint16
-            assert 1 <= len(pos) <= 10 and len(pos) == len(sample["masked_lm_ids.npy"])
+            pos = sample["masked_lm_positions"]
+            assert pos.dtype == np.uint16 and sample["masked_lm_ids"].dtype == np.uint16
+            assert 1 <= len(pos) <= 10 and len(pos) == len(sample["masked_lm_ids"])
             assert np.array_equal(example["masked_lm_positions"], pos)
             assert np.all(ids[pos][ids[pos] != 4] != 0)  # never a [PAD]
         else:
@@ -72,8 +81,8 @@ def test_objectives_and_masking_modes_read_with_stock_webdataset(small_en, token
         assert not np.isin(example["masked_lm_labels"], [0, 1, 2, 3, 4]).any()
         samples += 1
         tokens += len(ids)
-    assert samples == sum(s["samples"] for s in manifest["shards"]) > 0
-    assert tokens == sum(s["tokens"] for s in manifest["shards"])
+    assert samples == manifest["splits"]["train"]["samples"] == len(own) > 0
+    assert tokens == manifest["splits"]["train"]["tokens"]
 
 
 def test_shards_identical_for_one_and_two_workers(en_corpus, tokenizer_dir, tmp_path):
@@ -84,6 +93,41 @@ def test_shards_identical_for_one_and_two_workers(en_corpus, tokenizer_dir, tmp_
     assert shard_bytes(tmp_path / "w1") == shard_bytes(tmp_path / "w2")
     assert one == two
     assert (tmp_path / "w1" / "manifest.json").read_bytes() == (tmp_path / "w2" / "manifest.json").read_bytes()
+
+
+def test_unit_size_picked_for_small_corpora():
+    # 10.8 MB of text (the State of the Union corpus) at 4 MB gave 3 units: nothing for a second worker
+    assert pick_unit_mb(10.8, 2, 0.01) == 1.34  # 8 train units, 4 a worker
+    assert pick_unit_mb(10.8, 1, 0.01) == 2.67
+    assert pick_unit_mb(0.2, 4, 0.0) == 1.0 and pick_unit_mb(5_000, 16, 0.01) == 4.0  # within [1, 4] MB
+
+
+def test_input_size_estimate_counts_compressed_files_more(tmp_path):
+    text = "".join(f"line {i} of some text\n" for i in range(50_000)).encode()
+    (tmp_path / "a.txt").write_bytes(text)
+    (tmp_path / "b.txt.gz").write_bytes(gzip.compress(text))
+    assert input_mb([tmp_path / "a.txt"]) == len(text) / 1e6
+    assert input_mb([tmp_path / "b.txt.gz"]) == COMPRESSED_RATIO * (tmp_path / "b.txt.gz").stat().st_size / 1e6
+    assert input_mb([tmp_path / "missing.txt", tmp_path / "a.txt"]) == len(text) / 1e6
+
+
+def test_unit_size_when_not_given_is_picked_once_per_directory(small_en, tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "auto"
+    picked = run_shards([small_en], tokenizer_dir, out, shards__text_per_shard_mb=None)
+    assert picked["config"]["shards"]["text_per_shard_mb"] == 1.0  # a small corpus: the least unit size
+    assert json.loads((out / "progress" / "unit_size.json").read_text()) == {"text_per_shard_mb": 1.0}
+    assert "work units of 1 MB of text (picked for 0.1 MB of input and 1 worker;" in capsys.readouterr().err
+    # A directory cut with a given size keeps it when it is no longer given, whatever the workers
+    out = tmp_path / "kept"
+    first = run_shards([small_en], tokenizer_dir, out, shards__text_per_shard_mb=0.01)
+    assert len(first["shards"]) > 2
+    before = shard_bytes(out)
+    again = run_shards([small_en], tokenizer_dir, out, shards__text_per_shard_mb=None, workers=2)
+    assert f"work units of 0.01 MB of text (as {out} was cut before;" in capsys.readouterr().err
+    assert again == first and shard_bytes(out) == before
+    nodes = run_shards([small_en], tokenizer_dir, tmp_path / "nodes", shards__text_per_shard_mb=None,
+                       num_nodes=2, node_rank=0)
+    assert nodes["config"]["shards"]["text_per_shard_mb"] == 4.0  # nodes cannot agree on a pick
 
 
 def test_english_whole_word_masking(small_en, tokenizer_dir, tmp_path):

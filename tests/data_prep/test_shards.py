@@ -120,7 +120,7 @@ def one_chunk(**replace) -> tuple[bytes, dict]:
 @pytest.mark.parametrize("damage,message", [
     (lambda: one_chunk(input_ids=b"not zstd at all"), "input_ids.npy.zst: not a zstd frame"),
     (lambda: one_chunk(input_ids=frame(np.zeros(2, np.uint16))), "input_ids holds 2 items, expected"),
-    (lambda: one_chunk(nsp_label=frame(np.array([0, 1, 2], np.uint8))), r"nsp_label: 2 at item 2 is outside \[0, 2\)"),
+    (lambda: one_chunk(nsp_label=frame(np.array([0, 1, 2], np.uint8))), r"sample train-000003-000002: nsp_label: got 2, expected \[0, 2\)"),
     (lambda: one_chunk(nsp_label=frame(np.zeros(3, np.int64))), "a int64 array of shape"),
     (lambda: one_chunk(input_ids=zstandard.ZstdCompressor().compress(bytes(10_000))), "declares a content size"),
     (lambda: one_chunk(input_ids=zstandard.ZstdCompressor(write_content_size=False).compress(b"x")),

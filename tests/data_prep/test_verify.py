@@ -1,12 +1,12 @@
 """verify, stats and inspect on damaged or hostile shard directories: one clear line, exit 1.
 
-``rewrite_shard`` (also used by tests/pretrain/test_data_integrity.py) rewrites a shard with bad
-values and records its new size and sha256 in the manifest, so that only the content checks can
-catch it.
+``rewrite_shard`` and ``rewrite_members`` (also used by tests/pretrain/test_data_integrity.py) rewrite
+a shard with bad values and record its new size and sha256 in the manifest, so that only the content
+checks can catch it.
 """
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import shutil
 import subprocess
@@ -15,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zstandard
 
-from data_prep.shards import ShardWriter, iter_tar_samples, npy_bytes
+from data_prep.shards import ShardWriter, decode_shard, read_manifest, split_info
+from data_prep.shards.reader import tar_members
+from data_prep.shards.writer import tar_header
 from tests.pretrain.training_helpers import REPO, build_shards
 
 
@@ -50,29 +53,61 @@ def edit_manifest(shard_dir: Path, edit) -> None:
     path.write_text(json.dumps(manifest))
 
 
-def rewrite_shard(shard_dir: Path, name: str, mutate) -> None:
-    """Rewrite shard ``name`` with ``mutate(position, members) -> members`` applied to each sample's raw
-    members ({extension: bytes}); its manifest entry gets the new size and sha256."""
-    samples = list(iter_tar_samples(shard_dir / name))
-    writer = ShardWriter(shard_dir / name)
-    for position, (key, members) in enumerate(samples):
-        writer.add(key, mutate(position, dict(members)))
-    written = writer.commit()
+def _entry(shard_dir: Path, name: str) -> dict:
+    manifest = read_manifest(shard_dir)
+    return next(e for split in ("train", "val") for e in split_info(manifest, split)["shards"] if e["name"] == name)
+
+
+def _record(shard_dir: Path, name: str, data: bytes) -> None:
+    """Shard ``name`` replaced by ``data``, its manifest entry given the new size and sha256."""
+    (shard_dir / name).write_bytes(data)
 
     def record(manifest):
         entry = next(s for s in manifest["shards"] if s["name"] == name)
-        entry.update(bytes=written["bytes"], sha256=written["sha256"])
+        entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     edit_manifest(shard_dir, record)
 
 
-def with_token(token: int, position: int | None = None, dtype=np.uint16):
+def rewrite_shard(shard_dir: Path, name: str, mutate) -> None:
+    """Rewrite shard ``name`` with ``mutate(columns)`` applied to its decoded columns ({column: writable
+    array} of the whole shard: ``lengths``, ``input_ids``, ...), in place; its manifest entry gets the
+    new size and sha256."""
+    entry = _entry(shard_dir, name)
+    shard = decode_shard((shard_dir / name).read_bytes(), entry, name)
+    columns = {c: a.copy() for c, a in shard.columns.items()}
+    mutate(columns)
+    layout = entry["layout"]
+    writer = ShardWriter(shard_dir / ".rewrite.tar", entry["split"], entry["index"], layout["columns"],
+                         layout["chunk_samples"], 3)
+    writer.add(columns, len(columns["lengths"]))
+    writer.commit()
+    data = (shard_dir / ".rewrite.tar").read_bytes()
+    (shard_dir / ".rewrite.tar").unlink()
+    _record(shard_dir, name, data)
+
+
+def rewrite_members(shard_dir: Path, name: str, mutate) -> None:
+    """Rewrite shard ``name`` with ``mutate(member name, decompressed .npy bytes) -> bytes`` applied to
+    every member (recompressed after); its manifest entry gets the new size and sha256."""
+    out = []
+    for member, raw in tar_members((shard_dir / name).read_bytes(), name):
+        data = zstandard.ZstdCompressor().compress(mutate(member, zstandard.ZstdDecompressor().decompress(raw)))
+        out.append(tar_header(member, len(data)) + data + bytes(-len(data) % 512))
+    _record(shard_dir, name, b"".join(out) + bytes(1024))
+
+
+def sample_slice(columns: dict, position: int, column: str = "input_ids") -> slice:
+    """Where sample ``position``'s items of a ragged column are in the shard's columns."""
+    counts = columns["masked_lm_counts" if column.startswith("masked_lm") else "lengths"].astype(np.int64)
+    start = int(counts[:position].sum())
+    return slice(start, start + int(counts[position]))
+
+
+def with_token(token: int, position: int | None = None):
     """A mutation: input_ids[1] set to ``token`` in sample ``position`` (None: in every sample)."""
-    def mutate(at, members):
-        if position is None or at == position:
-            ids = np.load(io.BytesIO(members["input_ids.npy"])).astype(dtype)
-            ids[1] = token
-            members["input_ids.npy"] = npy_bytes(ids)
-        return members
+    def mutate(columns):
+        for at in range(len(columns["lengths"])) if position is None else [position]:
+            columns["input_ids"][sample_slice(columns, at).start + 1] = token
     return mutate
 
 
@@ -112,7 +147,10 @@ def test_a_shard_symlinked_outside_the_directory_is_refused(dynamic):
     (lambda m: m["sample_format"].update(objective="sop"),
      "sample_format.sentence_label_key: 'nsp_label' does not fit objective 'sop' (expected 'sop_label')"),
     (lambda m: m["sample_format"].update(masking="static"),
-     "sample_format.fields: ['input_ids.npy', 'nsp_label.cls'] do not fit objective 'nsp', masking 'static'"),
+     "sample_format.columns: ['lengths', 'input_ids', 'nsp_label'] do not fit objective 'nsp', masking 'static'"),
+    (lambda m: m["sample_format"].pop("chunk_samples"), "sample_format.chunk_samples: missing"),
+    (lambda m: m["sample_format"].update(compression={"codec": "gzip"}),
+     "sample_format.compression.codec: got 'gzip', expected 'zstd'"),
     (lambda m: m["sample_format"].update(seq_len=0), "sample_format.seq_len: got 0, expected an integer in [8, 65535]"),
     (lambda m: m["sample_format"].update(max_predictions=500),
      "sample_format.max_predictions: got 500, expected an integer in [1, 128]"),
@@ -142,36 +180,36 @@ def test_verify_names_shard_and_sample_of_an_out_of_range_token(dynamic):
     rewrite_shard(dynamic, "train-000001.tar", with_token(4000, position=7))
     proc = data_prep("verify", dynamic)
     assert proc.returncode == 1
-    assert "FAIL: train-000001.tar: sample train-000001-000007: input_ids: 4000 at position 1 is outside " \
+    assert f"FAIL: {dynamic / 'train-000001.tar'}: sample train-000001-000007: input_ids: 4000 at position 1 is outside " \
            "[0, 2048)" in proc.stdout
     assert data_prep("verify", "--quick", dynamic).returncode == 0     # sizes and hashes are right
 
 
 def test_static_positions_and_labels_are_checked(static):
-    def bad_positions(at, members):
-        if at == 3:
-            members["masked_lm_positions.npy"] = npy_bytes(np.array([1, 2, 999], dtype=np.uint16))
-            members["masked_lm_ids.npy"] = npy_bytes(np.array([5, 6, 7], dtype=np.uint16))
-        if at == 4:
-            members["masked_lm_ids.npy"] = npy_bytes(np.full(
-                len(np.load(io.BytesIO(members["masked_lm_ids.npy"]))), 9999, dtype=np.uint16))
-        return members
+    def bad_positions(columns):
+        columns["masked_lm_positions"][sample_slice(columns, 3, "masked_lm_positions")][-1] = 999
+        columns["masked_lm_ids"][sample_slice(columns, 4, "masked_lm_ids")] = 9999
     rewrite_shard(static, "train-000000.tar", bad_positions)
     out = data_prep("verify", static).stdout
-    assert "train-000000.tar: sample train-000000-000003: masked_lm_positions: 999 at position 2 is outside [0, " in out
+    assert "train-000000.tar: sample train-000000-000003: masked_lm_positions: 999 at position" in out
     line = single_error(data_prep("stats", static))
-    assert "train-000000.tar: sample train-000000-000003: masked_lm_positions: 999 at position 2 is outside [0, " in line
+    assert "train-000000.tar: sample train-000000-000003: masked_lm_positions: 999 at position" in line
+
+    def bad_labels(columns):
+        columns["masked_lm_ids"][sample_slice(columns, 4, "masked_lm_ids")] = 9999
+    rewrite_shard(static, "train-000001.tar", bad_labels)
+    assert "train-000001.tar: sample train-000001-000004: masked_lm_ids: 9999 at position 0 is outside [0, 2048)" \
+        in data_prep("verify", static).stdout
 
 
-def test_a_broken_npy_header_is_named(dynamic):
-    def broken(at, members):
-        if at == 2:
-            members["input_ids.npy"] = b"\x93NUMPY\x01\x00" + members["input_ids.npy"][8:40]
-        return members
-    rewrite_shard(dynamic, "train-000000.tar", broken)
+def test_a_broken_npy_header_or_zstd_frame_is_named(dynamic):
+    rewrite_members(dynamic, "train-000000.tar",
+                    lambda name, raw: b"\x93NUMPY\x01\x00" + raw[8:40] if "input_ids" in name else raw)
     for command in ("stats", "inspect"):
         line = single_error(data_prep(command, dynamic))
-        assert "train-000000.tar: sample train-000000-000002: input_ids.npy: cannot decode" in line
+        assert "train-000000.tar: train-000000-000000.input_ids.npy.zst: not an .npy array" in line
+    assert "train-000000.tar: train-000000-000000.input_ids.npy.zst: not an .npy array" in \
+        data_prep("verify", dynamic).stdout
 
 
 # --- stats / inspect on damaged shards --------------------------------------------------------
@@ -187,14 +225,13 @@ def _damage_header(shard: Path, member: int) -> None:
 
 
 def test_stats_and_inspect_refuse_a_damaged_shard(dynamic):
-    _damage_header(dynamic / "train-000000.tar", member=10)
+    _damage_header(dynamic / "train-000000.tar", member=1)
     for command in ("stats", "inspect"):
         line = single_error(data_prep(command, dynamic))
-        assert f"{dynamic / 'train-000000.tar'}: sha256 differs from the manifest" in line
-        assert f"python -m data_prep verify {dynamic}" in line
+        assert f"{dynamic / 'train-000000.tar'}: corrupted: sha256" in line
 
 
 def test_stats_refuses_a_shard_that_holds_fewer_samples_than_the_manifest(dynamic):
     edit_manifest(dynamic, lambda m: m["shards"][0].update(samples=m["shards"][0]["samples"] + 1))
     line = single_error(data_prep("stats", dynamic))
-    assert "train-000000.tar: holds" in line and "samples but the manifest says" in line
+    assert "train-000000.tar: chunk train-000000-000000: lengths holds" in line and "expected" in line
