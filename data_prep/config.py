@@ -70,8 +70,11 @@ class ShardsConfig:
     """nsp/sop: chance of a shorter target length."""
     val_fraction: float = setting(0.01, ge=0.0, le=0.999)
     """Fraction of documents held out in val-*.tar."""
-    text_per_shard_mb: float = setting(4.0, ge=0.0001)
-    """MB of cleaned text per work unit, i.e. per shard (before duplication)."""
+    text_per_shard_mb: Optional[float] = setting(None, ge=0.0001)
+    """MB of cleaned text per work unit, i.e. per shard (before duplication).  null: the size the
+    output directory was cut with before, else picked from the input's size and ``workers`` (4 units
+    a worker, from 1 to 4 MB; 4 MB on several nodes).  Give it for shards that are the same whatever
+    ``workers``."""
 
 
 @dataclass

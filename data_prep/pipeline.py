@@ -5,6 +5,9 @@ corpus in its fixed global order and cuts it into work units of ``text_per_shard
 split (a document's split is a hash of its text and the seed).  Unit k of a split becomes shard k,
 built by whichever worker is free from nothing but the unit and the settings.  Node slices
 (``num_nodes``/``node_rank``) partition the same units by ordinal; ``merge`` joins their manifests.
+When ``text_per_shard_mb`` is not given, the unit size is the one ``--out`` was cut with before
+(``progress/unit_size.json``), else picked from the input's size and the worker count
+(``pick_unit_mb``): the shards then depend on ``workers`` in a fresh directory only.
 
 Resume: a unit's shard is claimed in ``progress/`` before it is built, and gets its record there
 once the tar is renamed into place.  A rerun rebuilds a unit's shard unless its record has the same
@@ -16,6 +19,7 @@ Memory: the dedup table plus at most ``2 x workers`` units in flight.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,10 +33,11 @@ from typing import Iterable, Iterator
 from data_prep.builder import (ShardSettings, WorkUnit, build_shard, cache_tokenizer, init_pool_worker,
                               init_worker)
 from data_prep.clean import clean_documents
+from data_prep.compression import CODEC_MAGIC
 from data_prep.config import PrepConfig
 from data_prep.errors import ErrorPolicy, PrepError
-from data_prep.fsutil import atomic_write_json, canonical_json, locked_dir, sha256_text
-from data_prep.manifest import (TOKENIZER_SUBDIR, assemble_manifest, claim, finished_record,
+from data_prep.fsutil import atomic_write_json, canonical_json, locked_dir, read_json_or_none, sha256_text
+from data_prep.manifest import (PROGRESS_DIR, TOKENIZER_SUBDIR, assemble_manifest, claim, finished_record,
                                 is_own_name, merge_node_manifests, node_manifest_name, prepare_out_dir,
                                 record_path, remove_out_dir_temps, remove_stale_shards,
                                 settings_fingerprint)
@@ -44,6 +49,13 @@ __all__ = ["build_shards", "prepare_vocab", "run_all", "merge_node_manifests", "
 
 MB = 1_000_000
 SHARDS_SUBDIR = "shards"  # of ``run``'s output directory
+UNIT_SIZE_FILE = "unit_size.json"  # in progress/: the text_per_shard_mb the directory's units are cut with
+# Picking text_per_shard_mb: units a worker gets at least, within these MB (smaller units make smaller
+# shards, which compress worse: a shard's chunks want thousands of samples; 1 MB of text gives ~2,000
+# at seq 128).  Several nodes, which cannot agree on a pick, cut UNIT_MB_RANGE[1].
+UNITS_PER_WORKER = 4
+UNIT_MB_RANGE = (1.0, 4.0)
+COMPRESSED_RATIO = 3  # a compressed input counts as this many times its size of text (gzip of text: ~3)
 
 
 def is_output(cfg: PrepConfig, out_dir: Path):
@@ -53,12 +65,50 @@ def is_output(cfg: PrepConfig, out_dir: Path):
     return lambda path: any(path.is_relative_to(d) and is_own_name(path.relative_to(d)) for d in dirs)
 
 
-def cleaned_documents(cfg: PrepConfig, policy: ErrorPolicy, counts: Counter, out_dir: Path):
+def input_files(cfg: PrepConfig, out_dir: Path) -> list[Path]:
     if not cfg.input.paths:
         raise PrepError("no input: give --input FILES... (or input.paths in the config)")
-    paths = expand_inputs(cfg.input.paths, is_output(cfg, out_dir))
+    return expand_inputs(cfg.input.paths, is_output(cfg, out_dir))
+
+
+def cleaned_documents(cfg: PrepConfig, policy: ErrorPolicy, counts: Counter, paths: list[Path]):
     counts["input_files"] = len(paths)
     return clean_documents(iter_documents(paths, cfg.input, policy), cfg.clean, counts)
+
+
+def input_mb(paths: list[Path]) -> float:
+    """An estimate of the MB of text in ``paths``: their sizes, a compressed file's COMPRESSED_RATIO
+    times (an unreadable file counts 0: the readers report it)."""
+    total = 0
+    for path in paths:
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            head = f.read(8)
+            compressed = any(head.startswith(magic) for magic, _ in CODEC_MAGIC)
+            total += os.fstat(f.fileno()).st_size * (COMPRESSED_RATIO if compressed else 1)
+    return total / MB
+
+
+def pick_unit_mb(text_mb: float, workers: int, val_fraction: float) -> float:
+    """text_per_shard_mb giving each worker UNITS_PER_WORKER train units of ``text_mb`` of text,
+    within UNIT_MB_RANGE (two decimals)."""
+    low, high = UNIT_MB_RANGE
+    return round(min(max(text_mb * (1 - val_fraction) / (UNITS_PER_WORKER * workers), low), high), 2)
+
+
+def unit_mb(cfg: PrepConfig, paths: list[Path], out_dir: Path) -> tuple[float, str]:
+    """(text_per_shard_mb of this run, why): as given; else as ``out_dir`` was cut before; else 4 MB
+    on several nodes; else ``pick_unit_mb`` for the input and ``workers``."""
+    given = cfg.shards.text_per_shard_mb
+    if given is not None:
+        return given, "given"
+    recorded = (read_json_or_none(out_dir / PROGRESS_DIR / UNIT_SIZE_FILE) or {}).get("text_per_shard_mb")
+    if isinstance(recorded, (int, float)) and not isinstance(recorded, bool) and recorded > 0:
+        return recorded, f"as {out_dir} was cut before"
+    if cfg.num_nodes > 1:
+        return UNIT_MB_RANGE[1], f"for {cfg.num_nodes} nodes"
+    text_mb = input_mb(paths)
+    return (pick_unit_mb(text_mb, cfg.workers, cfg.shards.val_fraction),
+            f"picked for {text_mb:,.1f} MB of input and {cfg.workers} worker{'s' * (cfg.workers != 1)}")
 
 
 def split_key(seed: int) -> bytes:
@@ -234,15 +284,22 @@ def _build_shards(cfg: PrepConfig, tokenizer, out_dir: Path, overwrite: bool) ->
     fingerprint = settings_fingerprint(cfg, info)
     prepare_out_dir(out_dir, tokenizer, info, fingerprint, overwrite)
     settings = shard_settings(cfg, out_dir.resolve(), info)
+    paths = input_files(cfg, out_dir)
+    size, why = unit_mb(cfg, paths, out_dir)
+    if why != "given":
+        print(f"data_prep shards: work units of {size:g} MB of text ({why}; --text-per-shard-mb sets it)",
+              file=sys.stderr)
+    cfg = dataclasses.replace(cfg, shards=dataclasses.replace(cfg.shards, text_per_shard_mb=size))
+    if cfg.node_rank == 0:  # one writer of the shared record
+        atomic_write_json(out_dir / PROGRESS_DIR / UNIT_SIZE_FILE, {"text_per_shard_mb": size}, durable=False)
     policy = ErrorPolicy(cfg.on_error)
     counts: Counter = Counter()
     stats: Counter = Counter()
     started = time.time()
     progress = Progress(cfg.progress, f"shards -> {out_dir}")
-    docs = cleaned_documents(cfg, policy, counts, out_dir)
+    docs = cleaned_documents(cfg, policy, counts, paths)
     try:
-        units = iter_work_units(progress.docs(docs), cfg.seed, cfg.shards.val_fraction,
-                                max(1, int(cfg.shards.text_per_shard_mb * MB)))
+        units = iter_work_units(progress.docs(docs), cfg.seed, cfg.shards.val_fraction, max(1, int(size * MB)))
         records = _run_units(units, settings, cfg, out_dir, fingerprint, overwrite, progress, stats, tokenizer)
     finally:
         docs.close()  # now, not at interpreter shutdown (where closing the readers fails)
@@ -285,7 +342,7 @@ def print_summary(out_dir: Path, manifest: dict, stats: Counter, elapsed: float)
 def _training_texts(cfg: PrepConfig, policy: ErrorPolicy, counts: Counter, out_dir: Path):
     limit = int(cfg.vocab.max_text_mb * MB) if cfg.vocab.max_text_mb else None
     used = 0
-    for doc in cleaned_documents(cfg, policy, counts, out_dir):
+    for doc in cleaned_documents(cfg, policy, counts, input_files(cfg, out_dir)):
         if limit is not None and used >= limit:
             return
         used += len(doc.text)
