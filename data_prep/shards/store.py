@@ -99,7 +99,7 @@ class Store:
     so DataLoader workers get a copy; ``read_calls`` / ``bytes_read`` count this copy's read calls
     (of the source and of the cache) and start at 0 in each copy."""
 
-    remote = True  # a failed read may succeed when tried again
+    remote = True  # not a directory of this machine: where() is no local path; a failed read is tried again
 
     def __init__(self, location: str, cache_dir=None, timeout=TIMEOUT_S, attempts=ATTEMPTS, backoff=BACKOFF_S):
         self.location = location
