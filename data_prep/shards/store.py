@@ -26,6 +26,7 @@ import os
 import re
 import select
 import shlex
+import signal
 import ssl
 import subprocess
 import sys
@@ -313,8 +314,9 @@ class PipeStore(Store):
     def _open(self, name: str):
         command = self.command.replace("{name}", shlex.quote(name))
         with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty command cannot block
+            # its own process group, so that stopping it early stops what the shell started too
             proc = subprocess.Popen(command, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=stderr, bufsize=0)
+                                    stderr=stderr, bufsize=0, start_new_session=True)
             with contextlib.suppress(OSError, AttributeError):  # Linux only; the default size works too
                 fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             pipe = _TimedPipe(proc.stdout, self.timeout)
@@ -322,7 +324,8 @@ class PipeStore(Store):
                 yield pipe
             finally:
                 if not pipe.ended:  # stopped reading early (enough bytes, a timeout, an error)
-                    proc.kill()
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
                 proc.stdout.close()
                 status = proc.wait()
             if pipe.ended and status != 0:

@@ -184,11 +184,15 @@ def test_pipe_command(shard_dir):
         store.read_checked("val-000000.tar", 1, sha)
     with pytest.raises(PrepError, match=rf"{SHARD}: larger than its {size - 10} bytes"):
         store.read_checked(SHARD, size - 10, sha)  # stops reading; the command is ended, not waited for
-    slow = open_store(f"pipe:sleep 30; cat {shlex.quote(str(shard_dir))}/{{name}}", timeout=0.3, attempts=1)
+    marker = shard_dir / "still-running"
+    command = f"(sleep 2; touch {shlex.quote(str(marker))}; cat {shlex.quote(str(shard_dir))}/{{name}})"
+    slow = open_store(f"pipe:{command}", timeout=0.3, attempts=1)
     start = time.monotonic()
-    with pytest.raises(PrepError, match=rf"{SHARD}: the command printed nothing for 0.3 s$"):
+    with pytest.raises(PrepError, match=rf"{SHARD}\): the command printed nothing for 0.3 s$"):
         slow.read_checked(SHARD, size, sha)
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 1.5
+    time.sleep(2.5)
+    assert not marker.exists()  # the command was stopped, with what its shell had started
     with pytest.raises(PrepError, match=r"must contain \{name\}"):
         open_store(f"pipe:cat {shard_dir}/manifest.json")
 
