@@ -106,8 +106,10 @@ class DataConfig:
     taken in groups of whole shards holding at least this many samples, and the samples of a group
     shuffled together.  Larger mixes more shards into every batch (data_prep fills shards in input
     order, so one shard is one region of the corpus: a window of one shard trains on one source at
-    a time); its cost is 8 bytes a sample of indices per loader process (samples are read by random
-    access, not buffered) and random reads spread over the group's shards.  0 disables shuffling."""
+    a time).  Its cost is memory: a loader worker keeps the decoded shards of the current and the next
+    window, per source: ~2 x shuffle_buffer x the decoded bytes of a sample (dynamic masking, measured:
+    ~215 B at seq 128, ~585 B at 512, so ~56 / ~153 MB per worker at the default; docs/training.md,
+    "Memory").  0 disables shuffling (then two shards are kept)."""
     pad_to_multiple_of: int = setting(8, gt=0)
     """Pad each batch's sequence length up to a multiple of this (tensor-core friendly)."""
     pin_memory: bool = True

@@ -158,3 +158,18 @@ def test_decoded_shards_kept_stay_bounded_and_reads_stay_right(shards):
         expected = fresh._read_located(0, s)[1]
         assert got.keys() == expected.keys()
         assert all(np.array_equal(got[k], expected[k]) for k in got)
+
+
+def test_the_loader_benchmark_runs_on_a_tiny_directory(shards, capsys):
+    """bench/loader_throughput.py (not a test itself) prints its table for a given shard directory."""
+    import importlib.util
+
+    from tests.pretrain.training_helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("loader_throughput", REPO / "bench" / "loader_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--seq", "128", "--data-128", str(shards / "shards"), "--samples", "64"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].startswith("| seq | samples/s per worker") and rows[2].startswith("| 128 | ")
+    assert "read calls per shard" in rows[0] and "one GPU needs" in rows[0]

@@ -195,3 +195,19 @@ def test_sources_with_other_shard_settings_or_tokenizer_are_refused_naming_both(
         with pytest.raises(DataError, match=rf"data.sources: wiki \({corpora['wiki']}\) and second \({second}\) "
                                             rf"differ in {field}: "):
             open_split(data, "train", training, model_vocab_size=2048)
+
+
+def test_the_shipped_mixture_config_reads_the_shards_of_the_shipped_data_configs():
+    """configs/bert-large-phase1-mix.yaml mixes the outputs of configs/data/wiki.yaml and books.yaml,
+    which share the tokenizer and the shard settings a mixture requires."""
+    from pathlib import Path
+
+    from data_prep.config import load_config as load_prep_config
+    from tests.pretrain.training_helpers import REPO
+
+    mix = load_config(str(REPO / "configs/bert-large-phase1-mix.yaml"))
+    wiki, books = (load_prep_config(REPO / f"configs/data/{n}.yaml") for n in ("wiki", "books"))
+    assert mix.data.dir == "" and [s.name for s in mix.data.sources] == ["wiki", "books"]
+    assert [Path(s.dir) for s in mix.data.sources] == [Path(wiki.out, "shards"), Path(books.out, "shards")]
+    assert Path(books.vocab.tokenizer) == Path(wiki.out, "tokenizer") == Path(mix.data.tokenizer)
+    assert books.shards == wiki.shards
