@@ -12,7 +12,7 @@ import zstandard
 
 from data_prep.errors import PrepError
 from data_prep.shards import (ShardWriter, decode_shard, parse_key, parse_manifest, read_manifest, sample_key,
-                              shard_name, wds_samples)
+                              shard_name)
 from data_prep.shards.writer import npy_bytes, tar_header
 
 COLUMNS = {"lengths": "uint16", "input_ids": "uint16", "word_starts": "uint8", "nsp_label": "uint8"}
