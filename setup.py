@@ -20,7 +20,8 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # data_prep's imports (tests/data_prep/test_light_install.py checks them against this list).
-DATA_PREP = ["pyyaml>=6.0", "numpy>=1.24", "tokenizers>=0.15", "jieba>=0.42", "zstandard>=0.21", "tqdm>=4.60"]
+DATA_PREP = ["pyyaml>=6.0", "numpy>=1.24", "tokenizers>=0.15", "jieba>=0.42", "zstandard>=0.21", "tqdm>=4.60",
+             "fsspec>=2023.1"]
 TRAIN = ["torch>=2.4", "deepspeed>=0.16", "tensorboard>=2.14", "matplotlib>=3.7"]
 DEFAULT_GENCODE = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 
