@@ -71,10 +71,9 @@ class ShardsConfig:
     val_fraction: float = setting(0.01, ge=0.0, le=0.999)
     """Fraction of documents held out in val-*.tar."""
     text_per_shard_mb: Optional[float] = setting(None, ge=0.0001)
-    """MB of cleaned text per work unit, i.e. per shard (before duplication).  null: the size the
-    output directory was cut with before, else picked from the input's size and ``workers`` (4 units
-    a worker, from 1 to 4 MB; 4 MB on several nodes).  Give it for shards that are the same whatever
-    ``workers``."""
+    """MB of cleaned text per work unit, i.e. per shard (before duplication).  null: picked from the
+    input's size (16 train units, within 1 to 4 MB; compressed files count 3x their size), so that a
+    small corpus still spreads over the workers."""
 
 
 @dataclass

@@ -5,9 +5,9 @@ corpus in its fixed global order and cuts it into work units of ``text_per_shard
 split (a document's split is a hash of its text and the seed).  Unit k of a split becomes shard k,
 built by whichever worker is free from nothing but the unit and the settings.  Node slices
 (``num_nodes``/``node_rank``) partition the same units by ordinal; ``merge`` joins their manifests.
-When ``text_per_shard_mb`` is not given, the unit size is the one ``--out`` was cut with before
-(``progress/unit_size.json``), else picked from the input's size and the worker count
-(``pick_unit_mb``): the shards then depend on ``workers`` in a fresh directory only.
+When ``text_per_shard_mb`` is not given, the unit size is picked from the input's size alone
+(``pick_unit_mb``: enough units to spread a small corpus over workers), so the shards still do not
+depend on ``workers`` or the number of nodes.
 
 Resume: a unit's shard is claimed in ``progress/`` before it is built, and gets its record there
 once the tar is renamed into place.  A rerun rebuilds a unit's shard unless its record has the same
@@ -36,8 +36,8 @@ from data_prep.clean import clean_documents
 from data_prep.compression import CODEC_MAGIC
 from data_prep.config import PrepConfig
 from data_prep.errors import ErrorPolicy, PrepError
-from data_prep.fsutil import atomic_write_json, canonical_json, locked_dir, read_json_or_none, sha256_text
-from data_prep.manifest import (PROGRESS_DIR, TOKENIZER_SUBDIR, assemble_manifest, claim, finished_record,
+from data_prep.fsutil import atomic_write_json, canonical_json, locked_dir, sha256_text
+from data_prep.manifest import (TOKENIZER_SUBDIR, assemble_manifest, claim, finished_record,
                                 is_own_name, merge_node_manifests, node_manifest_name, prepare_out_dir,
                                 record_path, remove_out_dir_temps, remove_stale_shards,
                                 settings_fingerprint)
@@ -49,11 +49,11 @@ __all__ = ["build_shards", "prepare_vocab", "run_all", "merge_node_manifests", "
 
 MB = 1_000_000
 SHARDS_SUBDIR = "shards"  # of ``run``'s output directory
-UNIT_SIZE_FILE = "unit_size.json"  # in progress/: the text_per_shard_mb the directory's units are cut with
-# Picking text_per_shard_mb: units a worker gets at least, within these MB (smaller units make smaller
-# shards, which compress worse: a shard's chunks want thousands of samples; 1 MB of text gives ~2,000
-# at seq 128).  Several nodes, which cannot agree on a pick, cut UNIT_MB_RANGE[1].
-UNITS_PER_WORKER = 4
+# Picking text_per_shard_mb from the input's size: at least MIN_TRAIN_UNITS train units (work for 16
+# workers or nodes), within UNIT_MB_RANGE (smaller units make smaller shards, which compress worse:
+# a shard's chunks want thousands of samples; 1 MB of text gives ~2,000 at seq 128).  Not from the
+# worker count: shards are the same whatever ``workers`` and nodes (and merge relies on it).
+MIN_TRAIN_UNITS = 16
 UNIT_MB_RANGE = (1.0, 4.0)
 COMPRESSED_RATIO = 3  # a compressed input counts as this many times its size of text (gzip of text: ~3)
 
@@ -88,27 +88,19 @@ def input_mb(paths: list[Path]) -> float:
     return total / MB
 
 
-def pick_unit_mb(text_mb: float, workers: int, val_fraction: float) -> float:
-    """text_per_shard_mb giving each worker UNITS_PER_WORKER train units of ``text_mb`` of text,
-    within UNIT_MB_RANGE (two decimals)."""
+def pick_unit_mb(text_mb: float, val_fraction: float) -> float:
+    """text_per_shard_mb cutting ``text_mb`` of text into MIN_TRAIN_UNITS train units, within
+    UNIT_MB_RANGE (two decimals)."""
     low, high = UNIT_MB_RANGE
-    return round(min(max(text_mb * (1 - val_fraction) / (UNITS_PER_WORKER * workers), low), high), 2)
+    return round(min(max(text_mb * (1 - val_fraction) / MIN_TRAIN_UNITS, low), high), 2)
 
 
-def unit_mb(cfg: PrepConfig, paths: list[Path], out_dir: Path) -> tuple[float, str]:
-    """(text_per_shard_mb of this run, why): as given; else as ``out_dir`` was cut before; else 4 MB
-    on several nodes; else ``pick_unit_mb`` for the input and ``workers``."""
-    given = cfg.shards.text_per_shard_mb
-    if given is not None:
-        return given, "given"
-    recorded = (read_json_or_none(out_dir / PROGRESS_DIR / UNIT_SIZE_FILE) or {}).get("text_per_shard_mb")
-    if isinstance(recorded, (int, float)) and not isinstance(recorded, bool) and recorded > 0:
-        return recorded, f"as {out_dir} was cut before"
-    if cfg.num_nodes > 1:
-        return UNIT_MB_RANGE[1], f"for {cfg.num_nodes} nodes"
+def unit_mb(cfg: PrepConfig, paths: list[Path]) -> tuple[float, str]:
+    """(text_per_shard_mb of this run, why): as given, else ``pick_unit_mb`` for the input."""
+    if cfg.shards.text_per_shard_mb is not None:
+        return cfg.shards.text_per_shard_mb, "given"
     text_mb = input_mb(paths)
-    return (pick_unit_mb(text_mb, cfg.workers, cfg.shards.val_fraction),
-            f"picked for {text_mb:,.1f} MB of input and {cfg.workers} worker{'s' * (cfg.workers != 1)}")
+    return pick_unit_mb(text_mb, cfg.shards.val_fraction), f"picked for {text_mb:,.1f} MB of input"
 
 
 def split_key(seed: int) -> bytes:
@@ -285,13 +277,11 @@ def _build_shards(cfg: PrepConfig, tokenizer, out_dir: Path, overwrite: bool) ->
     prepare_out_dir(out_dir, tokenizer, info, fingerprint, overwrite)
     settings = shard_settings(cfg, out_dir.resolve(), info)
     paths = input_files(cfg, out_dir)
-    size, why = unit_mb(cfg, paths, out_dir)
+    size, why = unit_mb(cfg, paths)
     if why != "given":
         print(f"data_prep shards: work units of {size:g} MB of text ({why}; --text-per-shard-mb sets it)",
               file=sys.stderr)
     cfg = dataclasses.replace(cfg, shards=dataclasses.replace(cfg.shards, text_per_shard_mb=size))
-    if cfg.node_rank == 0:  # one writer of the shared record
-        atomic_write_json(out_dir / PROGRESS_DIR / UNIT_SIZE_FILE, {"text_per_shard_mb": size}, durable=False)
     policy = ErrorPolicy(cfg.on_error)
     counts: Counter = Counter()
     stats: Counter = Counter()

@@ -97,9 +97,9 @@ def test_shards_identical_for_one_and_two_workers(en_corpus, tokenizer_dir, tmp_
 
 def test_unit_size_picked_for_small_corpora():
     # 10.8 MB of text (the State of the Union corpus) at 4 MB gave 3 units: nothing for a second worker
-    assert pick_unit_mb(10.8, 2, 0.01) == 1.34  # 8 train units, 4 a worker
-    assert pick_unit_mb(10.8, 1, 0.01) == 2.67
-    assert pick_unit_mb(0.2, 4, 0.0) == 1.0 and pick_unit_mb(5_000, 16, 0.01) == 4.0  # within [1, 4] MB
+    assert pick_unit_mb(10.8, 0.01) == 1.0  # 10 units, 5 for each of 2 workers
+    assert pick_unit_mb(40, 0.0) == 2.5  # 16 units
+    assert pick_unit_mb(0.2, 0.0) == 1.0 and pick_unit_mb(5_000, 0.01) == 4.0  # within [1, 4] MB
 
 
 def test_input_size_estimate_counts_compressed_files_more(tmp_path):
@@ -111,23 +111,17 @@ def test_input_size_estimate_counts_compressed_files_more(tmp_path):
     assert input_mb([tmp_path / "missing.txt", tmp_path / "a.txt"]) == len(text) / 1e6
 
 
-def test_unit_size_when_not_given_is_picked_once_per_directory(small_en, tokenizer_dir, tmp_path, capsys):
-    out = tmp_path / "auto"
-    picked = run_shards([small_en], tokenizer_dir, out, shards__text_per_shard_mb=None)
-    assert picked["config"]["shards"]["text_per_shard_mb"] == 1.0  # a small corpus: the least unit size
-    assert json.loads((out / "progress" / "unit_size.json").read_text()) == {"text_per_shard_mb": 1.0}
-    assert "work units of 1 MB of text (picked for 0.1 MB of input and 1 worker;" in capsys.readouterr().err
-    # A directory cut with a given size keeps it when it is no longer given, whatever the workers
-    out = tmp_path / "kept"
-    first = run_shards([small_en], tokenizer_dir, out, shards__text_per_shard_mb=0.01)
-    assert len(first["shards"]) > 2
-    before = shard_bytes(out)
-    again = run_shards([small_en], tokenizer_dir, out, shards__text_per_shard_mb=None, workers=2)
-    assert f"work units of 0.01 MB of text (as {out} was cut before;" in capsys.readouterr().err
-    assert again == first and shard_bytes(out) == before
-    nodes = run_shards([small_en], tokenizer_dir, tmp_path / "nodes", shards__text_per_shard_mb=None,
-                       num_nodes=2, node_rank=0)
-    assert nodes["config"]["shards"]["text_per_shard_mb"] == 4.0  # nodes cannot agree on a pick
+def test_unit_size_when_not_given_is_picked_from_the_input_alone(en_corpus, tokenizer_dir, tmp_path, capsys):
+    big = tmp_path / "big.txt"  # ~1.6 MB of distinct lines: at the least unit size (1 MB), 2 train units
+    lines = [line for line in en_corpus.read_text().splitlines() if line.strip()]
+    copies = -(-1_600_000 // en_corpus.stat().st_size)
+    big.write_text("".join(f"Copy {k}. {line}\n" for k in range(copies) for line in lines))
+    one = run_shards([big], tokenizer_dir, tmp_path / "one", shards__text_per_shard_mb=None)
+    assert one["config"]["shards"]["text_per_shard_mb"] == 1.0 and one["units"]["train"] >= 2
+    assert "work units of 1 MB of text (picked for 1." in capsys.readouterr().err
+    # the same shards whatever the workers: the pick does not look at them
+    two = run_shards([big], tokenizer_dir, tmp_path / "two", shards__text_per_shard_mb=None, workers=2)
+    assert [(s["name"], s["sha256"]) for s in one["shards"]] == [(s["name"], s["sha256"]) for s in two["shards"]]
 
 
 def test_english_whole_word_masking(small_en, tokenizer_dir, tmp_path):
