@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from data_prep_throughput import head_text, train_vocab  # noqa: E402
+from data_prep_throughput import children_cpu, head_text, train_vocab  # noqa: E402
 
 from data_prep.shards import ShardWriter, column_dtype, read_manifest, split_info  # noqa: E402
 from data_prep.shards.reader import iter_split_shards  # noqa: E402
@@ -33,11 +32,6 @@ from data_prep.shards.reader import iter_split_shards  # noqa: E402
 NVIDIA_B_PER_INSTANCE = 279
 GRID_CHUNKS = (1024, 4096, 16384)
 GRID_LEVELS = (3, 6, 9)
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def data_prep(*args) -> float:

@@ -26,7 +26,7 @@ MEMBER_SUFFIX = ".npy.zst"
 # Samples per chunk and zstd level of the shards data_prep writes (bench/shard_size.py measured the
 # choice); a reader takes both from the manifest's sample_format.
 CHUNK_SAMPLES = 16384
-ZSTD_LEVEL = 3
+ZSTD_LEVEL = 6
 # A ragged column holds the items of every sample of a chunk end to end; its count column says how
 # many items each sample has.  The other columns hold one item per sample.
 COUNT_COLUMN = {"input_ids": "lengths", "word_starts": "lengths",
