@@ -121,8 +121,12 @@ class DataConfig:
     Statically masked shards carry their masks, so there it has no effect (a warning says so)."""
 
     def source_list(self) -> list[SourceConfig]:
-        """The sources of the run: ``sources``, or ``dir`` as one source of weight 1."""
-        return list(self.sources) or [SourceConfig(dir=self.dir, name=_default_name(self.dir))]
+        """The sources of the run: ``dir`` as one source of weight 1 when it is set (a loaded config never
+        sets both; a command that points a config at other shards, ``pretrain eval --data``, sets dir),
+        else ``sources``."""
+        if self.dir or not self.sources:
+            return [SourceConfig(dir=self.dir, name=_default_name(self.dir))]
+        return list(self.sources)
 
 
 @dataclass

@@ -165,9 +165,9 @@ def open_split(data_cfg: DataConfig, name: str, training_cfg: TrainingConfig, mo
                         "(or list data.sources)")
     splits = []
     for i, source in enumerate(sources):
-        split = _open_source(source, data_cfg, name, training_cfg, model_vocab_size, required)
+        split = _open_source(source, data_cfg, name, training_cfg, model_vocab_size, required,
+                             source_seed(training_cfg.seed, i))
         if split is not None:
-            split.seed = source_seed(training_cfg.seed, i)
             splits.append(split)
     for other in splits[1:]:
         _check_shared(splits[0], other)
@@ -175,7 +175,7 @@ def open_split(data_cfg: DataConfig, name: str, training_cfg: TrainingConfig, mo
 
 
 def _open_source(source: SourceConfig, data_cfg: DataConfig, name: str, training_cfg: TrainingConfig,
-                 model_vocab_size: int, required: bool) -> Optional[Split]:
+                 model_vocab_size: int, required: bool, seed: int) -> Optional[Split]:
     where = source.dir
     try:
         store = open_store(source.dir, data_cfg.cache_dir)
@@ -201,7 +201,7 @@ def _open_source(source: SourceConfig, data_cfg: DataConfig, name: str, training
     info["max_predictions"] = training_cfg.max_predictions if info["dynamic"] else \
         min(info["max_predictions"], training_cfg.max_predictions)
     return Split(name=source.name, dir=source.dir, store=store, info=info, tokenizer_dir=tokenizer_dir,
-                 seed=training_cfg.seed, weight=source.weight)
+                 seed=seed, weight=source.weight)
 
 
 def _check_shared(first: Split, other: Split) -> None:

@@ -284,7 +284,7 @@ def run_eval(run: Run, val_split: Optional[Mixture]) -> dict:
         sums = eval_sums(run.engine, loader, run.device, max_batches=cfg.eval.max_batches,
                          counted_batches=loader.sampler.counted_batches)
         total = [a + b for a, b in zip(total, sums)]
-        if len(val_split.splits) > 1:
+        if len(cfg.data.sources) > 1:
             out.update(eval_metrics(sums, prefix=f"eval/{split.name}/"))
     return {**eval_metrics(total), **out}
 
