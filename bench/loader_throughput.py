@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/loader_throughput.py [--data-128 DIR] [--data-512 DIR] [--mb 4] [--samples 20000]
 
-Without --data-*, shard directories are built first (dynamic masking, NSP, a 30,000-token WordPiece
-vocabulary) from ../shared/corpora's English text, or the bundled demo corpus where that is absent.
+Without --data-*, shard directories are built first (dynamic masking, NSP, a WordPiece vocabulary
+trained to at most 30,000 tokens) from ../shared/corpora's English text, or the bundled demo corpus where that is absent.
 Each seq_len is read by one process through ``build_train_loader`` with ``num_workers=0``: what one
 loader worker does (whole-shard reads through the store, sha256, zstd decoding, dynamic masking,
 collation into micro-batches of 32).  Reported per worker:
