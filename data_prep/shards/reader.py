@@ -176,11 +176,12 @@ def decode_shard(data, entry: dict, where: str) -> DecodedShard:
         raise PrepError(f"{where}: {len(members)} members, expected {len(expected)} for {samples} samples "
                         f"(the shard ends early)")
     parts: dict[str, list[np.ndarray]] = {name: [] for name in layout["columns"]}
+    last = list(layout["columns"])[-1]
     for (first, name), (member, raw) in zip(expected, members):
         n = min(chunk, samples - first)
         parts[name].append(decode_column(raw, f"{where}: {member}", _column_bound(name, n, layout),
                                          layout["columns"][name]))
-        if name == list(layout["columns"])[-1]:  # a whole chunk decoded: check it
+        if name == last:  # a whole chunk decoded: check it
             cols = {c: parts[c][-1] for c in layout["columns"]}
             problem = _counts_problem(cols, n)
             if problem:
@@ -191,6 +192,8 @@ def decode_shard(data, entry: dict, where: str) -> DecodedShard:
                                 f"{bad[1]}")
     columns = {c: p[0] if len(p) == 1 else np.concatenate(p) if p else np.zeros(0, layout["columns"][c])
                for c, p in parts.items()}
+    for column in columns.values():
+        column.flags.writeable = False  # as a single chunk's views into its decompressed bytes are
     tokens = int(columns["lengths"].sum(dtype=np.int64))
     if "tokens" in entry and tokens != entry["tokens"]:
         raise PrepError(f"{where}: holds {tokens} tokens, the manifest says {entry['tokens']}")

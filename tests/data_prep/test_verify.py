@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from data_prep.shards import ShardWriter, decode_shard, read_manifest, split_info
+from data_prep.shards import ZSTD_LEVEL, ShardWriter, decode_shard, read_manifest, split_info
 from data_prep.shards.reader import tar_members
 from data_prep.shards.writer import tar_header
 from tests.pretrain.training_helpers import REPO, build_shards
@@ -59,11 +59,12 @@ def _entry(shard_dir: Path, name: str) -> dict:
 
 
 def _record(shard_dir: Path, name: str, data: bytes) -> None:
-    """Shard ``name`` replaced by ``data``, its manifest entry given the new size and sha256."""
+    """Shard ``name`` replaced by ``data``, its manifest entry (and split total) given the new size and sha256."""
     (shard_dir / name).write_bytes(data)
 
     def record(manifest):
         entry = next(s for s in manifest["shards"] if s["name"] == name)
+        manifest["splits"][entry["split"]]["bytes"] += len(data) - entry["bytes"]
         entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     edit_manifest(shard_dir, record)
 
@@ -78,7 +79,7 @@ def rewrite_shard(shard_dir: Path, name: str, mutate) -> None:
     mutate(columns)
     layout = entry["layout"]
     writer = ShardWriter(shard_dir / ".rewrite.tar", entry["split"], entry["index"], layout["columns"],
-                         layout["chunk_samples"], 3)
+                         layout["chunk_samples"], ZSTD_LEVEL)
     writer.add(columns, len(columns["lengths"]))
     writer.commit()
     data = (shard_dir / ".rewrite.tar").read_bytes()
