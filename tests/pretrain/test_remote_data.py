@@ -1,6 +1,7 @@
-"""Training from a URL: shards served by a real local HTTP server train the same model as the same
-shards read from the directory; a node-local cache serves later runs; an unreachable server or a
-truncated shard ends the run with one clear error line, not a hang."""
+"""Training from a URL or a ``pipe:`` command: shards served by a real local HTTP server (or printed by
+``cat``) train the same model as the same shards read from the directory; a node-local cache serves
+later runs; an unreachable server or a truncated shard ends the run with one clear error line, not
+a hang."""
 from __future__ import annotations
 
 import os
@@ -70,3 +71,10 @@ def test_a_truncated_shard_is_retried_then_named_in_one_error_line(data, tmp_pat
     # 4 tries of the batch that failed (a prefetched batch of the worker may have begun its own before it stopped)
     assert 4 <= max(server.requests[f"/{name}"] for name in names) <= 8, dict(server.requests)
     assert not os.path.exists(tmp_path / "run" / "checkpoints" / "latest")
+
+
+def test_training_from_a_pipe_command_matches_the_local_directory(data, tmp_path):
+    local = _run(tmp_path, "local", str(data / "shards"))
+    piped = _run(tmp_path, "piped", f"pipe:cat {data / 'shards'}/{{name}}")
+    assert local.codes == [0] and piped.codes == [0], local.explain() + piped.explain()
+    assert piped.losses() == local.losses()
