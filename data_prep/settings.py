@@ -211,7 +211,8 @@ def describe(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is list:
         item = typing.get_args(tp)[0]
-        return "a list of " + {int: "integers", float: "numbers", bool: "true/false", str: "strings"}.get(item, str(item))
+        words = {int: "integers", float: "numbers", bool: "true/false", str: "strings"}.get(item)
+        return "a list of " + (words or (f"{item.__name__} sections" if dataclasses.is_dataclass(item) else str(item)))
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
 
 

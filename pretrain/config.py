@@ -92,7 +92,7 @@ class DataConfig:
     """A weighted mixture of shard directories instead of ``dir``: a list of ``{dir: ..., weight: ...,
     name: ...}`` (weight 1 and name from dir when left out).  Every global sample position maps to one
     source by the weights (at every prefix of training each source's count is within one sample of its
-    share); each source repeats on its own epoch counter.  The sources must share the tokenizer and the
+    share for up to three sources; pretrain/mixing.py gives the bound for more); each source repeats on its own epoch counter.  The sources must share the tokenizer and the
     shard settings."""
     cache_dir: Optional[str] = setting(None, path=True)
     """Node-local directory where shards read from a URL or a ``pipe:`` are kept once verified, so later
