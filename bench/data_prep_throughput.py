@@ -17,6 +17,7 @@ import lzma
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -100,7 +101,8 @@ def end_to_end(tokenizer: Path, corpus: Path, workers: int, work: Path, repeat: 
         cmd = [sys.executable, "-m", "data_prep", "shards", "--input", str(corpus), "--tokenizer", str(tokenizer),
                "--out", str(out), "--seq-len", "128", "--objective", "nsp", "--masking", masking,
                "--dupe-factor", "1", "--max-predictions", "20", "--text-per-shard-mb", "0.25",
-               "--workers", str(workers), "--no-progress", "--overwrite"]
+               "--workers", str(workers), "--no-progress"]
+        shutil.rmtree(out, ignore_errors=True)  # a rerun into a finished directory would skip its shards
         start, cpu, load = time.perf_counter(), children_cpu(), os.getloadavg()[0]
         proc = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
         seconds, cpu = time.perf_counter() - start, children_cpu() - cpu  # workers are waited for: included
