@@ -6,7 +6,7 @@ tells them apart per file, see ``text_separator``), JSONL (text field by name), 
 directories (recursive) and globs; compressed files are read transparently (see compression.py).
 Bad input raises InputError through an ErrorPolicy, which either stops or skips and counts it;
 nothing here holds more than one document in memory, but for the head of a text file that
-``auto`` looks at (``SEPARATOR_SNIFF_CHARS``).
+``auto`` looks at (``SEPARATOR_SNIFF_CHARS``, ``SEPARATOR_SNIFF_LINES``).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ DOC_SEPARATORS = ("auto", "line", "blank")
 # ``auto`` decides from about this many characters at the head of a text file: enough for tens of
 # documents of NVIDIA's format (a Wikipedia article, ~40 sentences), little to hold in memory.
 SEPARATOR_SNIFF_CHARS = 4_000_000
+SEPARATOR_SNIFF_LINES = 200_000  # and at most this many lines, blank ones included (each held in the head)
 SNIFF_BYTES = 8192
 EXTENSION_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".xml": "mediawiki"}
 COMPRESSION_SUFFIXES = {".gz", ".bz2", ".xz", ".lzma", ".zst"}
@@ -209,7 +210,8 @@ _separator_told: set[str] = set()  # files whose ``auto`` choice this process ha
 def text_separator(path, lines: Iterator[tuple[int, str | None]]) -> tuple[Iterator, str]:
     """(``lines`` again, from the first, ``line`` or ``blank``): ``auto``'s choice for one text file.
 
-    Blank-separated when the first SEPARATOR_SNIFF_CHARS hold at least 2 breaks (blank lines between
+    Blank-separated when the first SEPARATOR_SNIFF_CHARS (of at most SEPARATOR_SNIFF_LINES lines, so a run of
+    blank lines cannot grow the head without end) hold at least 2 breaks (blank lines between
     non-blank ones) and the runs between them average 2 or more lines: a stray blank line in a file
     of one document per line, or one between every line (where both readings agree), stays ``line``.
     A file with breaks prints its choice once per process (the vocab and shards passes read it too).
@@ -221,12 +223,12 @@ def text_separator(path, lines: Iterator[tuple[int, str | None]]) -> tuple[Itera
             head.append((lineno, text))
             if text is not None and not text.strip():
                 gap = nonblank > 0
-                continue
-            nonblank += 1
-            breaks += gap
-            gap = False
-            chars += len(text or "")
-            if chars >= SEPARATOR_SNIFF_CHARS:
+            else:
+                nonblank += 1
+                breaks += gap
+                gap = False
+                chars += len(text or "")
+            if chars >= SEPARATOR_SNIFF_CHARS or len(head) >= SEPARATOR_SNIFF_LINES:
                 break
     except (InputError, *codec_errors()) as err:
         rest = _raise(err)

@@ -11,7 +11,7 @@ import pytest
 import zstandard
 
 from data_prep.errors import ErrorPolicy, InputError, PrepError
-from data_prep.readers import ReadOptions, expand_inputs, iter_documents, read_file
+from data_prep.readers import ReadOptions, expand_inputs, iter_documents, read_file, text_separator
 from data_prep.wikitext import strip_wiki_markup
 
 
@@ -310,3 +310,20 @@ def test_auto_format_detection(tmp_path):
     assert read(jsonl) == ["from a record"]
     assert read(brace) == ["{braces} open this plain text line", "second line"]
     assert read(wiki) == ["body"]
+
+
+def test_auto_separator_head_is_bounded_in_lines(monkeypatch):
+    """Blank lines hold no characters, yet each is kept in the head: a file of millions of them must not
+    all be held before ``auto`` decides."""
+    monkeypatch.setattr("data_prep.readers.SEPARATOR_SNIFF_LINES", 1000)
+    consumed = 0
+
+    def lines():
+        nonlocal consumed
+        for lineno in range(1, 1_000_001):
+            consumed += 1
+            yield lineno, "" if lineno < 1_000_000 else "text"
+
+    rest, separator = text_separator("blank.txt", lines())
+    assert consumed == 1000 and separator == "line"
+    assert sum(1 for _ in rest) == 1_000_000  # the head replayed, then read on
