@@ -24,6 +24,7 @@ import yaml
 
 from data_prep import settings
 from data_prep.settings import ConfigError, ConfigFileError, setting
+from pretrain.mixing import negligible
 
 __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "dump_config", "ignored_option_warnings"]
 
@@ -79,7 +80,8 @@ class SourceConfig:
     weight: float = setting(1.0, gt=0)
     """Its share of the training samples, relative to the other sources' weights."""
     name: Optional[str] = None
-    """Its name in the logs (``data/<name>/samples``, ``eval/<name>/...``); None: the last part of dir (before a final ``shards``)."""
+    """Its name in the logs (``data/<name>/samples``, ``eval/<name>/...``); None: the last part of dir (before a
+    final ``shards``; of a ``pipe:``, of the path before ``{name}``, and required when there is none)."""
 
 
 @dataclass
@@ -96,7 +98,8 @@ class DataConfig:
     shard settings."""
     cache_dir: Optional[str] = setting(None, path=True)
     """Node-local directory where shards read from a URL or a ``pipe:`` are kept once verified, so later
-    epochs and runs read them from there (None: read them again each time)."""
+    epochs and runs read them from there (None: read them again each time).  Shards of a local
+    directory are read in place, never copied here."""
     tokenizer: Optional[str] = setting(None, path=True)
     """Tokenizer directory of the run; its hash must match the shards' (None: trust the manifest)."""
     num_workers: int = setting(2, ge=0)
@@ -125,7 +128,7 @@ class DataConfig:
         sets both; a command that points a config at other shards, ``pretrain eval --data``, sets dir),
         else ``sources``."""
         if self.dir or not self.sources:
-            return [SourceConfig(dir=self.dir, name=_default_name(self.dir))]
+            return [SourceConfig(dir=self.dir, name=_default_name(self.dir) or "data")]
         return list(self.sources)
 
 
@@ -342,7 +345,7 @@ def _sources(raw, data_dir) -> tuple[list[SourceConfig], list[str]]:
     if data_dir:
         return [], [f"data.dir ({data_dir}) and data.sources are both set in one place; they are alternatives: "
                     f"set one (data.dir is one source of weight 1)"]
-    sources, problems = [], []
+    sources, indices, problems = [], [], []
     for i, item in enumerate(raw):
         where = f"data.sources[{i}]"
         if not isinstance(item, dict):
@@ -357,16 +360,32 @@ def _sources(raw, data_dir) -> tuple[list[SourceConfig], list[str]]:
             problems.append(f"{where}.dir: missing (the source's shard directory or URL)")
             continue
         source.name = source.name or _default_name(source.dir)
+        if source.name is None:
+            problems.append(f"{where}.name: missing, and the pipe: command {source.dir!r} names no directory "
+                            f"before {{name}} to take it from: give the source a name")
+            continue
         sources.append(source)
+        indices.append(i)
     names = [s.name for s in sources]
+    problems += [f"data.sources[{indices[i]}].weight: {sources[i].weight} is too small against the largest "
+                 f"weight ({max(s.weight for s in sources)}) to get a share; raise it or leave the source out"
+                 for i in negligible([s.weight for s in sources])] if sources else []
     problems += [f"data.sources: two sources are named {n!r}: give them distinct `name`s"
                  for n in sorted({n for n in names if names.count(n) > 1})]
     return sources, problems
 
 
-def _default_name(location: str) -> str:
-    """The last part of a source's dir, skipping a final ``shards`` (data_prep writes OUT/shards)."""
-    parts = [p for p in location.replace("\\", "/").split("/") if p]
+def _default_name(location: str) -> Optional[str]:
+    """The last part of a source's dir, skipping a final ``shards`` (data_prep writes OUT/shards); of a
+    ``pipe:`` command, the last part of the path it names right before ``{name}`` (None when it names
+    none: ``pipe:fetch {name}``)."""
+    path = location
+    if location.startswith("pipe:"):
+        head = location[len("pipe:"):].partition("{name}")[0]
+        path = head.split()[-1].strip("'\"") if head.strip() and not head[-1].isspace() else ""
+        if "/" not in path:
+            return None
+    parts = [p for p in path.replace("\\", "/").split("/") if p]
     if len(parts) > 1 and parts[-1] == "shards":
         parts.pop()
     return parts[-1] if parts else location

@@ -12,12 +12,26 @@ to N, so N = T + sum(r) and c_i - w_i N = r_i (1 - w_i) - w_i sum_{j != i} r_j, 
 1/2 + w_i (k - 2) / 2: below 1/2 for two sources, below 1 for three, and below 1 whenever no weight
 exceeds 1/(k - 2).  tests/pretrain/test_mixing.py checks it on long prefixes.
 
-Weights are made exact fractions (``limit_denominator(10**6)``), so every comparison is in integers.
+Weights are divided by the largest and made exact fractions (``limit_denominator(10**6)``), so every
+comparison is in integers; a weight below about 1/2,000,000 of the largest comes out 0 and is refused
+(``negligible``).
 """
 from __future__ import annotations
 
 from fractions import Fraction
 from math import lcm
+
+
+def _fractions(weights: list[float]) -> list[Fraction]:
+    """Each (positive) weight over the largest, as a fraction of denominator at most 10**6."""
+    top = max(weights)
+    return [Fraction(w / top).limit_denominator(10**6) for w in weights]
+
+
+def negligible(weights: list[float]) -> list[int]:
+    """The indices of the (positive) weights too small against the largest to get a share (below
+    about 1/2,000,000 of it: their fraction is 0)."""
+    return [i for i, f in enumerate(_fractions(weights)) if f == 0]
 
 
 class Blend:
@@ -26,7 +40,10 @@ class Blend:
     def __init__(self, weights: list[float]):
         if not weights or any(not w > 0 for w in weights):
             raise ValueError(f"mixing weights must be positive numbers, got {weights}")
-        fractions = [Fraction(w).limit_denominator(10**6) for w in weights]
+        fractions = _fractions(weights)
+        if any(f == 0 for f in fractions):
+            raise ValueError(f"mixing weights {weights}: the ones at {negligible(weights)} are too small against "
+                             f"the largest to be mixed in")
         scale = lcm(*(f.denominator for f in fractions))
         self.units = [int(f * scale) for f in fractions]     # integer weights W_i, in the same ratios
         self.total = sum(self.units)

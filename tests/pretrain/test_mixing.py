@@ -62,6 +62,29 @@ def test_one_source_is_the_identity_and_weights_must_be_positive():
         Blend([1.0, 0.0])
 
 
+def test_small_weights_are_taken_against_the_largest_and_a_negligible_one_is_refused():
+    tiny = Blend([3e-7, 3e-7])                             # equal weights, however small: alternate
+    assert [tiny(p) for p in range(4)] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert Blend([1, 1e-6]).count(1, 3_000_000) == 3       # one in a million
+    with pytest.raises(ValueError, match=r"the ones at \[1\] are too small"):
+        Blend([1, 4e-7])
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["data.sources=[{dir: /a}, {dir: /b, weight: 4.0e-7}]"])
+    assert caught.value.problems == ["data.sources[1].weight: 4e-07 is too small against the largest weight (1.0) "
+                                     "to get a share; raise it or leave the source out"]
+
+
+def test_pipe_sources_are_named_by_the_path_before_name_or_must_be_named():
+    cfg = load_config(None, ["data.sources=[{dir: 'pipe:aws s3 cp s3://b/wiki/{name} -'}, "
+                             "{dir: 'pipe:curl -s \"https://h/books/shards/{name}\"'}]"])
+    assert [s.name for s in cfg.data.sources] == ["wiki", "books"]
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["data.sources=[{dir: /a}, {dir: 'pipe:fetch {name}'}]"])
+    assert caught.value.problems == ["data.sources[1].name: missing, and the pipe: command 'pipe:fetch {name}' names "
+                                     "no directory before {name} to take it from: give the source a name"]
+    assert load_config(None, ["data.dir=pipe:fetch {name}"]).data.source_list()[0].name == "data"
+
+
 def test_data_sources_config_names_sources_and_refuses_both_ways_at_once():
     cfg = load_config("configs/debug.yaml", ["data.sources=[{dir: /d/wiki/shards, weight: 0.7}, "
                                              "{dir: 'http://h/books/', weight: 0.3, name: bk}]"])
