@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from data_prep.errors import PrepError
 from data_prep.loader import example_from_sample
 from data_prep.masking import IGNORE_INDEX
-from data_prep.shards import MANIFEST, DecodedShard, decode_shard, parse_manifest, split_info
+from data_prep.shards import MANIFEST, DecodedShard, parse_manifest, read_entry, split_info
 from data_prep.shards.store import Store, open_store
 from pretrain.config import DataConfig, EvalConfig, SourceConfig, TrainingConfig
 from pretrain.mixing import Blend
@@ -235,17 +236,21 @@ def _check_tokenizer(data_cfg: DataConfig, info: dict, store: Store, where: str,
 
 
 def _fetch_tokenizer(store: Store, stored_dir: str, expected_hash: str, cache_dir: Optional[str]) -> str:
-    """A local copy of a remote shard directory's tokenizer, in ``<cache_dir or the temp dir>/tokenizers/
-    <hash>``: fetched once (to a temp directory, hash-checked, renamed into place, so processes that
-    fetch it together each install a whole copy), reused while it hashes right."""
+    """A local copy of a remote shard directory's tokenizer, in ``<cache_dir or a private temp dir>/
+    tokenizers/<hash>``: fetched once (to a temp directory, hash-checked, renamed into place), reused
+    while it hashes right.  The ranks of a node fetch it together: each installs a whole copy or keeps
+    the good one another installed first (``_install``)."""
     from data_prep.vocab import TOKENIZER_FILES, tokenizer_hash
 
-    root = os.path.join(cache_dir or os.path.join(tempfile.gettempdir(), f"bertforge-{os.getuid()}"), "tokenizers")
+    root = os.path.join(cache_dir or _private_temp_root(), "tokenizers")
     final = os.path.join(root, expected_hash[:32])
-    if os.path.isfile(os.path.join(final, "tokenizer.json")) and tokenizer_hash(final) == expected_hash:
+    if _holds_tokenizer(final, expected_hash):
         return final
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".fetch-", dir=root)
+    try:
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".fetch-", dir=root)
+    except OSError as err:
+        raise DataError(f"{root}: cannot hold the tokenizer's local copy ({err.strerror or err})") from None
     try:
         for file in TOKENIZER_FILES:
             with open(os.path.join(tmp, file), "wb") as f:
@@ -254,18 +259,62 @@ def _fetch_tokenizer(store: Store, stored_dir: str, expected_hash: str, cache_di
         if found != expected_hash:
             raise DataError(f"{store.where(stored_dir)}: the tokenizer hashes to {found}, its manifest says "
                             f"{expected_hash}")
-        if os.path.isdir(final):          # an incomplete or stale copy (checked above)
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:                   # another process installed its copy first
-            if tokenizer_hash(final) != expected_hash:
-                raise
+        _install(tmp, final, expected_hash)
     except PrepError as err:
         raise DataError(str(err)) from None
+    except OSError as err:
+        raise DataError(f"{final}: cannot install the tokenizer's local copy ({err.strerror or err})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _holds_tokenizer(path: str, expected_hash: str) -> bool:
+    """Whether ``path`` is a tokenizer directory that hashes to ``expected_hash``."""
+    from data_prep.vocab import tokenizer_hash
+
+    try:
+        return os.path.isfile(os.path.join(path, "tokenizer.json")) and tokenizer_hash(path) == expected_hash
+    except (OSError, PrepError):
+        return False
+
+
+def _install(tmp: str, final: str, expected_hash: str, attempts: int = 3) -> None:
+    """Rename the checked copy ``tmp`` to ``final``, unless a good copy is there already (another process
+    installed it first: it stays, for the readers that found it).  A bad copy there is renamed aside
+    before it is removed, so ``final`` only ever changes by a rename."""
+    for _ in range(attempts):
+        try:
+            os.replace(tmp, final)
+            return
+        except OSError:                   # final is there (a directory that is not empty)
+            if _holds_tokenizer(final, expected_hash):
+                return
+        aside = tempfile.mkdtemp(prefix=".stale-", dir=os.path.dirname(final))
+        try:
+            os.replace(final, aside)
+        except FileNotFoundError:         # another process moved it first
+            pass
+        shutil.rmtree(aside, ignore_errors=True)
+    raise DataError(f"{final}: a bad tokenizer copy came back {attempts} times while this process installed "
+                    f"a good one; remove the directory")
+
+
+def _private_temp_root() -> str:
+    """``<temp dir>/bertforge-<uid>`` (made mode 0700), refused unless it is a directory of this user that
+    nobody else can write: a tokenizer planted there by another user would be trusted."""
+    root = os.path.join(tempfile.gettempdir(), f"bertforge-{os.getuid()}")
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise DataError(f"{root}: cannot make it ({err.strerror}); set data.cache_dir") from None
+    found = os.lstat(root)
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o022:
+        raise DataError(f"{root}: not a directory of this user that only it can write (owner uid {found.st_uid}, "
+                        f"mode {stat.filemode(found.st_mode)}); remove it or set data.cache_dir")
+    return root
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,9 +441,7 @@ class ShardSamples(Dataset):
             kept.move_to_end(shard)
             return kept[shard]
         split = self.mixture.splits[source]
-        entry = split.shards[shard]
-        where = split.store.where(entry["name"])
-        decoded = decode_shard(split.store.read_checked(entry["name"], entry["bytes"], entry["sha256"]), entry, where)
+        decoded = read_entry(split.store, split.shards[shard])
         kept[shard] = decoded
         if len(kept) > self.max_kept[source]:
             kept.popitem(last=False)

@@ -173,3 +173,66 @@ def test_the_loader_benchmark_runs_on_a_tiny_directory(shards, capsys):
     rows = capsys.readouterr().out.splitlines()
     assert rows[0].startswith("| seq | samples/s per worker") and rows[2].startswith("| 128 | ")
     assert "read calls per shard" in rows[0] and "one GPU needs" in rows[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The local tokenizer copy of a remote shard directory
+# --------------------------------------------------------------------------------------------
+def _tokenizer_source(shards: Path):
+    from data_prep.shards.store import open_store
+    manifest = json.loads((shards / "shards" / "manifest.json").read_text())
+    return open_store(str(shards / "shards")), manifest["tokenizer"]["dir"], manifest["tokenizer"]["sha256"]
+
+
+def test_a_stale_tokenizer_copy_is_replaced(shards, tmp_path):
+    import shutil
+
+    from data_prep.vocab import tokenizer_hash
+    from pretrain.data import _fetch_tokenizer
+    store, stored, expected = _tokenizer_source(shards)
+    final = tmp_path / "tokenizers" / expected[:32]
+    other = build_shards(tmp_path / "other", "dynamic", lines=300)   # a copy of another tokenizer there
+    shutil.copytree(other / "tokenizer", final)
+    assert _fetch_tokenizer(store, stored, expected, str(tmp_path)) == str(final)
+    assert tokenizer_hash(final) == expected
+    assert [p.name for p in final.parent.iterdir()] == [final.name]    # no temp or stale copy left
+
+
+def test_a_copy_another_rank_installed_meanwhile_is_kept_for_its_readers(shards, tmp_path):
+    import shutil
+
+    from pretrain.data import _fetch_tokenizer
+    store, stored, expected = _tokenizer_source(shards)
+    final = tmp_path / "tokenizers" / expected[:32]
+    read = store.read
+
+    def read_while_another_rank_installs(name):
+        if not final.exists():
+            shutil.copytree(shards / "shards" / stored, final)
+            read_while_another_rank_installs.inode = (final / "tokenizer.json").stat().st_ino
+        return read(name)
+
+    store.read = read_while_another_rank_installs
+    _fetch_tokenizer(store, stored, expected, str(tmp_path))
+    assert (final / "tokenizer.json").stat().st_ino == read_while_another_rank_installs.inode
+
+
+def test_the_default_tokenizer_root_must_be_this_user_s_alone_and_os_errors_are_data_errors(shards, tmp_path,
+                                                                                               monkeypatch):
+    import os
+    import tempfile
+
+    from pretrain.data import _fetch_tokenizer
+    store, stored, expected = _tokenizer_source(shards)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    root = tmp_path / f"bertforge-{os.getuid()}"
+    root.mkdir()
+    root.chmod(0o777)                                  # as if another user had made it for everyone
+    with pytest.raises(DataError, match=f"{root}: not a directory of this user that only it can write"):
+        _fetch_tokenizer(store, stored, expected, None)
+    root.chmod(0o700)
+    assert _fetch_tokenizer(store, stored, expected, None) == str(root / "tokenizers" / expected[:32])
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with pytest.raises(DataError, match=f"{blocked}/tokenizers: cannot hold the tokenizer's local copy"):
+        _fetch_tokenizer(store, stored, expected, str(blocked))
