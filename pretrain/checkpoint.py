@@ -94,14 +94,28 @@ def config_fingerprint(cfg: Config) -> str:
                  "mlm_probability": d["data"]["mlm_probability"]})
 
 
-def fingerprints(cfg: Config, data_fingerprint: str, tokenizer_hash: Optional[str]) -> dict:
-    return {"config": config_fingerprint(cfg), "data": data_fingerprint, "tokenizer": tokenizer_hash}
+CONVERTED_FROM = "data_converted_from"   # fingerprints' key: the data fingerprint of the directory converted
+
+
+def fingerprints(cfg: Config, data_fingerprint: str, tokenizer_hash: Optional[str],
+                 data_converted_from: Optional[str] = None) -> dict:
+    """What a checkpoint records of its run; ``data_converted_from``: the fingerprint of the format-1
+    directory that ``data_prep convert`` made the run's (one) shard directory from (the manifest's
+    ``converted_from``), recorded when there is one."""
+    prints = {"config": config_fingerprint(cfg), "data": data_fingerprint, "tokenizer": tokenizer_hash}
+    return {**prints, CONVERTED_FROM: data_converted_from} if data_converted_from else prints
 
 
 def check_fingerprints(saved: dict, current: dict, where: str, allow_mismatch: bool) -> list[str]:
-    """Compare; raise unless allowed.  Returns the list of mismatches (for the log)."""
+    """Compare; raise unless allowed.  Returns the list of mismatches (for the log).  The data agree too
+    when the checkpoint was taken on the format-1 directory this run's was converted from (the same
+    samples in the same order): its data fingerprint is this run's ``data_converted_from``."""
+    def agree(key: str) -> bool:
+        return saved.get(key) == current.get(key) or \
+            key == "data" and current.get(CONVERTED_FROM) is not None and saved.get(key) == current[CONVERTED_FROM]
+
     diffs = [f"{k}: checkpoint {saved.get(k)!r} != this run {current.get(k)!r}"
-             for k in sorted(current) if saved.get(k) != current.get(k)]
+             for k in sorted(current) if k != CONVERTED_FROM and not agree(k)]
     if diffs and not allow_mismatch:
         raise CheckpointError(
             f"cannot resume from {where}: it was made by a different run\n  " + "\n  ".join(diffs) +

@@ -122,6 +122,13 @@ class Mixture:
         return hashlib.sha256(json.dumps(parts).encode("utf-8")).hexdigest()
 
     @property
+    def converted_from(self) -> Optional[str]:
+        """The fingerprint of the format-1 directory that ``data_prep convert`` made the one source from
+        (the manifest's ``converted_from``): a checkpoint taken on that directory resumes on this one
+        (``checkpoint.check_fingerprints``).  None for a directory not converted, or several sources."""
+        return self.info["converted_from"] if len(self.splits) == 1 else None
+
+    @property
     def num_samples(self) -> int:
         return sum(s.num_samples for s in self.splits)
 
@@ -185,6 +192,7 @@ def _open_source(source: SourceConfig, data_cfg: DataConfig, name: str, training
     except PrepError as err:
         raise DataError(f"{err} (expected a shard directory written by `python -m data_prep shards`)") from None
     info = split_info(manifest, name)
+    info["converted_from"] = manifest.get("converted_from")
     if not info["shards"]:
         if required:
             raise DataError(f"{where}: the manifest lists no {name} shards")

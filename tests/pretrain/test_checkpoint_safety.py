@@ -236,3 +236,33 @@ def test_export_ships_the_runs_own_tokenizer_from_any_directory(data, tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "hf" / "vocab.txt").read_text() == (data / "tokenizer" / "vocab.txt").read_text()
+
+
+def test_a_checkpoint_of_a_format_1_directory_resumes_on_its_converted_copy_only(data, tmp_path):
+    """The data fingerprint a format-1 run recorded is accepted from the directory `data_prep convert`
+    made of it (the same samples in the same order), and from no other directory."""
+    from data_prep.cli import main
+    from pretrain import checkpoint as ckpt
+    from pretrain.config import DataConfig, SourceConfig, TrainingConfig, load_config
+    from pretrain.data import open_split
+    from tests.data_prep.test_convert import v1_dir
+
+    v1, converted = tmp_path / "v1", tmp_path / "converted"
+    v1_dir(data / "shards", v1)                         # recorded fingerprint: "f" * 64
+    assert main(["convert", str(v1), "--out", str(converted)]) == 0
+    cfg, training = load_config(None, TINY), TrainingConfig(seq_len=128, max_predictions=20)
+
+    def prints(*dirs: str) -> dict:
+        sources = [SourceConfig(dir=d, name=f"s{i}") for i, d in enumerate(dirs)]
+        mixture = open_split(DataConfig(sources=sources), "train", training, model_vocab_size=2048)
+        return ckpt.fingerprints(cfg, mixture.fingerprint, mixture.tokenizer_hash, mixture.converted_from)
+
+    on_converted, on_original = prints(str(converted)), prints(str(data / "shards"))
+    taken_on_v1 = {**on_converted, "data": "f" * 64}
+    del taken_on_v1[ckpt.CONVERTED_FROM]                # as a run before format 2 wrote it
+    assert on_converted[ckpt.CONVERTED_FROM] == "f" * 64 and ckpt.CONVERTED_FROM not in on_original
+    assert ckpt.check_fingerprints(taken_on_v1, on_converted, "ckpt", allow_mismatch=False) == []
+    assert ckpt.check_fingerprints(on_converted, on_converted, "ckpt", allow_mismatch=False) == []
+    for current in (on_original, prints(str(converted), str(data / "shards"))):   # not converted; a mixture
+        with pytest.raises(ckpt.CheckpointError, match="data: checkpoint 'f{64}' != this run"):
+            ckpt.check_fingerprints(taken_on_v1, current, "ckpt", allow_mismatch=False)
