@@ -1,9 +1,11 @@
 """A real HTTP server for tests that read shards from a URL: ``serve_directory(root)`` serves ``root``
-on 127.0.0.1 (a free port) from a thread, counts the GET requests per path, and can cut answers short.
+on 127.0.0.1 (a free port) from a thread, counts the GET requests per path, and can cut answers short
+or hold them back.
 
     with serve_directory(tmp_path / "shards") as server:
         store = open_store(server.url)            # http://127.0.0.1:PORT
         server.truncate["/train-000000.tar"] = 100  # that file's body stops after 100 bytes
+        server.delay["/train-000000.tar"] = 2.0     # that file's answer waits 2 s
         server.requests["/manifest.json"]           # GETs of that path so far
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import functools
 import socket
 import threading
+import time
 from collections import Counter
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,6 +27,7 @@ class _Handler(SimpleHTTPRequestHandler):
 
     def do_GET(self):
         self.server.requests[self.path] += 1
+        time.sleep(self.server.delay.get(self.path, 0))
         cut = self.server.truncate.get(self.path)
         if cut is None:
             return super().do_GET()
@@ -42,6 +46,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
         self.requests: Counter = Counter()
         self.truncate: dict[str, int] = {}
+        self.delay: dict[str, float] = {}
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
 

@@ -13,7 +13,11 @@ sha256 is read once more at most (a second identical answer will not change); a 
 HTTP 4xx is not retried.  A local directory is read once (a reread gives the same bytes).  Every
 failure ends as one PrepError naming the file (``where(name)``) and what was wrong.  The time a read
 can take before it fails is bounded by ``attempts * timeout`` of silence plus the pauses, unless the
-source keeps sending (slowly).
+source keeps sending (slowly); a small file (``read``) stops at SMALL_FILE_MAX bytes and a shard at its
+size, so an endless source cannot fill memory.
+
+The cache (remote stores only: a local directory is read in place) is safe with several processes:
+one fetches a shard while the others wait on its lock file and then read the copy it left.
 """
 from __future__ import annotations
 
@@ -38,7 +42,6 @@ import urllib.request
 from pathlib import Path
 
 from data_prep.errors import PrepError
-from data_prep.fsutil import atomic_write_bytes
 
 BLOCK = 8 << 20         # bytes asked for per read call
 TIMEOUT_S = 30.0        # silence (no connection, no bytes) after which a try fails
@@ -47,6 +50,11 @@ BACKOFF_S = 0.5         # pause before the second try; doubles before each furth
 STDERR_TAIL = 400       # characters of a failed pipe: command's stderr shown in its error
 PIPE_SIZE = 1 << 20     # a pipe: command's pipe buffer (Linux's default 64 KiB caps each read at that)
 HTTP_RETRIED = (408, 425, 429)  # 4xx answers worth asking again (5xx always are)
+SMALL_FILE_MAX = 64 << 20  # the most ``read`` takes of a manifest or tokenizer file
+# Files of the cache beside the copies: names of a shard directory never start with "." (NAME).
+CACHE_TEMP_PREFIX = ".tmp-"   # a copy being written (mkstemp: unpredictable, created exclusively)
+CACHE_LOCK_PREFIX = ".lock-"  # flock'ed while one process fetches that file
+STALE_TEMP_S = 3600           # a temp this old was left by a killed process (a write takes seconds)
 
 # A relative name of a shard directory: parts of letters, digits and ._+- (not starting with a dot, so
 # never "." or ".."), joined by "/".
@@ -111,9 +119,10 @@ class Store:
         self.read_calls = 0
         self.bytes_read = 0
         self._cache_warned = False
+        self._swept = False  # stale temps of the cache removed (once per copy)
 
     def __setstate__(self, state):
-        self.__dict__.update(state, read_calls=0, bytes_read=0, _cache_warned=False)
+        self.__dict__.update(state, read_calls=0, bytes_read=0, _cache_warned=False, _swept=False)
 
     def __repr__(self):
         return f"{type(self).__name__}({self.location!r})"
@@ -130,27 +139,35 @@ class Store:
 
     # ---- reads ---------------------------------------------------------------------------------
     def read(self, name: str) -> bytes:
-        """File ``name`` whole (a small file: the manifest, a tokenizer file); never cached."""
+        """File ``name`` whole (a small file: the manifest, a tokenizer file; at most SMALL_FILE_MAX
+        bytes); never cached."""
         check_name(name)
         return self._retrying(name, lambda: self._read_once(name, None, None))
 
     def read_checked(self, name: str, size: int, sha256: str) -> bytes:
         """Shard ``name`` whole, checked to be ``size`` bytes with ``sha256`` (computed while reading);
-        from the cache when it holds a copy that checks, else from the source (then cached)."""
+        from the cache when it holds a copy that checks, else from the source (then cached).  Of
+        several processes missing the cache together, one fetches while the others wait for its copy."""
         check_name(name)
         cached = self._cache_path(name)
-        if cached is not None:
-            data = self._from_cache(cached, size, sha256)
-            if data is not None:
-                return data
-        data = self._retrying(name, lambda: self._read_once(name, size, sha256))
-        if cached is not None:
-            self._keep(name, cached, data)
+        if cached is None:
+            return self._retrying(name, lambda: self._read_once(name, size, sha256))
+        data = self._from_cache(cached, size, sha256)
+        if data is not None:
+            return data
+        with self._fetch_lock(name, cached):
+            data = self._from_cache(cached, size, sha256)  # fetched by another process while this one waited
+            if data is None:
+                data = self._retrying(name, lambda: self._read_once(name, size, sha256))
+                self._keep(name, cached, data)
         return data
 
     def _read_once(self, name: str, size: int | None, sha256: str | None) -> bytes:
         with self._open(name) as f:
-            data, digest = self._drain(f, None if size is None else size + 1)
+            data, digest = self._drain(f, (SMALL_FILE_MAX if size is None else size) + 1)
+        if size is None and len(data) > SMALL_FILE_MAX:
+            raise _Failure(f"larger than {SMALL_FILE_MAX:,} bytes, the most a manifest or tokenizer file may be",
+                           retry=False)
         if size is not None:
             if len(data) < size:
                 raise _Failure(f"truncated: got {len(data)} of its {size} bytes")
@@ -161,12 +178,12 @@ class Store:
                                wrong_content=True)
         return data
 
-    def _drain(self, f, limit: int | None) -> tuple[bytes, str]:
+    def _drain(self, f, limit: int) -> tuple[bytes, str]:
         """(the bytes of ``f`` up to ``limit``, their sha256), read BLOCK at a time.  BytesIO returns
         its buffer without a copy, so a shard is held about once, not twice."""
         h, out, got = hashlib.sha256(), io.BytesIO(), 0
-        while limit is None or got < limit:
-            block = f.read(BLOCK if limit is None else min(BLOCK, limit - got))
+        while got < limit:
+            block = f.read(min(BLOCK, limit - got))
             self.read_calls += 1
             if not block:
                 break
@@ -194,8 +211,9 @@ class Store:
 
     # ---- the cache -----------------------------------------------------------------------------
     def cache_root(self) -> Path | None:
-        """This store's directory in the cache: ``cache_dir/<digest of the location>``."""
-        if self.cache_dir is None:
+        """This store's directory in the cache: ``cache_dir/<digest of the location>``; None without a
+        cache_dir and for a local directory (read in place, nothing to gain from a copy)."""
+        if self.cache_dir is None or not self.remote:
             return None
         return Path(self.cache_dir) / hashlib.sha256(self._identity().encode("utf-8")).hexdigest()[:16]
 
@@ -223,16 +241,62 @@ class Store:
             pass  # not cached (or vanished): read from the source
         return None
 
-    def _keep(self, name: str, path: Path, data: bytes) -> None:
-        """Write ``data`` to the cache (temp, fsync, rename: concurrent writers each rename a whole
-        copy, the last one stays).  A cache that cannot be written is a warning: the data is good."""
+    @contextlib.contextmanager
+    def _fetch_lock(self, name: str, path: Path):
+        """Holds ``.lock-<file>`` beside the cached copy (flock, exclusive) while one process fetches
+        it: the others wait (as long as that fetch's bounded retries) and then find its copy.  The
+        kernel releases the lock of a process that dies.  No lock (a cache that cannot be written):
+        a warning, and the fetch goes on unlocked."""
+        fd = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, data)
-        except (OSError, PrepError) as err:
-            if not self._cache_warned:
-                self._cache_warned = True
-                print(f"warning: not caching {self.where(name)} in {self.cache_dir}: {err}", file=sys.stderr)
+            self._sweep(path.parent)
+            fd = os.open(path.with_name(CACHE_LOCK_PREFIX + path.name),
+                         os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:
+            self._warn_cache(name, err.strerror or err)
+        try:
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)  # releases the lock
+
+    def _sweep(self, directory: Path) -> None:
+        """Remove the temps in ``directory`` older than STALE_TEMP_S (left by killed processes); once
+        per copy of the store."""
+        if self._swept:
+            return
+        self._swept = True
+        cutoff = time.time() - STALE_TEMP_S
+        with contextlib.suppress(OSError), os.scandir(directory) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.name.startswith(CACHE_TEMP_PREFIX) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.path)
+
+    def _keep(self, name: str, path: Path, data: bytes) -> None:
+        """Write ``data`` to the cache: a fresh temp (mkstemp: a name nobody could plant a link at),
+        fsync, rename over ``path`` (a rename replaces a link there, never writes through it).  A
+        cache that cannot be written is a warning: the data is good."""
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{CACHE_TEMP_PREFIX}{path.name}.")
+            with open(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            self._warn_cache(name, err.strerror or err)
+
+    def _warn_cache(self, name: str, problem) -> None:
+        if not self._cache_warned:
+            self._cache_warned = True
+            print(f"warning: not caching {self.where(name)} in {self.cache_dir}: {problem}", file=sys.stderr)
 
 
 class LocalStore(Store):
@@ -327,7 +391,16 @@ class PipeStore(Store):
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
                 proc.stdout.close()
-                status = proc.wait()
+                try:
+                    status = proc.wait(timeout=self.timeout)
+                except subprocess.TimeoutExpired:  # closed its output but goes on running
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    if pipe.ended:
+                        raise _Failure(f"the command did not exit within {self.timeout:g} s of the end of "
+                                       "its output") from None
+                    status = None
             if pipe.ended and status != 0:
                 stderr.seek(0)
                 tail = stderr.read().decode("utf-8", "replace").strip()[-STDERR_TAIL:]
@@ -369,6 +442,11 @@ class FsspecStore(Store):
             raise _Failure(str(err) or type(err).__name__, retry=False) from None
         except OSError as err:  # TimeoutError and ConnectionError included
             raise _Failure(err.strerror or str(err) or type(err).__name__) from None
+        except _Failure:
+            raise
+        except Exception as err:  # the backend's own (botocore's NoCredentialsError, gcsfs's HttpError, ...)
+            raise _Failure(f"{type(err).__name__}: {err}" if str(err) else type(err).__name__, retry=False) \
+                from None
 
 
 def _check_fsspec_backend(location: str, scheme: str) -> None:

@@ -13,10 +13,11 @@ import time
 import pytest
 
 from data_prep.errors import PrepError
-from data_prep.shards.store import BLOCK, open_store
+from data_prep.shards.store import BLOCK, STALE_TEMP_S, open_store
 from tests.http_server import serve_directory, silent_server
 
 SHARD = "train-000000.tar"
+LOCK = f".lock-{SHARD}"  # the cache's fetch lock of SHARD
 FAST = dict(timeout=1.0, attempts=3, backoff=0.01)  # retries and timeouts short enough for tests
 
 
@@ -128,7 +129,7 @@ def test_cache_serves_verified_copies_and_replaces_bad_ones(shard_dir, tmp_path)
         data = store.read_checked(SHARD, size, sha)
         cached = store.cache_root() / SHARD
         assert cached.read_bytes() == data and cached.parent.parent == cache
-        assert sorted(p.name for p in cached.parent.iterdir()) == [SHARD]  # no temp left
+        assert sorted(p.name for p in cached.parent.iterdir()) == [LOCK, SHARD]  # no temp left
         assert pickle.loads(pickle.dumps(store)).read_checked(SHARD, size, sha) == data
         assert server.requests[f"/{SHARD}"] == 1  # served from the cache, by a copy too
         store.read("manifest.json"), store.read("manifest.json")
@@ -145,32 +146,93 @@ def test_cache_serves_verified_copies_and_replaces_bad_ones(shard_dir, tmp_path)
         assert not list((tmp_path / "other").rglob(SHARD))
     # one location, one cache directory; another location, another one
     assert open_store(server.url + "/", cache_dir=str(cache)).cache_root() == store.cache_root()
-    assert open_store(str(shard_dir), cache_dir=str(cache)).cache_root() != store.cache_root()
+    assert open_store(f"pipe:cat {shard_dir}/{{name}}", cache_dir=str(cache)).cache_root() != store.cache_root()
 
 
-def _read_through_cache(args) -> str:
-    url, cache, size, sha = args
-    return hashlib.sha256(open_store(url, cache_dir=cache, **FAST).read_checked(SHARD, size, sha)).hexdigest()
+def test_local_directories_are_not_cached(shard_dir, tmp_path):
+    size, sha = entry(shard_dir / SHARD)
+    for location in (str(shard_dir), f"file://{shard_dir}"):
+        store = open_store(location, cache_dir=str(tmp_path / "cache"))
+        assert store.cache_root() is None
+        assert store.read_checked(SHARD, size, sha) == (shard_dir / SHARD).read_bytes()
+    assert not (tmp_path / "cache").exists()
 
 
-def test_concurrent_processes_leave_one_good_cached_copy(shard_dir, tmp_path):
+def _read_through_cache(url, cache, size, sha, start, results) -> None:
+    store = open_store(url, cache_dir=cache, timeout=10.0, attempts=1)
+    start.wait()
+    results.put(hashlib.sha256(store.read_checked(SHARD, size, sha)).hexdigest())
+
+
+def test_concurrent_processes_fetch_a_shard_once(shard_dir, tmp_path):
+    """Workers missing the cache together (a window start): one fetches, the others wait for its copy."""
     size, sha = entry(shard_dir / SHARD)
     cache = tmp_path / "cache"
-    with serve_directory(shard_dir) as server, multiprocessing.get_context("spawn").Pool(4) as pool:
-        assert pool.map(_read_through_cache, [(server.url, str(cache), size, sha)] * 8) == [sha] * 8
-        assert 1 <= server.requests[f"/{SHARD}"] <= 8
+    spawn = multiprocessing.get_context("spawn")
+    start, results = spawn.Event(), spawn.Queue()
+    with serve_directory(shard_dir) as server:
+        server.delay[f"/{SHARD}"] = 1.0  # every process asks before the first answer is in
+        procs = [spawn.Process(target=_read_through_cache, args=(server.url, str(cache), size, sha, start, results))
+                 for _ in range(4)]
+        for proc in procs:
+            proc.start()
+        start.set()
+        assert [results.get(timeout=60) for _ in procs] == [sha] * 4
+        for proc in procs:
+            proc.join(timeout=60)
+        assert server.requests[f"/{SHARD}"] == 1
     root = open_store(server.url, cache_dir=str(cache)).cache_root()
-    assert [p.name for p in root.iterdir()] == [SHARD] and entry(root / SHARD) == (size, sha)
+    assert sorted(p.name for p in root.iterdir()) == [LOCK, SHARD] and entry(root / SHARD) == (size, sha)
+
+
+def test_cache_temps_are_fresh_names_and_stale_ones_are_removed(shard_dir, tmp_path):
+    size, sha = entry(shard_dir / SHARD)
+    with serve_directory(shard_dir) as server:
+        store = open_store(server.url, cache_dir=str(tmp_path / "cache"), **FAST)
+        root = store.cache_root()
+        root.mkdir(parents=True)
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"not yours")
+        # links planted at the names a writer of this pid would have picked (fsutil's temp_path_for)
+        for planted in (f".tmp-{SHARD}.{os.getpid()}", f".tmp-{SHARD}"):
+            (root / planted).symlink_to(victim)
+        stale, fresh = root / f".tmp-{SHARD}.dead", root / f".tmp-{SHARD}.writing"
+        stale.write_bytes(b"left by a killed worker")
+        fresh.write_bytes(b"being written")
+        os.utime(stale, (time.time() - 2 * STALE_TEMP_S,) * 2)
+        assert store.read_checked(SHARD, size, sha) == (shard_dir / SHARD).read_bytes()
+        assert victim.read_bytes() == b"not yours" and entry(root / SHARD) == (size, sha)
+        assert not stale.exists() and fresh.exists()
+        assert sorted(p.name for p in root.iterdir() if not p.is_symlink()) == sorted([LOCK, SHARD, fresh.name])
 
 
 def test_a_cache_that_cannot_be_written_is_a_warning(shard_dir, tmp_path, capsys):
     size, sha = entry(shard_dir / SHARD)
     (tmp_path / "cache").write_text("a file, not a directory")
-    store = open_store(str(shard_dir), cache_dir=str(tmp_path / "cache"))
+    store = open_store(f"pipe:cat {shard_dir}/{{name}}", cache_dir=str(tmp_path / "cache"))
     for _ in range(2):
         assert store.read_checked(SHARD, size, sha) == (shard_dir / SHARD).read_bytes()
     warning = capsys.readouterr().err
-    assert warning.count("warning: not caching") == 1 and f"{shard_dir / SHARD} in {tmp_path / 'cache'}" in warning
+    assert warning.count("warning: not caching") == 1 and f"{SHARD} in {tmp_path / 'cache'}" in warning
+
+
+def test_an_endless_small_file_is_cut_at_the_cap(monkeypatch):
+    monkeypatch.setattr("data_prep.shards.store.SMALL_FILE_MAX", 1 << 20)
+    store = open_store("pipe:yes {name}", **FAST)
+    start = time.monotonic()
+    with pytest.raises(PrepError, match=r"^pipe:yes manifest.json: larger than 1,048,576 bytes, the most a manifest "
+                                        r"or tokenizer file may be$"):
+        store.read("manifest.json")
+    assert time.monotonic() - start < 5
+
+
+def test_a_pipe_command_that_closes_its_output_and_runs_on_is_ended(shard_dir):
+    size, sha = entry(shard_dir / SHARD)
+    store = open_store(f"pipe:cat {shard_dir}/{{name}}; exec >&-; sleep 30", timeout=0.5, attempts=1)
+    start = time.monotonic()
+    with pytest.raises(PrepError, match=r"the command did not exit within 0.5 s of the end of its output$"):
+        store.read_checked(SHARD, size, sha)
+    assert time.monotonic() - start < 5
 
 
 def test_pipe_command(shard_dir):
@@ -213,6 +275,25 @@ def test_fsspec_memory_filesystem(shard_dir):
             store.read("val-000000.tar")
     finally:
         fs.rm("/bertforge-test", recursive=True)
+
+
+def test_fsspec_backend_errors_are_one_line(monkeypatch):
+    fsspec = pytest.importorskip("fsspec")
+
+    class NoCredentialsError(Exception):  # as botocore's: not an OSError
+        pass
+
+    calls = []
+
+    def refuse(url, mode):
+        calls.append(url)
+        raise NoCredentialsError("Unable to locate credentials")
+
+    monkeypatch.setattr(fsspec, "open", refuse)
+    with pytest.raises(PrepError, match=r"^memory://x/shards/manifest.json: NoCredentialsError: Unable to locate "
+                                        r"credentials$"):
+        open_store("memory://x/shards", **FAST).read("manifest.json")
+    assert len(calls) == 1  # not retried
 
 
 def test_missing_fsspec_backend_names_the_package(monkeypatch):
