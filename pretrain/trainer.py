@@ -152,7 +152,7 @@ def _train(cfg: Config, dist_env: DistEnv, device: torch.device, stop_after_step
     run = build_run(cfg, dist_env, device, stop, faults, load_universal=new_world)
     train_split = open_split(cfg.data, "train", cfg.training, cfg.model.vocab_size)
     val_split = open_split(cfg.data, "val", cfg.training, cfg.model.vocab_size, required=False)
-    prints = ckpt.fingerprints(cfg, train_split.fingerprint, train_split.tokenizer_hash)
+    prints = ckpt.fingerprints(cfg, train_split.fingerprint, train_split.tokenizer_hash, train_split.converted_from)
     saver = _Saver(run, ckpt_root, prints, {"tokenizer_dir": train_split.tokenizer_dir, "fingerprints": prints})
     state, messages = _starting_state(run, ckpt_root, prints, resuming, new_world)
     static = not train_split.info["dynamic"]
