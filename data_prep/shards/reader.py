@@ -93,12 +93,12 @@ class DecodedShard:
     def __init__(self, name: str, split: str, index: int, columns: dict[str, np.ndarray], first: int = 0):
         self.name, self.split, self.index, self.first = name, split, index, first
         self.columns = columns
-        self.nbytes = sum(a.nbytes for a in columns.values())
         self._count = len(columns["lengths"])
-        self._offsets = {c: np.concatenate([[0], np.cumsum(columns[c], dtype=np.int64)]).tolist()
+        self._offsets = {c: np.concatenate([[0], np.cumsum(columns[c], dtype=np.int64)])
                          for c in COUNT_COLUMNS if c in columns}
         self._ragged = [(c, self._offsets[COUNT_COLUMN[c]]) for c in columns if c in COUNT_COLUMN]
-        self._labels = [(c, columns[c].tolist()) for c in LABEL_COLUMNS if c in columns]
+        self._labels = [(c, columns[c]) for c in LABEL_COLUMNS if c in columns]
+        self.nbytes = sum(a.nbytes for a in columns.values()) + sum(a.nbytes for a in self._offsets.values())
 
     def __len__(self) -> int:
         return self._count
@@ -107,7 +107,7 @@ class DecodedShard:
         if not 0 <= i < self._count:
             raise IndexError(f"{self.name}: sample {i} of {self._count}")
         out = {c: self.columns[c][offsets[i]:offsets[i + 1]] for c, offsets in self._ragged}
-        out.update((c, labels[i]) for c, labels in self._labels)
+        out.update((c, int(labels[i])) for c, labels in self._labels)
         return out
 
     def key(self, i: int) -> str:
@@ -163,21 +163,26 @@ def decode_shard(data, entry: dict, where: str) -> DecodedShard:
     ``entry["samples"]`` samples and ``entry["tokens"]`` tokens with every value in range; anything else
     is a PrepError "<where>: ..." naming the member."""
     layout = entry["layout"]
-    chunk, samples = layout["chunk_samples"], entry["samples"]
-    members = tar_members(data, where)
-    expected = [(first, name) for first in range(0, samples, chunk) for name in layout["columns"]]
+    chunk, samples, names = layout["chunk_samples"], entry["samples"], list(layout["columns"])
+    members = tar_members(data, where)  # as many as the bytes hold, whatever the entry claims
+    count = -(-samples // chunk) * len(names)
+
+    def expected(at: int) -> tuple[int, str]:  # (first sample, column) of member ``at``
+        return at // len(names) * chunk, names[at % len(names)]
+
     for at, (name, _) in enumerate(members):
-        want = member_name(sample_key(entry["split"], entry["index"], expected[at][0]), expected[at][1]) \
-            if at < len(expected) else None
+        want = member_name(sample_key(entry["split"], entry["index"], expected(at)[0]), expected(at)[1]) \
+            if at < count else None
         if name != want:
             raise PrepError(f"{where}: member {at} is {name!r}, expected "
-                            + (repr(want) if want else f"no more members ({len(expected)} for {samples} samples)"))
-    if len(members) != len(expected):
-        raise PrepError(f"{where}: {len(members)} members, expected {len(expected)} for {samples} samples "
+                            + (repr(want) if want else f"no more members ({count} for {samples} samples)"))
+    if len(members) != count:
+        raise PrepError(f"{where}: {len(members)} members, expected {count} for {samples} samples "
                         f"(the shard ends early)")
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in layout["columns"]}
-    last = list(layout["columns"])[-1]
-    for (first, name), (member, raw) in zip(expected, members):
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    last = names[-1]
+    for at, (member, raw) in enumerate(members):
+        first, name = expected(at)
         n = min(chunk, samples - first)
         parts[name].append(decode_column(raw, f"{where}: {member}", _column_bound(name, n, layout),
                                          layout["columns"][name]))

@@ -60,6 +60,8 @@ def read_manifest(out_dir) -> dict:
 # Manifest checks: every key a reader uses is present, of its type, and makes sense
 # --------------------------------------------------------------------------------------------
 MAX_SHOWN = 10  # problems named in one error
+MAX_CHUNK_SAMPLES = 1 << 20  # 64x the chunk data_prep writes (format.CHUNK_SAMPLES)
+MEMBER_MIN_BYTES = 1024      # a tar member: its 512-byte header and at least one 512-byte block of data
 _KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "a dict", list: "a list",
           type(None): "null"}
 
@@ -104,12 +106,14 @@ def _tokenizer_problems(problems: list[str], manifest: dict) -> int | None:
     return vocab_size
 
 
-def _format_problems(problems: list[str], manifest: dict, vocab_size: int | None) -> None:
+def _format_problems(problems: list[str], manifest: dict, vocab_size: int | None) -> dict | None:
+    """Problems of the ``sample_format`` section; when its seq_len, chunk_samples and columns are
+    valid, those three (what bounds a shard entry's counts, ``_shard_problems``)."""
     from data_prep.config import MASKING_MODES, OBJECTIVES, RANGES
 
     fmt = _typed(problems, manifest, "sample_format", "sample_format", dict)
     if fmt is None:
-        return
+        return None
     where = "sample_format."
     objective = _typed(problems, fmt, "objective", where + "objective", str)
     masking = _typed(problems, fmt, "masking", where + "masking", str)
@@ -127,16 +131,19 @@ def _format_problems(problems: list[str], manifest: dict, vocab_size: int | None
         problems.append(f"{where}token_dtype: got {dtype!r}, expected uint16 or int32")
     elif dtype == "uint16" and vocab_size is not None and vocab_size > 1 << 16:
         problems.append(f"{where}token_dtype: uint16 cannot hold the ids of a vocabulary of {vocab_size}")
-    _int_in(problems, fmt, "chunk_samples", where + "chunk_samples", 1, 1 << 24)
+    chunk = _int_in(problems, fmt, "chunk_samples", where + "chunk_samples", 1, MAX_CHUNK_SAMPLES)
     compression = _typed(problems, fmt, "compression", where + "compression", dict)
     if compression is not None and compression.get("codec") != "zstd":
         problems.append(f"{where}compression.codec: got {compression.get('codec')!r}, expected 'zstd'")
     if objective in OBJECTIVES and masking in MASKING_MODES and whole_word is not None:
-        _columns_problems(problems, fmt, objective, masking, whole_word)
+        if _columns_problems(problems, fmt, objective, masking, whole_word) and seq_len and chunk:
+            return {"seq_len": seq_len, "chunk_samples": chunk, "columns": len(fmt["columns"])}
+    return None
 
 
-def _columns_problems(problems: list[str], fmt: dict, objective: str, masking: str, whole_word: bool) -> None:
-    """The sentence label key and the columns must be those the objective and masking give."""
+def _columns_problems(problems: list[str], fmt: dict, objective: str, masking: str, whole_word: bool) -> bool:
+    """The sentence label key and the columns must be those the objective and masking give; whether
+    the columns are."""
     label_key = SENTENCE_LABEL_KEYS.get(objective)
     if fmt.get("sentence_label_key") != label_key:
         problems.append(f"sample_format.sentence_label_key: {fmt.get('sentence_label_key')!r} does not fit "
@@ -145,9 +152,28 @@ def _columns_problems(problems: list[str], fmt: dict, objective: str, masking: s
     if fmt.get("columns") != expected:
         problems.append(f"sample_format.columns: {fmt.get('columns')} do not fit objective {objective!r}, masking "
                         f"{masking!r}, whole_word_mask {whole_word} (expected {expected})")
+        return False
+    return True
 
 
-def _shard_problems(problems: list[str], manifest: dict, out_dir) -> None:
+def _counts_problem(entry: dict, fmt: dict) -> str | None:
+    """Why a shard entry's samples and tokens cannot be (None when they can): a chunk's member of each
+    column takes a 512-byte tar header and at least one padded 512-byte block, so ``bytes`` hold at most
+    ceil(bytes / (1024 * columns)) chunks; every sample has 1 to seq_len tokens.  Checked before any
+    reader sizes anything by the claimed counts."""
+    samples, tokens, size = entry["samples"], entry["tokens"], entry["bytes"]
+    chunks = -(-size // (MEMBER_MIN_BYTES * fmt["columns"]))
+    if samples > chunks * fmt["chunk_samples"]:
+        return (f"samples: {samples:,} cannot fit in {size:,} bytes (at most {chunks * fmt['chunk_samples']:,} in "
+                f"chunks of {fmt['chunk_samples']:,}: each of a chunk's {fmt['columns']} columns takes at least "
+                f"{MEMBER_MIN_BYTES} bytes)")
+    if not samples <= tokens <= samples * fmt["seq_len"]:
+        return (f"tokens: {tokens:,} for {samples:,} samples, expected 1 to seq_len ({fmt['seq_len']}) "
+                f"a sample: [{samples:,}, {samples * fmt['seq_len']:,}]")
+    return None
+
+
+def _shard_problems(problems: list[str], manifest: dict, out_dir, fmt: dict | None) -> None:
     shards = _typed(problems, manifest, "shards", "shards", list)
     splits = _typed(problems, manifest, "splits", "splits", dict)
     for split in SPLITS if splits is not None else ():
@@ -163,8 +189,10 @@ def _shard_problems(problems: list[str], manifest: dict, out_dir) -> None:
         if split is not None and split not in SPLITS:
             problems.append(f"{where}.split: got {split!r}, expected one of {', '.join(SPLITS)}")
         index = _int_in(problems, entry, "index", where + ".index", 0)
-        for key in ("samples", "tokens", "bytes"):
-            _int_in(problems, entry, key, f"{where}.{key}", 0)
+        counts = [_int_in(problems, entry, key, f"{where}.{key}", 0) for key in ("samples", "tokens", "bytes")]
+        problem = _counts_problem(entry, fmt) if fmt is not None and None not in counts else None
+        if problem:
+            problems.append(f"{where}.{problem}")
         digest = _typed(problems, entry, "sha256", where + ".sha256", str)
         if digest is not None and not re.fullmatch(r"[0-9a-f]{64}", digest):
             problems.append(f"{where}.sha256: {digest!r} is not a sha256 hex digest")
@@ -189,12 +217,13 @@ def _shard_problems(problems: list[str], manifest: dict, out_dir) -> None:
 def manifest_problems(manifest: dict, out_dir=None) -> list[str]:
     """Every problem of a manifest's fields, each naming its key: what a reader needs is present, of its
     type and consistent (special ids below the vocabulary size, columns that fit the objective and the
-    masking, seq_len and max_predictions in range, plain shard names, confined to ``out_dir`` if given)."""
+    masking, seq_len and max_predictions in range, plain shard names, confined to ``out_dir`` if given,
+    shard counts that the shard's bytes can hold)."""
     problems: list[str] = []
     _typed(problems, manifest, "fingerprint", "fingerprint", str)
     _int_in(problems, manifest, "seed", "seed", 0)
-    _format_problems(problems, manifest, _tokenizer_problems(problems, manifest))
-    _shard_problems(problems, manifest, out_dir)
+    fmt = _format_problems(problems, manifest, _tokenizer_problems(problems, manifest))
+    _shard_problems(problems, manifest, out_dir, fmt)
     return problems
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import zstandard
 from data_prep.errors import PrepError
 from data_prep.shards import (ShardWriter, decode_shard, parse_key, parse_manifest, read_manifest, sample_key,
                               shard_name)
+from data_prep.shards.format import COUNT_COLUMNS, sample_columns
 from data_prep.shards.writer import npy_bytes, tar_header
 
 COLUMNS = {"lengths": "uint16", "input_ids": "uint16", "word_starts": "uint8", "nsp_label": "uint8"}
@@ -170,3 +172,64 @@ def test_keys_and_manifest_versions(tmp_path):
     with pytest.raises(PrepError, match=r"^m.json: \d+ problems: fingerprint: missing"):
         parse_manifest(json.dumps({"format": "bertforge-wds", "format_version": 2, "shards": [{"name": "../x.tar"}]}),
                        "m.json")
+
+
+def test_decoded_memory_counts_its_offsets(tmp_path):
+    """Offsets and labels are numpy arrays (not Python lists, +48 B a sample), counted in nbytes."""
+    data = samples(11)
+    record = write(tmp_path / shard_name("train", 3), data)
+    shard = decode_shard((tmp_path / shard_name("train", 3)).read_bytes(), entry(record), "a")
+    offsets = sum(8 * (len(shard) + 1) for c in COUNT_COLUMNS if c in shard.columns)
+    assert shard.nbytes == sum(c.nbytes for c in shard.columns.values()) + offsets
+    assert all(not isinstance(v, list) for v in (shard._offsets["lengths"], shard._labels[0][1]))
+    assert all(same(shard.sample(i), data[i]) for i in range(11))
+    assert type(shard.sample(3)["nsp_label"]) is int
+
+
+def manifest_bytes(record: dict, chunk_samples: int = 3, **shard) -> bytes:
+    """A format-2 manifest of COLUMNS' layout listing the shard of ``record`` (``shard`` replacing its fields)."""
+    return json.dumps({
+        "format": "bertforge-wds", "format_version": 2, "fingerprint": "f", "seed": 1,
+        "tokenizer": {"sha256": "0" * 64, "dir": "tokenizer", "vocab_size": 100,
+                      "special_ids": {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}},
+        "sample_format": {"objective": "nsp", "masking": "dynamic", "whole_word_mask": True, "seq_len": 16,
+                          "max_predictions": 4, "masked_lm_prob": 0.15, "token_dtype": "uint16",
+                          "chunk_samples": chunk_samples, "compression": {"codec": "zstd", "level": 3},
+                          "sentence_label_key": "nsp_label", "columns": sample_columns("nsp", "dynamic", True)},
+        "splits": {"train": {}, "val": {}},
+        "shards": [{"name": shard_name("train", 3), "split": "train", "index": 3, **record, **shard}]}).encode()
+
+
+def test_counts_the_bytes_cannot_hold_are_refused_fast(tmp_path):
+    """A manifest claiming 10**9 samples in chunks of 1 for a 1 KB shard must not make a reader size
+    anything by the claim (the loader's sample order, decode_shard's member names)."""
+    path = tmp_path / shard_name("train", 3)
+    record = write(path, samples(11))
+    record["tokens"] = decode_shard(path.read_bytes(), entry(record), "a").columns["lengths"].sum().item()
+    assert parse_manifest(manifest_bytes(record), "m.json")["shards"][0]["samples"] == 11
+    assert record["samples"] <= -(-record["bytes"] // (1024 * 4)) * 3  # the bound holds for a real shard
+    cases = [
+        (dict(chunk_samples=1, samples=10 ** 9, bytes=1024),
+         r"shards\[0\].samples: 1,000,000,000 cannot fit in 1,024 bytes \(at most 1 in chunks of 1: each of a "
+         r"chunk's 4 columns takes at least 1024 bytes\)$"),
+        (dict(tokens=11 * 16 + 1), r"shards\[0\].tokens: 177 for 11 samples, expected 1 to seq_len \(16\)"),
+        (dict(tokens=10), r"shards\[0\].tokens: 10 for 11 samples"),
+        (dict(chunk_samples=1 << 24), r"sample_format.chunk_samples: got 16777216, expected an integer in "
+                                      r"\[1, 1048576\]$"),
+    ]
+    for edit, message in cases:
+        chunk = edit.pop("chunk_samples", 3)
+        start = time.monotonic()
+        with pytest.raises(PrepError, match=r"^m.json: " + message) as err:
+            parse_manifest(manifest_bytes(record, chunk, **edit), "m.json")
+        assert "\n" not in str(err.value) and time.monotonic() - start < 1
+    # decode_shard, handed such an entry anyway, does not build a name per claimed member
+    start = time.monotonic()
+    with pytest.raises(PrepError, match=r"^a: member 4 is 'train-000003-000003.lengths.npy.zst', expected "
+                                        r"'train-000003-000001.lengths.npy.zst'$"):
+        decode_shard(path.read_bytes(), {**entry(record), "samples": 10 ** 9,
+                                         "layout": {**LAYOUT, "chunk_samples": 1}}, "a")
+    assert time.monotonic() - start < 1
+    with pytest.raises(PrepError, match=r"^a: 16 members, expected 1333333336 for 1000000000 samples"):
+        decode_shard(path.read_bytes(), {**entry(record), "samples": 10 ** 9}, "a")
+    assert time.monotonic() - start < 1
