@@ -88,7 +88,9 @@ class DecodedShard:
 
     ``sample(i)`` gives field name -> value: ``input_ids`` and, per format, ``word_starts``,
     ``masked_lm_positions``, ``masked_lm_ids`` (1-D read-only views into the columns) and
-    ``nsp_label`` / ``sop_label`` (int).  ``columns`` holds the stored columns themselves."""
+    ``nsp_label`` / ``sop_label`` (int).  ``columns`` holds the stored columns themselves; ``nbytes``
+    counts the memory held: the columns and the samples' offsets into them (numpy arrays, 8 bytes a
+    sample per count column)."""
 
     def __init__(self, name: str, split: str, index: int, columns: dict[str, np.ndarray], first: int = 0):
         self.name, self.split, self.index, self.first = name, split, index, first
