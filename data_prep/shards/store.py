@@ -155,7 +155,7 @@ class Store:
         data = self._from_cache(cached, size, sha256)
         if data is not None:
             return data
-        with self._fetch_lock(name, cached):
+        with self._fetch_lock(cached):
             data = self._from_cache(cached, size, sha256)  # fetched by another process while this one waited
             if data is None:
                 data = self._retrying(name, lambda: self._read_once(name, size, sha256))
@@ -242,11 +242,12 @@ class Store:
         return None
 
     @contextlib.contextmanager
-    def _fetch_lock(self, name: str, path: Path):
+    def _fetch_lock(self, path: Path):
         """Holds ``.lock-<file>`` beside the cached copy (flock, exclusive) while one process fetches
         it: the others wait (as long as that fetch's bounded retries) and then find its copy.  The
-        kernel releases the lock of a process that dies.  No lock (a cache that cannot be written):
-        a warning, and the fetch goes on unlocked."""
+        kernel releases the lock of a process that dies.  No lock (a cache that cannot be written, a
+        link planted at the lock's name): the fetch goes on unlocked (``_keep`` warns if the copy
+        cannot be written either)."""
         fd = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -254,8 +255,8 @@ class Store:
             fd = os.open(path.with_name(CACHE_LOCK_PREFIX + path.name),
                          os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
             fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as err:
-            self._warn_cache(name, err.strerror or err)
+        except OSError:
+            pass
         try:
             yield
         finally:

@@ -185,7 +185,7 @@ def test_concurrent_processes_fetch_a_shard_once(shard_dir, tmp_path):
     assert sorted(p.name for p in root.iterdir()) == [LOCK, SHARD] and entry(root / SHARD) == (size, sha)
 
 
-def test_cache_temps_are_fresh_names_and_stale_ones_are_removed(shard_dir, tmp_path):
+def test_cache_temps_are_fresh_names_and_stale_ones_are_removed(shard_dir, tmp_path, capsys):
     size, sha = entry(shard_dir / SHARD)
     with serve_directory(shard_dir) as server:
         store = open_store(server.url, cache_dir=str(tmp_path / "cache"), **FAST)
@@ -196,14 +196,16 @@ def test_cache_temps_are_fresh_names_and_stale_ones_are_removed(shard_dir, tmp_p
         # links planted at the names a writer of this pid would have picked (fsutil's temp_path_for)
         for planted in (f".tmp-{SHARD}.{os.getpid()}", f".tmp-{SHARD}"):
             (root / planted).symlink_to(victim)
+        (root / LOCK).symlink_to(tmp_path / "created-through-a-link")  # the lock is not followed either
         stale, fresh = root / f".tmp-{SHARD}.dead", root / f".tmp-{SHARD}.writing"
         stale.write_bytes(b"left by a killed worker")
         fresh.write_bytes(b"being written")
         os.utime(stale, (time.time() - 2 * STALE_TEMP_S,) * 2)
         assert store.read_checked(SHARD, size, sha) == (shard_dir / SHARD).read_bytes()
         assert victim.read_bytes() == b"not yours" and entry(root / SHARD) == (size, sha)
+        assert not (tmp_path / "created-through-a-link").exists() and not capsys.readouterr().err
         assert not stale.exists() and fresh.exists()
-        assert sorted(p.name for p in root.iterdir() if not p.is_symlink()) == sorted([LOCK, SHARD, fresh.name])
+        assert sorted(p.name for p in root.iterdir() if not p.is_symlink()) == sorted([SHARD, fresh.name])
 
 
 def test_a_cache_that_cannot_be_written_is_a_warning(shard_dir, tmp_path, capsys):
