@@ -357,21 +357,25 @@ class GlobalOrder:
         self._epoch_cache = (epoch, windows)
         return windows
 
-    def _window_samples(self, epoch: int, w: int, group: list[int]) -> np.ndarray:
+    def _window_samples(self, epoch: int, w: int, group: list[int], ready: Optional[Callable]) -> np.ndarray:
         if self._window_cache and self._window_cache[0] == (epoch, w):
             return self._window_cache[1]
+        if ready is not None:
+            ready(group)
         samples = np.concatenate([np.arange(self.starts[s], self.starts[s + 1]) for s in group])
         if self.shuffle:
             samples = np.random.default_rng([self.seed, epoch, w]).permutation(samples)
         self._window_cache = ((epoch, w), samples)
         return samples
 
-    def __call__(self, position: int) -> tuple[int, int]:
+    def __call__(self, position: int, ready: Optional[Callable[[list[int]], None]] = None) -> tuple[int, int]:
+        """``ready(shard ids)`` is called before a window's permutation is built, which takes memory by
+        the samples its shards claim: the reader checks those claims on the shards themselves first."""
         epoch, offset = divmod(position, self.total)
         windows = self._epoch_windows(epoch)
         w = bisect.bisect_right([start for start, _ in windows], offset) - 1
         start, group = windows[w]
-        return epoch, int(self._window_samples(epoch, w, group)[offset - start])
+        return epoch, int(self._window_samples(epoch, w, group, ready)[offset - start])
 
 
 class RankPositions(Sampler):
@@ -404,9 +408,10 @@ class MixedOrder:
         self.blend = mixture.blend()
         self.orders = [GlobalOrder(s.shard_sizes, s.seed, window_samples) for s in mixture.splits]
 
-    def __call__(self, position: int) -> tuple[int, int, int]:
+    def __call__(self, position: int, ready: Optional[Callable[[int, list[int]], None]] = None) -> tuple[int, int, int]:
+        """``ready(source, shard ids)``: as GlobalOrder's, with the source."""
         source, ordinal = self.blend(position)
-        return (source, *self.orders[source](ordinal))
+        return (source, *self.orders[source](ordinal, ready and (lambda group: ready(source, group))))
 
     def window_shards(self, source: int) -> int:
         return self.orders[source].window_shards
@@ -419,7 +424,8 @@ class FileOrder:
     def __init__(self, mixture: Mixture):
         self.starts = np.cumsum([0] + [s.num_samples for s in mixture.splits]).tolist()
 
-    def __call__(self, position: int) -> tuple[int, int, int]:
+    def __call__(self, position: int, ready=None) -> tuple[int, int, int]:
+        """(``ready``: not called; this order builds nothing by the samples the shards claim.)"""
         source = bisect.bisect_right(self.starts, position) - 1
         return source, 0, position - self.starts[source]
 
@@ -433,7 +439,8 @@ class ShardSamples(Dataset):
     Shards are read whole through their source's store (size and sha256 checked against the
     manifest while reading) and decoded in memory.  A worker keeps, per source, the decoded shards
     it read most recently, up to two shuffle windows' worth (the current one and the next, which
-    the batches at a window's end reach into): a window's shards are read in random order, and
+    the batches at a window's end reach into): a window's shards are all read when its first sample
+    is asked for, before its permutation is built from their (then checked) sample counts, and
     every worker reads every shard of the window, each once per epoch."""
 
     def __init__(self, mixture: Mixture, order: Callable[[int], tuple[int, int, int]]):
@@ -463,12 +470,16 @@ class ShardSamples(Dataset):
         i = sample - split.offsets[shard]
         return f"{split.store.where(split.shards[shard]['name'])}: sample {decoded.key(i)}", decoded.sample(i)
 
+    def _read_window(self, source: int, shards: list[int]) -> None:
+        for shard in shards:
+            self._shard(source, shard)
+
     def __getitem__(self, position: int) -> dict:
-        source, epoch, sample = self.order(position)
-        split = self.mixture.splits[source]
         # data_prep owns the stored format: it decodes and checks, derives token types and masks
         # (dynamic shards: seeded by (the source's seed, epoch, sample index)).
         try:
+            source, epoch, sample = self.order(position, self._read_window)
+            split = self.mixture.splits[source]
             where, raw = self._read_located(source, sample)
             return example_from_sample(raw, split.info, seed=split.seed, epoch=epoch, index=sample, where=where)
         except PrepError as err:

@@ -236,3 +236,23 @@ def test_the_default_tokenizer_root_must_be_this_user_s_alone_and_os_errors_are_
     blocked.write_text("")
     with pytest.raises(DataError, match=f"{blocked}/tokenizers: cannot hold the tokenizer's local copy"):
         _fetch_tokenizer(store, stored, expected, str(blocked))
+
+
+def test_shards_that_claim_more_samples_than_they_hold_are_refused_before_the_window_is_built(shards, tmp_path):
+    """A window's permutation takes memory by the samples its shards claim: those claims are checked on
+    the shards (read whole) first, so a lying manifest is a DataError, not an allocation of its claim."""
+    import shutil
+
+    from pretrain.data import MixedOrder, ShardSamples
+    copy = tmp_path / "copy"
+    shutil.copytree(shards / "shards", copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        if entry["split"] == "train":
+            entry["samples"] = entry["tokens"] = entry["bytes"] = 10**13   # 80 TB of sample ids, were they allocated
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    data, training = _cfgs(shards, 0)
+    data.dir, data.tokenizer = str(copy), None
+    split = open_split(data, "train", training, model_vocab_size=2048)
+    with pytest.raises(DataError, match=f"{copy}/train-"):
+        ShardSamples(split, MixedOrder(split, data.shuffle_buffer))[0]
