@@ -266,3 +266,29 @@ def test_a_checkpoint_of_a_format_1_directory_resumes_on_its_converted_copy_only
     for current in (on_original, prints(str(converted), str(data / "shards"))):   # not converted; a mixture
         with pytest.raises(ckpt.CheckpointError, match="data: checkpoint 'f{64}' != this run"):
             ckpt.check_fingerprints(taken_on_v1, current, "ckpt", allow_mismatch=False)
+
+
+def test_a_run_checkpointed_on_a_format_1_directory_resumes_on_its_converted_copy(data, halted, tmp_path):
+    """The halted run's latest checkpoint, recorded as a format-1 run recorded it (the v1 manifest's
+    fingerprint), resumes on the converted directory with the batches it would have had, and is
+    refused on a directory that was not converted from it."""
+    import json
+
+    from data_prep.cli import main
+    from tests.data_prep.test_convert import v1_dir
+
+    v1, converted = tmp_path / "v1", tmp_path / "converted"
+    v1_dir(data / "shards", v1)                         # recorded fingerprint: "f" * 64
+    assert main(["convert", str(v1), "--out", str(converted)]) == 0
+    straight = launch(copy_run(halted, tmp_path / "straight"), BASE + data_overrides(data), nproc=1)
+    assert straight.codes == [0], straight.explain()
+    run_dir = copy_run(halted, tmp_path / "v1-run")
+    prints = run_dir / "checkpoints" / "step-000004" / "fingerprints.json"
+    prints.write_text(json.dumps({**json.loads(prints.read_text()), "data": "f" * 64}))
+    refused = launch(run_dir, BASE + data_overrides(data), nproc=1)
+    assert refused.codes == [2] and "data: checkpoint 'ffff" in refused.logs[0], refused.explain()
+    resumed = launch(run_dir, BASE + [f"data.dir={converted}", f"data.tokenizer={data / 'tokenizer'}"], nproc=1)
+    assert resumed.codes == [0], resumed.explain()
+    assert "resumed from step-000004 at step 4" in resumed.logs[0]
+    after = {step: loss for step, loss in resumed.losses().items() if step > 4}    # (steps 1-4: the copied log)
+    assert after == {step: loss for step, loss in straight.losses().items() if step > 4} and sorted(after) == [5, 6]
