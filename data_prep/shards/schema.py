@@ -221,6 +221,10 @@ def manifest_problems(manifest: dict, out_dir=None) -> list[str]:
     shard counts that the shard's bytes can hold)."""
     problems: list[str] = []
     _typed(problems, manifest, "fingerprint", "fingerprint", str)
+    if manifest.get("converted_from") is not None:  # convert's output only; a checkpoint's fingerprint is matched to it
+        source = _typed(problems, manifest, "converted_from", "converted_from", str)
+        if source is not None and not re.fullmatch(r"[0-9a-f]{64}", source):
+            problems.append(f"converted_from: got {source[:80]!r}, expected a sha256 (64 hex digits)")
     _int_in(problems, manifest, "seed", "seed", 0)
     fmt = _format_problems(problems, manifest, _tokenizer_problems(problems, manifest))
     _shard_problems(problems, manifest, out_dir, fmt)

@@ -233,3 +233,16 @@ def test_counts_the_bytes_cannot_hold_are_refused_fast(tmp_path):
     with pytest.raises(PrepError, match=r"^a: 16 members, expected 1333333336 for 1000000000 samples"):
         decode_shard(path.read_bytes(), {**entry(record), "samples": 10 ** 9}, "a")
     assert time.monotonic() - start < 1
+
+
+def test_converted_from_is_a_sha256_when_present(tmp_path):
+    record = write(tmp_path / shard_name("train", 3), samples(11))
+    record["tokens"] = decode_shard((tmp_path / shard_name("train", 3)).read_bytes(), entry(record),
+                                    "a").columns["lengths"].sum().item()
+    good = json.loads(manifest_bytes(record))
+    assert "converted_from" not in parse_manifest(json.dumps(good).encode(), "m.json")
+    converted = parse_manifest(json.dumps({**good, "converted_from": "a" * 64}).encode(), "m.json")
+    assert converted["converted_from"] == "a" * 64
+    for bad, expected in ((7, "got an integer, expected a string"), ("xyz", "got 'xyz', expected a sha256")):
+        with pytest.raises(PrepError, match=rf"^m.json: converted_from: {expected}"):
+            parse_manifest(json.dumps({**good, "converted_from": bad}).encode(), "m.json")
