@@ -171,6 +171,8 @@ def _add_samples(writer: ShardWriter, unit: WorkUnit, settings: ShardSettings, e
         lengths = [fill_row(inst, encoded.tokens, settings.cls_id, settings.sep_id, ids[r],
                             encoded.word_starts, starts[r] if wwm else None) for r, inst in enumerate(batch)]
         lengths = np.asarray(lengths, dtype=np.int64)
+        if wwm and settings.objective == "blocks":
+            starts[:, 1] = 1  # a row may start mid-word: its first token starts a word
         real = np.arange(settings.seq_len) < lengths[:, None]  # the tokens of each row, row-major
         columns = {"lengths": lengths}
         if static:  # one vectorized call per batch (the loader masks one sample at a time)

@@ -20,8 +20,8 @@ from data_prep.errors import ON_ERROR_CHOICES, PrepError
 from data_prep.readers import ReadOptions
 from data_prep.settings import ConfigError, ConfigFileError, setting
 
-# Choices are tuples, used as field types too: Literal[OBJECTIVES] is Literal["nsp", "sop", "full-sentences"].
-OBJECTIVES = ("nsp", "sop", "full-sentences")
+# Choices are tuples, used as field types too: Literal[OBJECTIVES] is Literal["nsp", "sop", "full-sentences", "blocks"].
+OBJECTIVES = ("nsp", "sop", "full-sentences", "blocks")
 MASKING_MODES = ("static", "dynamic")
 # 4x the largest vocabularies in use (XLM-R 250,002, mT5 250,112, Gemma 262,144); the WordPiece
 # trainer allocates for vocab_size up front (2**31 asked it for 141 GB and aborted).

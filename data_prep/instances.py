@@ -14,6 +14,14 @@ there, and truncation only trims ends), so building them moves integers, not tok
 * ``sop``: ALBERT: the same chunks, A and B always consecutive, swapped half of the time (label 1).
 * ``full-sentences``: RoBERTa: whole sentences packed in order up to the sequence length, across
   document boundaries ([SEP] between documents), no sentence label.
+* ``blocks``: complete rows (HF run_mlm's group_texts, Megatron): the unit's documents are one
+  stream of tokens with a [SEP] after each document, cut into rows of exactly ``seq_len``
+  ([CLS], ``seq_len - 2`` stream tokens, [SEP]); a sentence that does not fit is cut at the row
+  end and goes on in the next row.  Each duplicate pass rotates the stream by its own seeded
+  offset in [0, seq_len - 2) (the tokens before it close the pass, after the last document's
+  [SEP]), so passes cut different rows and no token is lost.  The pass's last row, partial, is
+  kept if it holds at least half of the ``seq_len - 2`` stream tokens, else dropped (HF drops
+  it always).  No sentence label; the row's first token counts as a word start (builder).
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ NO_LABEL = -1
 class Instance(NamedTuple):
     a: tuple[tuple[int, int], ...]  # token ranges of segment A ([SEP] after each range)
     b: tuple[int, int] | None  # token range of segment B (pairs) or None
-    label: int  # nsp: 1 = B is random; sop: 1 = swapped; full-sentences: -1
+    label: int  # nsp: 1 = B is random; sop: 1 = swapped; full-sentences, blocks: -1
 
 
 def instance_rng(*key: int) -> random.Random:
@@ -152,6 +160,50 @@ def packed_instances(unit: EncodedUnit, seq_len: int) -> list[Instance]:
     return out
 
 
+def block_instances(unit: EncodedUnit, seq_len: int, rng) -> list[Instance]:
+    """BLOCKS: rows of exactly seq_len cut from the unit's stream (documents, a [SEP] after each),
+    rotated by a seeded offset; a range of a row is followed by a [SEP], the last one by the row's
+    own [SEP] (an empty range: the row starts or ends on a document's [SEP])."""
+    if unit.num_docs == 0:
+        return []
+    width = seq_len - 2
+    docs = [(unit.seg_start[unit.doc_first[d]], unit.seg_end[unit.doc_end[d] - 1]) for d in range(unit.num_docs)]
+    offset = rng.randrange(width)
+    k = 0  # the document (with its [SEP]) the offset falls in
+    while k < len(docs) - 1 and offset > docs[k][1] - docs[k][0]:
+        offset -= docs[k][1] - docs[k][0] + 1
+        k += 1
+    start, end = docs[k]
+    split = min(start + offset, end)  # a unit shorter than the offset: no rotation beyond its end
+    pieces = [(split, end, True), *[(s, e, True) for s, e in docs[k + 1:] + docs[:k]], (start, split, False)]
+    out: list[Instance] = []
+    ranges: list[tuple[int, int]] = []
+    cur: tuple[int, int] | None = None  # the open range, not yet followed by a [SEP]
+    room = width
+
+    def emit(at: int) -> None:
+        nonlocal ranges, cur, room
+        out.append(Instance(tuple(ranges) + (cur if cur is not None else (at, at),), None, NO_LABEL))
+        ranges, cur, room = [], None, width
+
+    for s, e, sep in pieces:
+        while s < e:
+            if room == 0:
+                emit(s)
+            take = min(e - s, room)
+            cur = (s if cur is None else cur[0], s + take)
+            s += take
+            room -= take
+        if sep:
+            if room == 0:
+                emit(e)
+            ranges.append(cur if cur is not None else (e, e))
+            cur, room = None, room - 1
+    if 2 * (width - room) >= width:  # full, or a partial last row of at least half the width
+        emit(start)
+    return out
+
+
 def create_instances(unit: EncodedUnit, objective: str, seq_len: int, short_seq_prob: float,
                      rng: random.Random) -> list[Instance]:
     """All instances of one pass (one duplicate) over the unit, in document order.
@@ -161,6 +213,8 @@ def create_instances(unit: EncodedUnit, objective: str, seq_len: int, short_seq_
     """
     if objective == "full-sentences":
         return packed_instances(unit, seq_len)
+    if objective == "blocks":
+        return block_instances(unit, seq_len, rng)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     out: list[Instance] = []

@@ -1,4 +1,4 @@
-"""Instances: NSP, SOP and full-sentences on synthetic units (token ids encode their position)."""
+"""Instances: NSP, SOP, full-sentences and blocks on synthetic units (token ids encode their position)."""
 from __future__ import annotations
 
 import bisect
@@ -106,6 +106,39 @@ def test_full_sentences_pack_across_documents():
     assert seen == list(range(len(unit.tokens)))  # every token once, in order
     first, _, _ = row_of(insts[0], unit.tokens)
     assert first.tolist() == [CLS] + list(range(100, 146)) + [SEP] + list(range(146, 158)) + [SEP]
+
+
+@pytest.mark.parametrize("docs", [[[7, 9, 30], [12], [5, 50, 8], [20, 20]] * 6, [[300], [1], [2, 3]] * 4,
+                                  [[3], [1], [2]] * 40])
+def test_blocks_fill_rows_and_keep_the_stream(docs):
+    """Every row but a pass's last has exactly seq_len tokens; rows without [CLS] and their final [SEP]
+    are the unit's stream (each document then [SEP]) from the pass's seeded offset, wrapping round."""
+    unit = make_unit(docs)
+    seq_len, width = 32, 30
+    stream = []
+    for d in range(unit.num_docs):
+        stream += list(range(100 + unit.seg_start[unit.doc_first[d]], 100 + unit.seg_end[unit.doc_end[d] - 1])) + [SEP]
+    passes = set()
+    for dupe in range(4):
+        insts = create_instances(unit, "blocks", seq_len, 0.1, instance_rng(5, dupe))
+        assert insts == create_instances(unit, "blocks", seq_len, 0.1, instance_rng(5, dupe))
+        offset = instance_rng(5, dupe).randrange(width)
+        rows = [row_of(inst, unit.tokens) for inst in insts]
+        got = []
+        for i, (ids, types, _) in enumerate(rows):
+            assert ids[0] == CLS and ids[-1] == SEP and not types.any() and insts[i].label == -1
+            assert len(ids) == seq_len or (i == len(rows) - 1 and 2 * (len(ids) - 2) >= width)
+            got += ids[1:-1].tolist()
+        rotated = stream[offset:] + stream[:offset]
+        assert len(rotated) - len(got) < width / 2 and got == rotated[:len(got)]
+        passes.add(tuple(insts))
+    assert len(passes) > 1  # passes cut different rows
+
+
+def test_blocks_tiny_unit_keeps_a_half_row_or_nothing():
+    assert create_instances(make_unit([[3]]), "blocks", 32, 0.1, instance_rng(1)) == []
+    (inst,) = create_instances(make_unit([[20]]), "blocks", 32, 0.1, instance_rng(1))
+    assert sum(e - s for s, e in inst.a) == 20
 
 
 def test_fill_row_pair_layout_and_word_starts():
