@@ -122,7 +122,8 @@ def collect_stats(out_dir, split: str = "train", limit: int | None = None, epoch
     ones = labels.get(1, 0)
     total_labels = sum(labels.values())
     return {
-        "split": split, "samples": n, "tokens": tokens, "mean_length": tokens / n if n else 0.0,
+        "split": split, "objective": info["objective"], "seq_len": seq_len, "samples": n, "tokens": tokens,
+        "mean_length": tokens / n if n else 0.0,
         "fill": tokens / (n * seq_len) if n else 0.0, "unk_fraction": unk / tokens if tokens else 0.0,
         "length_histogram": {"edges": hist_edges.tolist(), "counts": hist},
         "masking": {"mode": "dynamic (epoch %d)" % epoch if info["dynamic"] else "static",
@@ -138,8 +139,9 @@ def collect_stats(out_dir, split: str = "train", limit: int | None = None, epoch
 
 
 def format_stats(s: dict) -> str:
-    lines = [f"split {s['split']}: {s['samples']:,} samples, {s['tokens']:,} tokens, mean length "
-             f"{s['mean_length']:.1f} ({100 * s['fill']:.1f}% of seq_len), [UNK] {100 * s['unk_fraction']:.2f}%"]
+    lines = [f"split {s['split']}: {s['samples']:,} samples, {s['tokens']:,} tokens, [UNK] {100 * s['unk_fraction']:.2f}%",
+             f"{s['objective']} at seq_len {s['seq_len']}: {s['mean_length']:.1f} tokens per instance, fill "
+             f"{100 * s['fill']:.1f}% (real tokens / (samples x seq_len))"]
     h = s["length_histogram"]
     if h["counts"]:
         lines.append("length histogram:")

@@ -1,10 +1,10 @@
-"""Token counts, length histogram, masking rate (as stored, or as the loader masks in --epoch) and
-NSP/SOP label balance of a shard directory."""
+"""Token counts, fill (real tokens / (samples x seq_len)) and tokens per instance, length histogram,
+masking rate (as stored, or as the loader masks in --epoch) and NSP/SOP label balance of a shard directory."""
 from __future__ import annotations
 
 from data_prep.commands._common import reports_errors
 
-HELP = "token counts, length histogram, masking rate, NSP/SOP balance"
+HELP = "token counts, fill, length histogram, masking rate, NSP/SOP balance"
 
 
 def add_arguments(parser):

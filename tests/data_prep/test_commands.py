@@ -90,6 +90,8 @@ def test_stats_json_and_text(built, capsys):
     assert main(["stats", str(built), "--split", "val"]) == 0
     text = capsys.readouterr().out
     assert "split val" in text and "length histogram" in text and "nsp_label" in text
+    assert "nsp at seq_len 64: " in text and "tokens per instance, fill " in text
+    assert s["objective"] == "nsp" and s["fill"] == s["tokens"] / (s["samples"] * s["seq_len"])
 
 
 def test_inspect_shows_masks(built, capsys):
@@ -181,7 +183,7 @@ def test_config_problems_are_all_reported(tmp_path, capsys):
     assert "shards.seq_length: unknown key (did you mean 'shards.seq_len'?)" in err
     assert "input.jsonl_feild: unknown key (did you mean 'input.jsonl_field'?)" in err
     assert "workers: got 'two', expected an integer" in err
-    assert "shards.objective: got 'mlm', expected one of 'nsp', 'sop', 'full-sentences'" in err
+    assert "shards.objective: got 'mlm', expected one of 'nsp', 'sop', 'full-sentences', 'blocks'" in err
     # the cross check runs beside the per-key problems, since both of its keys are valid
     assert "shards.max_predictions: got 999, expected <= shards.seq_len (128)" in err
     with pytest.raises(PrepError, match="shards.max_predictions: got 999, expected <= shards.seq_len"):

@@ -321,3 +321,33 @@ def test_a_stale_cached_tokenizer_hash_is_not_a_mismatch(small_en, tokenizer_dir
     info_file.write_text(json.dumps(info))
     assert run_shards([small_en], tokenizer_dir, out) == first
     assert json.loads(info_file.read_text())["sha256"] == first["tokenizer"]["sha256"]
+
+
+def test_blocks_fill_rows_whatever_the_workers(en_corpus, tokenizer_dir, tmp_path):
+    """blocks: rows of exactly seq_len but a pass's last in each unit (at most dupe_factor a shard),
+    the same bytes with 1 and 2 workers, static and dynamic whole-word masking, and ``stats`` shows a
+    fill near 1, above full-sentences' on the same text."""
+    from data_prep.report import collect_stats, format_stats
+
+    seq_len = 64
+    flat = dict(shards__objective="blocks", shards__masking="static", shards__whole_word_mask=True,
+                shards__dupe_factor=2, shards__seq_len=seq_len)
+    one = run_shards([en_corpus], tokenizer_dir, tmp_path / "w1", workers=1, **flat)
+    two = run_shards([en_corpus], tokenizer_dir, tmp_path / "w2", workers=2, **flat)
+    assert shard_bytes(tmp_path / "w1") == shard_bytes(tmp_path / "w2") and one == two
+    short = {}
+    for split in ("train", "val"):
+        for sample in split_samples(tmp_path / "w1", split):
+            ids = sample["input_ids"]
+            assert ids[0] == CLS and ids[-1] == SEP and "nsp_label" not in sample and len(sample["masked_lm_ids"])
+            short[split] = short.get(split, 0) + int(len(ids) < seq_len)
+    for split in ("train", "val"):
+        assert short.get(split, 0) <= 2 * sum(s["split"] == split for s in one["shards"])
+    dyn = tmp_path / "dyn"
+    run_shards([en_corpus], tokenizer_dir, dyn, **{**flat, "shards__masking": "dynamic", "shards__dupe_factor": 1})
+    assert all(s["word_starts"][:2].all() for s in split_samples(dyn))  # [CLS] and a row's first token
+    full = tmp_path / "full"
+    run_shards([en_corpus], tokenizer_dir, full, shards__objective="full-sentences", shards__seq_len=seq_len)
+    blocks, sentences = collect_stats(dyn), collect_stats(full)
+    assert sentences["fill"] < blocks["fill"] and blocks["fill"] > 0.98
+    assert f"blocks at seq_len {seq_len}: " in format_stats(blocks) and "fill" in format_stats(blocks)
