@@ -55,7 +55,7 @@ class ShardsConfig:
     seq_len: int = setting(128, ge=8, le=65535)
     """Tokens per sample including [CLS]/[SEP]."""
     objective: Literal[OBJECTIVES] = "nsp"
-    """Sentence objective: next-sentence pairs, sentence-order pairs, or full sentences (RoBERTa)."""
+    """Sentence objective: next-sentence pairs, sentence-order pairs, full sentences (RoBERTa) or full rows (blocks)."""
     masking: Literal[MASKING_MODES] = "dynamic"
     """``static``: masks written into the shards; ``dynamic``: the training loader masks each epoch."""
     whole_word_mask: bool = False
