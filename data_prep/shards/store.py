@@ -21,6 +21,7 @@ one fetches a shard while the others wait on its lock file and then read the cop
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import fcntl
 import hashlib
@@ -103,7 +104,7 @@ def open_store(location: str, cache_dir: str | None = None, *, timeout: float = 
     return FsspecStore(location, **options)
 
 
-class Store:
+class Store(abc.ABC):
     """Reads the files of one shard directory.  Picklable (strings and numbers only, no open handle),
     so DataLoader workers get a copy; ``read_calls`` / ``bytes_read`` count this copy's read calls
     (of the source and of the cache) and start at 0 in each copy."""
@@ -128,14 +129,14 @@ class Store:
         return f"{type(self).__name__}({self.location!r})"
 
     # ---- what a transport provides ------------------------------------------------------------
+    @abc.abstractmethod
     def where(self, name: str) -> str:
         """How errors name file ``name`` of the store (a path, a URL or the pipe: command)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _open(self, name: str):
         """A context manager giving an object whose ``read(n)`` returns up to n bytes (b"" at the
         end); failures of the transport, opening or reading, leave it as ``_Failure``."""
-        raise NotImplementedError
 
     # ---- reads ---------------------------------------------------------------------------------
     def read(self, name: str) -> bytes:
