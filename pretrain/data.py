@@ -192,7 +192,6 @@ def _open_source(source: SourceConfig, data_cfg: DataConfig, name: str, training
     except PrepError as err:
         raise DataError(f"{err} (expected a shard directory written by `python -m data_prep shards`)") from None
     info = split_info(manifest, name)
-    info["converted_from"] = manifest.get("converted_from")
     if not info["shards"]:
         if required:
             raise DataError(f"{where}: the manifest lists no {name} shards")

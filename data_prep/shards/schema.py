@@ -268,5 +268,6 @@ def split_info(manifest: dict, split: str) -> dict:
         "tokenizer_hash": tok["sha256"],
         "tokenizer_dir": tok_dir,
         "fingerprint": manifest["fingerprint"],
+        "converted_from": manifest.get("converted_from"),  # convert's output: the format-1 fingerprint
         "seed": manifest["seed"],
     }
