@@ -115,6 +115,14 @@ class DataConfig:
     "Memory").  0 disables shuffling (then two shards are kept)."""
     pad_to_multiple_of: int = setting(8, gt=0)
     """Pad each batch's sequence length up to a multiple of this (tensor-core friendly)."""
+    packing: bool = False
+    """Pack the instances of each training micro-batch into as few rows of seq_len as they fit (first-fit
+    decreasing), attention confined to each instance: no FLOPs on the padding of short instances.  A
+    micro-batch keeps its ``training.micro_batch_size`` instances (the unpacked ones: same losses, sample
+    order, resume and LR schedule) and takes fewer rows.  Held-out evaluation stays unpacked
+    (docs/training.md, "Packing")."""
+    max_instances_per_row: int = setting(8, gt=0)
+    """With packing: at most this many instances share a row."""
     pin_memory: bool = True
     """Pin host batches for faster, asynchronous copies to the GPU (ignored on CPU)."""
     prefetch_factor: int = setting(4, gt=0)

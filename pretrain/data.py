@@ -19,6 +19,8 @@ Design (docs/training.md has the longer story):
   window, so it serves exactly the samples it is given: no duplicates, no gaps, whatever the number
   of workers.  Every sample is checked before use: bad data is a DataError naming shard and sample.
 * **Dynamic masking** calls data_prep's masking code seeded by (seed, epoch, sample index).
+* **Packing** (``data.packing``) changes only how a training micro-batch's instances are laid into rows
+  (``pretrain.packing``); the positions, and so everything above, are those of unpacked training.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from data_prep.shards import MANIFEST, DecodedShard, parse_manifest, read_entry,
 from data_prep.shards.store import Store, open_store
 from pretrain.config import DataConfig, EvalConfig, SourceConfig, TrainingConfig
 from pretrain.mixing import Blend
+from pretrain.packing import collate_packed
 
 
 class DataError(ValueError):
@@ -514,22 +517,29 @@ def collate(examples: list[dict], pad_id: int, pad_to_multiple_of: int, max_pred
 
 
 class _Collate:
-    def __init__(self, split: Mixture, pad_to_multiple_of: int):
+    """Examples -> a padded batch, or a packed one (``max_instances_per_row`` set: pretrain.packing)."""
+
+    def __init__(self, split: Mixture, pad_to_multiple_of: int, max_instances_per_row: Optional[int] = None):
         self.pad_id, self.multiple = split.info["special_ids"]["pad"], pad_to_multiple_of
-        self.max_predictions = split.info["max_predictions"]
+        self.max_predictions, self.seq_len = split.info["max_predictions"], split.info["seq_len"]
+        self.max_instances_per_row = max_instances_per_row
 
     def __call__(self, examples):
+        if self.max_instances_per_row:
+            return collate_packed(examples, self.pad_id, self.seq_len, self.max_predictions,
+                                  self.max_instances_per_row, self.multiple)
         return collate(examples, self.pad_id, self.multiple, self.max_predictions)
 
 
-def _loader(dataset, sampler, micro: int, data_cfg: DataConfig, split: Mixture) -> DataLoader:
+def _loader(dataset, sampler, micro: int, data_cfg: DataConfig, split: Mixture, packed: bool = False) -> DataLoader:
     workers = data_cfg.num_workers
     # Its own generator: DataLoader draws a worker seed when an iterator starts, and drawing it
     # from the global RNG would shift the dropout stream of a resumed run against a straight one.
     # (Workers need no randomness of their own: masking is seeded per sample.)
     generator = torch.Generator().manual_seed(0)
     return _Loader(dataset, batch_size=micro, sampler=sampler, num_workers=workers, generator=generator,
-                   collate_fn=_Collate(split, data_cfg.pad_to_multiple_of),
+                   collate_fn=_Collate(split, data_cfg.pad_to_multiple_of,
+                                       data_cfg.max_instances_per_row if packed else None),
                    pin_memory=data_cfg.pin_memory and torch.cuda.is_available(),
                    prefetch_factor=data_cfg.prefetch_factor if workers else None,
                    worker_init_fn=_WorkerInit(os.getpid()) if workers else None,
@@ -568,7 +578,8 @@ def build_train_loader(split: Mixture, data_cfg: DataConfig, training_cfg: Train
                        position: DataPosition, rank: int, world_size: int, accum: int) -> DataLoader:
     order = MixedOrder(split, data_cfg.shuffle_buffer)
     sampler = RankPositions(position.samples_consumed, rank, world_size, training_cfg.micro_batch_size, accum)
-    return _loader(ShardSamples(split, order), sampler, training_cfg.micro_batch_size, data_cfg, split)
+    return _loader(ShardSamples(split, order), sampler, training_cfg.micro_batch_size, data_cfg, split,
+                   packed=data_cfg.packing)
 
 
 class _EvalPositions(Sampler):

@@ -31,11 +31,15 @@ def peak_tflops_for(device_name: str, override: Optional[float] = None) -> Optio
 
 
 def throughput(seqs: int, tokens: int, seconds: float, flops_per_seq: float,
-               peak_tflops: Optional[float]) -> dict:
-    """seq/s, tokens/s, achieved TFLOP/s and MFU (fraction of peak) over an interval."""
+               peak_tflops: Optional[float], rows: int, slots: int) -> dict:
+    """Over an interval: instances (``seq``) and real tokens a second, rows a second and the fill of
+    their slots (real tokens / slots), achieved TFLOP/s and MFU (fraction of peak).  TFLOP/s counts
+    ``flops_per_seq`` per row: one row per instance unpadded, fewer rows packed (the same instances on
+    fewer FLOPs gives a packed run more instances a second, not more TFLOP/s)."""
     seconds = max(seconds, 1e-9)
-    tflops = seqs * flops_per_seq / seconds / 1e12
-    out = {"perf/seq_per_s": seqs / seconds, "perf/tokens_per_s": tokens / seconds, "perf/tflops": tflops}
+    tflops = rows * flops_per_seq / seconds / 1e12
+    out = {"perf/seq_per_s": seqs / seconds, "perf/tokens_per_s": tokens / seconds,
+           "perf/rows_per_s": rows / seconds, "perf/fill": tokens / max(slots, 1), "perf/tflops": tflops}
     if peak_tflops:
         out["perf/mfu"] = tflops / peak_tflops
     return out

@@ -25,6 +25,7 @@ from pretrain.engine import Engine, all_reduce_sum, init_distributed, shutdown_d
 from pretrain.evaluate import eval_metrics, eval_sums
 from pretrain.faults import Faults
 from pretrain.metrics import MetricsLogger, peak_tflops_for, plot_curves, throughput
+from pretrain.packing import fill
 from pretrain.signals import StopSignal
 
 log = logging.getLogger(__name__)
@@ -300,7 +301,10 @@ class _Feed:
         began = time.perf_counter()
         batch = next(self.batches)
         self.window.loader_wait += time.perf_counter() - began
-        self.window.tokens += int(batch["attention_mask"].sum())
+        real, slots = fill(batch)
+        self.window.tokens += real
+        self.window.slots += slots
+        self.window.rows += batch["input_ids"].size(0)
         return batch
 
     def new_window(self) -> "_Window":
@@ -326,7 +330,9 @@ class _Window:
     def __init__(self):
         self.totals: Optional[dict] = None
         self.steps = 0
-        self.tokens = 0
+        self.tokens = 0               # real tokens (not padding) of this rank's batches
+        self.slots = 0                # their rows' slots, padding included
+        self.rows = 0
         self.loader_wait = 0.0
         self.lr = float("nan")       # the rate of the window's last update
         self.began = time.perf_counter()
@@ -341,10 +347,11 @@ class _Window:
         if self.totals is None:          # every step of the window was skipped (same on all ranks)
             return {"perf/step_time_s": (time.perf_counter() - self.began) / max(self.steps, 1)}
         keys = sorted(self.totals)
-        local = torch.stack([self.totals[k] for k in keys] + [torch.tensor(float(self.tokens), device=run.device),
-                                                               torch.tensor(self.loader_wait, device=run.device)])
-        summed = all_reduce_sum(local.float()).tolist()
-        tot = dict(zip(keys + ["tokens", "loader_wait"], summed))
+        counts = [float(self.tokens), float(self.slots), float(self.rows), self.loader_wait]
+        local = torch.cat([torch.stack([self.totals[k].double() for k in keys]),
+                           torch.tensor(counts, dtype=torch.float64, device=run.device)])
+        summed = all_reduce_sum(local).tolist()
+        tot = dict(zip(keys + ["tokens", "slots", "rows", "loader_wait"], summed))
         micro = max(tot["micro_batches"], 1.0)
         seconds = time.perf_counter() - self.began
         values = {
@@ -362,7 +369,7 @@ class _Window:
         if (scale := run.engine.loss_scale()) is not None:
             values["train/loss_scale"] = scale
         values.update(throughput(self.steps * global_batch, int(tot["tokens"]), seconds, rates.flops_per_seq,
-                                 rates.peak))
+                                 rates.peak, rows=int(tot["rows"]), slots=int(tot["slots"])))
         if run.device.type == "cuda":
             values["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
         return values

@@ -122,6 +122,23 @@ class Unpadded:
         return out.view(self.batch, self.seq, *x.shape[1:])
 
 
+class Jagged:
+    """Attention over the runs of packed rows without an S x S mask (``kernels.attention: sdpa`` with
+    packed batches on CUDA): the flattened [R*S] slots cut at ``cu_seqlens`` (every instance, and each
+    row's padding) into a nested jagged tensor, which SDPA runs through its flash / memory-efficient
+    kernels, one sequence per run.  The outputs are those of the block-diagonal mask."""
+
+    def __init__(self, cu_seqlens: torch.Tensor):
+        self.offsets = cu_seqlens.long()
+
+    def attention(self, qkv: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """qkv [T, 3, heads, d] -> context [T, heads * d]."""
+        q, k, v = (torch.nested.nested_tensor_from_jagged(qkv[:, i].contiguous(), self.offsets).transpose(1, 2)
+                   for i in range(3))
+        context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        return context.transpose(1, 2).values().flatten(1)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused QKV matmul; rows of qkv are [query; key; value]."""
 
@@ -139,9 +156,12 @@ class SelfAttention(nn.Module):
         if tokens is not None:
             qkv = tokens.pad(qkv)
         batch, seq = qkv.shape[:2]
-        q, k, v = qkv.view(batch, seq, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        context = self.core(q, k, v, keep, self.dropout_p if self.training else 0.0)
-        context = context.transpose(1, 2).reshape(batch, seq, -1)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if isinstance(keep, Jagged):
+            context = keep.attention(qkv.view(batch * seq, 3, self.num_heads, -1), dropout_p).view(batch, seq, -1)
+        else:
+            q, k, v = qkv.view(batch, seq, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            context = self.core(q, k, v, keep, dropout_p).transpose(1, 2).reshape(batch, seq, -1)
         return self.out(context if tokens is None else tokens.unpad(context))
 
 
@@ -253,6 +273,10 @@ class BertForPretraining(nn.Module):
     outputs are those of the padded computation; the dropout draws and the summation order differ.
     Off by default: its ``nonzero`` is a host sync on CUDA (packed rows are the sync-free way to
     spend no FLOPs on padding); on CPU it costs nothing.  ``kernels.unpad`` turns it on."""
+    jagged: bool | None = None
+    """Packed batches (with ``cu_seqlens``): attention over jagged sequences (:class:`Jagged`) instead of
+    the block-diagonal mask.  None: on CUDA with ``kernels.attention: sdpa`` (no S x S mask there); the
+    block mask elsewhere.  The tests set it to compare the two."""
 
     def __init__(self, cfg: ModelConfig, kernels: KernelsConfig | None = None):
         super().__init__()
@@ -279,15 +303,20 @@ class BertForPretraining(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None, segment_ids=None, position_ids=None):
-        """Final hidden states [B, S, H].  With segment_ids, positions restart at every document."""
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, segment_ids=None, position_ids=None,
+               cu_seqlens=None):
+        """Final hidden states [B, S, H].  With segment_ids, positions restart at every document
+        (``cu_seqlens``: its runs in the flattened slots, see pretrain.packing)."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if position_ids is None and segment_ids is not None:
             position_ids = positions_from_segments(segment_ids)
         if position_ids is None:
             position_ids = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
-        keep = build_attention_mask(attention_mask, segment_ids)
+        if cu_seqlens is not None and segment_ids is not None and self._jagged(input_ids.device):
+            keep = Jagged(cu_seqlens)
+        else:
+            keep = build_attention_mask(attention_mask, segment_ids)
         real = segment_ids > 0 if segment_ids is not None else attention_mask
         if not self.unpad or real is None:
             return self.encoder(self.embeddings(input_ids, token_type_ids, position_ids), keep)
@@ -295,25 +324,38 @@ class BertForPretraining(nn.Module):
         ids, types, positions = (tokens.unpad(t) for t in (input_ids, token_type_ids, position_ids))
         return tokens.pad(self.encoder(self.embeddings(ids, types, positions), keep, tokens))
 
-    def mlm_logits(self, hidden, masked_lm_positions=None):
-        """[B*P, vocab_size] logits at masked_lm_positions, or [B*S, vocab_size] at every position."""
+    def _jagged(self, device: torch.device) -> bool:
+        if self.jagged is not None:
+            return self.jagged
+        return device.type == "cuda" and self.kernels.attention == "sdpa"
+
+    def mlm_logits(self, hidden, masked_lm_positions=None, packed: bool = False):
+        """[B*P, vocab_size] logits at masked_lm_positions, or [B*S, vocab_size] at every position.
+        ``packed``: masked_lm_positions [N, P] index the flattened [B*S] slots (pretrain.packing)."""
         if masked_lm_positions is None:
             selected = hidden.flatten(0, 1)
+        elif packed:
+            selected = hidden.flatten(0, 1).index_select(0, masked_lm_positions.reshape(-1))
         else:
             selected = gather_positions(hidden, masked_lm_positions)
         return self.mlm_head(selected, self.embeddings.word.weight)
 
-    def sentence_logits(self, hidden):
-        """[B, 2] NSP/SOP logits from the pooled [CLS] state (dense + tanh)."""
-        return self.sentence_head(torch.tanh(self.pooler(hidden[:, 0])))
+    def sentence_logits(self, hidden, cls_positions=None):
+        """[B, 2] NSP/SOP logits from the pooled [CLS] state (dense + tanh) of every row, or [N, 2] of
+        every packed instance (``cls_positions`` [N] into the flattened [B*S] slots)."""
+        cls = hidden[:, 0] if cls_positions is None else hidden.flatten(0, 1).index_select(0, cls_positions)
+        return self.sentence_head(torch.tanh(self.pooler(cls)))
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, masked_lm_positions=None,
                 masked_lm_labels=None, sentence_labels=None, segment_ids=None,
-                position_ids=None) -> PretrainOutput:
-        hidden = self.encode(input_ids, attention_mask, token_type_ids, segment_ids, position_ids)
-        out = PretrainOutput(mlm_logits=self.mlm_logits(hidden, masked_lm_positions))
+                position_ids=None, cls_positions=None, cu_seqlens=None) -> PretrainOutput:
+        """A padded batch (one instance per row) or a packed one (``cls_positions`` given: N instances in
+        the rows, positions and labels per instance; see pretrain.packing): the same losses either way."""
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, segment_ids, position_ids, cu_seqlens)
+        packed = cls_positions is not None
+        out = PretrainOutput(mlm_logits=self.mlm_logits(hidden, masked_lm_positions, packed=packed))
         if self.sentence_head is not None:
-            out.sentence_logits = self.sentence_logits(hidden)
+            out.sentence_logits = self.sentence_logits(hidden, cls_positions)
         if masked_lm_labels is not None:
             out.mlm_loss, out.mlm_correct, out.mlm_count = loss_and_accuracy(out.mlm_logits, masked_lm_labels)
         if sentence_labels is not None:
