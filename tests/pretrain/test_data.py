@@ -256,3 +256,28 @@ def test_shards_that_claim_more_samples_than_they_hold_are_refused_before_the_wi
     split = open_split(data, "train", training, model_vocab_size=2048)
     with pytest.raises(DataError, match=f"{copy}/train-"):
         ShardSamples(split, MixedOrder(split, data.shuffle_buffer))[0]
+
+
+def test_packing_packs_the_training_micro_batches_of_the_unpacked_order_and_leaves_eval_unpacked(shards):
+    """data.packing: each training micro-batch holds the instances the unpacked loader gives it (the
+    sentence labels and masked labels in the same order), in fewer rows; the held-out loader is the
+    unpacked one, batch for batch."""
+    from dataclasses import replace
+
+    data, training = _cfgs(shards, 0)
+    training = replace(training, micro_batch_size=16, global_batch_size=16)
+    split = open_split(data, "train", training, model_vocab_size=2048)
+    loaders = [build_train_loader(split, replace(data, packing=packing), training, position=DataPosition(0),
+                                  rank=0, world_size=1, accum=1) for packing in (False, True)]
+    for (plain, packed), _ in zip(zip(*loaders), range(3)):
+        assert "segment_ids" in packed and packed["input_ids"].size(0) < 16
+        for key in ("masked_lm_labels", "sentence_labels"):
+            assert torch.equal(packed[key], plain[key])
+        assert int((packed["segment_ids"] > 0).sum()) == int(plain["attention_mask"].sum())
+    val = open_split(data, "val", training, model_vocab_size=2048)
+    evals = [list(build_eval_loader(val, replace(data, packing=packing), training, EvalConfig(), rank=0,
+                                    world_size=1)) for packing in (False, True)]
+    assert len(evals[0]) == len(evals[1]) > 0
+    for plain, packed in zip(*evals):
+        assert plain.keys() == packed.keys() and "segment_ids" not in packed
+        assert all(torch.equal(plain[k], packed[k]) for k in plain)
