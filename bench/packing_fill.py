@@ -50,7 +50,7 @@ def train_lengths(shard_dir: str, samples: int) -> tuple[np.ndarray, int, str]:
 
 
 def fills(lengths: np.ndarray, seq_len: int, micro: int, max_per_row: int) -> dict:
-    from pretrain.packing import first_fit_decreasing
+    from pretrain.packing import layout
 
     real = padded = packed = bound = rows = 0
     batches = len(lengths) // micro
@@ -58,10 +58,9 @@ def fills(lengths: np.ndarray, seq_len: int, micro: int, max_per_row: int) -> di
         batch = lengths[b * micro:(b + 1) * micro]
         tokens = int(batch.sum())
         real += tokens
-        padded += micro * min(seq_len, -(-int(batch.max()) // ROUND) * ROUND)
-        packing = first_fit_decreasing(batch, seq_len, max_per_row)
-        fullest = max(int(batch[row].sum()) for row in packing)
-        packed += len(packing) * min(seq_len, -(-fullest // ROUND) * ROUND)
+        padded += micro * (-(-int(batch.max()) // ROUND) * ROUND)     # pretrain.data.collate's width
+        packing, width = layout(batch, seq_len, max_per_row, ROUND)
+        packed += len(packing) * width
         rows += len(packing)
         bound += math.ceil(tokens / seq_len) * seq_len
     return {"padded": real / padded, "packed": real / packed, "bound": real / bound,

@@ -20,7 +20,7 @@ A packed batch, for N instances in R rows of width W:
   head reads every instance's);
 * ``masked_lm_positions`` [N, P]: indices into the flattened slots; ``masked_lm_labels`` [N, P] and
   ``sentence_labels`` [N] exactly the unpacked batch's;
-* ``cu_seqlens`` [M+1] int32: the boundaries of the M runs of one segment id in the flattened slots
+* ``cu_seqlens`` [M+1]: the boundaries of the M runs of one segment id in the flattened slots
   (every instance, and each row's padding), for attention over jagged sequences (no S x S mask).
 """
 from __future__ import annotations
@@ -50,13 +50,18 @@ def first_fit_decreasing(lengths, capacity: int, max_per_row: int) -> list[list[
     return rows
 
 
+def layout(lengths, seq_len: int, max_instances_per_row: int, pad_to_multiple_of: int = 1) -> tuple[list[list[int]], int]:
+    """(rows of instance indices, row width) of a packed micro-batch of instances of these lengths."""
+    rows = first_fit_decreasing(lengths, seq_len, max_instances_per_row)
+    fullest = max(sum(int(lengths[i]) for i in row) for row in rows)
+    return rows, min(-(-fullest // pad_to_multiple_of) * pad_to_multiple_of, seq_len)
+
+
 def collate_packed(examples: list[dict], pad_id: int, seq_len: int, max_predictions: int,
                    max_instances_per_row: int, pad_to_multiple_of: int = 1) -> dict:
     """The examples of one micro-batch as a packed batch of int64 tensors (see the module docstring)."""
     lengths = [len(e["input_ids"]) for e in examples]
-    rows = first_fit_decreasing(lengths, seq_len, max_instances_per_row)
-    fullest = max(sum(lengths[i] for i in row) for row in rows)
-    width = min(-(-fullest // pad_to_multiple_of) * pad_to_multiple_of, seq_len)
+    rows, width = layout(lengths, seq_len, max_instances_per_row, pad_to_multiple_of)
     n, r = len(examples), len(rows)
     input_ids = np.full((r, width), pad_id, dtype=np.int64)
     token_type_ids = np.zeros((r, width), dtype=np.int64)
@@ -85,9 +90,8 @@ def collate_packed(examples: list[dict], pad_id: int, seq_len: int, max_predicti
              "cls_positions": cls_positions, "masked_lm_positions": positions, "masked_lm_labels": labels}
     if "sentence_label" in examples[0]:
         batch["sentence_labels"] = np.array([e["sentence_label"] for e in examples], dtype=np.int64)
-    out = {k: torch.from_numpy(v) for k, v in batch.items()}
-    out["cu_seqlens"] = torch.tensor(bounds, dtype=torch.int32)
-    return out
+    batch["cu_seqlens"] = np.array(bounds, dtype=np.int64)
+    return {k: torch.from_numpy(v) for k, v in batch.items()}
 
 
 def fill(batch: dict) -> tuple[int, int]:

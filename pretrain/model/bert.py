@@ -129,7 +129,7 @@ class Jagged:
     kernels, one sequence per run.  The outputs are those of the block-diagonal mask."""
 
     def __init__(self, cu_seqlens: torch.Tensor):
-        self.offsets = cu_seqlens.long()
+        self.offsets = cu_seqlens
 
     def attention(self, qkv: torch.Tensor, dropout_p: float) -> torch.Tensor:
         """qkv [T, 3, heads, d] -> context [T, heads * d]."""

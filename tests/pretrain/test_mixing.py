@@ -157,16 +157,11 @@ def test_exact_resume_with_two_sources_and_per_source_counts_and_eval(corpora, t
     """Two ranks, ZeRO-2, one loader worker: stopped at step 4 and resumed, the losses of a straight
     run, bit for bit; the log holds each source's samples (which add up to the samples consumed) and
     epochs, and the held-out metrics of each source beside those over both."""
-    from tests.pretrain.training_helpers import TINY, launch
+    from tests.pretrain.training_helpers import TINY, straight_and_resumed
 
     overrides = TINY + _mixed(corpora) + ["training.max_steps=8", "schedule.warmup_steps=2", "data.num_workers=1",
                                           "zero.stage=2", "eval.every_steps=8", "eval.max_batches=2"]
-    straight = launch(tmp_path / "straight", overrides)
-    assert straight.codes == [0, 0], straight.explain()
-    halted = launch(tmp_path / "resumed", overrides, extra_args=["--stop-after-step", "4"])
-    assert halted.codes == [75, 75], halted.explain()
-    resumed = launch(tmp_path / "resumed", overrides)
-    assert resumed.codes == [0, 0], resumed.explain()
+    straight, _, resumed = straight_and_resumed(tmp_path, overrides, 4)
     assert "resumed from step-000004 at step 4" in resumed.logs[0]
     expected, got = straight.losses(), resumed.losses()
     assert sorted(got) == list(range(1, 9)) and got == expected

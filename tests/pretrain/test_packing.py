@@ -134,17 +134,12 @@ def test_on_cuda_packed_batches_take_jagged_attention_with_the_block_mask_output
 def test_a_packed_run_trains_on_fewer_rows_and_resumes_bit_for_bit(tmp_path):
     """Two ranks, dynamic masking: the sample counter and schedule of unpacked training, fewer rows a step
     (the fill logged), and stopped at step 3 and resumed, the losses of a straight packed run."""
-    from tests.pretrain.training_helpers import TINY, build_shards, data_overrides, launch
+    from tests.pretrain.training_helpers import TINY, build_shards, data_overrides, straight_and_resumed
 
     data = build_shards(tmp_path / "data", "dynamic", lines=400)
     overrides = TINY + data_overrides(data) + ["training.max_steps=6", "data.packing=true", "data.num_workers=1",
                                                "logging.every_steps=1"]
-    straight = launch(tmp_path / "straight", overrides)
-    assert straight.codes == [0, 0], straight.explain()
-    halted = launch(tmp_path / "resumed", overrides, extra_args=["--stop-after-step", "3"])
-    assert halted.codes == [75, 75], halted.explain()
-    resumed = launch(tmp_path / "resumed", overrides)
-    assert resumed.codes == [0, 0], resumed.explain()
+    straight, _, resumed = straight_and_resumed(tmp_path, overrides, 3)
     assert straight.losses() == resumed.losses() and sorted(straight.losses()) == list(range(1, 7))
     rows = straight.metrics()
     assert all(r["perf/rows_per_s"] < r["perf/seq_per_s"] and 0 < r["perf/fill"] <= 1 for r in rows), rows

@@ -118,3 +118,16 @@ def launch(run_dir: Path, overrides: list[str], nproc: int = 2, extra_args: list
                 q.kill()
             codes.append(-9)
     return Launch(codes, [p.read_text() for p in log_paths], run_dir)
+
+
+def straight_and_resumed(tmp_path: Path, overrides: list[str], stop_after: int, nproc: int = 2):
+    """(straight, halted, resumed): a run to the end in ``tmp_path/straight``, and one in ``tmp_path/resumed``
+    stopped by --stop-after-step ``stop_after`` (exit 75) then run again to the end.  ``halted`` shares the
+    run directory with ``resumed``: its logs are its own, its metrics file is the resumed run's by now."""
+    straight = launch(tmp_path / "straight", overrides, nproc)
+    assert straight.codes == [0] * nproc, straight.explain()
+    halted = launch(tmp_path / "resumed", overrides, nproc, extra_args=["--stop-after-step", str(stop_after)])
+    assert halted.codes == [75] * nproc, halted.explain()
+    resumed = launch(tmp_path / "resumed", overrides, nproc)
+    assert resumed.codes == [0] * nproc, resumed.explain()
+    return straight, halted, resumed
