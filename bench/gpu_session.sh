@@ -9,10 +9,23 @@
 #       otherwise), runs tests/ops on the GPU with the extension required (BERTFORGE_CUDA_EXT=1),
 #       then bench/kernels.py.  Leaves env.txt, build.log, bertforge_C.so, ops_tests.log,
 #       kernels.log and kernels.md under $OUT.
-#   bash bench/gpu_session.sh train [MODELS] [SEQ_LENS] [VARIANTS]
+#   [LENGTHS_FROM=SHARD_DIR] bash bench/gpu_session.sh train [MODELS] [SEQ_LENS] [VARIANTS]
 #       `python -m pretrain bench` on the GPU (default: large, 128, default,ops,packing,
 #       ops+packing+compile, with the HF peer), JSON and table under $OUT.  Carry the
 #       bertforge_C.so of the kernels call as .gpu_build/bertforge_C.so to skip the rebuild.
+#       The packing variants pack each step's instances as training does (data.packing: the same
+#       instances in fewer rows).  On the synthetic lengths (long documents, ~92% of the slots
+#       real) there is little to pack; LENGTHS_FROM, a shard directory carried to the device,
+#       gives the instances its train split's lengths instead (`--lengths-from`; reading them
+#       needs numpy and zstandard, not webdataset or DeepSpeed) and tags the outputs with its
+#       name.  Build the bundled demo corpus's (short documents) on the CPU machine beforehand,
+#       one per sequence length (~1 MB each, a few seconds; demo_out/ is git-ignored, so carry it):
+#           python -m data_prep run --config configs/data/demo.yaml --out demo_out/lengths-128 --no-progress
+#           python -m data_prep run --config configs/data/demo.yaml --out demo_out/lengths-512 \
+#               --seq-len 512 --max-predictions 80 --no-progress
+#       then, e.g., LENGTHS_FROM=demo_out/lengths-512/shards bash bench/gpu_session.sh train large 512.
+#       Give SEQ_LENS the shards' seq_len: longer instances are clipped to the bench's seq_len,
+#       and shards of a shorter seq_len hold no instance longer than it.
 #
 # Then, on the CPU machine: docs/benchmarks.md gets the tables with device and date (`python -m
 # pretrain bench --from-json ... --markdown docs/benchmarks.md`; docs/performance.md, "GPU").
@@ -68,18 +81,23 @@ EOF
 train)
     models=${2:-large}; seqs=${3:-128}; variants=${4:-default,ops,packing,ops+packing+compile}
     if [ "$smoke" = 1 ]; then
-        args=(--preset cpu --models tiny --seq-lens 128 --variants default --micro-batch 4 --rounds 1
+        args=(--preset cpu --models tiny --seq-lens 128 --variants default,packing --micro-batch 4 --rounds 1
               --warmup 1 --steps 1 --sweep none)
     else
         args=(--preset gpu --models "$models" --seq-lens "$seqs" --variants "$variants")
     fi
     tag="${models//,/_}_${seqs//,/_}"
+    if [ -n "${LENGTHS_FROM:-}" ]; then
+        args+=(--lengths-from "$LENGTHS_FROM")
+        name=$(basename "${LENGTHS_FROM%/}"); [ "$name" = shards ] && name=$(basename "$(dirname "${LENGTHS_FROM%/}")")
+        tag="${tag}_${name}"
+    fi
     timeout 540 "$py" -m pretrain bench "${args[@]}" --json "$OUT/train_$tag.json" \
         --markdown "$OUT/train_$tag.md" > "$OUT/train_$tag.log" 2>&1 || status=1
     tail -n 30 "$OUT/train_$tag.log"
     ;;
 *)
-    echo "usage: bash bench/gpu_session.sh kernels | train [MODELS] [SEQ_LENS] [VARIANTS]" >&2
+    echo "usage: bash bench/gpu_session.sh kernels | [LENGTHS_FROM=SHARD_DIR] bash bench/gpu_session.sh train [MODELS] [SEQ_LENS] [VARIANTS]" >&2
     exit 2
     ;;
 esac

@@ -18,8 +18,8 @@ SCRIPT = REPO / "bench" / "gpu_session.sh"
 pytestmark = pytest.mark.slow
 
 
-def run_stage(out: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
+def run_stage(out: Path, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, **extra_env)
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -40,8 +40,20 @@ def test_kernels_and_train_stages_leave_their_results(tmp_path):
     train = run_stage(tmp_path, "train")
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     result = json.loads((tmp_path / "train_large_128.json").read_text())
-    assert sorted(r["system"] for r in result["results"]) == ["ours", "peer"], result["results"]
+    assert [(r["system"], r["variant"]) for r in result["results"]] == \
+        [("ours", "default"), ("ours", "packing"), ("peer", "hf-peer")], result["results"]
     assert all(r["status"] == "ok" for r in result["results"]), result["results"]
     assert "HF peer" in (tmp_path / "train_large_128.md").read_text()
+
+    # LENGTHS_FROM: the instances take a real shard directory's lengths (short documents: packing saves rows)
+    from tests.pretrain.training_helpers import build_shards
+    shards = build_shards(tmp_path / "demo", "dynamic", lines=300) / "shards"
+    train = run_stage(tmp_path, "train", LENGTHS_FROM=str(shards))
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    result = json.loads((tmp_path / "train_large_128_demo.json").read_text())
+    assert result["meta"]["lengths"] == f"from the shards in {shards}"
+    default, packing = (r for r in result["results"] if r["system"] == "ours")
+    assert default["rows_per_step"] == 4 and packing["rows_per_step"] < 4 == packing["sequences_per_step"]
+    assert packing["real_token_fraction"] > default["real_token_fraction"]
 
     assert run_stage(tmp_path, "nonsense").returncode == 2

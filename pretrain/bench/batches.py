@@ -14,11 +14,12 @@ Three renderings of one list of instances:
   / ``masked_lm_labels`` [B, P] (P = max_predictions), as ``pretrain.data.collate`` produces;
 * :func:`render_dense_labels` -- the HF peer: the same rows, ``labels`` [B, S] (-100 where not
   masked) and ``next_sentence_label``, as HF's DataCollatorForLanguageModeling produces;
-* :func:`pack` -- ours packed: several instances per row (first fit), ``segment_ids`` 1..k per
-  instance (0 = padding) so attention is block-diagonal and positions restart per instance.
-
-With packing the sentence head sees only each row's first instance (the model pools position 0);
-its cost (B x H^2) is negligible either way.
+* packed (``make_batches(..., packed=True)``) -- ours as the training loop packs (``data.packing``):
+  the same instances laid into fewer rows by ``pretrain.packing.collate_packed``, with the train
+  loader's defaults (``data.max_instances_per_row``, ``data.pad_to_multiple_of``).  A packed step
+  holds the micro batch's instances in a number of rows, and a row width, that vary from batch to
+  batch; the sentence head reads every instance's [CLS] (``cls_positions``), and on CUDA with sdpa
+  attention the model runs jagged attention over ``cu_seqlens``.
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ import numpy as np
 import torch
 
 from data_prep.masking import IGNORE_INDEX
+from pretrain.config import DataConfig
 from pretrain.data import collate
+from pretrain.packing import collate_packed
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 FIRST_REGULAR_ID = 5
@@ -71,25 +74,25 @@ def instance_length(rng: np.random.Generator, seq_len: int, short_seq_prob: floa
 
 
 def read_shard_lengths(shard_dir: str, seq_len: int, limit: int = 50_000) -> np.ndarray:
-    """Instance lengths (tokens) of up to ``limit`` samples of a data_prep shard directory's train split."""
-    import glob
-    import io
-    import os
-    import tarfile
-    lengths: list[int] = []
-    paths = sorted(glob.glob(os.path.join(shard_dir, "train-*.tar")))
-    if not paths:
-        raise ValueError(f"{shard_dir}: no train-*.tar shards")
-    for path in paths:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if member.name.endswith(".input_ids.npy"):
-                    lengths.append(len(np.load(io.BytesIO(tar.extractfile(member).read()))))
-                    if len(lengths) >= limit:
-                        break
-        if len(lengths) >= limit:
-            break
-    out = np.minimum(np.array(lengths, dtype=np.int64), seq_len)
+    """Instance lengths (tokens, clipped to ``seq_len``) of the first ``limit`` samples of a data_prep
+    shard directory's train split, read through ``data_prep.shards`` (the format's one owner)."""
+    from data_prep.errors import PrepError
+    from data_prep.shards import read_entry, read_manifest, split_info
+    from data_prep.shards.store import open_store
+
+    try:
+        shards = split_info(read_manifest(shard_dir), "train")["shards"]
+        if not shards:
+            raise ValueError(f"{shard_dir}: no train shards in its manifest")
+        store, lengths, count = open_store(shard_dir), [], 0
+        for entry in shards:
+            lengths.append(np.asarray(read_entry(store, entry).columns["lengths"], dtype=np.int64)[:limit - count])
+            count += len(lengths[-1])
+            if count >= limit:
+                break
+    except PrepError as err:
+        raise ValueError(str(err)) from None
+    out = np.minimum(np.concatenate(lengths), seq_len)
     if out.size == 0 or out.min() < 5:
         raise ValueError(f"{shard_dir}: no usable samples (need [CLS] A [SEP] B [SEP] with >= 2 content tokens)")
     return out
@@ -144,67 +147,13 @@ def render_dense_labels(padded: dict) -> dict:
                 next_sentence_label=padded["sentence_labels"])
 
 
-class Packer:
-    """First-fit packing of an instance stream into batches of ``rows`` rows of ``seq_len``.
-
-    A batch is closed after ``lookahead`` instances in a row fit no row; those wait, in order,
-    at the head of the next batch (a packing loader carries them over too, so the length
-    distribution is not skewed towards short instances).
-    """
-
-    def __init__(self, draw, rows: int, seq_len: int, lookahead: int = 8):
-        self.draw, self.rows, self.seq_len, self.lookahead = draw, rows, seq_len, lookahead
-        self.pending: list[Instance] = []
-
-    def next_rows(self) -> list[list[Instance]]:
-        rows: list[list[Instance]] = [[] for _ in range(self.rows)]
-        room = [self.seq_len] * self.rows
-        waiting, self.pending, misses = self.pending, [], 0
-        while misses < self.lookahead:
-            inst = waiting.pop(0) if waiting else self.draw()
-            target = next((r for r in range(self.rows) if room[r] >= len(inst)), None)
-            if target is None:
-                self.pending.append(inst)
-                misses += 1
-                continue
-            rows[target].append(inst)
-            room[target] -= len(inst)
-        self.pending.extend(waiting)
-        return rows
-
-
-def render_packed(rows: list[list[Instance]], seq_len: int, max_predictions_per_row: int) -> dict:
-    """Our packed batch: ``segment_ids`` 1..k per instance (0 = padding), positions offset per row."""
-    b = len(rows)
-    input_ids = np.full((b, seq_len), PAD, dtype=np.int64)
-    token_type_ids = np.zeros((b, seq_len), dtype=np.int64)
-    segment_ids = np.zeros((b, seq_len), dtype=np.int64)
-    positions = np.zeros((b, max_predictions_per_row), dtype=np.int64)
-    labels = np.full((b, max_predictions_per_row), IGNORE_INDEX, dtype=np.int64)
-    sentence = np.zeros(b, dtype=np.int64)
-    for i, row in enumerate(rows):
-        start, k = 0, 0
-        for j, inst in enumerate(row):
-            n, m = len(inst), len(inst.masked_positions)
-            input_ids[i, start:start + n] = inst.input_ids
-            token_type_ids[i, start:start + n] = inst.token_type_ids
-            segment_ids[i, start:start + n] = j + 1
-            if k + m > max_predictions_per_row:
-                raise ValueError(f"row {i} has more than {max_predictions_per_row} masked positions")
-            positions[i, k:k + m], labels[i, k:k + m] = inst.masked_positions + start, inst.masked_labels
-            start, k = start + n, k + m
-        sentence[i] = row[0].sentence_label if row else 0
-    batch = dict(input_ids=input_ids, token_type_ids=token_type_ids, segment_ids=segment_ids,
-                 masked_lm_positions=positions, masked_lm_labels=labels, sentence_labels=sentence)
-    return {k: torch.from_numpy(v) for k, v in batch.items()}
-
-
 @dataclass
 class BatchSet:
     """Pre-drawn batches of one (seq_len, micro batch) and their token counts.
 
-    ``padded[i]`` and ``peer[i]`` hold the same instances; ``packed[i]`` (when built) holds other
-    instances of the same distribution, packed into the same number of rows.
+    ``padded[i]``, ``peer[i]`` and ``packed[i]`` (when built) hold the same ``micro_batch`` instances:
+    ``padded[i]`` and ``peer[i]`` one a row (``micro_batch`` rows of seq_len), ``packed[i]`` in
+    ``packed_rows[i]`` rows of ``packed_slots[i] / packed_rows[i]`` slots (both vary by batch).
     """
     seq_len: int
     micro_batch: int
@@ -212,16 +161,18 @@ class BatchSet:
     padded: list[dict]
     peer: list[dict]
     packed: list[dict]
-    real_tokens: list[int]          # per padded batch
-    packed_real_tokens: list[int]   # per packed batch
-    packed_instances: list[int]     # instances per packed batch
+    real_tokens: list[int]          # per batch: the instances' tokens (padded[i] and packed[i] alike)
+    packed_rows: list[int]          # rows of each packed batch
+    packed_slots: list[int]         # rows x width of each packed batch (padding included)
 
-    def mean_real_tokens(self, packed: bool = False) -> float:
-        values = self.packed_real_tokens if packed else self.real_tokens
-        return float(np.mean(values))
+    def mean_real_tokens(self) -> float:
+        return float(np.mean(self.real_tokens))
 
-    def mean_sequences(self, packed: bool = False) -> float:
-        return float(np.mean(self.packed_instances)) if packed else float(self.micro_batch)
+    def mean_rows(self, packed: bool = False) -> float:
+        return float(np.mean(self.packed_rows)) if packed else float(self.micro_batch)
+
+    def mean_slots(self, packed: bool = False) -> float:
+        return float(np.mean(self.packed_slots)) if packed else float(self.micro_batch * self.seq_len)
 
 
 def make_batches(seq_len: int, micro_batch: int, vocab_size: int, *, count: int = 4, seed: int = 0,
@@ -229,30 +180,24 @@ def make_batches(seq_len: int, micro_batch: int, vocab_size: int, *, count: int 
                  lengths: np.ndarray | None = None) -> BatchSet:
     """``count`` distinct batches (timed steps rotate through them, so no step reuses a cache).
 
+    ``packed``: also ``packed[i]``, padded[i]'s instances as the training loop packs them.
     ``lengths``: draw instance lengths from these (e.g. :func:`read_shard_lengths`) instead of
     BERT's rule, whose long-document assumption fills ~92% of the slots; corpora of short
     documents fill far fewer (the bundled demo corpus: 59% at seq 128)."""
     max_predictions = max_predictions or default_max_predictions(seq_len)
+    data = DataConfig()   # the packer's settings: the train loader's defaults (pretrain.data._Collate)
     rng = np.random.default_rng(seed)
-    padded, peer, real = [], [], []
+    padded, peer, real, packed_batches, rows, slots = [], [], [], [], [], []
     for _ in range(count):
         instances = draw_instances(rng, micro_batch, seq_len, vocab_size, max_predictions, lengths)
         batch = render_padded(instances, seq_len, max_predictions)
         padded.append(batch)
         peer.append(render_dense_labels(batch))
         real.append(int(batch["attention_mask"].sum()))
-    packed_batches, packed_real, packed_count = [], [], []
-    if packed:
-        packer = Packer(lambda: draw_instance(rng, seq_len, vocab_size, max_predictions, lengths=lengths),
-                        micro_batch, seq_len)
-        all_rows = [packer.next_rows() for _ in range(count)]
-        # One fixed width for every batch (fixed shapes: no recompilation under torch.compile).
-        width = max(sum(len(inst.masked_positions) for inst in row) for rows in all_rows for row in rows)
-        width = -(-width // 8) * 8
-        for rows in all_rows:
-            batch = render_packed(rows, seq_len, width)
-            packed_batches.append(batch)
-            packed_real.append(int((batch["segment_ids"] > 0).sum()))
-            packed_count.append(sum(len(row) for row in rows))
-    return BatchSet(seq_len, micro_batch, max_predictions, padded, peer, packed_batches, real, packed_real,
-                    packed_count)
+        if packed:
+            packed_batches.append(collate_packed([inst.example() for inst in instances], PAD, seq_len,
+                                                 max_predictions, data.max_instances_per_row,
+                                                 data.pad_to_multiple_of))
+            rows.append(packed_batches[-1]["input_ids"].size(0))
+            slots.append(packed_batches[-1]["input_ids"].numel())
+    return BatchSet(seq_len, micro_batch, max_predictions, padded, peer, packed_batches, real, rows, slots)

@@ -6,11 +6,15 @@ is not in the numbers: in training the loader runs in worker processes, overlapp
 step times pooled, so a change of machine load while the run goes on hits every case alike: on a
 shared CPU this matters more than the number of steps.
 
-Throughput of a case: sequences per second = sequences per step / median step time (a packed
-step holds more than ``micro_batch`` instances); tokens/s counts the row slots (padding
-included), real tokens/s only the instances' tokens; TFLOP/s = rows/s x ``flops_per_sequence``
-(the anchors' formula: MLM head at 15% of positions, a row counted as a full seq_len sequence)
-for ours and the peer alike, so MFU compares useful work, not what the dense head spends.
+Throughput of a case: sequences per second = instances per step (``micro_batch``, packed or not:
+a packed step holds the same instances in fewer rows, as ``data.packing`` does in training) /
+median step time; tokens/s counts the row slots (padding included; a packed batch's rows are as
+wide as its fullest row, rounded up to ``data.pad_to_multiple_of``), real tokens/s only the
+instances' tokens, ``real_token_fraction`` the ratio of the two; rows per step are ``micro_batch``
+unpacked and the mean over the batches packed (they vary by batch); TFLOP/s = rows/s x
+``flops_per_sequence`` (the anchors' formula: MLM head at 15% of positions, a row counted as a full
+seq_len sequence, as training's ``perf/tflops``) for ours and the peer alike, so MFU compares
+useful work, not what the dense head spends.
 """
 from __future__ import annotations
 
@@ -230,8 +234,8 @@ class Runner:
         bs = self.batch_set(case.model, case.seq_len, case.micro_batch)
         packed = case.system == "ours" and case.variant.packing
         median = stats["median_s"]
-        seqs = bs.mean_sequences(packed)
-        rows = case.micro_batch
+        seqs = case.micro_batch                  # instances per step, packed or not
+        rows, slots, real = bs.mean_rows(packed), bs.mean_slots(packed), bs.mean_real_tokens()
         flops = _flops(case.model, case.seq_len)
         peak = _peak(self.device, self.spec.peak_tflops)
         tflops = rows * flops / median / 1e12
@@ -241,10 +245,10 @@ class Runner:
         record.update({
             "seq_per_s": seqs / median, "rows_per_s": rows / median,
             "seq_per_s_iqr": [seqs / stats["p75_s"], seqs / stats["p25_s"]],
-            "tokens_per_s": rows * case.seq_len / median,
-            "real_tokens_per_s": bs.mean_real_tokens(packed) / median,
-            "real_token_fraction": bs.mean_real_tokens(packed) / (rows * case.seq_len),
-            "sequences_per_step": seqs,
+            "tokens_per_s": slots / median,
+            "real_tokens_per_s": real / median,
+            "real_token_fraction": real / slots,
+            "sequences_per_step": seqs, "rows_per_step": rows, "slots_per_step": slots,
             "tflops": tflops, "mfu": tflops / peak if peak else None,
             "flops_per_sequence": flops,
         })

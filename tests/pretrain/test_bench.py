@@ -46,84 +46,107 @@ def test_padded_batches_look_like_nsp_pretraining_data():
     assert bs.mean_real_tokens() / (64 * 128) > 0.85
 
 
-def test_lengths_can_come_from_real_shards(tmp_path):
-    import io
-    import tarfile
-    with tarfile.open(tmp_path / "train-000000.tar", "w") as tar:
-        for i, n in enumerate([40, 64, 64, 20, 200]):
-            buf = io.BytesIO()
-            np.save(buf, np.arange(n, dtype=np.uint16))
-            info = tarfile.TarInfo(f"train-000000-{i:06d}.input_ids.npy")
-            info.size = buf.tell()
-            buf.seek(0)
-            tar.addfile(info, buf)
-    lengths = B.read_shard_lengths(str(tmp_path), 64)
-    assert sorted(lengths.tolist()) == [20, 40, 64, 64, 64]            # clipped to seq_len
+@pytest.fixture(scope="module")
+def demo_shards(tmp_path_factory):
+    """A real shard directory (data_prep's CLI on the bundled corpus, seq 128: short documents)."""
+    from tests.pretrain.training_helpers import build_shards
+    return build_shards(tmp_path_factory.mktemp("bench-lengths"), "dynamic", lines=300) / "shards"
+
+
+def test_lengths_come_from_real_shards_clipped_to_seq_len(demo_shards):
+    from data_prep.shards import iter_split_samples, read_manifest
+    manifest = read_manifest(demo_shards)
+    stored = np.array([len(s["input_ids"]) for *_, s in iter_split_samples(demo_shards, manifest, "train")])
+    assert len(manifest["shards"]) > 2 and stored.max() == 128 and (stored < 64).any()
+    assert B.read_shard_lengths(str(demo_shards), 128).tolist() == stored.tolist()
+    lengths = B.read_shard_lengths(str(demo_shards), 64, limit=len(stored) - 7)   # the limit cuts a shard
+    assert lengths.tolist() == np.minimum(stored[:len(stored) - 7], 64).tolist()
     bs = B.make_batches(64, 16, 512, count=2, lengths=lengths, packed=True)
     drawn = torch.cat([b["attention_mask"].sum(1) for b in bs.padded])
-    assert set(drawn.tolist()) <= {20, 40, 64}
-    assert bs.mean_sequences(packed=True) > 16                           # short ones share rows
-    with pytest.raises(ValueError, match="no train"):
-        B.read_shard_lengths(str(tmp_path / "missing"), 64)
+    assert set(drawn.tolist()) <= set(lengths.tolist())
+    assert bs.mean_rows(packed=True) < 16                                # short ones share rows
+    with pytest.raises(ValueError, match="no manifest.json"):
+        B.read_shard_lengths(str(demo_shards.parent), 64)
+    with pytest.raises(ValueError, match="no usable samples"):
+        B.read_shard_lengths(str(demo_shards), 4)
 
 
-def test_packer_fills_rows_and_keeps_every_instance_intact():
-    drawn = []
+class _Split:
+    """What pretrain.data._Collate reads of a split."""
 
-    def draw(state=np.random.default_rng(5)):
-        drawn.append(B.draw_instance(state, 64, 512, 10))
-        return drawn[-1]
-
-    packer = B.Packer(draw, rows=6, seq_len=64)
-    rows = packer.next_rows()
-    placed = [inst for row in rows for inst in row]
-    assert all(sum(len(i) for i in row) <= 64 for row in rows)
-    assert len(placed) >= 6 and len(placed) + len(packer.pending) == len(drawn)
-    batch = B.render_packed(rows, 64, 40)
-    for r, row in enumerate(rows):
-        start = 0
-        for j, inst in enumerate(row):
-            span = slice(start, start + len(inst))
-            assert (batch["segment_ids"][r, span] == j + 1).all()
-            assert torch.equal(batch["input_ids"][r, span], torch.from_numpy(inst.input_ids))
-            start += len(inst)
-        assert (batch["segment_ids"][r, start:] == 0).all()
-        real = batch["masked_lm_labels"][r] != B.IGNORE_INDEX
-        expected = torch.cat([torch.from_numpy(i.masked_labels) for i in row])
-        assert torch.equal(batch["masked_lm_labels"][r][real], expected)
-    # the next batch starts with the instances that did not fit
-    waiting = list(packer.pending)
-    assert packer.next_rows()[0][0] is waiting[0]
+    def __init__(self, seq_len, max_predictions):
+        self.info = {"special_ids": {"pad": B.PAD}, "seq_len": seq_len, "max_predictions": max_predictions}
 
 
-def test_packed_and_unpacked_logits_are_equal_for_the_same_instances():
-    """The packing variant computes the same function: per-instance MLM logits (fp32, CPU)."""
+def _examples_of(padded: dict) -> list[dict]:
+    """The instances of a padded batch, as the loader's examples."""
+    out = []
+    for i, n in enumerate(padded["attention_mask"].sum(1).tolist()):
+        keep = padded["masked_lm_labels"][i] != B.IGNORE_INDEX
+        out.append({"input_ids": padded["input_ids"][i, :n].numpy(),
+                    "token_type_ids": padded["token_type_ids"][i, :n].numpy(),
+                    "masked_lm_positions": padded["masked_lm_positions"][i][keep].numpy(),
+                    "masked_lm_labels": padded["masked_lm_labels"][i][keep].numpy(),
+                    "sentence_label": int(padded["sentence_labels"][i])})
+    return out
+
+
+def _short_lengths(seq_len: int) -> np.ndarray:
+    return np.random.default_rng(4).integers(8, seq_len + 1, size=500)
+
+
+@pytest.mark.parametrize("seq_len,lengths", [(64, _short_lengths(64)),
+                                             (128, np.random.default_rng(4).integers(5, 12, size=500))],
+                         ids=["short-documents", "tiny-instances"])
+def test_packed_batches_hold_the_padded_batches_instances_as_the_training_loader_packs_them(seq_len, lengths):
+    """packed[i] is what the train loader (data.packing, default settings) makes of padded[i]'s instances."""
+    from pretrain.config import DataConfig
+    from pretrain.data import _Collate
+    from pretrain.packing import fill
+
+    bs = B.make_batches(seq_len, 24, 512, count=3, seed=2, packed=True, lengths=lengths)
+    data = DataConfig()
+    train_collate = _Collate(_Split(seq_len, bs.max_predictions), data.pad_to_multiple_of,
+                             data.max_instances_per_row)
+    assert len(bs.packed) == len(bs.padded) == 3
+    for i, (padded, packed) in enumerate(zip(bs.padded, bs.packed)):
+        expected = train_collate(_examples_of(padded))
+        assert packed.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(packed[key], expected[key]), key
+        # the same instances, in fewer rows: labels, sentence labels and real tokens unchanged
+        assert torch.equal(packed["masked_lm_labels"], padded["masked_lm_labels"])
+        assert torch.equal(packed["sentence_labels"], padded["sentence_labels"])
+        assert len(packed["cls_positions"]) == 24 and packed["input_ids"].size(0) < 24
+        real, slots = fill(packed)
+        assert real == bs.real_tokens[i] == int(padded["attention_mask"].sum())
+        assert (bs.packed_rows[i], bs.packed_slots[i]) == (packed["input_ids"].size(0), slots)
+    if seq_len == 128:   # the settings bind here: the instance cap, and the width rounded up
+        assert all(int(b["segment_ids"].max()) == data.max_instances_per_row for b in bs.packed)
+        assert any((b["segment_ids"] > 0).sum(1).max() % data.pad_to_multiple_of for b in bs.packed)
+    assert bs.mean_rows(packed=True) == np.mean(bs.packed_rows) and bs.mean_rows() == 24
+    assert bs.mean_slots() == 24 * seq_len and bs.mean_slots(packed=True) < 24 * seq_len
+    # the padded batches do not depend on whether packed ones are built
+    plain = B.make_batches(seq_len, 24, 512, count=3, seed=2, lengths=lengths)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(plain.padded, bs.padded))
+    assert plain.packed == [] and plain.packed_rows == []
+
+
+def test_packed_and_padded_batches_give_the_same_logits_for_every_instance():
+    """The packing variant computes the same function: per-instance MLM and sentence logits (fp32, CPU)."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=512, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                       max_position_embeddings=64)
     model = build_model(cfg).eval()
-    rng = np.random.default_rng(1)
-    instances = [B.draw_instance(rng, 64, 512, 10, short_seq_prob=1.0) for _ in range(8)]
-    packer = B.Packer(iter(instances).__next__, rows=3, seq_len=64, lookahead=1)
-    try:
-        rows = packer.next_rows()
-    except StopIteration:
-        pytest.fail("the packer drew more than the instances given")
-    rows = [row for row in rows if row]
-    used = [inst for row in rows for inst in row]
-    assert any(len(row) > 1 for row in rows)
-    packed = B.render_packed(rows, 64, 40)
-    padded = B.render_padded(used, 64, 10)
-    with torch.no_grad():
-        out_packed = model(**packed)
-        out_padded = model(**padded)
-    keep_packed = packed["masked_lm_labels"].reshape(-1) != B.IGNORE_INDEX
-    keep_padded = padded["masked_lm_labels"].reshape(-1) != B.IGNORE_INDEX
-    a, b = out_packed.mlm_logits[keep_packed], out_padded.mlm_logits[keep_padded]
-    assert a.shape == b.shape
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    # the same masked-token loss over the same targets
-    torch.testing.assert_close(out_packed.mlm_correct, out_padded.mlm_correct)
+    bs = B.make_batches(64, 16, 512, count=2, seed=1, packed=True, lengths=_short_lengths(64))
+    for padded, packed in zip(bs.padded, bs.packed):
+        assert packed["input_ids"].size(0) < 16 and packed["segment_ids"].max() > 1
+        with torch.no_grad():
+            out_packed, out_padded = model(**packed), model(**padded)
+        keep = padded["masked_lm_labels"].reshape(-1) != B.IGNORE_INDEX   # the same [N, P] slots packed
+        torch.testing.assert_close(out_packed.mlm_logits[keep], out_padded.mlm_logits[keep], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out_packed.sentence_logits, out_padded.sentence_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out_packed.loss, out_padded.loss, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +348,13 @@ def test_cli_runs_a_tiny_benchmark_and_writes_json_markdown_png(tmp_path, capsys
         assert r["status"] == "ok" and r["steps"] == 4 and len(r["load_avg_1m"]) == 2
         assert r["seq_per_s"] > 0 and r["tflops"] > 0 and r["mfu"] is None
         assert len(r["cpu_times_s"]) == 4 and "host_syncs_per_step" not in r
+    # packed: the same instances (and real tokens) a step in at most as many rows, each at most seq_len slots
+    default, packing = data["results"][:2]
+    assert default["sequences_per_step"] == packing["sequences_per_step"] == 4 == default["rows_per_step"]
+    assert 1 <= packing["rows_per_step"] <= 4 and packing["slots_per_step"] <= 32 * packing["rows_per_step"]
+    assert packing["real_tokens_per_s"] / packing["seq_per_s"] == pytest.approx(
+        default["real_tokens_per_s"] / default["seq_per_s"])
+    assert packing["real_token_fraction"] >= default["real_token_fraction"]
     assert {r["variant"] for r in data["ratios"]} == {"default", "packing"}
     assert all(r["paired_seq_per_s_ratio"] > 0 for r in data["ratios"])
     assert [r["micro_batch"] for r in data["sweep"]] == [2, 2]
