@@ -528,3 +528,11 @@ def _lamb_options_with_adamw(cfg: Config, _world_size):
         return None
     return [f"optimizer.{k}={yaml.safe_dump(getattr(o, k)).splitlines()[0]} has no effect: it is a LAMB option "
             f"and optimizer.name={o.name}" for k in LAMB_ONLY if getattr(o, k) != getattr(default, k)]
+
+
+@WARNINGS.check("data.packing", "data.max_instances_per_row")
+def _row_cap_without_packing(cfg: Config, _world_size):
+    d = cfg.data
+    if not d.packing and d.max_instances_per_row != DataConfig().max_instances_per_row:
+        return (f"data.max_instances_per_row={d.max_instances_per_row} has no effect: it caps packed rows and "
+                "data.packing=false")

@@ -44,7 +44,7 @@ class Variant:
     """What ``ours`` runs; the default is the training configuration (torch kernels, LAMB)."""
     kernels: str = "torch"      # torch: SDPA + torch LayerNorm + reference LAMB; ops: pretrain.ops kernels
     optimizer: str = "lamb"     # lamb | adamw
-    packing: bool = False       # several instances per row, block-diagonal attention
+    packing: bool = False       # the training loop's packing (pretrain.packing): the micro batch in fewer rows
     unpad: bool = False         # kernels.unpad: token-wise work on real tokens only
     mlm_head: str = "sparse"    # sparse: masked positions only; dense: every token (as HF)
     compile: bool = False       # torch.compile the model

@@ -209,6 +209,18 @@ def test_lamb_only_options_with_adamw_warn():
         load_config(None, ["optimizer.nvlamb=true"])                   # LAMB: used
 
 
+def test_row_cap_without_packing_warns():
+    from data_prep.settings import ConfigWarning
+
+    with pytest.warns(ConfigWarning, match="data.max_instances_per_row=16 has no effect: it caps packed rows and "
+                                           "data.packing=false"):
+        load_config(None, ["data.max_instances_per_row=16"])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(None, ["data.packing=true", "data.max_instances_per_row=16"])
+
+
 def test_a_command_prints_a_config_warning_once_as_a_warning_line(capsys):
     from pretrain.cli import main
 
