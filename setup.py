@@ -78,8 +78,10 @@ setup(
     extras_require={
         "train": TRAIN,
         "mpi": TRAIN + ["mpi4py>=4.0"],   # the 4.x wheels load any MPI library at run time
-        # webdataset: the tests read our shards with stock webdataset.WebDataset
-        "dev": TRAIN + ["pytest>=7.4", "transformers>=4.40", "webdataset>=0.2.90"],
+        # webdataset: the tests read our shards with stock webdataset.WebDataset; scipy, scikit-learn:
+        # the references tests/finetune checks the fine-tuning metrics against (pretrain never imports them)
+        "dev": TRAIN + ["pytest>=7.4", "transformers>=4.40", "webdataset>=0.2.90", "scipy>=1.10",
+                        "scikit-learn>=1.3"],
     },
     entry_points={
         "console_scripts": [
