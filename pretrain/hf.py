@@ -11,9 +11,23 @@ Which HF class a config maps to (export), and which HF classes import accepts:
     albert  post                 none            AlbertForMaskedLM
     albert  pre                  -               not exportable (HF has no pre-LN ALBERT)
 
+Fine-tuned models (pretrain.finetune.model.FinetuneModel) export by family and task:
+
+    family (arch, layer_norm_position)   task       HF class (head parameters)
+    Bert (bert, post)                    sequence   BertForSequenceClassification (bert.pooler, classifier)
+    MegatronBert (bert, pre)             token      ...ForTokenClassification      (classifier; no pooler)
+    Albert (albert, post)                qa         ...ForQuestionAnswering        (qa_outputs [2, H]; no pooler)
+
+with num_labels, id2label/label2id, problem_type (sequence: single_label_classification or
+regression) and the head dropout (classifier_dropout; ALBERT: classifier_dropout_prob) in
+config.json.  Fine-tuning starts from any of the classes above or a bare BertModel,
+MegatronBertModel or AlbertModel directory (:func:`read_hf_weights`).
+
 Our fused qkv [3H, H] is split into query/key/value; the decoder weight (tied to the word
 embeddings) and decoder bias are written to both HF names; ALBERT without embedding_size gets
-an identity embedding_hidden_mapping_in.  The vocabulary padding never leaves the model.
+an identity embedding_hidden_mapping_in.  The vocabulary padding never leaves the model.  Weights
+received from elsewhere are checked before transformers reads them (safetensors, or a .bin read
+weights-only: a pickled payload is refused, never run).
 """
 from __future__ import annotations
 
@@ -29,6 +43,16 @@ from pretrain.weights import read_json_object
 
 SUPPORTED_HF_ARCHITECTURES = ("BertForPreTraining", "BertForMaskedLM", "MegatronBertForPreTraining",
                               "MegatronBertForMaskedLM", "AlbertForPreTraining", "AlbertForMaskedLM")
+FAMILIES = ("Bert", "MegatronBert", "Albert")
+TASK_HEADS = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification",
+              "qa": "ForQuestionAnswering"}
+"""Fine-tuning task -> suffix of its HF class."""
+HEAD_MODULES = {"sequence": "classifier", "token": "classifier", "qa": "qa_outputs"}
+"""Fine-tuning task -> its output layer's name, the same in FinetuneModel and in the HF class."""
+FINETUNED_HF_ARCHITECTURES = tuple(f + h for h in TASK_HEADS.values() for f in FAMILIES)
+ENCODER_HF_ARCHITECTURES = tuple(f + "Model" for f in FAMILIES)
+FINETUNE_SOURCE_ARCHITECTURES = SUPPORTED_HF_ARCHITECTURES + FINETUNED_HF_ARCHITECTURES + ENCODER_HF_ARCHITECTURES
+"""What fine-tuning may start from: a pretraining, fine-tuned or bare-encoder directory."""
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
                   "mask_token": "[MASK]"}
@@ -37,19 +61,36 @@ SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD
 # --------------------------------------------------------------------------------------------
 # Architecture and config
 # --------------------------------------------------------------------------------------------
-def hf_architecture(m: ModelConfig) -> str:
-    """Name of the transformers class that holds a model of config ``m`` (see the module table)."""
-    head = "ForMaskedLM" if m.sentence_head == "none" else "ForPreTraining"
+def hf_family(m: ModelConfig) -> str:
+    """Bert, MegatronBert (pre-LN BERT) or Albert: the prefix of the transformers classes for ``m``."""
     if m.arch == "albert":
         if m.layer_norm_position == "pre":
             raise ValueError("model.layer_norm_position=pre with model.arch=albert has no HuggingFace "
                              "equivalent (AlbertModel is post-LN); it cannot be exported")
-        return "Albert" + head
-    return ("MegatronBert" if m.layer_norm_position == "pre" else "Bert") + head
+        return "Albert"
+    return "MegatronBert" if m.layer_norm_position == "pre" else "Bert"
 
 
-def hf_config(m: ModelConfig):
-    """The transformers config object for ``m`` (architectures set, no network access)."""
+def hf_architecture(m: ModelConfig) -> str:
+    """Name of the transformers class that holds a model of config ``m`` (see the module table)."""
+    return hf_family(m) + ("ForMaskedLM" if m.sentence_head == "none" else "ForPreTraining")
+
+
+def finetuned_architecture(m: ModelConfig, task: str) -> str:
+    """Name of the transformers class for a fine-tuned model of config ``m`` and ``task``."""
+    if task not in TASK_HEADS:
+        raise ValueError(f"task: got {task!r}, expected one of {', '.join(TASK_HEADS)}")
+    return hf_family(m) + TASK_HEADS[task]
+
+
+def task_of_architecture(architecture: str) -> str | None:
+    """The fine-tuning task of an HF class name (BertForTokenClassification -> token), else None."""
+    return next((task for task, suffix in TASK_HEADS.items() if architecture.endswith(suffix)), None)
+
+
+def hf_config(m: ModelConfig, architecture: str | None = None, **settings):
+    """The transformers config object for ``m`` (architectures set, no network access).
+    ``architecture`` replaces hf_architecture(m); ``settings`` are further config fields."""
     import transformers
     common = dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
                   num_attention_heads=m.num_heads, intermediate_size=m.intermediate_size,
@@ -57,20 +98,57 @@ def hf_config(m: ModelConfig):
                   hidden_dropout_prob=m.hidden_dropout, attention_probs_dropout_prob=m.attention_dropout,
                   max_position_embeddings=m.max_position_embeddings, type_vocab_size=m.type_vocab_size,
                   initializer_range=m.initializer_range, layer_norm_eps=m.layer_norm_eps,
-                  architectures=[hf_architecture(m)])
+                  architectures=[architecture or hf_architecture(m)])
     if m.arch == "albert":
         groups = 1 if m.share_layers else m.num_layers
         # Our sentence head has no dropout; HF's SOP head drops out by classifier_dropout_prob (0.1 by default).
-        return transformers.AlbertConfig(embedding_size=m.embedding_size or m.hidden_size,
-                                         num_hidden_groups=groups, inner_group_num=1, classifier_dropout_prob=0.0,
-                                         **common)
+        albert = dict(embedding_size=m.embedding_size or m.hidden_size, num_hidden_groups=groups, inner_group_num=1,
+                      classifier_dropout_prob=0.0)
+        return transformers.AlbertConfig(**{**common, **albert, **settings})
     if m.layer_norm_position == "pre":
-        return transformers.MegatronBertConfig(**common)
-    return transformers.BertConfig(**common)
+        return transformers.MegatronBertConfig(**common, **settings)
+    return transformers.BertConfig(**common, **settings)
 
 
-def model_config_from_hf(hf_cfg, source: str) -> ModelConfig:
-    """Our ModelConfig for a transformers Bert/MegatronBert/Albert config (``source`` names it in errors)."""
+def finetuned_hf_config(m: ModelConfig, head):
+    """The transformers config of a fine-tuned model: ``head`` (a resolved
+    pretrain.finetune.model.HeadConfig) gives num_labels, id2label/label2id, problem_type and the
+    head dropout.  MegatronBert's task classes drop out by hidden_dropout_prob whatever the config
+    says; classifier_dropout is still written, so that our import reads the head's value back."""
+    architecture = finetuned_architecture(m, head.task)
+    dropout_key = "classifier_dropout_prob" if m.arch == "albert" else "classifier_dropout"
+    if architecture.startswith("MegatronBert") and head.task != "qa" and head.dropout != m.hidden_dropout:
+        warnings.warn(f"{architecture} drops out by hidden_dropout_prob={m.hidden_dropout}, not by the head "
+                      f"dropout {head.dropout}: training the exported model further in transformers differs "
+                      "(its outputs in eval mode do not)", stacklevel=3)
+    settings = {"num_labels": head.num_labels, "id2label": dict(enumerate(head.labels)),
+                "label2id": {name: i for i, name in enumerate(head.labels)}, dropout_key: head.dropout}
+    if head.task == "sequence":
+        settings["problem_type"] = head.problem_type
+    return hf_config(m, architecture, **settings)
+
+
+def head_settings_from_hf(hf_cfg, architecture: str) -> dict | None:
+    """The head of a fine-tuned HF config as HeadConfig fields (task, num_labels, labels, problem_type,
+    dropout), or None for a pretraining or bare-encoder architecture.  Dropout: the value the HF class
+    itself would use (classifier_dropout, else hidden_dropout_prob; ALBERT: classifier_dropout_prob)."""
+    task = task_of_architecture(architecture)
+    if task is None:
+        return None
+    id2label = {int(k): v for k, v in (hf_cfg.id2label or {}).items()}
+    labels = [id2label.get(i, f"LABEL_{i}") for i in range(hf_cfg.num_labels)]
+    key = "classifier_dropout_prob" if architecture.startswith("Albert") else "classifier_dropout"
+    dropout = getattr(hf_cfg, key, None)
+    if dropout is None:
+        dropout = hf_cfg.hidden_dropout_prob
+    return {"task": task, "num_labels": hf_cfg.num_labels, "labels": labels,
+            "problem_type": getattr(hf_cfg, "problem_type", None) if task == "sequence" else None,
+            "dropout": None if task == "qa" else dropout}   # HF's QA classes have no head dropout
+
+
+def model_config_from_hf(hf_cfg, source: str, supported: tuple = SUPPORTED_HF_ARCHITECTURES) -> ModelConfig:
+    """Our ModelConfig for a transformers Bert/MegatronBert/Albert config (``source`` names it in errors)
+    whose architectures name one of ``supported``; sentence_head is none unless it is a ...ForPreTraining."""
     act = HF_ACTIVATIONS.get(hf_cfg.hidden_act)
     if act is None:
         raise ValueError(f"{source}: hidden_act {hf_cfg.hidden_act!r} is not supported "
@@ -78,7 +156,7 @@ def model_config_from_hf(hf_cfg, source: str) -> ModelConfig:
     if getattr(hf_cfg, "position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"{source}: position_embedding_type {hf_cfg.position_embedding_type!r} is not supported "
                          "(expected 'absolute')")
-    arch = _architecture_of(hf_cfg, source)
+    arch = _architecture_of(hf_cfg, source, supported)
     m = ModelConfig(arch="albert" if arch.startswith("Albert") else "bert", vocab_size=hf_cfg.vocab_size,
                     hidden_size=hf_cfg.hidden_size, num_layers=hf_cfg.num_hidden_layers,
                     num_heads=hf_cfg.num_attention_heads, intermediate_size=hf_cfg.intermediate_size,
@@ -88,7 +166,7 @@ def model_config_from_hf(hf_cfg, source: str) -> ModelConfig:
                     attention_dropout=hf_cfg.attention_probs_dropout_prob,
                     initializer_range=hf_cfg.initializer_range,
                     layer_norm_position="pre" if arch.startswith("MegatronBert") else "post")
-    if arch.endswith("ForMaskedLM"):
+    if not arch.endswith("ForPreTraining"):
         m.sentence_head = "none"
     if m.arch == "albert":
         _albert_options(m, hf_cfg, source)
@@ -107,14 +185,14 @@ def _albert_options(m: ModelConfig, hf_cfg, source: str) -> None:
         m.sentence_head = "sop"
 
 
-def _architecture_of(hf_cfg, source: str) -> str:
+def _architecture_of(hf_cfg, source: str, supported: tuple = SUPPORTED_HF_ARCHITECTURES) -> str:
     found = list(getattr(hf_cfg, "architectures", None) or [])
-    supported = [a for a in found if a in SUPPORTED_HF_ARCHITECTURES]
-    if not supported:
+    known = [a for a in found if a in supported]
+    if not known:
         raise ValueError(f"{source}: architectures {found or 'missing'} (model_type "
                          f"{getattr(hf_cfg, 'model_type', None)!r}) is not supported; expected one of "
-                         f"{', '.join(SUPPORTED_HF_ARCHITECTURES)}")
-    return supported[0]
+                         f"{', '.join(supported)}")
+    return known[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,17 +274,40 @@ def _expected_ours(m: ModelConfig) -> set:
 # --------------------------------------------------------------------------------------------
 # State-dict conversion
 # --------------------------------------------------------------------------------------------
+def finetuned_key_map(m: ModelConfig, head) -> dict:
+    """key_map for a FinetuneModel of config m and ``head`` (a resolved HeadConfig): the encoder's and
+    the pooler's names as in key_map, the output layer under the same name in both (HEAD_MODULES)."""
+    from pretrain.finetune.model import FinetuneModel
+    import torch
+    with torch.device("meta"):
+        expected = set(FinetuneModel(m, head).state_dict())
+    names = {k: v for k, v in key_map(m).items() if k in expected}
+    layer = HEAD_MODULES[head.task]
+    names.update({f"{layer}.{p}": f"{layer}.{p}" for p in ("weight", "bias")})
+    return names
+
+
 def to_hf_state_dict(state_dict: dict, m: ModelConfig) -> dict:
     """Our consolidated state dict (vocabulary trimmed) -> the HF state dict of hf_architecture(m)."""
+    names = {k: v for k, v in key_map(m).items() if k in _expected_ours(m)}
+    hf = _to_hf(state_dict, names, m, f"a model.{m.arch} model")
+    for copy, source in tied_copies(m).items():
+        hf[copy] = hf[source]
+    return hf
+
+
+def finetuned_to_hf_state_dict(state_dict: dict, m: ModelConfig, head) -> dict:
+    """A FinetuneModel's consolidated state dict -> the HF state dict of finetuned_architecture(m, head.task)."""
+    return _to_hf(state_dict, finetuned_key_map(m, head), m, f"a model.{m.arch} {head.task} model")
+
+
+def _to_hf(state_dict: dict, names: dict, m: ModelConfig, what: str) -> dict:
     import torch
     from pretrain.model import trim_vocab
     state_dict = trim_vocab(state_dict, m)
-    expected = _expected_ours(m)
-    names = {k: v for k, v in key_map(m).items() if k in expected}
     missing = sorted(set(names) - set(state_dict))
     if missing:
-        raise ValueError(f"state dict lacks {len(missing)} parameter(s) a model.{m.arch} model needs: "
-                         f"{', '.join(missing[:5])}")
+        raise ValueError(f"state dict lacks {len(missing)} parameter(s) {what} needs: {', '.join(missing[:5])}")
     hf = {}
     for ours, theirs in names.items():
         if isinstance(theirs, tuple):
@@ -216,8 +317,6 @@ def to_hf_state_dict(state_dict: dict, m: ModelConfig) -> dict:
     if m.arch == "albert" and m.embedding_size is None:  # E == H without projection: identity mapping
         hf["albert.encoder.embedding_hidden_mapping_in.weight"] = torch.eye(m.hidden_size)
         hf["albert.encoder.embedding_hidden_mapping_in.bias"] = torch.zeros(m.hidden_size)
-    for copy, source in tied_copies(m).items():
-        hf[copy] = hf[source]
     return {k: v.contiguous() for k, v in hf.items()}
 
 
@@ -227,14 +326,38 @@ def from_hf_state_dict(hf: dict, m: ModelConfig, source: str = "HF state dict") 
     for copy, original in tied_copies(m).items():
         if copy in hf and original in hf and not torch.equal(hf[copy], hf[original]):
             raise ValueError(f"{source}: {copy} differs from {original}; an untied MLM decoder is not supported")
-    expected = _expected_ours(m)
-    names = {k: v for k, v in key_map(m).items() if k in expected}
-    wanted = [h for v in names.values() for h in (v if isinstance(v, tuple) else (v,))]
-    missing = [h for h in wanted if h not in hf]
+    names = {k: v for k, v in key_map(m).items() if k in _expected_ours(m)}
+    return _from_hf(hf, names, source)
+
+
+def _hf_names(theirs) -> tuple:
+    return theirs if isinstance(theirs, tuple) else (theirs,)
+
+
+def _from_hf(hf: dict, names: dict, source: str, optional: set = frozenset()) -> dict:
+    """{ours: tensor} for every entry of ``names`` whose HF weights are all in ``hf``; those of ours
+    not in ``optional`` must be there."""
+    import torch
+    missing = [h for ours, theirs in names.items() if ours not in optional for h in _hf_names(theirs) if h not in hf]
     if missing:
         raise ValueError(f"{source}: lacks {len(missing)} expected weight(s): {', '.join(missing[:5])}")
     return {ours: (torch.cat([hf[h] for h in theirs]) if isinstance(theirs, tuple) else hf[theirs]).float().clone()
-            for ours, theirs in names.items()}
+            for ours, theirs in names.items() if all(h in hf for h in _hf_names(theirs))}
+
+
+def finetune_weights_from_hf(hf: dict, m: ModelConfig, source_task: str | None, source: str) -> tuple[dict, list]:
+    """(our consolidated weights, unused HF names) from the HF state dict of a directory fine-tuning starts
+    from: the encoder (required), the pooler when there is one, and the output layer of a fine-tuned
+    ``source_task`` model.  The MLM and sentence heads are among the unused names."""
+    encoder = {k: v for k, v in key_map(m).items() if k.split(".")[0] in ("embeddings", "encoder", "pooler")}
+    names = {k: v for k, v in encoder.items() if k in _expected_ours(dataclasses.replace(m, sentence_head="nsp"))}
+    if source_task is not None:
+        layer = HEAD_MODULES[source_task]
+        names.update({f"{layer}.{p}": f"{layer}.{p}" for p in ("weight", "bias")})
+    optional = {k for k in names if not k.startswith(("embeddings.", "encoder."))}
+    ours = _from_hf(hf, names, source, optional)
+    used = {h for k in ours for h in _hf_names(names[k])}
+    return ours, sorted(set(hf) - used)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,28 +373,57 @@ def export_checkpoint(checkpoint: str, out_dir: str, tokenizer_dir: str | None =
     directory used, or None).
     """
     import transformers
-    from pretrain.weights import TOKENIZER_DIR, load_weights, resolve_checkpoint_dir
+    from pretrain.weights import load_weights, resolve_checkpoint_dir
     ckpt_dir = resolve_checkpoint_dir(checkpoint)
     config, state_dict, extra = load_weights(ckpt_dir)
     m = config.model
     architecture = hf_architecture(m)
-    own = os.path.join(ckpt_dir, TOKENIZER_DIR)
-    tokenizer_dir = tokenizer_dir or (own if os.path.isdir(own) else None) or extra.get("tokenizer_dir") \
-        or config.data.tokenizer
-    recorded = (extra.get("fingerprints") or {}).get("tokenizer")
-    if tokenizer_dir and recorded:
-        _check_tokenizer_hash(tokenizer_dir, recorded, ckpt_dir)
+    tokenizer_dir = checkpoint_tokenizer_dir(ckpt_dir, config, extra, tokenizer_dir)
     spec = _tokenizer_spec(tokenizer_dir, m) if tokenizer_dir else None  # bad tokenizer: fail before writing
     model = getattr(transformers, architecture)(hf_config(m))
     model.load_state_dict(to_hf_state_dict(state_dict, m), strict=True)
+    _save_hf(model, out_dir, tokenizer_dir, spec, checkpoint)
+    return {"architecture": architecture, "out_dir": out_dir, "tokenizer": tokenizer_dir or None}
+
+
+def export_finetuned(model, out_dir: str, tokenizer_dir: str | None = None) -> dict:
+    """Write a transformers directory of a fine-tuned ``model`` (a FinetuneModel): config.json with its
+    labels, model.safetensors and, from ``tokenizer_dir``, the tokenizer files (see export_tokenizer), so
+    that the Auto classes and ``transformers.pipeline("text-classification" / "token-classification" /
+    "question-answering", model=out_dir)`` load it (transformers 5 has no question-answering pipeline).
+    Returns a summary as export_checkpoint does."""
+    import transformers
+    m, head = model.config, model.head
+    architecture = finetuned_architecture(m, head.task)
+    spec = _tokenizer_spec(tokenizer_dir, m) if tokenizer_dir else None
+    hf_model = getattr(transformers, architecture)(finetuned_hf_config(m, head))
+    hf_model.load_state_dict(finetuned_to_hf_state_dict(model.consolidated_state_dict(), m, head), strict=True)
+    _save_hf(hf_model, out_dir, tokenizer_dir, spec, "the fine-tuned model")
+    return {"architecture": architecture, "out_dir": out_dir, "tokenizer": tokenizer_dir or None}
+
+
+def _save_hf(hf_model, out_dir: str, tokenizer_dir: str | None, spec: dict | None, what: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
+    hf_model.save_pretrained(out_dir)
     if spec:
         export_tokenizer(tokenizer_dir, out_dir, spec)
     else:
-        warnings.warn(f"no tokenizer known for {checkpoint} (pass --tokenizer DIR): {out_dir} has the weights "
-                      "but no tokenizer files, so AutoTokenizer.from_pretrained will not load it", stacklevel=2)
-    return {"architecture": architecture, "out_dir": out_dir, "tokenizer": tokenizer_dir or None}
+        warnings.warn(f"no tokenizer known for {what} (pass --tokenizer DIR): {out_dir} has the weights "
+                      "but no tokenizer files, so AutoTokenizer.from_pretrained will not load it", stacklevel=3)
+
+
+def checkpoint_tokenizer_dir(ckpt_dir: str, config: Config, extra: dict, tokenizer_dir: str | None = None):
+    """The tokenizer of a checkpoint: ``tokenizer_dir``, else the copy in the checkpoint directory, else its
+    extra ``tokenizer_dir``, else its config ``data.tokenizer``, else None.  One whose hash is not the
+    tokenizer hash recorded in the checkpoint is refused (ValueError)."""
+    from pretrain.weights import TOKENIZER_DIR
+    own = os.path.join(ckpt_dir, TOKENIZER_DIR)
+    tokenizer_dir = tokenizer_dir or (own if os.path.isdir(own) else None) or extra.get("tokenizer_dir") \
+        or config.data.tokenizer or None
+    recorded = (extra.get("fingerprints") or {}).get("tokenizer")
+    if tokenizer_dir and recorded:
+        _check_tokenizer_hash(tokenizer_dir, recorded, ckpt_dir)
+    return tokenizer_dir
 
 
 def _check_tokenizer_hash(tokenizer_dir: str, recorded: str, ckpt_dir: str) -> None:
@@ -336,19 +488,12 @@ def import_hf(hf_dir: str, out_dir: str) -> Config:
 
     The tokenizer files found there are copied to OUT/tokenizer and recorded in extra.json.
     """
-    import transformers
     from pretrain.model import build_model
     from pretrain.weights import TOKENIZER_DIR, copy_tokenizer, save_weights
     hf_cfg = _read_hf_config(hf_dir)
     m = model_config_from_hf(hf_cfg, os.path.join(hf_dir, "config.json"))
-    config = config_from_dict(_config_dict(m), source=os.path.join(hf_dir, "config.json"))
-    for path in _hf_weight_files(hf_dir):
-        _check_weights_file(path)
-    try:
-        hf_model = getattr(transformers, _architecture_of(hf_cfg, hf_dir)).from_pretrained(hf_dir)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{hf_dir}: transformers could not load the model ({str(err).strip().splitlines()[0]})") \
-            from None
+    config = model_only_config(m, os.path.join(hf_dir, "config.json"))
+    hf_model, _ = _load_hf_model(hf_dir, _architecture_of(hf_cfg, hf_dir))
     state_dict = from_hf_state_dict(hf_model.state_dict(), m, source=hf_dir)
     build_model(m).load_consolidated_state_dict(state_dict)  # fails loudly if the mapping missed anything
     extra = {"source": {"format": "huggingface", "dir": os.path.abspath(hf_dir)}}
@@ -359,7 +504,59 @@ def import_hf(hf_dir: str, out_dir: str) -> Config:
     return config
 
 
-def _read_hf_config(hf_dir: str):
+@dataclasses.dataclass
+class HFSource:
+    """What fine-tuning reads from a transformers directory (:func:`read_hf_weights`)."""
+    model: ModelConfig
+    architecture: str
+    head: dict | None
+    """head_settings_from_hf: the head of a fine-tuned directory, None for a pretraining or bare encoder."""
+    state_dict: dict
+    """Our names: the encoder, the pooler where the files hold one, a fine-tuned directory's output layer."""
+    unused: list
+    """HF names in the files that state_dict does not use (MLM and sentence heads)."""
+    tokenizer_dir: str | None
+    """The directory itself when it holds tokenizer.json or vocab.txt."""
+
+
+def read_hf_weights(hf_dir: str) -> HFSource:
+    """The encoder (and pooler, and fine-tuned head) of a transformers directory of any of
+    FINETUNE_SOURCE_ARCHITECTURES, for fine-tuning or evaluating.  The weight files are checked as for
+    import_hf (a pickled payload is refused, never run); weights the files lack are left out (transformers
+    would have initialized them at random), so the caller initializes them."""
+    source = os.path.join(hf_dir, "config.json")
+    hf_cfg = _read_hf_config(hf_dir, FINETUNE_SOURCE_ARCHITECTURES)
+    architecture = _architecture_of(hf_cfg, source, FINETUNE_SOURCE_ARCHITECTURES)
+    m = model_config_from_hf(hf_cfg, source, FINETUNE_SOURCE_ARCHITECTURES)
+    hf_model, missing = _load_hf_model(hf_dir, architecture)
+    prefix = hf_model.base_model_prefix + "." if architecture in ENCODER_HF_ARCHITECTURES else ""
+    hf = {prefix + k: v for k, v in hf_model.state_dict().items() if k not in missing}
+    head = head_settings_from_hf(hf_cfg, architecture)
+    state_dict, unused = finetune_weights_from_hf(hf, m, head and head["task"], hf_dir)
+    has_tokenizer = any(os.path.isfile(os.path.join(hf_dir, f)) for f in ("tokenizer.json", "vocab.txt"))
+    return HFSource(m, architecture, head, state_dict, unused, hf_dir if has_tokenizer else None)
+
+
+def is_hf_dir(path: str) -> bool:
+    """A transformers model directory (config.json in it) rather than one of our checkpoints."""
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _load_hf_model(hf_dir: str, architecture: str):
+    """(transformers model of ``architecture`` from hf_dir, names of its weights the files lacked),
+    after every weight file passed _check_weights_file."""
+    import transformers
+    for path in _hf_weight_files(hf_dir):
+        _check_weights_file(path)
+    try:
+        hf_model, info = getattr(transformers, architecture).from_pretrained(hf_dir, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{hf_dir}: transformers could not load the model ({str(err).strip().splitlines()[0]})") \
+            from None
+    return hf_model, set(info["missing_keys"])
+
+
+def _read_hf_config(hf_dir: str, supported: tuple = SUPPORTED_HF_ARCHITECTURES):
     import transformers
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isdir(hf_dir):
@@ -370,7 +567,7 @@ def _read_hf_config(hf_dir: str):
     model_type = data.get("model_type")
     if model_type not in ("bert", "megatron-bert", "albert"):
         raise ValueError(f"{path}: model_type {model_type!r} (architectures {data.get('architectures')}) is not "
-                         f"supported; expected one of {', '.join(SUPPORTED_HF_ARCHITECTURES)}")
+                         f"supported; expected one of {', '.join(supported)}")
     try:
         return transformers.AutoConfig.from_pretrained(hf_dir)
     except (OSError, ValueError, TypeError) as err:
@@ -413,8 +610,13 @@ def _check_weights_file(path: str) -> None:
         load_torch_file(path)
 
 
+def model_only_config(m: ModelConfig, source: str) -> Config:
+    """The run config of a model that has no run of ours (imported, or saved by fine-tuning): its model
+    section, the defaults elsewhere, training lengths that fit it."""
+    return config_from_dict(_config_dict(m), source=source)
+
+
 def _config_dict(m: ModelConfig) -> dict:
-    """Config tree for an imported model: its model section, training lengths that fit it."""
     seq_len = min(TrainingConfig.seq_len, m.max_position_embeddings)
     return {"model": dataclasses.asdict(m),
             "training": {"seq_len": seq_len, "max_predictions": min(TrainingConfig.max_predictions, seq_len)}}
