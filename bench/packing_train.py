@@ -12,14 +12,16 @@ WordPiece vocabulary, 2% held out, from two corpora of different shapes:
   most instances are filled to seq_len (the long-document case the NSP recipe assumes).
 
 Each run is ``python -m pretrain train --config configs/debug.yaml`` in a subprocess (one rank, the
-DeepSpeed engine on CPU, its loader worker, fp32), with a model of 2 layers of width 128 and the
+DeepSpeed engine on CPU, its loader worker, fp32), with the model of ``--model`` (``mini``: 4 layers of
+width 256, BERT-mini's shape; ``tiny``: 2 layers of width 128, where the per-instance work that
+packing does not shrink -- the MLM head, the optimizer step, the loader -- is a larger share) and the
 overrides below; ``data.packing`` is the only difference between the two modes.
 
 ``speed``: ``--rounds`` rounds, each running unpacked and packed once in alternating order (so drift
 of the machine's speed falls on both); a run's figures are taken from its metrics.jsonl windows
-after the first (the first holds start-up): instances/s (``perf/seq_per_s``), real tokens/s
-(``perf/tokens_per_s``) and the fill of the rows (``perf/fill``); the table gives the median over
-rounds and packed/unpacked.
+after the first (the first holds start-up): the median window's instances/s (``perf/seq_per_s``)
+and real tokens/s (``perf/tokens_per_s``), and the mean fill of the rows (``perf/fill``); the table
+gives the median over rounds, their range, and packed/unpacked.
 
 ``quality``: for each seed, unpacked and packed runs of ``--steps`` steps (the same instances seen:
 the sample order does not depend on packing), then the held-out MLM accuracy and loss over the whole
@@ -42,8 +44,11 @@ DEMO = REPO / "data_prep" / "assets" / "demo_corpus_en.txt.gz"
 SOTU = REPO / ".." / "shared" / "corpora" / "en_sotu.txt.gz"
 LONG_BYTES = 4_000_000
 MAX_PREDICTIONS = {128: 20, 512: 80}
-MODEL = ["model.hidden_size=128", "model.num_heads=2", "model.intermediate_size=512", "model.num_layers=2",
-         "model.max_position_embeddings=512"]
+MODELS = {  # overrides of configs/debug.yaml's model
+    "tiny": ["model.num_layers=2", "model.hidden_size=128", "model.num_heads=2", "model.intermediate_size=512"],
+    "mini": ["model.num_layers=4", "model.hidden_size=256", "model.num_heads=4", "model.intermediate_size=1024"],
+}
+MODEL_NAMES = {"tiny": "2 layers, hidden 128", "mini": "4 layers, hidden 256 (BERT-mini's shape)"}
 
 
 def long_corpus(work: Path) -> Path:
@@ -76,10 +81,10 @@ def shards(work: Path, corpus: str, seq_len: int) -> Path:
     return out
 
 
-def train(data: Path, seq_len: int, packing: bool, steps: int, seed: int, micro: int, max_per_row: int,
-          every: int, run_dir: Path, full_eval: bool) -> list[dict]:
+def train(args, data: Path, seq_len: int, packing: bool, seed: int, run_dir: Path, full_eval: bool) -> list[dict]:
     """One training run; its metrics.jsonl records."""
-    overrides = MODEL + [
+    steps, micro, max_per_row, every = args.steps, args.micro, args.max_per_row, args.every
+    overrides = MODELS[args.model] + ["model.max_position_embeddings=512",
         f"data.dir={data / 'shards'}", f"data.tokenizer={data / 'tokenizer'}", f"data.packing={str(packing).lower()}",
         f"data.max_instances_per_row={max_per_row}", f"training.seq_len={seq_len}",
         f"training.max_predictions={MAX_PREDICTIONS[seq_len]}", f"training.micro_batch_size={micro}",
@@ -98,14 +103,13 @@ def train(data: Path, seq_len: int, packing: bool, steps: int, seed: int, micro:
 
 
 def rates(records: list[dict]) -> dict:
-    """Instances/s, real tokens/s and fill over the training windows after the first."""
+    """Instances/s, real tokens/s (medians over the training windows after the first: a burst of
+    other load on the machine moves a window or two, not the median) and the mean fill."""
     windows = [r for r in records if r["kind"] == "train" and "perf/seq_per_s" in r][1:]
-    if not windows:
-        sys.exit("packing_train: fewer than two logging windows; raise --steps")
-    # every window holds the same number of instances, so its duration is proportional to 1 / seq_per_s
-    seconds = [1.0 / w["perf/seq_per_s"] for w in windows]
-    return {"inst_s": len(windows) / sum(seconds),
-            "tok_s": sum(w["perf/tokens_per_s"] * s for w, s in zip(windows, seconds)) / sum(seconds),
+    if len(windows) < 3:
+        sys.exit("packing_train: fewer than four logging windows; raise --steps")
+    return {"inst_s": statistics.median(w["perf/seq_per_s"] for w in windows),
+            "tok_s": statistics.median(w["perf/tokens_per_s"] for w in windows),
             "fill": statistics.fmean(w["perf/fill"] for w in windows)}
 
 
@@ -118,15 +122,14 @@ def speed(args, work: Path) -> None:
             for r in range(args.rounds):
                 for packing in ((False, True) if r % 2 == 0 else (True, False)):
                     with tempfile.TemporaryDirectory(dir=work) as run_dir:
-                        got[packing].append(rates(train(data, seq_len, packing, args.steps, 1234, args.micro,
-                                                        args.max_per_row, args.every, Path(run_dir), False)))
+                        got[packing].append(rates(train(args, data, seq_len, packing, 1234, Path(run_dir), False)))
                     print(f"  {corpus} {seq_len} {'packed' if packing else 'unpacked'} round {r + 1}: "
                           f"{got[packing][-1]['inst_s']:.1f} instances/s", file=sys.stderr, flush=True)
             med = {p: {k: statistics.median(x[k] for x in got[p]) for k in ("inst_s", "tok_s", "fill")} for p in got}
             spread = {p: (min(x["inst_s"] for x in got[p]), max(x["inst_s"] for x in got[p])) for p in got}
             rows.append((corpus, seq_len, med, spread))
-    print(f"\nmodel: 2 layers, hidden 128, fp32, 1 rank on CPU ({os.cpu_count()} cores); micro = global batch "
-          f"{args.micro}; {args.steps} steps a run, logged every {args.every}, the first window dropped; "
+    print(f"\nmodel: {MODEL_NAMES[args.model]}, fp32, 1 rank on CPU ({os.cpu_count()} cores); micro = global batch "
+          f"{args.micro}; {args.steps} steps a run, logged every {args.every}, the median window after the first; "
           f"median of {args.rounds} rounds; max_instances_per_row {args.max_per_row}\n")
     print("| shards | seq | fill unpacked | fill packed | instances/s unpacked (range) | instances/s packed (range) "
           "| packed/unpacked | real tokens/s unpacked | real tokens/s packed | packed/unpacked |")
@@ -146,15 +149,14 @@ def quality(args, work: Path) -> None:
         for seed in args.seeds:
             for packing in (False, True):
                 with tempfile.TemporaryDirectory(dir=work) as run_dir:
-                    records = train(data, seq_len, packing, args.steps, seed, args.micro, args.max_per_row,
-                                    args.every, Path(run_dir), True)
+                    records = train(args, data, seq_len, packing, seed, Path(run_dir), True)
                 final = [r for r in records if r["kind"] == "eval"][-1]
                 last = [r for r in records if r["kind"] == "train"][-1]
                 rows.append((seq_len, seed, packing, final["eval/mlm_accuracy"], final["eval/mlm_loss"],
                              last["train/loss"]))
                 print(f"  {seq_len} seed {seed} {'packed' if packing else 'unpacked'}: held-out MLM accuracy "
                       f"{final['eval/mlm_accuracy']:.4f}", file=sys.stderr, flush=True)
-    print(f"\nshort-document shards; model: 2 layers, hidden 128, dropout 0.1, fp32, 1 rank on CPU; micro = global "
+    print(f"\nshort-document shards; model: {MODEL_NAMES[args.model]}, dropout 0.1, fp32, 1 rank on CPU; micro = global "
           f"batch {args.micro}, {args.steps} steps ({args.steps * args.micro:,} instances, the same ones in both "
           f"modes); held-out: the whole validation split, unpacked\n")
     print("| seq | seed | mode | held-out MLM accuracy | held-out MLM loss | last train loss |")
@@ -175,16 +177,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("mode", choices=["speed", "quality"])
     parser.add_argument("--seq-lens", type=int, nargs="+", choices=sorted(MAX_PREDICTIONS), default=None)
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps a run (speed 40, quality 300)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps a run (speed 60, quality 300)")
     parser.add_argument("--rounds", type=int, default=3, help="speed: rounds of (unpacked, packed)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="quality: training seeds")
+    parser.add_argument("--model", choices=sorted(MODELS), default="mini", help="model shape (configs/debug.yaml's otherwise)")
     parser.add_argument("--micro", type=int, default=32, help="instances a step (micro = global batch)")
     parser.add_argument("--max-per-row", type=int, default=8, help="data.max_instances_per_row (its default: 8)")
     parser.add_argument("--every", type=int, default=5, help="logging.every_steps (a window of the speed figures)")
     parser.add_argument("--work", default=None, help="where shards and runs go (default: a new temporary directory)")
     args = parser.parse_args()
     args.seq_lens = args.seq_lens or ([128, 512] if args.mode == "speed" else [128])
-    args.steps = args.steps or (40 if args.mode == "speed" else 300)
+    args.steps = args.steps or (60 if args.mode == "speed" else 300)
     if args.mode == "speed" and not SOTU.exists():
         sys.exit(f"packing_train: {SOTU} is missing (../shared/corpora): the long-document shards come from it")
     work = Path(args.work or tempfile.mkdtemp(prefix="packing_train_"))

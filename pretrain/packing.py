@@ -18,8 +18,14 @@ A packed batch, for N instances in R rows of width W:
   of the row, 0 for padding: attention is confined to an instance and positions restart at each;
 * ``cls_positions`` [N]: where each instance's [CLS] lies in the R*W flattened slots (the sentence
   head reads every instance's);
-* ``masked_lm_positions`` [N, P]: indices into the flattened slots; ``masked_lm_labels`` [N, P] and
-  ``sentence_labels`` [N] exactly the unpacked batch's;
+* ``masked_lm_positions`` [M]: the instances' masked positions one after another (batch order, each
+  instance's in its own order, at most ``max_predictions`` each), as indices into the flattened
+  slots; ``masked_lm_labels`` [M] their labels.  M is their count rounded up to
+  ``pad_to_multiple_of``; the entries past the count point at slot 0 with label -100.  These are the
+  unpacked batch's [N, P] labels without its padding entries, in the same order, so the MLM head
+  runs on the masked tokens only, not on N x P rows (unpacked, P = max_predictions keeps one shape
+  for every batch; a packed batch has no fixed shape to keep).  ``sentence_labels`` [N] are the
+  unpacked batch's;
 * ``cu_seqlens`` [M+1]: the boundaries of the M runs of one segment id in the flattened slots
   (every instance, and each row's padding), for attention over jagged sequences (no S x S mask).
 """
@@ -67,8 +73,11 @@ def collate_packed(examples: list[dict], pad_id: int, seq_len: int, max_predicti
     token_type_ids = np.zeros((r, width), dtype=np.int64)
     segment_ids = np.zeros((r, width), dtype=np.int64)
     cls_positions = np.zeros(n, dtype=np.int64)
-    positions = np.zeros((n, max_predictions), dtype=np.int64)
-    labels = np.full((n, max_predictions), IGNORE_INDEX, dtype=np.int64)
+    masked = [min(len(e["masked_lm_positions"]), max_predictions) for e in examples]
+    offsets = np.concatenate([[0], np.cumsum(masked)])
+    width_m = max(-(-int(offsets[-1]) // pad_to_multiple_of) * pad_to_multiple_of, 1)
+    positions = np.zeros(width_m, dtype=np.int64)
+    labels = np.full(width_m, IGNORE_INDEX, dtype=np.int64)
     bounds = [0]
     for row_index, row in enumerate(rows):
         start = 0
@@ -79,9 +88,9 @@ def collate_packed(examples: list[dict], pad_id: int, seq_len: int, max_predicti
             segment_ids[row_index, start:start + length] = k
             flat = row_index * width + start
             cls_positions[i] = flat
-            m = min(len(e["masked_lm_positions"]), max_predictions)
-            positions[i, :m] = np.asarray(e["masked_lm_positions"][:m]) + flat
-            labels[i, :m] = e["masked_lm_labels"][:m]
+            m, at = masked[i], int(offsets[i])
+            positions[at:at + m] = np.asarray(e["masked_lm_positions"][:m]) + flat
+            labels[at:at + m] = e["masked_lm_labels"][:m]
             start += length
             bounds.append(row_index * width + start)
         if start < width:

@@ -237,7 +237,7 @@ class PretrainOutput:
     """Losses, logits and detached metric counts of one forward (0-dim tensors, no host sync).
 
     ``mlm_logits`` has one row per entry of ``masked_lm_positions`` ([B*P, vocab_size], row-major
-    over [B, P]); rows whose label is -100 are padding entries.  Fields are None when the labels
+    over [B, P]; packed: [M, vocab_size]); rows whose label is -100 are padding entries.  Fields are None when the labels
     (or the sentence head) they need are absent.
     """
     loss: torch.Tensor | None = None
@@ -331,7 +331,7 @@ class BertForPretraining(nn.Module):
 
     def mlm_logits(self, hidden, masked_lm_positions=None, packed: bool = False):
         """[B*P, vocab_size] logits at masked_lm_positions, or [B*S, vocab_size] at every position.
-        ``packed``: masked_lm_positions [N, P] index the flattened [B*S] slots (pretrain.packing)."""
+        ``packed``: masked_lm_positions [M] index the flattened [B*S] slots (pretrain.packing)."""
         if masked_lm_positions is None:
             selected = hidden.flatten(0, 1)
         elif packed:

@@ -54,6 +54,7 @@ def test_the_packed_layout_holds_every_instance_where_its_positions_say():
     rows, width = batch["input_ids"].shape
     assert rows < 24 and width % 8 == 0 and width <= SEQ
     flat_ids, flat_seg = batch["input_ids"].reshape(-1), batch["segment_ids"].reshape(-1)
+    at = 0
     for i, e in enumerate(examples):
         start = int(batch["cls_positions"][i])
         n = len(e["input_ids"])
@@ -61,9 +62,11 @@ def test_the_packed_layout_holds_every_instance_where_its_positions_say():
         assert batch["token_type_ids"].reshape(-1)[start:start + n].tolist() == list(e["token_type_ids"])
         assert len(set(flat_seg[start:start + n].tolist())) == 1 and flat_seg[start] > 0
         m = len(e["masked_lm_positions"])
-        assert batch["masked_lm_positions"][i, :m].tolist() == [start + p for p in e["masked_lm_positions"]]
-        assert batch["masked_lm_labels"][i, :m].tolist() == list(e["masked_lm_labels"])
-        assert (batch["masked_lm_labels"][i, m:] == IGNORE_INDEX).all()
+        assert batch["masked_lm_positions"][at:at + m].tolist() == [start + p for p in e["masked_lm_positions"]]
+        assert batch["masked_lm_labels"][at:at + m].tolist() == list(e["masked_lm_labels"])
+        at += m
+    # the masked tokens one after another, padded to a multiple of 8 with ignored entries
+    assert batch["masked_lm_labels"].shape == (-(-at // 8) * 8,) and (batch["masked_lm_labels"][at:] == IGNORE_INDEX).all()
     assert (batch["segment_ids"].max(dim=1).values <= 4).all()
     assert batch["sentence_labels"].tolist() == [e["sentence_label"] for e in examples]
     # cu_seqlens: the runs of one segment id, each row cut at its end
