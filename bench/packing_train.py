@@ -82,7 +82,8 @@ def shards(work: Path, corpus: str, seq_len: int) -> Path:
 
 
 def train(args, data: Path, seq_len: int, packing: bool, seed: int, run_dir: Path, full_eval: bool) -> list[dict]:
-    """One training run; its metrics.jsonl records."""
+    """One training run; its metrics.jsonl records (``full_eval``: with the held-out evaluation of the
+    whole validation split at step 0 and at the end, none otherwise)."""
     steps, micro, max_per_row, every = args.steps, args.micro, args.max_per_row, args.every
     overrides = MODELS[args.model] + ["model.max_position_embeddings=512",
         f"data.dir={data / 'shards'}", f"data.tokenizer={data / 'tokenizer'}", f"data.packing={str(packing).lower()}",
@@ -90,7 +91,7 @@ def train(args, data: Path, seq_len: int, packing: bool, seed: int, run_dir: Pat
         f"training.max_predictions={MAX_PREDICTIONS[seq_len]}", f"training.micro_batch_size={micro}",
         f"training.global_batch_size={micro}", f"training.max_steps={steps}", f"training.seed={seed}",
         f"logging.run_dir={run_dir}", f"logging.every_steps={every}", "logging.progress_bar=false",
-        "logging.tensorboard=false", "eval.every_steps=0", f"eval.max_batches={0 if full_eval else 1}",
+        "logging.tensorboard=false", f"eval.every_steps={steps if full_eval else 0}", "eval.max_batches=0",
         f"checkpoint.every_steps={steps}"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     proc = subprocess.run([sys.executable, "-m", "pretrain", "train", "--config", "configs/debug.yaml", *overrides],

@@ -274,7 +274,7 @@ class LoggingConfig:
 @dataclass
 class EvalConfig:
     every_steps: int = setting(500, ge=0)
-    """Held-out evaluation every N optimizer steps (0 disables; always at the end)."""
+    """Held-out evaluation every N optimizer steps, and at the last step (0: never, not even at the end)."""
     max_batches: int = setting(50, ge=0)
     """Held-out batches per evaluation (0: the whole split)."""
     micro_batch_size: Optional[int] = setting(None, gt=0)

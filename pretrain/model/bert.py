@@ -126,14 +126,21 @@ class Jagged:
     """Attention over the runs of packed rows without an S x S mask (``kernels.attention: sdpa`` with
     packed batches on CUDA): the flattened [R*S] slots cut at ``cu_seqlens`` (every instance, and each
     row's padding) into a nested jagged tensor, which SDPA runs through its flash / memory-efficient
-    kernels, one sequence per run.  The outputs are those of the block-diagonal mask."""
+    kernels, one sequence per run.  The outputs are those of the block-diagonal mask.
+
+    The shortest and longest run are read once per forward (one host sync on CUDA) and handed to
+    every layer's nested tensors, which would otherwise each compute them (three syncs a layer)."""
 
     def __init__(self, cu_seqlens: torch.Tensor):
         self.offsets = cu_seqlens
+        lengths = cu_seqlens.diff()
+        self.min_seqlen, self.max_seqlen = (int(x) for x in torch.stack([lengths.min(), lengths.max()]).tolist())
 
     def attention(self, qkv: torch.Tensor, dropout_p: float) -> torch.Tensor:
         """qkv [T, 3, heads, d] -> context [T, heads * d]."""
-        q, k, v = (torch.nested.nested_tensor_from_jagged(qkv[:, i].contiguous(), self.offsets).transpose(1, 2)
+        q, k, v = (torch.nested.nested_tensor_from_jagged(qkv[:, i].contiguous(), self.offsets,
+                                                          min_seqlen=self.min_seqlen,
+                                                          max_seqlen=self.max_seqlen).transpose(1, 2)
                    for i in range(3))
         context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         return context.transpose(1, 2).values().flatten(1)
@@ -271,8 +278,9 @@ class BertForPretraining(nn.Module):
     unpad: bool = False
     """Skip the padding: run token-wise work on real tokens only (see :class:`Unpadded`).  The
     outputs are those of the padded computation; the dropout draws and the summation order differ.
-    Off by default: its ``nonzero`` is a host sync on CUDA (packed rows are the sync-free way to
-    spend no FLOPs on padding); on CPU it costs nothing.  ``kernels.unpad`` turns it on."""
+    Off by default: its ``nonzero`` is a host sync on CUDA (packed rows spend no FLOPs on padding
+    either, with the block mask and no sync, or with jagged attention and one sync a forward); on CPU
+    it costs nothing.  ``kernels.unpad`` turns it on."""
     jagged: bool | None = None
     """Packed batches (with ``cu_seqlens``): attention over jagged sequences (:class:`Jagged`) instead of
     the block-diagonal mask.  None: on CUDA with ``kernels.attention: sdpa`` (no S x S mask there); the
