@@ -5,7 +5,8 @@ optimizer (``deepspeed.initialize``, with the ZeRO partition layout handed to LA
 ``layout.py``), one optimizer step of micro-batches with its non-finite skip and the stop
 agreement, gradient norm and loss scale, consolidated weights (gathered under ZeRO-3), and
 checkpoint save/load through the safe loader (``files.py``, universal conversion included).
-``config.py`` derives DeepSpeed's JSON from our Config.  Nothing outside this package reads
+``config.py`` derives DeepSpeed's JSON from our Config (pretraining's, or any config with the sections
+the engine reads: ``config.EngineSettings``, which fine-tuning's has).  Nothing outside this package reads
 DeepSpeed's objects or private attributes; tests/pretrain/test_boundaries.py checks that no
 other module imports deepspeed.
 """
@@ -14,13 +15,12 @@ from __future__ import annotations
 import datetime
 import logging
 import signal
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from pretrain.config import Config
-from pretrain.engine.config import deepspeed_config
+from pretrain.engine.config import EngineSettings, deepspeed_config
 from pretrain.engine.files import convert_to_universal, load_checkpoint, save_checkpoint
 from pretrain.engine.layout import attach_layout
 from pretrain.faults import NO_FAULTS, Faults
@@ -29,8 +29,8 @@ from pretrain.signals import STOP_SIGNALS, StopSignal
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "all_reduce_sum", "convert_to_universal", "deepspeed_config", "init_distributed",
-           "initialize", "shutdown_distributed"]
+__all__ = ["Engine", "EngineSettings", "all_reduce_sum", "convert_to_universal", "deepspeed_config",
+           "init_distributed", "initialize", "shutdown_distributed"]
 
 
 def init_distributed(backend: str, timeout_s: int) -> None:
@@ -55,11 +55,19 @@ def shutdown_distributed() -> None:
     aborts ("terminate called without an active exception", SIGABRT) after a clean run
     (pytorch/pytorch#190489 has the mechanism).  Destroying the group on a rank that finished
     early, while rank 0 was still writing the final checkpoint, aborted the same way (seen twice
-    in 2-rank CPU test runs), so every rank first waits at a barrier for the others."""
+    in 2-rank CPU test runs), so every rank first waits at a barrier for the others.
+
+    The group is destroyed through deepspeed.comm, which also drops the process groups DeepSpeed
+    cached (its clone of the world group): a later init_distributed in the same process (several
+    fine-tuning runs in one test process) then starts clean instead of broadcasting over a dead group."""
     if dist.is_initialized():
         if dist.get_world_size() > 1:
             dist.barrier()
-        dist.destroy_process_group()
+        from deepspeed.comm import comm as ds_comm
+        if ds_comm.cdb is not None and ds_comm.cdb.is_initialized():
+            ds_comm.destroy_process_group()
+        else:                       # joined without DeepSpeed's backend
+            dist.destroy_process_group()
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -87,11 +95,15 @@ class Engine:
 
     ``accum`` micro-batches make one optimizer step.  ``stop``: the process's StopSignal, whose
     flag goes into the step's one collective (None: no stop requests).  ``faults``: what the
-    tests inject (pretrain.faults)."""
+    tests inject (pretrain.faults).  ``stats``: the detached sums ``step`` adds up over a step's
+    micro-batches, from the model's output and the loss (default: pretraining's, of a PretrainOutput);
+    they must hold ``loss_sum``, the loss whose finiteness every rank agrees on."""
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, optimizer: HoldableStep, scheduler, world_size: int, *,
-                 load_universal: bool = False, stop: Optional[StopSignal] = None, faults: Faults = NO_FAULTS):
+    def __init__(self, cfg: EngineSettings, model: torch.nn.Module, optimizer: HoldableStep, scheduler,
+                 world_size: int, *, load_universal: bool = False, stop: Optional[StopSignal] = None,
+                 faults: Faults = NO_FAULTS, stats: Optional[Callable[[Any, torch.Tensor], dict]] = None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.stats = stats or _output_stats
         self.zero_stage, self.precision = cfg.zero.stage, cfg.training.precision
         self.accum = cfg.grad_accum_steps(world_size)
         self.stop, self.faults = stop, faults
@@ -134,7 +146,7 @@ class Engine:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next_batch().items()}
             out = self._ds(**batch)
             loss = self.faults.loss(number, out.loss)
-            stats = _output_stats(out, loss)
+            stats = self.stats(out, loss)
             totals = stats if totals is None else {k: totals[k] + stats[k] for k in totals}
             if micro == self.accum - 1:
                 # One host sync per optimizer step: every rank must agree whether to skip, and whether to stop.
@@ -188,7 +200,7 @@ class Engine:
 
 
 def _output_stats(out, loss: torch.Tensor) -> dict:
-    """Detached sums for metrics (no host sync here)."""
+    """Pretraining's detached sums for metrics, of a PretrainOutput (no host sync here)."""
     zero = torch.zeros((), device=loss.device)
     return {
         "loss_sum": loss.detach().float(),

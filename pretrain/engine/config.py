@@ -1,10 +1,25 @@
 """DeepSpeed's JSON config, derived from ours (the single source of truth) in one place."""
 from __future__ import annotations
 
-from pretrain.config import Config, OptimizerConfig
+from typing import Any, Protocol
+
+from pretrain.config import KernelsConfig, OptimizerConfig, ZeroConfig
 
 
-def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
+class EngineSettings(Protocol):
+    """What the engine reads of a run's config: pretraining's Config has it, and so does fine-tuning's
+    (pretrain.finetune.config), whose zero/kernels/optimizer sections are pretraining's and whose training
+    section has the same batch and precision keys."""
+    training: Any
+    """With ``micro_batch_size``, ``precision`` and ``initial_loss_scale_power``."""
+    zero: ZeroConfig
+    optimizer: OptimizerConfig
+    kernels: KernelsConfig
+
+    def grad_accum_steps(self, data_parallel_size: int) -> int: ...
+
+
+def deepspeed_config(cfg: EngineSettings, world_size: int, load_universal: bool = False) -> dict:
     """DeepSpeed's config, derived from ours (the single source of truth).
 
     ``load_universal``: the checkpoint to resume from was written with another world size and is
