@@ -7,7 +7,7 @@ import sys
 
 from data_prep.cli import dispatch
 
-COMMANDS = ("train", "eval", "export", "import", "bench", "demo", "config")   # order shown in --help
+COMMANDS = ("train", "finetune", "eval", "export", "import", "bench", "demo", "config")   # order shown in --help
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,115 @@
+"""Fine-tune a pretrained encoder: sequence classification or regression, token classification, extractive QA.
+
+  python -m pretrain finetune --config configs/finetune/NAME.yaml [section.key=value ...]
+  python -m pretrain finetune --checkpoint DIR --train FILE --dev FILE --out DIR [section.key=value ...]
+
+The short form needs no config file: JSONL or TSV files with the columns `text`, optionally `text_pair`,
+and `label`; the task is classification or regression as the labels say (task.type overrides it).  The
+flags are config keys (--checkpoint model.checkpoint, --train task.train, --dev task.dev, --out
+logging.run_dir, --task task.type) and win over the file and the key=value overrides.
+
+Writes OUT/metrics.json (each seed's dev metrics, their mean and std), OUT/config.yaml and per seed
+OUT/seed-N/: metrics.jsonl and tensorboard/ (train loss, lr, dev metrics), predictions.jsonl (one line per
+dev example), best/ (the best model, our checkpoint) and hf/ (its transformers export).  The dev metrics
+are printed.  An invalid config lists every problem at once.
+
+Rank, world size and rendezvous come from whatever launched us (torchrun, srun, mpirun; see
+pretrain/distributed.py).  Exit status: 0 done, 2 invalid config or input (nothing written) or the
+output directory in use, 1 error.  Every key is documented in pretrain/finetune/config.py; the files in
+configs/finetune/ show one config per task type.
+"""
+from __future__ import annotations
+
+import argparse
+
+HELP = "fine-tune on a classification, regression, token-classification or QA task"
+
+
+def _flag_keys():
+    from data_prep import settings
+    from pretrain.finetune.config import FinetuneConfig
+    return {dotted: key for dotted, key in settings.keys(FinetuneConfig).items() if key.field.metadata.get("flags")}
+
+
+FLAG_HELP = {  # the short form's flags, in the order --help shows them
+             "model.checkpoint": ("DIR", "the model to start from: our checkpoint directory or a transformers "
+                                         "directory"),
+             "task.train": ("FILE", "training file (JSONL/TSV/CSV with text, text_pair, label; CoNLL; SQuAD JSON)"),
+             "task.dev": ("FILE", "dev file, in the train file's format"),
+             "logging.run_dir": ("DIR", "output directory"),
+             "task.type": ("TYPE", "auto (classification or regression, from the labels), classification, "
+                                   "regression, token, qa")}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", default=None, help="YAML file (may extend another via `base:`); optional")
+    keys = _flag_keys()
+    for dotted in sorted(keys, key=lambda k: list(FLAG_HELP).index(k) if k in FLAG_HELP else len(FLAG_HELP)):
+        key = keys[dotted]
+        metavar, text = FLAG_HELP.get(dotted, (None, key.doc))
+        parser.add_argument(key.field.metadata["flags"], dest=dotted, default=argparse.SUPPRESS, metavar=metavar,
+                            help=f"{text} [{dotted}]")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="config overrides (e.g. training.epochs=2 training.seeds=[1,2,3] optimizer.lr=3e-5)")
+
+
+def run(args) -> int:
+    import dataclasses
+    import logging
+    import os
+    import sys
+
+    from data_prep.settings import ConfigError, collected_warnings
+    from pretrain.distributed import detect, free_port, resolve_master_addr
+
+    try:
+        dist_env = resolve_master_addr(detect())
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if dist_env.launcher == "single" and not os.environ.get("MASTER_PORT"):
+        dist_env = dataclasses.replace(dist_env, master_port=free_port())
+    dist_env.export()
+    announce = dist_env.rank == 0
+    from pretrain.finetune.config import load_finetune_config
+    flags = {k: v for k, v in vars(args).items() if k in _flag_keys()}
+    try:
+        with collected_warnings() as warnings:
+            cfg = load_finetune_config(args.config, args.overrides, flags, world_size=dist_env.world_size)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for warning in warnings if announce else []:
+        print(f"warning: {warning}", file=sys.stderr)
+    import torch
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    logging.basicConfig(level=logging.INFO if announce else logging.WARNING,
+                        format=f"[rank {dist_env.rank}] %(levelname)s %(name)s: %(message)s")
+    from pretrain.finetune.prepare import FinetuneInputError
+    from pretrain.finetune.train import METRICS_FILE, finetune
+    from pretrain.trainer import NonFiniteLossError, RunDirError
+    try:
+        summary = finetune(cfg, dist_env)
+    except (FinetuneInputError, RunDirError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if announce:
+        _print_summary(summary, os.path.join(cfg.logging.run_dir, METRICS_FILE))
+    return 0
+
+
+def _print_summary(summary: dict, path: str) -> None:
+    def line(values: dict) -> str:
+        return "  ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float))
+
+    print(f"dev metrics ({summary['task']}; best model by {summary['metric']}):")
+    for seed, values in summary["seeds"].items():
+        print(f"  seed {seed}: {line({k: v for k, v in values.items() if k in summary['mean']})}"
+              f"  (best at step {values['best_step']})")
+    if len(summary["seeds"]) > 1:
+        print(f"  mean: {line(summary['mean'])}")
+        print(f"  std:  {line(summary['std'])}")
+    print(f"written to {path}")

@@ -1,0 +1,345 @@
+"""The fine-tuning loop: one run per seed through the training engine, dev evaluation, the best model kept.
+
+Per seed (SEED_DIR = ``logging.run_dir``/seed-N): the starting checkpoint with a fresh head
+(pretrain.finetune.model.from_pretrained, head initialised from the seed), AdamW (or LAMB) with
+pretraining's decay groups split by layer for layer-wise LR decay, the warmup-then-decay schedule,
+all under the DeepSpeed engine (data parallel across ranks, precision and ZeRO from the config).
+Training feeds the dynamically padded micro-batches of pretrain.finetune.prepare; the dev file is
+evaluated at each epoch end, every ``eval.every_steps`` and at the last step; the best evaluation by
+``eval.metric`` is kept (SEED_DIR/best, our checkpoint; its predictions in SEED_DIR/predictions.jsonl;
+SEED_DIR/hf, its transformers export), and early stopping ends a seed after
+``eval.early_stopping_patience`` evaluations without a better one.  SEED_DIR/metrics.jsonl and
+SEED_DIR/tensorboard log the training loss, the learning rate and the dev metrics.
+
+``RUN_DIR/metrics.json`` holds each seed's dev metrics (those of its best evaluation) and their mean and
+standard deviation (sample std, ddof=1; 0 with one seed).  All input is read and checked before anything
+is written (pretrain.finetune.prepare).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from pretrain.config import ScheduleConfig
+from pretrain.distributed import DistEnv
+from pretrain.engine import Engine, all_reduce_sum, init_distributed, shutdown_distributed
+from pretrain.finetune.config import FinetuneConfig, dump_config, warmup_ratio_or_default
+from pretrain.finetune.evaluate import better, dev_metrics, dev_outputs
+from pretrain.finetune.prepare import (FinetuneInputError, TaskData, encode_task, micro_batch_stream, read_task,
+                                       steps_per_epoch)
+from pretrain.metrics import MetricsLogger
+from pretrain.trainer import NonFiniteLossError, device_for, hold_run_dir, seed_everything
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE, PREDICTIONS_FILE, BEST_DIR, HF_DIR = "metrics.json", "predictions.jsonl", "best", "hf"
+
+
+def seed_dir(run_dir: str, seed: int) -> str:
+    return os.path.join(run_dir, f"seed-{seed}")
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """Batch and step counts of the run, derived once."""
+    accum: int
+    global_batch: int
+    steps_per_epoch: int
+    max_steps: int
+    schedule: ScheduleConfig
+
+
+def make_plan(cfg: FinetuneConfig, num_features: int, world_size: int) -> Plan:
+    from pretrain.optim import resolve_warmup_steps
+    t = cfg.training
+    accum = cfg.grad_accum_steps(world_size)
+    global_batch = t.micro_batch_size * accum * world_size
+    per_epoch = steps_per_epoch(num_features, global_batch)
+    max_steps = t.max_steps or t.epochs * per_epoch
+    schedule = warmup_ratio_or_default(cfg.schedule)
+    try:
+        resolve_warmup_steps(schedule, max_steps)
+    except ValueError:
+        key, value = (("warmup_steps", schedule.warmup_steps) if schedule.warmup_steps is not None
+                      else ("warmup_ratio", schedule.warmup_ratio))
+        raise FinetuneInputError(f"schedule.{key}: {value} gives no decay: the warmup must be shorter than the "
+                                 f"run's {max_steps} optimizer steps") from None
+    return Plan(accum, global_batch, per_epoch, max_steps, schedule)
+
+
+def load_model(cfg: FinetuneConfig, data: TaskData, seed: int):
+    """(FinetuneModel, LoadReport) of model.checkpoint with the task's head, initialised from ``seed``."""
+    from pretrain.finetune.model import from_pretrained
+    seed_everything(seed, 0)          # the same fresh head on every rank
+    try:
+        return from_pretrained(cfg.model.checkpoint, data.head_task, data.num_labels, labels=data.labels,
+                               problem_type=data.problem_type, head_dropout=cfg.model.head_dropout,
+                               new_head=cfg.model.new_head, kernels=cfg.kernels)
+    except (OSError, ValueError) as err:      # missing, not a checkpoint, bad head settings, damaged files
+        raise FinetuneInputError(f"model.checkpoint: {err}") from None
+
+
+def finetune(cfg: FinetuneConfig, dist_env: DistEnv) -> dict:
+    """Fine-tune one run per seed; returns the summary written to RUN_DIR/metrics.json.  Raises
+    FinetuneInputError (nothing written) for bad input, RunDirError when another run holds the run dir."""
+    data = read_task(cfg)
+    model, report = load_model(cfg, data, cfg.training.seeds[0])
+    encode_task(data, cfg, report.tokenizer_dir, model.config.max_position_embeddings, model.config.vocab_size)
+    plan = make_plan(cfg, len(data.train_features), dist_env.world_size)
+    device = device_for(dist_env)
+    init_distributed("nccl" if device.type == "cuda" else "gloo", cfg.training.collective_timeout_s)
+    run_dir, rank = cfg.logging.run_dir, dist_env.rank
+    lock = hold_run_dir(run_dir, rank, device)
+    try:
+        if rank == 0:
+            _write_text(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
+            for note in data.notes + _load_notes(report):
+                print(note, flush=True)
+        results = {}
+        for i, seed in enumerate(cfg.training.seeds):
+            if i:
+                model, _ = load_model(cfg, data, seed)
+            results[seed] = train_seed(cfg, data, plan, model, seed, dist_env, device)
+            model = None
+        summary = summarize(data, results)
+        if rank == 0:
+            _write_text(os.path.join(run_dir, METRICS_FILE), json.dumps(_finite(summary), indent=2) + "\n")
+    finally:
+        if lock is not None:
+            os.close(lock)
+    shutdown_distributed()
+    return summary
+
+
+def _load_notes(report) -> list[str]:
+    notes = [f"model.checkpoint: {report.path} ({report.source})"]
+    if report.new:
+        notes.append(f"  initialised fresh: {', '.join(report.new)}")
+    return notes
+
+
+def summarize(data: TaskData, results: dict[int, dict]) -> dict:
+    """Per-seed results and the mean and standard deviation (ddof=1) of each dev metric over the seeds."""
+    names = [k for k in results[next(iter(results))]["dev"]]
+    mean, std = {}, {}
+    for name in names:
+        values = [r["dev"][name] for r in results.values()]
+        mean[name] = sum(values) / len(values)
+        std[name] = math.sqrt(sum((v - mean[name]) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"task": data.task_type, "metric": data.metric, "labels": data.labels,
+            "seeds": {str(seed): {**r["dev"], **{k: v for k, v in r.items() if k != "dev"}}
+                      for seed, r in results.items()},
+            "mean": mean, "std": std}
+
+
+def _finite(obj):
+    """JSON-safe: non-finite floats (a correlation of constant predictions) as null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# One seed
+# --------------------------------------------------------------------------------------------
+def finetune_stats(out, loss: torch.Tensor) -> dict:
+    """The engine's per-micro-batch sums for a FinetuneOutput."""
+    return {"loss_sum": loss.detach().float(), "micro_batches": torch.ones((), device=loss.device)}
+
+
+def train_seed(cfg: FinetuneConfig, data: TaskData, plan: Plan, model, seed: int, dist_env: DistEnv,
+               device: torch.device) -> dict:
+    """Train one seed; returns {"dev": the best evaluation's metrics, "best_step", ...}."""
+    from pretrain.optim import build_scheduler
+    rank, world = dist_env.rank, dist_env.world_size
+    out_dir = seed_dir(cfg.logging.run_dir, seed)
+    model.to(device).train()
+    optimizer = build_finetune_optimizer(model, cfg.optimizer, cfg.kernels.lamb)
+    scheduler = build_scheduler(optimizer, plan.schedule, plan.max_steps)
+    engine = Engine(cfg, model, optimizer, scheduler, world, stats=finetune_stats)
+    seed_everything(seed, rank)       # per-rank dropout streams
+    t = cfg.training
+    batches = micro_batch_stream(data.train_features, data.pad_id, plan.global_batch, t.micro_batch_size, plan.accum,
+                                 rank, seed, t.length_grouped, t.length_group_batches)
+    logger = MetricsLogger(out_dir, rank=rank, max_steps=plan.max_steps, start_step=0,
+                           tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
+    keeper = _Best(cfg, data, engine, out_dir, rank, seed)
+    window, nonfinite, step, stopped_early = _Window(device), 0, 0, False
+    try:
+        for step in range(1, plan.max_steps + 1):
+            lr = max(engine.scheduler.get_last_lr())      # the head's rate (layer_lr_decay lowers the others)
+            totals, applied, _ = engine.step(lambda: next(batches)[1], step)
+            nonfinite = 0 if applied else nonfinite + 1
+            if nonfinite >= t.max_nonfinite_steps:
+                raise NonFiniteLossError(f"{nonfinite} consecutive steps with a non-finite loss "
+                                         f"(training.max_nonfinite_steps) at step {step}: lower optimizer.lr")
+            if applied:
+                window.add(totals)
+            if step % cfg.logging.every_steps == 0 or step == plan.max_steps:
+                logger.log(step, {**window.reduce(), "train/lr": lr, "train/epoch": step / plan.steps_per_epoch})
+            logger.advance(step)
+            every = cfg.eval.every_steps
+            if step % plan.steps_per_epoch == 0 or (every and step % every == 0) or step == plan.max_steps:
+                metrics = keeper.evaluate(step, step / plan.steps_per_epoch)
+                logger.log(step, {f"dev/{k}": v for k, v in metrics.items()}, kind="eval")
+                if keeper.exhausted():
+                    logger.message(f"seed {seed}: early stopping at step {step}: no better dev {data.metric} in "
+                                   f"{cfg.eval.early_stopping_patience} evaluations (best {keeper.value:.4f} at "
+                                   f"step {keeper.step})")
+                    stopped_early = step < plan.max_steps
+                    break
+    finally:
+        logger.close()
+    keeper.finish()
+    return {"dev": keeper.metrics, "best_step": keeper.step, "best_epoch": keeper.epoch, "steps": step,
+            "early_stopped": stopped_early}
+
+
+class _Window:
+    """The training loss between two log lines (summed on device, reduced over ranks when logged)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.sums = device, None
+
+    def add(self, totals: dict) -> None:
+        value = torch.stack([totals["loss_sum"], totals["micro_batches"]]).double()
+        self.sums = value if self.sums is None else self.sums + value
+
+    def reduce(self) -> dict:
+        local = self.sums if self.sums is not None else torch.zeros(2, dtype=torch.float64, device=self.device)
+        loss_sum, micro = all_reduce_sum(local.clone()).tolist()
+        self.sums = None
+        return {"train/loss": loss_sum / micro} if micro else {}
+
+
+class _Best:
+    """Evaluations of one seed and the best of them: its metrics, predictions and checkpoint."""
+
+    def __init__(self, cfg: FinetuneConfig, data: TaskData, engine: Engine, out_dir: str, rank: int, seed: int):
+        self.cfg, self.data, self.engine, self.out_dir, self.rank, self.seed = cfg, data, engine, out_dir, rank, seed
+        self.value: Optional[float] = None
+        self.metrics: dict = {}
+        self.records: list = []
+        self.step = self.epoch = 0
+        self.stale = 0
+        self._cpu_model = None
+
+    def evaluate(self, step: int, epoch: float) -> dict:
+        cfg, data, engine = self.cfg, self.data, self.engine
+        engine.eval()
+        batch_size = cfg.eval.micro_batch_size or 2 * cfg.training.micro_batch_size
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        outputs, loss = dev_outputs(engine, data.dev_features, data.pad_id, batch_size, engine.device, self.rank, world)
+        engine.train()
+        metrics, records = dev_metrics(data, outputs, loss, cfg)
+        value = metrics[data.metric]
+        if better(value, self.value, data.metric):
+            self.value, self.metrics, self.records, self.step, self.epoch = value, metrics, records, step, epoch
+            self.stale = 0
+            if cfg.checkpoint.best:
+                self._save(step, epoch)
+        else:
+            self.stale += 1
+        return metrics
+
+    def exhausted(self) -> bool:
+        patience = self.cfg.eval.early_stopping_patience
+        return bool(patience) and self.stale >= patience
+
+    def _save(self, step: int, epoch: float) -> None:
+        from pretrain.finetune.model import FinetuneModel, save_finetuned
+        from pretrain.weights import TOKENIZER_DIR, copy_tokenizer
+        state = self.engine.consolidated_state_dict(self.rank)     # every rank: ZeRO-3 gathers
+        if self.rank != 0:
+            return
+        model = self.engine.model
+        if self._cpu_model is None:
+            self._cpu_model = FinetuneModel(model.config, model.head)
+        self._cpu_model.load_state_dict(state)
+        best = os.path.join(self.out_dir, BEST_DIR)
+        tmp, old = os.path.join(self.out_dir, ".best.tmp"), os.path.join(self.out_dir, ".best.old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        extra = {"tokenizer_dir": os.path.abspath(self.data.tokenizer_dir),
+                 "finetune": {"seed": self.seed, "step": step, "epoch": epoch, "metric": self.data.metric,
+                              "value": self.value, "task": self.data.task_type}}
+        save_finetuned(self._cpu_model, tmp, extra=extra)
+        copy_tokenizer(self.data.tokenizer_dir, os.path.join(tmp, TOKENIZER_DIR))
+        if os.path.isdir(best):
+            os.replace(best, old)
+        os.replace(tmp, best)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def finish(self) -> None:
+        """Rank 0: the best evaluation's predictions, and the transformers export of the best model."""
+        if self.rank != 0:
+            return
+        lines = "".join(json.dumps(_finite(r)) + "\n" for r in self.records)
+        _write_text(os.path.join(self.out_dir, PREDICTIONS_FILE), lines)
+        best = os.path.join(self.out_dir, BEST_DIR)
+        if self.cfg.checkpoint.best and self.cfg.checkpoint.export_hf and os.path.isdir(best):
+            from pretrain.finetune.model import from_pretrained
+            from pretrain.hf import export_finetuned
+            model, report = from_pretrained(best)
+            export_finetuned(model, os.path.join(self.out_dir, HF_DIR), report.tokenizer_dir)
+
+
+def _write_text(path: str, text: str) -> None:
+    from pretrain.weights import atomic_write_text
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, text)
+
+
+# --------------------------------------------------------------------------------------------
+# The optimizer: pretraining's decay groups, split by layer for layer-wise LR decay
+# --------------------------------------------------------------------------------------------
+def layer_depth(name: str, m) -> int:
+    """Depth of a FinetuneModel parameter for LLRD: 0 the embeddings, i + 1 encoder layer i (ALBERT's one
+    shared layer, and pre-LN's final norm: the top layer, L), L + 1 the head (pooler, output layer)."""
+    if name.startswith("embeddings."):
+        return 0
+    if name.startswith("encoder.layers."):
+        return m.num_layers if m.share_layers else int(name.split(".")[2]) + 1
+    if name.startswith("encoder."):
+        return m.num_layers
+    return m.num_layers + 1
+
+
+def build_finetune_optimizer(model, opt_cfg, kernels_lamb: str = "reference") -> torch.optim.Optimizer:
+    """pretrain.optim.build_optimizer's optimizer; with ``opt_cfg.layer_lr_decay`` f < 1 its groups are
+    (depth, decay / no decay), depth d at lr x f^(L + 1 - d) (see layer_depth), the top first; each group
+    records its ``layer`` (depth) and parameter ``names``."""
+    from pretrain.optim import Lamb, build_optimizer, param_groups
+    optimizer = build_optimizer(model, opt_cfg, kernels_lamb)
+    decay = opt_cfg.layer_lr_decay
+    if decay == 1.0:
+        return optimizer
+    m = model.config
+    by_depth = defaultdict(list)
+    for name, param in model.named_parameters():
+        by_depth[layer_depth(name, m)].append((name, param))
+    groups = []
+    for depth in sorted(by_depth, reverse=True):
+        for group in param_groups(by_depth[depth], opt_cfg.weight_decay):
+            group.update(lr=opt_cfg.lr * decay ** (m.num_layers + 1 - depth), layer=depth)
+            if not isinstance(optimizer, Lamb):
+                del group["exclude_from_adaptation"]    # a LAMB notion, as build_optimizer drops it
+            groups.append(group)
+    optimizer.param_groups.clear()
+    for group in groups:
+        optimizer.add_param_group(group)
+    return optimizer
