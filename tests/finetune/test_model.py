@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.pretrain.test_hf import (VOCAB, _Payload, assert_rel_close, hf_common, perturb, save_ours, tiny,
-                                    transformers, write_tokenizer)
+from tests.pretrain.test_hf import (VOCAB, _Payload, assert_rel_close, hf_common, padded_inputs, perturb, save_ours,
+                                    tiny, transformers, write_tokenizer)
 from pretrain.config import KernelsConfig
 from pretrain.finetune.model import (FinetuneModel, HeadConfig, from_pretrained, resolve_head, save_finetuned)
 from pretrain.hf import export_finetuned
@@ -37,16 +37,7 @@ AUTO = {"sequence": "AutoModelForSequenceClassification", "token": "AutoModelFor
 CASES = [(a, h) for a in ARCHS for h in HEADS]
 
 
-def batch(seed=0):
-    """Three rows of 12 ids with padding (rows 1 and 2), two segments."""
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(5, VOCAB, (3, 12), generator=g)
-    attention_mask = torch.ones(3, 12, dtype=torch.long)
-    attention_mask[1, 8:] = 0
-    attention_mask[2, 4:] = 0
-    token_type_ids = torch.zeros_like(input_ids)
-    token_type_ids[:, 5:] = 1
-    return dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+batch = padded_inputs
 
 
 def targets(head: HeadConfig, inputs, seed=1):

@@ -51,16 +51,21 @@ def perturb(model):
     return model.eval()
 
 
-def padded_batch():
-    g = torch.Generator().manual_seed(0)
+def padded_inputs(seed: int = 0) -> dict:
+    """Three rows of 12 ids with padding (rows 1 and 2), two segments."""
+    g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(5, VOCAB, (3, 12), generator=g)
     attention_mask = torch.ones(3, 12, dtype=torch.long)
     attention_mask[1, 8:] = 0
     attention_mask[2, 4:] = 0
     token_type_ids = torch.zeros_like(input_ids)
     token_type_ids[:, 5:] = 1
+    return dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+
+
+def padded_batch():
     positions = torch.tensor([[1, 3, 6, 10], [2, 5, 7, 0], [1, 3, 0, 0]])
-    return dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids), positions
+    return padded_inputs(), positions
 
 
 def assert_rel_close(got, expected, tol=1e-5):
