@@ -103,14 +103,19 @@ def token_files(root: Path, words: list[str], n_train: int = 240, n_dev: int = 6
     return write(root / "ner_train.txt", sentences[:n_train]), write(root / "ner_dev.txt", sentences[n_train:])
 
 
-def qa_files(root: Path, words: list[str], n_train: int = 240, n_dev: int = 60):
-    """"Who is named?" of a 14-word context holding exactly one name; the answer is the name."""
+def qa_files(root: Path, words: list[str], n_train: int = 240, n_dev: int = 60, unanswerable: int = 0):
+    """"Who is named?" of a 14-word context holding exactly one name; the answer is the name.  With
+    ``unanswerable`` (SQuAD v2), every that-many-th question is asked of a context without a name."""
     examples = []
     for k, w in enumerate(windows(words, 14)):
         names = [i for i, x in enumerate(w) if bare(x) in NAMES]
-        if len(names) != 1:
-            continue
         context = " ".join(w)
+        if unanswerable and not names and len(examples) % unanswerable == 0:
+            examples.append({"context": context, "qas": [{"id": f"q{k}", "question": "who is named here?",
+                                                          "answers": [], "is_impossible": True}]})
+            continue
+        if len(names) != 1 or (unanswerable and len(examples) % unanswerable == 0):
+            continue
         start = len(" ".join(w[:names[0]])) + (1 if names[0] else 0)
         word = w[names[0]]
         answer = word.strip(string.punctuation + "_")
@@ -248,6 +253,36 @@ def test_qa_learns_the_marked_span(assets):
     assert len(records) == 60 and {"id", "prediction", "gold"} <= set(records[0])
     hf = transformers.AutoModelForQuestionAnswering.from_pretrained(str(out / "seed-42" / "hf"))
     assert type(hf).__name__ == "BertForQuestionAnswering"
+
+
+def test_qa_v2_learns_when_there_is_no_answer(assets):
+    root, _, ckpt, words = assets
+    (root / "v2").mkdir(exist_ok=True)
+    train, dev = qa_files(root / "v2", words, unanswerable=4)
+    out = root / "qa2_out"
+    assert finetune("--checkpoint", ckpt, "--train", train, "--dev", dev, "--out", out, "--task", "qa", *QUICK,
+                    "training.epochs=4", "task.max_length=48", "qa.max_query_length=8", "qa.doc_stride=16",
+                    "checkpoint.export_hf=false") == 0
+    values = json.loads((out / "metrics.json").read_text())["seeds"]["42"]
+    assert {"HasAns_f1", "NoAns_f1", "best_f1", "best_f1_thresh"} <= set(values)
+    assert values["f1"] >= 70 and values["NoAns_f1"] >= 50, values
+    records = read_jsonl(out / "seed-42" / "predictions.jsonl")
+    assert any(r["gold"] == [] for r in records) and all("null_score_diff" in r for r in records)
+
+
+def test_regression_learns(assets):
+    """How many names does the text hold (a number: the task given, not inferred)?"""
+    root, _, ckpt, words = assets
+    rows = [{"text": " ".join(w), "label": sum(bare(x) in NAMES for x in w)} for w in windows(words, 10)][:400]
+    train, dev = write_jsonl(root / "reg_train.jsonl", rows[:320]), write_jsonl(root / "reg_dev.jsonl", rows[320:])
+    out = root / "reg_out"
+    assert finetune("--checkpoint", ckpt, "--train", train, "--dev", dev, "--out", out, "--task", "regression",
+                    *QUICK, "training.epochs=5", "checkpoint.export_hf=false") == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    values = summary["seeds"]["42"]
+    assert summary["task"] == "regression" and values["pearson"] >= 0.7, values    # chance: 0
+    assert values["spearman"] >= 0.3, values          # the gold counts are mostly 0 and 1: ranks are ties
+    assert values["pearson_spearman_mean"] == pytest.approx((values["pearson"] + values["spearman"]) / 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,14 +434,15 @@ def launch(args: list, nproc: int, log_dir: Path, timeout: int = 240) -> list[in
 @pytest.mark.slow
 def test_two_ranks_match_one_rank(assets):
     root, _, ckpt, words = assets
-    train, dev = classification_files(root, words, 96, 40)
+    train, dev = classification_files(root, words, 160, 40)
     common = ["--checkpoint", ckpt, "--train", train, "--dev", dev, *QUICK, "training.micro_batch_size=8",
-              "training.global_batch_size=16", "training.epochs=2", "eval.every_steps=3", "checkpoint.best=false",
+              "training.global_batch_size=16", "training.epochs=6", "eval.every_steps=5", "checkpoint.best=false",
               "checkpoint.export_hf=false"]
     assert finetune(*common, "--out", root / "dp1") == 0
     (root / "dp2").mkdir()
     launch([*common, "--out", root / "dp2"], 2, root / "dp2")
     one, two = (json.loads((root / d / "metrics.json").read_text())["seeds"]["42"] for d in ("dp1", "dp2"))
+    assert one["accuracy"] >= 0.85                                 # it learnt: the comparison means something
     assert one["best_step"] == two["best_step"] and one["accuracy"] == two["accuracy"]
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
     evals = [[r for r in read_jsonl(root / d / "seed-42" / "metrics.jsonl") if r["kind"] == "eval"]
