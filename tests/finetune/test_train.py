@@ -223,6 +223,20 @@ def test_hf_export_gives_our_logits(classification_run):
         assert_rel_close(ours(**batch).logits, theirs(**batch).logits)
 
 
+def test_an_hf_export_is_a_starting_point_with_its_head(classification_run, capsys):
+    """Our export (a transformers directory with its tokenizer) fine-tunes further: the trained head is
+    reused, so the first evaluation (at a negligible LR) scores as the best model did."""
+    out, train, dev = classification_run
+    again = out.parent / "cls_again"
+    assert finetune("--checkpoint", out / "seed-1" / "hf", "--train", train, "--dev", dev, "--out", again, *QUICK,
+                    "optimizer.lr=1e-12", "training.max_steps=1", "checkpoint.best=false") == 0
+    printed = capsys.readouterr().out
+    assert "(huggingface)" in printed and "initialised fresh" not in printed
+    before = json.loads((out / "metrics.json").read_text())["seeds"]["1"]
+    after = json.loads((again / "metrics.json").read_text())["seeds"]["42"]
+    assert after["accuracy"] == before["accuracy"] and after["loss"] == pytest.approx(before["loss"], rel=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # Token classification and QA
 # ---------------------------------------------------------------------------------------------
