@@ -14,18 +14,16 @@ import json
 import math
 import os
 import string
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.pretrain.test_hf import assert_rel_close, run_config, transformers
+from tests.pretrain.training_helpers import spawn_ranks, wait_all
 from data_prep.vocab import save_tokenizer_dir, train_wordpiece
 from pretrain.cli import main
 from pretrain.config import ModelConfig
-from pretrain.distributed import free_port
 from pretrain.finetune.config import load_finetune_config
 from pretrain.finetune.model import FinetuneModel, HeadConfig, from_pretrained
 from pretrain.finetune.prepare import epoch_batches, rank_micro_batches
@@ -424,23 +422,9 @@ def test_bad_input_is_one_line_and_writes_nothing(assets, capsys):
 # Data parallel: 2 ranks = 1 rank at the same global batch
 # ---------------------------------------------------------------------------------------------
 def launch(args: list, nproc: int, log_dir: Path, timeout: int = 240) -> list[int]:
-    port = free_port()
-    procs, logs = [], []
-    for rank in range(nproc):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-        logs.append(log_dir / f"rank{rank}.log")
-        with open(logs[-1], "w") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "pretrain", "finetune", *map(str, args)], cwd=REPO,
-                                          env=env, stdout=log, stderr=subprocess.STDOUT))
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=timeout))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            codes.append(-9)
+    """`python -m pretrain finetune ARGS` on ``nproc`` local ranks; every rank must exit 0."""
+    procs, logs = spawn_ranks(["finetune", *args], nproc, log_dir)
+    codes = wait_all(procs, timeout)
     assert codes == [0] * nproc, "\n".join(f"--- rank {i}\n{log.read_text()[-3000:]}" for i, log in enumerate(logs))
     return codes
 

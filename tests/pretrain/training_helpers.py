@@ -74,24 +74,42 @@ class Launch:
         return "\n".join(f"--- rank {i} (exit {c})\n{log[-4000:]}" for i, (c, log) in enumerate(zip(self.codes, self.logs)))
 
 
-def spawn(run_dir: Path, overrides: list[str], nproc: int = 2, extra_args: list[str] = (),
-          config: str = "configs/debug.yaml", env: dict | None = None) -> tuple[list, list[Path]]:
-    """Start `python -m pretrain train` on ``nproc`` local ranks; return (processes, log paths)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def spawn_ranks(argv: list, nproc: int, log_dir: Path, env: dict | None = None) -> tuple[list, list[Path]]:
+    """Start `python -m pretrain ARGV...` on ``nproc`` local ranks (gloo on CPU, one thread each), the
+    torch.distributed variables set as torchrun would; return (processes, log paths under log_dir)."""
     port = free_port()
     procs, log_paths = [], []
     for rank in range(nproc):
         rank_env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu",
                     "OMP_NUM_THREADS": "1", **(env or {})}
-        log_path = run_dir / f"rank{rank}.{port}.log"
+        log_path = log_dir / f"rank{rank}.{port}.log"
         log_paths.append(log_path)
         with open(log_path, "w") as log:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "pretrain", "train", "--config", str(REPO / config),
-                 f"logging.run_dir={run_dir}", *overrides, *extra_args],
-                cwd=REPO, env=rank_env, stdout=log, stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen([sys.executable, "-m", "pretrain", *map(str, argv)], cwd=REPO,
+                                          env=rank_env, stdout=log, stderr=subprocess.STDOUT))
     return procs, log_paths
+
+
+def wait_all(procs: list, timeout: float) -> list[int]:
+    """The exit codes of ``procs``; all are killed (code -9) once one outlives ``timeout``."""
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            codes.append(-9)
+    return codes
+
+
+def spawn(run_dir: Path, overrides: list[str], nproc: int = 2, extra_args: list[str] = (),
+          config: str = "configs/debug.yaml", env: dict | None = None) -> tuple[list, list[Path]]:
+    """Start `python -m pretrain train` on ``nproc`` local ranks; return (processes, log paths)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return spawn_ranks(["train", "--config", REPO / config, f"logging.run_dir={run_dir}", *overrides, *extra_args],
+                       nproc, run_dir, env)
 
 
 def wait_for_logged_steps(run_dir: Path, steps: int, timeout: float = 180) -> None:
@@ -109,14 +127,7 @@ def launch(run_dir: Path, overrides: list[str], nproc: int = 2, extra_args: list
            config: str = "configs/debug.yaml", timeout: int = 300, env: dict | None = None) -> Launch:
     """Run `python -m pretrain train` on ``nproc`` local ranks; wait for all of them."""
     procs, log_paths = spawn(run_dir, overrides, nproc, extra_args, config, env)
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=timeout))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            codes.append(-9)
+    codes = wait_all(procs, timeout)
     return Launch(codes, [p.read_text() for p in log_paths], run_dir)
 
 
