@@ -2,6 +2,7 @@
 
   python -m pretrain finetune --config configs/finetune/NAME.yaml [section.key=value ...]
   python -m pretrain finetune --checkpoint DIR --train FILE --dev FILE --out DIR [section.key=value ...]
+  python -m pretrain finetune --suite configs/finetune/SUITE.yaml [--checkpoint DIR] [--out DIR] [section.key=value ...]
 
 The short form needs no config file: JSONL or TSV files with the columns `text`, optionally `text_pair`,
 and `label`; the task is classification or regression as the labels say (task.type overrides it).  The
@@ -17,6 +18,13 @@ Rank, world size and rendezvous come from whatever launched us (torchrun, srun, 
 pretrain/distributed.py).  Exit status: 0 done, 2 invalid config or input (nothing written) or the
 output directory in use, 1 error.  Every key is documented in pretrain/finetune/config.py; the files in
 configs/finetune/ show one config per task type.
+
+--suite runs several tasks, one after the other (pretrain/finetune/suite.py: `tasks:`, a list of {name,
+config, overrides}); --checkpoint sets every task's model.checkpoint, the command line's overrides apply to
+every task after its own, and each task runs in OUT/NAME (OUT: --out, else runs/finetune/SUITE).  Then
+OUT/suite.json and OUT/suite.md hold one table: each task's main metric, mean ± std over its seeds, the
+seeds' values, and the average of the tasks' means (printed too).  The suite file and every task's config
+are checked before anything runs.
 """
 from __future__ import annotations
 
@@ -43,6 +51,9 @@ FLAG_HELP = {  # the short form's flags, in the order --help shows them
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", default=None, help="YAML file (may extend another via `base:`); optional")
+    parser.add_argument("--suite", default=None, metavar="FILE",
+                        help="a suite YAML (tasks: [{name, config, overrides}]): run every task, write "
+                             "OUT/suite.json and OUT/suite.md (per-task score, mean ± std, the average)")
     keys = _flag_keys()
     for dotted in sorted(keys, key=lambda k: list(FLAG_HELP).index(k) if k in FLAG_HELP else len(FLAG_HELP)):
         key = keys[dotted]
@@ -72,11 +83,17 @@ def run(args) -> int:
     dist_env.export()
     announce = dist_env.rank == 0
     from pretrain.finetune.config import load_finetune_config
+    from pretrain.finetune.suite import SuiteError
     flags = {k: v for k, v in vars(args).items() if k in _flag_keys()}
     try:
         with collected_warnings() as warnings:
-            cfg = load_finetune_config(args.config, args.overrides, flags, world_size=dist_env.world_size)
-    except ConfigError as err:
+            if args.suite:
+                suite_out, configs = _suite_configs(args, flags, dist_env.world_size)
+            else:
+                suite_out = None
+                configs = {None: load_finetune_config(args.config, args.overrides, flags,
+                                                      world_size=dist_env.world_size)}
+    except (ConfigError, SuiteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for warning in warnings if announce else []:
@@ -85,20 +102,70 @@ def run(args) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     logging.basicConfig(level=logging.INFO if announce else logging.WARNING,
                         format=f"[rank {dist_env.rank}] %(levelname)s %(name)s: %(message)s")
+    from pretrain.finetune.train import METRICS_FILE
+    summaries = {}
+    for name, cfg in configs.items():
+        if announce and name is not None:
+            print(f"suite task {name}: {cfg.logging.run_dir}", flush=True)
+        code, summary = _finetune(cfg, dist_env, f"suite task {name}: " if name is not None else "")
+        if code:
+            return code
+        if announce:
+            _print_summary(summary, os.path.join(cfg.logging.run_dir, METRICS_FILE))
+        summaries[name] = summary
+    if suite_out is not None and announce:
+        from pretrain.finetune.suite import SUITE_JSON, SUITE_MD, format_table, suite_table, write_suite
+        table = suite_table(summaries)
+        write_suite(suite_out, table)
+        print(format_table(table), end="")
+        print(f"written to {os.path.join(suite_out, SUITE_JSON)} and {SUITE_MD}")
+    return 0
+
+
+def _finetune(cfg, dist_env, prefix: str) -> tuple[int, dict | None]:
+    """One fine-tuning run (the entry point's); (exit status, its summary)."""
+    import sys
+
     from pretrain.finetune.prepare import FinetuneInputError
-    from pretrain.finetune.train import METRICS_FILE, finetune
+    from pretrain.finetune.train import finetune
     from pretrain.trainer import NonFiniteLossError, RunDirError
     try:
-        summary = finetune(cfg, dist_env)
+        return 0, finetune(cfg, dist_env)
     except (FinetuneInputError, RunDirError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        print(f"error: {prefix}{err}", file=sys.stderr)
+        return 2, None
     except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    if announce:
-        _print_summary(summary, os.path.join(cfg.logging.run_dir, METRICS_FILE))
-    return 0
+        print(f"error: {prefix}{err}", file=sys.stderr)
+        return 1, None
+
+
+def _suite_configs(args, flags: dict, world_size: int):
+    """(OUT, {task name: its validated config}) of --suite; every problem of the file and the tasks'
+    configs raised together as one SuiteError."""
+    import os
+
+    from data_prep.settings import ConfigError
+    from pretrain.finetune.config import load_finetune_config
+    from pretrain.finetune.suite import SuiteError, load_suite
+    per_task = sorted(k for k in flags if k not in ("model.checkpoint", "logging.run_dir"))
+    if args.config or per_task:
+        given = ["--config"] * bool(args.config) + [_flag_keys()[k].field.metadata["flags"] for k in per_task]
+        raise SuiteError(f"--suite takes --checkpoint, --out and overrides, not {', '.join(given)} "
+                         "(each task's config names its files)")
+    tasks = load_suite(args.suite)
+    out = flags.get("logging.run_dir") or os.path.join(
+        "runs", "finetune", os.path.splitext(os.path.basename(args.suite))[0])
+    configs, problems = {}, []
+    for i, task in enumerate(tasks):
+        try:
+            configs[task.name] = load_finetune_config(
+                task.config, [*task.overrides, *args.overrides],
+                {**flags, "logging.run_dir": os.path.join(out, task.name)}, world_size=world_size)
+        except ConfigError as err:
+            problems.append(f"{args.suite}: tasks[{i}] ({task.name}): {err}")
+    if problems:
+        raise SuiteError("\n".join(problems))
+    return out, configs
 
 
 def _print_summary(summary: dict, path: str) -> None:

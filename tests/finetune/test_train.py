@@ -5,7 +5,8 @@ tokenizer trained on the same text, the real entry point (in process; the 2-rank
 Checked: dev metrics well above chance, metrics.json per seed with the right mean and std, one prediction
 line per dev example, the HF export gives our logits, the best checkpoint is the best evaluation's,
 early stopping, layer-wise LR decay in the optimizer's groups, the short form's task inference, bad input
-(one line naming the file or key, exit 2, nothing written), 1 rank = 2 ranks at the same global batch.
+(one line naming the file or key, exit 2, nothing written), a suite of two tasks' table and bad suite
+files, 1 rank = 2 ranks at the same global batch.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from pretrain.config import ModelConfig
 from pretrain.finetune.config import load_finetune_config
 from pretrain.finetune.model import FinetuneModel, HeadConfig, from_pretrained
 from pretrain.finetune.prepare import epoch_batches, rank_micro_batches
+from pretrain.finetune.suite import load_suite
 from pretrain.finetune.train import build_finetune_optimizer, layer_depth
 from pretrain.model import build_model
 from pretrain.weights import save_weights
@@ -382,10 +384,13 @@ def test_batches_cover_the_epoch_and_split_by_rank():
 
 
 def test_shipped_configs_load():
-    shipped = sorted((REPO / "configs" / "finetune").glob("*.yaml"))
+    shipped = [p for p in sorted((REPO / "configs" / "finetune").glob("*.yaml")) if p.stem != "glue"]
     assert {p.stem for p in shipped} >= {"sst2", "stsb", "conll2003", "squad"}
     types = {load_finetune_config(str(p)).task.type for p in shipped}
     assert types == {"classification", "regression", "token", "qa"}
+    suite = load_suite(str(REPO / "configs" / "finetune" / "glue.yaml"))     # the example suite
+    assert [t.name for t in suite] == ["sst2", "stsb"]
+    assert all(load_finetune_config(t.config, list(t.overrides)) for t in suite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,6 +420,69 @@ def test_bad_input_is_one_line_and_writes_nothing(assets, capsys):
         assert all(e in err for e in expected), (name, err)
         if name not in ("bad key", "missing keys"):
             assert len(err.strip().splitlines()) == 1, (name, err)
+        assert not out.exists(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Suites: several tasks, one table
+# ---------------------------------------------------------------------------------------------
+def test_suite_runs_every_task_and_writes_one_table(assets, capsys):
+    root, _, ckpt, words = assets
+    suite_root = root / "suite"
+    suite_root.mkdir()
+    train, dev = classification_files(suite_root, words, 64, 32)
+    rows = [{"text": " ".join(w), "label": sum(bare(x) in NAMES for x in w)} for w in windows(words, 10)][:96]
+    reg_train, reg_dev = (write_jsonl(suite_root / f"reg_{n}.jsonl", part) for n, part in (("train", rows[:64]),
+                                                                                            ("dev", rows[64:])))
+    (suite_root / "cls.yaml").write_text(f"task: {{train: {train}, dev: {dev}}}\nmodel: {{checkpoint: nowhere}}\n")
+    (suite_root / "reg.yaml").write_text(f"task: {{type: regression, train: {reg_train}, dev: {reg_dev}}}\n")
+    suite = suite_root / "tiny.yaml"
+    suite.write_text("tasks:\n  - {name: cls, config: cls.yaml, overrides: ['training.seeds=[1,2]']}\n"
+                     "  - {name: reg, config: reg.yaml}\n")
+    out = root / "suite_out"
+    assert finetune("--suite", suite, "--checkpoint", ckpt, "--out", out, *QUICK, "training.max_steps=3",
+                    "checkpoint.best=false", "checkpoint.export_hf=false") == 0
+    table = json.loads((out / "suite.json").read_text())
+    assert list(table["tasks"]) == ["cls", "reg"]
+    for name, metric, seeds in (("cls", "accuracy", {"1", "2"}), ("reg", "pearson_spearman_mean", {"42"})):
+        own = json.loads((out / name / "metrics.json").read_text())     # each task's own run, under OUT/NAME
+        row = table["tasks"][name]
+        assert row["metric"] == own["metric"] == metric and set(row["seeds"]) == seeds
+        assert (row["mean"], row["std"]) == (own["mean"][metric], own["std"][metric])
+        assert row["seeds"] == {s: v[metric] for s, v in own["seeds"].items()}
+    cls = table["tasks"]["cls"]
+    assert cls["mean"] == pytest.approx(sum(cls["seeds"].values()) / 2)
+    assert table["average"] == pytest.approx((cls["mean"] + table["tasks"]["reg"]["mean"]) / 2)
+    md = (out / "suite.md").read_text().splitlines()
+    assert md[0].startswith("| task | metric | mean ± std") and len(md) == 5
+    assert md[2].startswith("| cls | accuracy | ") and md[3].startswith("| reg | pearson_spearman_mean | ")
+    assert md[4].startswith("| average |") and f"{table['average']:.4f}" in md[4]
+    assert "\n".join(md) in capsys.readouterr().out                  # the table is printed
+
+
+def test_bad_suite_files_are_one_line_and_run_nothing(assets, capsys):
+    root, _, ckpt, words = assets
+    bad = root / "bad_suites"
+    bad.mkdir()
+    train, dev = classification_files(bad, words, 32, 16)
+    (bad / "ok.yaml").write_text(f"task: {{train: {train}, dev: {dev}}}\n")
+    cases = {
+        "no tasks": ("runs: []\n", ["missing `tasks`"]),
+        "no name": ("tasks:\n  - {config: ok.yaml}\n", ["tasks[0]", "missing `name`"]),
+        "no config": ("tasks:\n  - {name: a}\n", ["tasks[0] (a)", "missing `config`"]),
+        "duplicate": ("tasks:\n  - {name: a, config: ok.yaml}\n  - {name: a, config: ok.yaml}\n",
+                      ["tasks[1] (a)", "duplicate name 'a'"]),
+        "missing config": ("tasks:\n  - {name: a, config: ok.yaml}\n  - {name: b, config: nope.yaml}\n",
+                           ["tasks[1] (b)", "nope.yaml", "does not exist"]),
+    }
+    for name, (text, expected) in cases.items():
+        suite = bad / f"{name.replace(' ', '_')}.yaml"
+        suite.write_text(text)
+        out = bad / f"out_{name.replace(' ', '_')}"
+        assert finetune("--suite", suite, "--checkpoint", ckpt, "--out", out, *QUICK) == 2, name
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and str(suite) in err, (name, err)
+        assert all(e in err for e in expected), (name, err)
         assert not out.exists(), name
 
 
