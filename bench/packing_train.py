@@ -40,10 +40,12 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from pretrain.bench.batches import default_max_predictions  # noqa: E402  (BERT's 20 at 128, 80 at 512)
+
 DEMO = REPO / "data_prep" / "assets" / "demo_corpus_en.txt.gz"
 SOTU = REPO / ".." / "shared" / "corpora" / "en_sotu.txt.gz"
 LONG_BYTES = 4_000_000
-MAX_PREDICTIONS = {128: 20, 512: 80}
 MODELS = {  # overrides of configs/debug.yaml's model
     "tiny": ["model.num_layers=2", "model.hidden_size=128", "model.num_heads=2", "model.intermediate_size=512"],
     "mini": ["model.num_layers=4", "model.hidden_size=256", "model.num_heads=4", "model.intermediate_size=1024"],
@@ -75,7 +77,7 @@ def shards(work: Path, corpus: str, seq_len: int) -> Path:
         "out": str(out), "seed": 7, "workers": 1, "input": {"paths": [str(path)], "format": "text"},
         "vocab": {"vocab_size": 8192, "min_frequency": 2, "lowercase": True},
         "shards": {"seq_len": seq_len, "objective": "nsp", "masking": "dynamic",
-                   "max_predictions": MAX_PREDICTIONS[seq_len], "val_fraction": 0.02}}))
+                   "max_predictions": default_max_predictions(seq_len), "val_fraction": 0.02}}))
     subprocess.run([sys.executable, "-m", "data_prep", "run", "--config", str(config)], cwd=REPO, check=True,
                    stdout=subprocess.DEVNULL)
     return out
@@ -88,7 +90,7 @@ def train(args, data: Path, seq_len: int, packing: bool, seed: int, run_dir: Pat
     overrides = MODELS[args.model] + ["model.max_position_embeddings=512",
         f"data.dir={data / 'shards'}", f"data.tokenizer={data / 'tokenizer'}", f"data.packing={str(packing).lower()}",
         f"data.max_instances_per_row={max_per_row}", f"training.seq_len={seq_len}",
-        f"training.max_predictions={MAX_PREDICTIONS[seq_len]}", f"training.micro_batch_size={micro}",
+        f"training.max_predictions={default_max_predictions(seq_len)}", f"training.micro_batch_size={micro}",
         f"training.global_batch_size={micro}", f"training.max_steps={steps}", f"training.seed={seed}",
         f"logging.run_dir={run_dir}", f"logging.every_steps={every}", "logging.progress_bar=false",
         "logging.tensorboard=false", f"eval.every_steps={steps if full_eval else 0}", "eval.max_batches=0",
@@ -177,7 +179,7 @@ def quality(args, work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("mode", choices=["speed", "quality"])
-    parser.add_argument("--seq-lens", type=int, nargs="+", choices=sorted(MAX_PREDICTIONS), default=None)
+    parser.add_argument("--seq-lens", type=int, nargs="+", choices=[128, 512], default=None)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps a run (speed 60, quality 300)")
     parser.add_argument("--rounds", type=int, default=3, help="speed: rounds of (unpacked, packed)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="quality: training seeds")

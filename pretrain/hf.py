@@ -397,7 +397,7 @@ def export_finetuned(model, out_dir: str, tokenizer_dir: str | None = None) -> d
     architecture = finetuned_architecture(m, head.task)
     spec = _tokenizer_spec(tokenizer_dir, m) if tokenizer_dir else None
     hf_model = getattr(transformers, architecture)(finetuned_hf_config(m, head))
-    hf_model.load_state_dict(finetuned_to_hf_state_dict(model.consolidated_state_dict(), m, head), strict=True)
+    hf_model.load_state_dict(finetuned_to_hf_state_dict(model.state_dict(), m, head), strict=True)
     _save_hf(hf_model, out_dir, tokenizer_dir, spec, "the fine-tuned model")
     return {"architecture": architecture, "out_dir": out_dir, "tokenizer": tokenizer_dir or None}
 

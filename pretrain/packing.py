@@ -26,7 +26,7 @@ A packed batch, for N instances in R rows of width W:
   runs on the masked tokens only, not on N x P rows (unpacked, P = max_predictions keeps one shape
   for every batch; a packed batch has no fixed shape to keep).  ``sentence_labels`` [N] are the
   unpacked batch's;
-* ``cu_seqlens`` [M+1]: the boundaries of the M runs of one segment id in the flattened slots
+* ``cu_seqlens`` [K+1]: the boundaries of the K runs of one segment id in the flattened slots
   (every instance, and each row's padding), for attention over jagged sequences (no S x S mask).
 """
 from __future__ import annotations

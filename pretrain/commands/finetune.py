@@ -128,15 +128,15 @@ def _finetune(cfg, dist_env, prefix: str) -> tuple[int, dict | None]:
 
     from pretrain.finetune.prepare import FinetuneInputError
     from pretrain.finetune.train import finetune
-    from pretrain.trainer import NonFiniteLossError, RunDirError
+    from pretrain.trainer import EXIT_DONE, EXIT_ERROR, NonFiniteLossError, RunDirError
     try:
-        return 0, finetune(cfg, dist_env)
+        return EXIT_DONE, finetune(cfg, dist_env)
     except (FinetuneInputError, RunDirError) as err:
         print(f"error: {prefix}{err}", file=sys.stderr)
         return 2, None
     except NonFiniteLossError as err:
         print(f"error: {prefix}{err}", file=sys.stderr)
-        return 1, None
+        return EXIT_ERROR, None
 
 
 def _suite_configs(args, flags: dict, world_size: int):

@@ -113,11 +113,10 @@ class FinetuneModel(nn.Module):
     """Our encoder + the head of ``head.task`` (see the module docstring)."""
 
     # The encoder is BertForPretraining's, code and all: its encode() reads config, kernels, unpad,
-    # jagged, embeddings and encoder, which this class has under the same names.
+    # embeddings and encoder, which this class has under the same names (fine-tuning batches are padded,
+    # one example a row: encode() never reaches its packed-only jagged path).
     unpad: bool = False
-    jagged: bool = False          # fine-tuning batches are padded, one example a row: never jagged
     encode = BertForPretraining.encode
-    _jagged = BertForPretraining._jagged
     _init_weights = BertForPretraining._init_weights
 
     def __init__(self, cfg: ModelConfig, head: HeadConfig, kernels: KernelsConfig | None = None):

@@ -107,10 +107,9 @@ def format_table(table: dict) -> str:
 
 
 def write_suite(out_dir: str, table: dict) -> None:
-    """OUT/suite.json and OUT/suite.md, each written to a temporary file and renamed."""
+    """OUT/suite.json and OUT/suite.md, each written atomically."""
+    from pretrain.weights import atomic_write_text
+
     os.makedirs(out_dir, exist_ok=True)
     for name, text in ((SUITE_JSON, json.dumps(table, indent=2) + "\n"), (SUITE_MD, format_table(table))):
-        path = os.path.join(out_dir, name)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        atomic_write_text(os.path.join(out_dir, name), text)

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import shutil
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional
@@ -30,13 +31,13 @@ import torch
 
 from pretrain.config import ScheduleConfig
 from pretrain.distributed import DistEnv
-from pretrain.engine import Engine, all_reduce_sum, init_distributed, shutdown_distributed
+from pretrain.engine import Engine, all_reduce_sum, shutdown_distributed
 from pretrain.finetune.config import FinetuneConfig, dump_config, warmup_ratio_or_default
 from pretrain.finetune.evaluate import better, dev_metrics, dev_outputs
 from pretrain.finetune.prepare import (FinetuneInputError, TaskData, encode_task, micro_batch_stream, read_task,
                                        steps_per_epoch)
 from pretrain.metrics import MetricsLogger
-from pretrain.trainer import NonFiniteLossError, device_for, hold_run_dir, seed_everything
+from pretrain.trainer import NonFiniteLossError, hold_run_dir, join_job, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,7 @@ def finetune(cfg: FinetuneConfig, dist_env: DistEnv) -> dict:
     model, report = load_model(cfg, data, cfg.training.seeds[0])
     encode_task(data, cfg, report.tokenizer_dir, model.config.max_position_embeddings, model.config.vocab_size)
     plan = make_plan(cfg, len(data.train_features), dist_env.world_size)
-    device = device_for(dist_env)
-    init_distributed("nccl" if device.type == "cuda" else "gloo", cfg.training.collective_timeout_s)
+    device = join_job(cfg, dist_env)
     run_dir, rank = cfg.logging.run_dir, dist_env.rank
     lock = hold_run_dir(run_dir, rank, device)
     try:
@@ -135,8 +135,8 @@ def summarize(data: TaskData, results: dict[int, dict]) -> dict:
     mean, std = {}, {}
     for name in names:
         values = [r["dev"][name] for r in results.values()]
-        mean[name] = sum(values) / len(values)
-        std[name] = math.sqrt(sum((v - mean[name]) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        mean[name] = statistics.fmean(values)
+        std[name] = statistics.stdev(values) if len(values) > 1 else 0.0
     return {"task": data.task_type, "metric": data.metric, "labels": data.labels,
             "seeds": {str(seed): {**r["dev"], **{k: v for k, v in r.items() if k != "dev"}}
                       for seed, r in results.items()},
@@ -182,7 +182,9 @@ def train_seed(cfg: FinetuneConfig, data: TaskData, plan: Plan, model, seed: int
     window, nonfinite, step, stopped_early = _Window(device), 0, 0, False
     try:
         for step in range(1, plan.max_steps + 1):
-            lr = max(engine.scheduler.get_last_lr())      # the head's rate (layer_lr_decay lowers the others)
+            log_now = step % cfg.logging.every_steps == 0 or step == plan.max_steps
+            # the head's rate (layer_lr_decay lowers the others), read before the update steps the scheduler
+            lr = max(engine.scheduler.get_last_lr()) if log_now else None
             totals, applied, _ = engine.step(lambda: next(batches)[1], step)
             nonfinite = 0 if applied else nonfinite + 1
             if nonfinite >= t.max_nonfinite_steps:
@@ -190,7 +192,7 @@ def train_seed(cfg: FinetuneConfig, data: TaskData, plan: Plan, model, seed: int
                                          f"(training.max_nonfinite_steps) at step {step}: lower optimizer.lr")
             if applied:
                 window.add(totals)
-            if step % cfg.logging.every_steps == 0 or step == plan.max_steps:
+            if log_now:
                 logger.log(step, {**window.reduce(), "train/lr": lr, "train/epoch": step / plan.steps_per_epoch})
             logger.advance(step)
             every = cfg.eval.every_steps
@@ -217,12 +219,13 @@ class _Window:
         self.device, self.sums = device, None
 
     def add(self, totals: dict) -> None:
-        value = torch.stack([totals["loss_sum"], totals["micro_batches"]]).double()
-        self.sums = value if self.sums is None else self.sums + value
+        pair = (totals["loss_sum"], totals["micro_batches"])
+        self.sums = pair if self.sums is None else (self.sums[0] + pair[0], self.sums[1] + pair[1])
 
     def reduce(self) -> dict:
-        local = self.sums if self.sums is not None else torch.zeros(2, dtype=torch.float64, device=self.device)
-        loss_sum, micro = all_reduce_sum(local.clone()).tolist()
+        local = (torch.stack(self.sums).double() if self.sums is not None
+                 else torch.zeros(2, dtype=torch.float64, device=self.device))
+        loss_sum, micro = all_reduce_sum(local).tolist()
         self.sums = None
         return {"train/loss": loss_sum / micro} if micro else {}
 
@@ -290,12 +293,10 @@ class _Best:
             return
         lines = "".join(json.dumps(_finite(r)) + "\n" for r in self.records)
         _write_text(os.path.join(self.out_dir, PREDICTIONS_FILE), lines)
-        best = os.path.join(self.out_dir, BEST_DIR)
-        if self.cfg.checkpoint.best and self.cfg.checkpoint.export_hf and os.path.isdir(best):
-            from pretrain.finetune.model import from_pretrained
+        if self.cfg.checkpoint.best and self.cfg.checkpoint.export_hf and self._cpu_model is not None:
             from pretrain.hf import export_finetuned
-            model, report = from_pretrained(best)
-            export_finetuned(model, os.path.join(self.out_dir, HF_DIR), report.tokenizer_dir)
+            # the best model's weights are still in memory (what _save wrote to BEST_DIR): no read back
+            export_finetuned(self._cpu_model, os.path.join(self.out_dir, HF_DIR), self.data.tokenizer_dir)
 
 
 def _write_text(path: str, text: str) -> None:
