@@ -4,17 +4,20 @@
   2. pretrain train  a tiny BERT (configs/debug.yaml), held-out evaluation during training
   3. pretrain eval   held-out MLM / NSP accuracy of the final checkpoint
   4. pretrain export a HuggingFace directory, loaded back with transformers for a fill-mask check
-  5. a summary, with the TensorBoard command
+  5. pretrain finetune  the final checkpoint on a tiny labelled task cut from the same corpus
+     (configs/finetune/demo.yaml; pretrain.finetune.demo_task: does a passage name Emma?)
+  6. a summary, with the TensorBoard command
 
 Each step runs the same public command a user would type, in a subprocess.
 """
-HELP = "prep the bundled corpus, pretrain a tiny BERT, evaluate, export: the quickstart"
+HELP = "prep the bundled corpus, pretrain a tiny BERT, evaluate, export, fine-tune: the quickstart"
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="demo_out", help="working directory for every output")
     parser.add_argument("--data-config", default=None, help="default: configs/data/demo.yaml of this checkout")
     parser.add_argument("--train-config", default=None, help="default: configs/debug.yaml of this checkout")
+    parser.add_argument("--finetune-config", default=None, help="default: configs/finetune/demo.yaml of this checkout")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="training overrides")
 
 
@@ -27,8 +30,10 @@ def run(args) -> int:
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     data_config = args.data_config or os.path.join(repo, "configs", "data", "demo.yaml")
     train_config = args.train_config or os.path.join(repo, "configs", "debug.yaml")
+    finetune_config = args.finetune_config or os.path.join(repo, "configs", "finetune", "demo.yaml")
     out = os.path.abspath(args.out)
     data_dir, run_dir, hf_dir = os.path.join(out, "data"), os.path.join(out, "run"), os.path.join(out, "hf")
+    task_dir, finetune_dir = os.path.join(out, "finetune_task"), os.path.join(out, "finetune")
     py = sys.executable
     began = time.time()
 
@@ -40,20 +45,26 @@ def run(args) -> int:
 
     # The bundled config's input path is relative to the repository (config paths are relative to
     # the current directory); a config of the user's own is read from where the user is.
-    step("1/4 data_prep: vocabulary, instances, shards",
+    step("1/5 data_prep: vocabulary, instances, shards",
          [py, "-m", "data_prep", "run", "--config", data_config, "--out", data_dir],
          cwd=None if args.data_config else repo)
-    step("2/4 pretrain: tiny BERT on the shards",
+    step("2/5 pretrain: tiny BERT on the shards",
          [py, "-m", "pretrain", "train", "--config", train_config, f"data.dir={data_dir}/shards",
           f"data.tokenizer={data_dir}/tokenizer", f"logging.run_dir={run_dir}", *args.overrides])
     ckpt_root = os.path.join(run_dir, "checkpoints")
     eval_json = os.path.join(out, "eval_metrics.json")
-    step("3/4 evaluate the final checkpoint on the held-out split",
+    step("3/5 evaluate the final checkpoint on the held-out split",
          [py, "-m", "pretrain", "eval", "--checkpoint", ckpt_root, "--out", eval_json])
-    step("4/4 export to HuggingFace format",
+    step("4/5 export to HuggingFace format",
          [py, "-m", "pretrain", "export", "--checkpoint", ckpt_root, "--out", hf_dir])
     fill_mask = _fill_mask_check(hf_dir)
-    _summary(run_dir, eval_json, hf_dir, fill_mask, time.time() - began)
+    from pretrain.finetune.demo_task import read_words, write_mention_task
+    train, dev = write_mention_task(read_words(os.path.join(repo, "data_prep", "assets", "demo_corpus_en.txt.gz")),
+                                    task_dir)
+    step("5/5 fine-tune the final checkpoint on a tiny task cut from the corpus (does a passage name Emma?)",
+         [py, "-m", "pretrain", "finetune", "--config", finetune_config, "--checkpoint", ckpt_root,
+          "--train", train, "--dev", dev, "--out", finetune_dir, "logging.progress_bar=false"])
+    _summary(run_dir, eval_json, hf_dir, fill_mask, finetune_dir, time.time() - began)
     return 0
 
 
@@ -75,7 +86,7 @@ def _fill_mask_check(hf_dir: str) -> str:
     return f"transformers.BertForPreTraining fills '{text}' with {top}"
 
 
-def _summary(run_dir: str, eval_json: str, hf_dir: str, fill_mask: str, seconds: float) -> None:
+def _summary(run_dir: str, eval_json: str, hf_dir: str, fill_mask: str, finetune_dir: str, seconds: float) -> None:
     import json
     import os
 
@@ -100,5 +111,9 @@ def _summary(run_dir: str, eval_json: str, hf_dir: str, fill_mask: str, seconds:
     print(f"curves                 {os.path.join(run_dir, 'curves.png')}")
     print(f"HuggingFace export     {hf_dir}")
     print(f"                       {fill_mask}")
+    tuned = json.load(open(os.path.join(finetune_dir, "metrics.json")))
+    print(f"fine-tuned dev accuracy {tuned['mean']['accuracy']:.3f} on the demo task (chance 0.5; "
+          f"{os.path.join(finetune_dir, 'metrics.json')}, HF export in "
+          f"{os.path.join(finetune_dir, 'seed-' + next(iter(tuned['seeds'])), 'hf')})")
     print(f"TensorBoard            tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
     print(f"total time             {seconds:.0f} s")

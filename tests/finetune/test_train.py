@@ -26,6 +26,7 @@ from data_prep.vocab import save_tokenizer_dir, train_wordpiece
 from pretrain.cli import main
 from pretrain.config import ModelConfig
 from pretrain.finetune.config import load_finetune_config
+from pretrain.finetune.demo_task import bare, mention_rows, windows
 from pretrain.finetune.model import FinetuneModel, HeadConfig, from_pretrained
 from pretrain.finetune.prepare import epoch_batches, rank_micro_batches
 from pretrain.finetune.suite import load_suite
@@ -48,14 +49,6 @@ QUICK = ["training.micro_batch_size=16", "training.global_batch_size=16", "train
 def corpus_lines(lines: int = 1500) -> list[str]:
     with gzip.open(DEMO_CORPUS, "rt", encoding="utf-8") as f:
         return [line.strip() for _, line in zip(range(lines), f)]
-
-
-def bare(word: str) -> str:
-    return word.strip(string.punctuation + "_").lower()
-
-
-def windows(words: list[str], size: int) -> list[list[str]]:
-    return [words[i:i + size] for i in range(0, len(words) - size, size)]
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +75,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def classification_files(root: Path, words: list[str], n_train: int = 320, n_dev: int = 80):
-    """Does the text mention Emma?  Windows of 10 words, half with the word, half without."""
-    pos = [w for w in windows(words, 10) if any(bare(x) == "emma" for x in w)]
-    neg = [w for w in windows(words, 10) if not any(bare(x) == "emma" for x in w)]
-    half = (n_train + n_dev) // 2
-    assert len(pos) >= half and len(neg) >= half
-    rows = [r for p, n in zip(pos[:half], neg[:half])
-            for r in ({"text": " ".join(p), "label": "yes"}, {"text": " ".join(n), "label": "no"})]
+    """Does the text name Emma?  The demo's task (pretrain.finetune.demo_task): half the passages with the word."""
+    rows = mention_rows(words, "emma", n_train + n_dev)
     return write_jsonl(root / "cls_train.jsonl", rows[:n_train]), write_jsonl(root / "cls_dev.jsonl", rows[n_train:])
 
 

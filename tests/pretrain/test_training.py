@@ -244,10 +244,13 @@ def test_demo_command_runs_the_main_job_end_to_end(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for line in ("held-out MLM accuracy  step 0:", "HuggingFace export", "transformers.BertForPreTraining fills",
-                 "tensorboard --logdir"):
+                 "fine-tuned dev accuracy", "tensorboard --logdir"):
         assert line in proc.stdout
     assert (tmp_path / "demo" / "hf" / "config.json").is_file()
     assert (tmp_path / "demo" / "run" / "curves.png").is_file()
+    tuned = json.loads((tmp_path / "demo" / "finetune" / "metrics.json").read_text())
+    assert tuned["task"] == "classification" and tuned["mean"]["accuracy"] > 0.5   # the task is balanced
+    assert (tmp_path / "demo" / "finetune" / "seed-1" / "hf" / "config.json").is_file()
 
 
 def test_compile_and_unpad_train_the_same_model_and_resume(dynamic_data, tmp_path):
