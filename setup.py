@@ -81,7 +81,7 @@ setup(
         # webdataset: the tests read our shards with stock webdataset.WebDataset; scipy, scikit-learn:
         # the references tests/finetune checks the fine-tuning metrics against (pretrain never imports them)
         "dev": TRAIN + ["pytest>=7.4", "transformers>=4.40", "webdataset>=0.2.90", "scipy>=1.10",
-                        "scikit-learn>=1.3"],
+                        "scikit-learn>=1.3", "accelerate>=1.0"],
     },
     entry_points={
         "console_scripts": [
