@@ -382,3 +382,37 @@ def test_an_hf_directory_whose_weights_are_a_pickle_payload_is_refused(tmp_path)
     with warnings.catch_warnings(), pytest.raises(UnreadableFileError, match="refused: it would unpickle exec"):
         from_pretrained(str(tmp_path / "hf"))
     assert not marker.exists()
+
+
+def test_training_follows_transformers_step_by_step(tmp_path):
+    """Fine-tuning our model and the transformers model of its export the same way (AdamW, decay off
+    biases and LayerNorm, clipping at 1.0, dropout on, the same seed before each step) gives the same
+    losses step by step: the model and its dropout draws are transformers', so a difference of dev scores
+    beside transformers' Trainer is of data order and head initialisation (docs/benchmarks.md)."""
+    model = finetune_model("bert", "classification").train()
+    architecture = ARCHS["bert"][1] + HEADS["classification"][1]
+    export(model, tmp_path / "hf")
+    hf_model = load_hf(tmp_path / "hf", architecture).train()
+    inputs, labels = batch(), targets(model.head, batch())
+
+    def adamw(named):
+        named = list(named)
+        decay = [p for n, p in named if not (n.endswith("bias") or "norm" in n.lower())]
+        rest = [p for n, p in named if n.endswith("bias") or "norm" in n.lower()]
+        assert decay and rest
+        return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
+                                 lr=1e-3, eps=1e-8)
+    runs = []
+    for m in (model, hf_model):
+        opt, losses = adamw(m.named_parameters()), []
+        for step in range(8):
+            torch.manual_seed(100 + step)
+            loss = m(**inputs, **labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        runs.append(losses)
+    assert runs[0][-1] < runs[0][0]                        # it trains
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5, abs=1e-6)
