@@ -33,10 +33,14 @@ import lzma
 import math
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+
+from pretrain.finetune.demo_task import windows, write_splits
+from pretrain.finetune.prepare import steps_per_epoch as epoch_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPORA = os.path.join(os.path.dirname(REPO), "shared", "corpora")
@@ -46,7 +50,6 @@ SOURCES = {"austen": "en_austen.txt.gz", "bible": "en_bible_web.txt.gz", "sotu":
 
 def passages(path: str, words: int, count: int, max_bytes: int = 3_000_000) -> list[str]:
     """``count`` passages of ``words`` words from the first ``max_bytes`` of a corpus, spread over it."""
-    from pretrain.finetune.demo_task import windows
     opener = lzma.open if path.endswith(".xz") else gzip.open
     with opener(path, "rt", encoding="utf-8") as f:
         text = f.read(max_bytes)
@@ -62,13 +65,8 @@ def write_task(out: str, words: int, n_train: int, n_dev: int) -> tuple[str, str
     rows = [{"text": p, "label": name} for name, file in SOURCES.items()
             for p in passages(os.path.join(CORPORA, file), words, per)]
     random.Random(0).shuffle(rows)
-    os.makedirs(out, exist_ok=True)
-    paths = []
-    for name, part in (("train", rows[:n_train]), ("dev", rows[n_train:n_train + n_dev])):
-        paths.append(os.path.join(out, f"{name}.jsonl"))
-        with open(paths[-1], "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in part)
-    return paths[0], paths[1]
+    train, dev = write_splits(out, {"train": rows[:n_train], "dev": rows[n_train:n_train + n_dev]})
+    return train, dev
 
 
 def ours(args, hf: str, train: str, dev: str, steps_per_epoch: int) -> dict:
@@ -82,9 +80,7 @@ def ours(args, hf: str, train: str, dev: str, steps_per_epoch: int) -> dict:
            "optimizer.max_grad_norm=1.0", f"schedule.warmup_steps={args.warmup_steps}", "schedule.decay=linear",
            "eval.metric=accuracy", "checkpoint.best=false", "logging.progress_bar=false",
            "logging.tensorboard=false", f"logging.every_steps={args.log_every}"]
-    if os.path.isdir(out):
-        import shutil
-        shutil.rmtree(out)
+    shutil.rmtree(out, ignore_errors=True)
     subprocess.run(cmd, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     summary = json.load(open(os.path.join(out, "metrics.json")))
     result = {}
@@ -160,7 +156,7 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "pretrain", "demo", "--out", demo, "logging.progress_bar=false"],
                            check=True, cwd=REPO)
     train, dev = write_task(os.path.join(args.work, "task"), args.words, args.n_train, args.n_dev)
-    steps_per_epoch = math.ceil(args.n_train / args.batch)
+    steps_per_epoch = epoch_steps(args.n_train, args.batch)
     began = time.time()
     results = {"pretrain finetune": ours(args, hf, train, dev, steps_per_epoch),
                "transformers Trainer": trainer(args, hf, train, dev)}

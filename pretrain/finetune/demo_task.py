@@ -44,15 +44,20 @@ def mention_rows(words: list[str], word: str, count: int, size: int = 10) -> lis
     return rows[:count]
 
 
+def write_splits(out_dir: str, splits: dict[str, list[dict]]) -> list[str]:
+    """OUT_DIR/NAME.jsonl for each split's rows (written atomically); returns their paths in order."""
+    from pretrain.weights import atomic_write_text
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for name, rows in splits.items():
+        paths.append(os.path.join(out_dir, f"{name}.jsonl"))
+        atomic_write_text(paths[-1], "".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
 def write_mention_task(words: list[str], out_dir: str, word: str = "emma", n_train: int = 320,
                        n_dev: int = 80) -> tuple[str, str]:
     """OUT_DIR/train.jsonl and OUT_DIR/dev.jsonl of the mention task; returns their paths."""
-    from pretrain.weights import atomic_write_text
     rows = mention_rows(words, word, n_train + n_dev)
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for name, part in (("train", rows[:n_train]), ("dev", rows[n_train:])):
-        path = os.path.join(out_dir, f"{name}.jsonl")
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in part))
-        paths.append(path)
-    return paths[0], paths[1]
+    train, dev = write_splits(out_dir, {"train": rows[:n_train], "dev": rows[n_train:]})
+    return train, dev

@@ -393,7 +393,8 @@ def test_training_follows_transformers_step_by_step(tmp_path):
     architecture = ARCHS["bert"][1] + HEADS["classification"][1]
     export(model, tmp_path / "hf")
     hf_model = load_hf(tmp_path / "hf", architecture).train()
-    inputs, labels = batch(), targets(model.head, batch())
+    inputs = batch()
+    labels = targets(model.head, inputs)
 
     def adamw(named):
         named = list(named)
