@@ -35,7 +35,11 @@ def dispatch(prog: str, description: str, package: str, commands: tuple[str, ...
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
-    args = parser.parse_args(argv)
+    if chosen is commands:
+        args = parser.parse_args(argv)
+    else:   # flags may follow the positional key=value overrides: `train key=value --out DIR`
+        args = p.parse_intermixed_args(argv[1:])
+        args.command = argv[0]
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

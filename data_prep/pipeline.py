@@ -23,7 +23,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -226,17 +228,18 @@ def _run_units(units: Iterable[WorkUnit], settings: ShardSettings, cfg: PrepConf
 
     others = set(multiprocessing.active_children())
     with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=init_pool_worker, initargs=(settings, os.getpid())) as pool:
+                             initializer=init_pool_worker, initargs=(settings, os.getpid())) as pool, \
+            deferred_stops() as stops:
         pending = set()
         try:
             for unit in todo():
                 while len(pending) >= 2 * cfg.workers:  # back-pressure: bounded units in flight
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    finished, pending = wait_some(pending, stops)
                     for f in finished:
                         done(f.result())
                 pending.add(pool.submit(build_shard, unit, settings))
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                finished, pending = wait_some(pending, stops)
                 for f in finished:
                     done(f.result())
         except BaseException:
@@ -247,6 +250,58 @@ def _run_units(units: Iterable[WorkUnit], settings: ShardSettings, cfg: PrepConf
                 worker.kill()
             raise
     return records
+
+
+class _Stops:
+    """The stop signals noted by ``deferred_stops``; ``check`` delivers the first one."""
+
+    def __init__(self, previous: dict):
+        self.previous = previous
+        self.noted: list[int] = []
+
+    def note(self, signum, frame) -> None:
+        self.noted.append(signum)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def check(self) -> None:
+        if self.noted:
+            self.restore()
+            signal.raise_signal(self.noted[0])
+
+
+@contextlib.contextmanager
+def deferred_stops() -> Iterator[_Stops]:
+    """SIGTERM and Ctrl-C are noted while the main process waits on its pool, and delivered (to the
+    handlers they had before) at ``check()`` or on leaving: an exception raised by a handler inside
+    ``concurrent.futures.wait`` can leave its waiter's lock half-released ("release unlocked lock")
+    and turn a clean stop into a traceback."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            handler = signal.getsignal(signum)
+            if handler not in (signal.SIG_IGN, None):
+                previous[signum] = handler
+    stops = _Stops(previous)
+    for signum in previous:
+        signal.signal(signum, stops.note)
+    try:
+        yield stops
+    finally:
+        stops.restore()
+    stops.check()
+
+
+def wait_some(pending: set, stops: _Stops, poll_s: float = 0.2) -> tuple[set, set]:
+    """``wait(pending, FIRST_COMPLETED)`` that delivers a noted stop signal within ``poll_s``."""
+    while True:
+        finished, pending = wait(pending, timeout=poll_s, return_when=FIRST_COMPLETED)
+        stops.check()
+        if finished:
+            return finished, pending
 
 
 def build_shards(cfg: PrepConfig, tokenizer_source, out_dir, *, overwrite: bool = False) -> dict:

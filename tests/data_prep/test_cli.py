@@ -17,9 +17,10 @@ COMMAND = textwrap.dedent('''
 
     def add_arguments(parser):
         parser.add_argument("--n", type=int, default=1)
+        parser.add_argument("overrides", nargs="*")
 
     def run(args):
-        print("{name} ran", args.n)
+        print("{name} ran", args.n, *args.overrides)
         return 0
 ''')
 
@@ -45,6 +46,15 @@ def test_a_named_command_imports_only_its_own_module(package, capsys):
     assert capsys.readouterr().out == "ok ran 3\n"
     assert dispatch("prog", "d", package, ("ok", "import", "broken"), ["import"]) == 0   # import_.py
     assert "fakecli.commands.broken" not in sys.modules
+
+
+def test_flags_may_follow_the_positional_overrides(package, capsys):
+    """`train a=1 --out D b=2`, as users type it after pasting an override."""
+    assert dispatch("prog", "d", package, ("ok",), ["ok", "a=1", "--n", "3", "b=2"]) == 0
+    assert capsys.readouterr().out == "ok ran 3 a=1 b=2\n"
+    with pytest.raises(SystemExit):
+        dispatch("prog", "d", package, ("ok",), ["ok", "a=1", "--nope"])
+    assert "unrecognized arguments: --nope" in capsys.readouterr().err
 
 
 def test_a_command_whose_import_breaks_fails_loudly(package):
