@@ -5,8 +5,9 @@ Layout under ``<run_dir>/<checkpoint.dir>``::
     step-000100/            DeepSpeed files (model, optimizer partitions, loss scaler) +
                             rank*_trainer_state.pt  (step, data position, RNG states, scheduler,
                                                      counters: tensors and plain data only)
-                            model.pt + config.yaml   (consolidated fp32 weights: export/eval/phase 2)
-                            tokenizer/        a copy of the run's tokenizer (what export ships)
+                            model.pt + config.yaml   (consolidated fp32 weights: export/eval/phase 2;
+                                                      pretraining's, not fine-tuning's)
+                            tokenizer/        a copy of the run's tokenizer (what export ships; pretraining's)
                             fingerprints.json
     latest                  text file naming the newest complete step directory
 
@@ -163,15 +164,17 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(engine, root: str, state: TrainerState, *, cfg: Config, prints: dict, rank: int, keep_last: int,
+def save(engine, root: str, state, *, cfg: Optional[Config], prints: dict, rank: int, keep_last: int,
          extra: dict) -> str:
-    """Save a checkpoint for ``state.step`` on every rank; return its directory.
+    """Save a checkpoint for ``state.step`` on every rank; return its directory.  ``state``: a
+    TrainerState, or another dataclass of plain data with ``step`` and ``world_size`` (fine-tuning's).
 
-    Rank 0 also writes the engine's consolidated fp32 weights (gathered from every rank).  A failed
-    write on any rank (disk full) is a CheckpointError on every rank naming the file; the partial
-    directory is removed and ``latest`` still names the previous checkpoint.
+    Rank 0 also writes the engine's consolidated fp32 weights (gathered from every rank) with ``cfg``
+    and ``extra`` (None: the engine's files only).  A failed write on any rank (disk full) is a
+    CheckpointError on every rank naming the file; the partial directory is removed and ``latest``
+    still names the previous checkpoint.
     """
-    consolidated = engine.consolidated_state_dict(rank)   # a collective under ZeRO-3: every rank, first
+    consolidated = engine.consolidated_state_dict(rank) if cfg is not None else None   # a ZeRO-3 collective: first
     tag = step_tag(state.step)
     tmp_tag = f".tmp-{tag}"
     final_dir, tmp_dir = os.path.join(root, tag), os.path.join(root, tmp_tag)
@@ -190,9 +193,10 @@ def save(engine, root: str, state: TrainerState, *, cfg: Config, prints: dict, r
         trainer_state = {"trainer": state.__dict__, "rng": rng_state(), "scheduler": engine.scheduler.state_dict()}
         atomic_write(os.path.join(tmp_dir, f"rank{rank:05d}_{TRAINER_STATE}"), lambda f: torch.save(trainer_state, f))
         if rank == 0:
-            save_weights(tmp_dir, cfg, consolidated, extra=extra)
-            if extra.get("tokenizer_dir"):
-                copy_tokenizer(extra["tokenizer_dir"], os.path.join(tmp_dir, TOKENIZER_DIR))
+            if cfg is not None:
+                save_weights(tmp_dir, cfg, consolidated, extra=extra)
+                if extra.get("tokenizer_dir"):
+                    copy_tokenizer(extra["tokenizer_dir"], os.path.join(tmp_dir, TOKENIZER_DIR))
             atomic_write_text(os.path.join(tmp_dir, FINGERPRINTS), json.dumps(prints, indent=2))
     except (CheckpointError, OSError) as err:
         error = _not_saved(root, tag, err)
@@ -311,11 +315,13 @@ def _to_universal(root: str, tag: str, rank: int, device: torch.device) -> str:
 
 
 def load(engine, root: str, *, rank: int, current_prints: dict, allow_mismatch: bool,
-         load_optimizer: bool = True, universal: bool = False) -> tuple[Optional[TrainerState], list[str]]:
+         load_optimizer: bool = True, universal: bool = False,
+         state_type: type = TrainerState) -> tuple[Optional[Any], list[str]]:
     """Resume from ``root/latest`` if there is one.  Returns (state or None, fingerprint diffs).
 
     ``universal``: the checkpoint was written with another world size; it is converted to
     DeepSpeed's universal format first (the engine was built with ``load_universal``).
+    ``state_type``: the dataclass that save() was given (fine-tuning's own).
     """
     tag = latest_tag(root)
     if tag is None:
@@ -340,7 +346,7 @@ def load(engine, root: str, *, rank: int, current_prints: dict, allow_mismatch: 
     engine.scheduler.load_state_dict(saved["scheduler"])
     if own:
         set_rng_state(saved["rng"])
-    return TrainerState(**saved["trainer"]), diffs
+    return state_type(**saved["trainer"]), diffs
 
 
 def load_optimizer_from(engine, init_from: str) -> str:

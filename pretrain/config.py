@@ -279,6 +279,18 @@ class EvalConfig:
     """Held-out batches per evaluation (0: the whole split)."""
     micro_batch_size: Optional[int] = setting(None, gt=0)
     """Evaluation batch size; None uses training.micro_batch_size."""
+    downstream: Optional[str] = setting(None, path=True)
+    """A fine-tuning suite YAML (as ``python -m pretrain finetune --suite`` takes, e.g.
+    configs/finetune/glue.yaml) run on the weights of the run's checkpoints, in the background: rank 0
+    starts it as a job of its own once a due checkpoint is saved, training goes on, and each task's score
+    is logged as ``downstream/TASK`` (and ``downstream/average``) at the checkpoint's step, in TensorBoard
+    beside the MLM curves (pretrain/downstream.py).  None: off."""
+    downstream_every_steps: int = setting(0, ge=0)
+    """Steps between downstream evaluations (and the last step), a multiple of checkpoint.every_steps;
+    0: at every checkpoint."""
+    downstream_max_steps: Optional[int] = setting(None, gt=0)
+    """The fine-tuning budget of a downstream evaluation: optimizer steps per task and seed (each task's
+    training.max_steps); None: each task's own epochs."""
 
 
 @dataclass
@@ -494,6 +506,26 @@ def _offload_params_stage(cfg: Config, _world_size):
 def _offload_optimizer_stage(cfg: Config, _world_size):
     if cfg.zero.offload_optimizer != "none" and cfg.zero.stage == 0:
         return "zero.offload_optimizer=cpu needs zero.stage >= 1"
+
+
+@RULES.check("eval.downstream_every_steps", "checkpoint.every_steps")
+def _downstream_at_checkpoints(cfg: Config, _world_size):
+    every, saved = cfg.eval.downstream_every_steps, cfg.checkpoint.every_steps
+    if every % saved:
+        return (f"eval.downstream_every_steps ({every}) must be a multiple of checkpoint.every_steps ({saved}): "
+                "downstream evaluations run on the checkpoints' weights")
+
+
+@RULES.check("eval.downstream")
+def _downstream_suite(cfg: Config, _world_size):
+    """The suite file and every task's config, checked before training starts."""
+    if not cfg.eval.downstream:
+        return None
+    from pretrain.finetune.suite import SuiteError, suite_configs
+    try:
+        suite_configs(cfg.eval.downstream, [], {"model.checkpoint": "(each checkpoint's weights)"}, out="")
+    except SuiteError as err:
+        return [f"eval.downstream: {line}" for line in str(err).splitlines()]
 
 
 @RULES.check("training.micro_batch_size", "training.global_batch_size", "training.grad_accum_steps")

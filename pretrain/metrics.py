@@ -138,7 +138,7 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def plot_curves(jsonl_path: str, png_path: str) -> Optional[str]:
-    """Loss and accuracy curves (train and held-out) from the JSONL log into one PNG."""
+    """Loss and accuracy curves (train, held-out, downstream) from the JSONL log into one PNG."""
     records = read_jsonl(jsonl_path) if os.path.exists(jsonl_path) else []
     train = [r for r in records if r["kind"] == "train"]
     held = [r for r in records if r["kind"] == "eval"]
@@ -165,6 +165,10 @@ def plot_curves(jsonl_path: str, png_path: str) -> Optional[str]:
         pts = [(r["step"], r[key]) for r in source if key in r]
         if pts:
             ax_acc.plot(*zip(*pts), style, label=label)
+    pts = [(r["step"], r["downstream/average"]) for r in records
+           if r["kind"] == "downstream" and r.get("downstream/average") is not None]
+    if pts and all(0 <= v <= 1 for _, v in pts):    # a suite with SQuAD averages percentages: off this scale
+        ax_acc.plot(*zip(*sorted(pts)), "s--", label="downstream average (eval.downstream)")
     ax_acc.set(xlabel="step", ylabel="accuracy", title="Accuracy", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)

@@ -21,6 +21,7 @@ from pretrain import checkpoint as ckpt
 from pretrain.config import Config, ignored_option_warnings
 from pretrain.data import DataPosition, Mixture, build_eval_loader, build_train_loader, open_split
 from pretrain.distributed import DistEnv
+from pretrain.downstream import Downstream
 from pretrain.engine import Engine, all_reduce_sum, init_distributed, shutdown_distributed
 from pretrain.evaluate import eval_metrics, eval_sums
 from pretrain.faults import Faults
@@ -162,9 +163,13 @@ def _train(cfg: Config, dist_env: DistEnv, device: torch.device, stop_after_step
                            tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
     for message in messages:
         logger.message(message)
+    downstream = Downstream(cfg, run_dir, dist_env.rank, logger)
     try:
-        code = _loop(run, state, train_split, val_split, logger, saver, stop_after_step)
+        code = _loop(run, state, train_split, val_split, logger, saver, stop_after_step, downstream)
+        if code == EXIT_DONE:
+            downstream.finish()
     finally:
+        downstream.close()
         logger.close()
     if dist_env.rank == 0 and code == EXIT_DONE:
         plot_curves(logger.jsonl_path, os.path.join(run_dir, "curves.png"))
@@ -211,14 +216,14 @@ class _Saver:
     def __init__(self, run: Run, root: str, prints: dict, extra: dict):
         self.run, self.root, self.prints, self.extra = run, root, prints, extra
 
-    def __call__(self, state: ckpt.TrainerState) -> None:
+    def __call__(self, state: ckpt.TrainerState) -> str:
         run, rank = self.run, self.run.dist_env.rank
-        ckpt.save(run.engine, self.root, state, cfg=run.cfg, prints=self.prints, rank=rank,
+        return ckpt.save(run.engine, self.root, state, cfg=run.cfg, prints=self.prints, rank=rank,
                   keep_last=run.cfg.checkpoint.keep_last, extra=self.extra)
 
 
 def _loop(run: Run, state: ckpt.TrainerState, train_split: Mixture, val_split: Optional[Mixture],
-          logger: MetricsLogger, save: _Saver, stop_after_step: Optional[int]) -> int:
+          logger: MetricsLogger, save: _Saver, stop_after_step: Optional[int], downstream: Downstream) -> int:
     cfg, t = run.cfg, run.cfg.training
     global_batch = t.micro_batch_size * run.engine.accum * run.dist_env.world_size
     loader = build_train_loader(train_split, cfg.data, t, position=DataPosition(state.samples_consumed),
@@ -241,14 +246,15 @@ def _loop(run: Run, state: ckpt.TrainerState, train_split: Mixture, val_split: O
         if cfg.eval.every_steps and (state.step % cfg.eval.every_steps == 0 or state.step == t.max_steps):
             logger.log(state.step, run_eval(run, val_split), kind="eval")
         logger.advance(state.step)
+        downstream.poll()
         if signals or (stop_after_step is not None and stop_after_step <= state.step < t.max_steps):
-            save(state)
+            downstream.checkpoint_saved(state.step, save(state))
             why = f"{signals} received" if signals else f"--stop-after-step {stop_after_step} reached"
             logger.message(f"{why}: checkpoint saved at step {state.step}; exiting with {EXIT_REQUEUE} "
                            f"(checkpointed, not finished: requeue or rerun to continue)")
             return EXIT_REQUEUE
         if state.step % cfg.checkpoint.every_steps == 0 or state.step == t.max_steps:
-            save(state)
+            downstream.checkpoint_saved(state.step, save(state))
     return EXIT_DONE
 
 

@@ -15,9 +15,10 @@ dev example), best/ (the best model, our checkpoint) and hf/ (its transformers e
 are printed.  An invalid config lists every problem at once.
 
 Rank, world size and rendezvous come from whatever launched us (torchrun, srun, mpirun; see
-pretrain/distributed.py).  Exit status: 0 done, 2 invalid config or input (nothing written) or the
-output directory in use, 1 error.  Every key is documented in pretrain/finetune/config.py; the files in
-configs/finetune/ show one config per task type.
+pretrain/distributed.py).  Exit status: 0 done, 75 checkpointed after SIGTERM, SIGUSR1 or Ctrl-C (requeue
+or rerun the same command: it continues, see docs/finetuning.md), 2 invalid config or input (nothing
+written), the output directory in use or holding a run of another config, 1 error.  Every key is
+documented in pretrain/finetune/config.py; the files in configs/finetune/ show one config per task type.
 
 --suite runs several tasks, one after the other (pretrain/finetune/suite.py: `tasks:`, a list of {name,
 config, overrides}); --checkpoint sets every task's model.checkpoint, the command line's overrides apply to
@@ -65,6 +66,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from pretrain.signals import StopSignal
+    stop = StopSignal()          # first: a stop request during start-up is kept, not fatal
+
     import dataclasses
     import logging
     import os
@@ -78,6 +82,7 @@ def run(args) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    stop.announce = dist_env.rank == 0
     if dist_env.launcher == "single" and not os.environ.get("MASTER_PORT"):
         dist_env = dataclasses.replace(dist_env, master_port=free_port())
     dist_env.export()
@@ -107,7 +112,7 @@ def run(args) -> int:
     for name, cfg in configs.items():
         if announce and name is not None:
             print(f"suite task {name}: {cfg.logging.run_dir}", flush=True)
-        code, summary = _finetune(cfg, dist_env, f"suite task {name}: " if name is not None else "")
+        code, summary = _finetune(cfg, dist_env, f"suite task {name}: " if name is not None else "", stop)
         if code:
             return code
         if announce:
@@ -122,16 +127,18 @@ def run(args) -> int:
     return 0
 
 
-def _finetune(cfg, dist_env, prefix: str) -> tuple[int, dict | None]:
-    """One fine-tuning run (the entry point's); (exit status, its summary)."""
+def _finetune(cfg, dist_env, prefix: str, stop) -> tuple[int, dict | None]:
+    """One fine-tuning run (the entry point's); (exit status, its summary: None unless done)."""
     import sys
 
+    from pretrain.checkpoint import CheckpointError
     from pretrain.finetune.prepare import FinetuneInputError
     from pretrain.finetune.train import finetune
-    from pretrain.trainer import EXIT_DONE, EXIT_ERROR, NonFiniteLossError, RunDirError
+    from pretrain.trainer import EXIT_DONE, EXIT_ERROR, EXIT_REQUEUE, NonFiniteLossError, RunDirError
     try:
-        return EXIT_DONE, finetune(cfg, dist_env)
-    except (FinetuneInputError, RunDirError) as err:
+        summary = finetune(cfg, dist_env, stop)
+        return (EXIT_DONE, summary) if summary is not None else (EXIT_REQUEUE, None)
+    except (FinetuneInputError, RunDirError, CheckpointError) as err:
         print(f"error: {prefix}{err}", file=sys.stderr)
         return 2, None
     except NonFiniteLossError as err:
@@ -144,28 +151,15 @@ def _suite_configs(args, flags: dict, world_size: int):
     configs raised together as one SuiteError."""
     import os
 
-    from data_prep.settings import ConfigError
-    from pretrain.finetune.config import load_finetune_config
-    from pretrain.finetune.suite import SuiteError, load_suite
+    from pretrain.finetune.suite import SuiteError, suite_configs
     per_task = sorted(k for k in flags if k not in ("model.checkpoint", "logging.run_dir"))
     if args.config or per_task:
         given = ["--config"] * bool(args.config) + [_flag_keys()[k].field.metadata["flags"] for k in per_task]
         raise SuiteError(f"--suite takes --checkpoint, --out and overrides, not {', '.join(given)} "
                          "(each task's config names its files)")
-    tasks = load_suite(args.suite)
     out = flags.get("logging.run_dir") or os.path.join(
         "runs", "finetune", os.path.splitext(os.path.basename(args.suite))[0])
-    configs, problems = {}, []
-    for i, task in enumerate(tasks):
-        try:
-            configs[task.name] = load_finetune_config(
-                task.config, [*task.overrides, *args.overrides],
-                {**flags, "logging.run_dir": os.path.join(out, task.name)}, world_size=world_size)
-        except ConfigError as err:
-            problems.append(f"{args.suite}: tasks[{i}] ({task.name}): {err}")
-    if problems:
-        raise SuiteError("\n".join(problems))
-    return out, configs
+    return out, suite_configs(args.suite, args.overrides, flags, out, world_size)
 
 
 def _print_summary(summary: dict, path: str) -> None:

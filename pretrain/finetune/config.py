@@ -125,6 +125,9 @@ class ModelSection:
     """Dropout before the output layer (classification, token); None: the encoder's hidden_dropout."""
     new_head: bool = False
     """Start a fresh head even when the checkpoint is fine-tuned for the same task type."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """``random``: the checkpoint's architecture and tokenizer with none of its weights (each seed's fresh
+    BERT initialisation): the baseline that shows what pretraining is worth at the same fine-tuning budget."""
 
 
 @dataclass
@@ -204,6 +207,13 @@ class CheckpointSection:
     from_pretrained and ``python -m pretrain finetune --checkpoint`` read it)."""
     export_hf: bool = True
     """Also write the best model as a transformers directory in SEED_DIR/hf (with checkpoint.best)."""
+    every_steps: int = setting(0, ge=0)
+    """Save a resumable checkpoint of the seed in training (the engine's model and optimizer state, the
+    schedule, every rank's RNG state, the data position, the best evaluation so far) in SEED_DIR/checkpoints
+    every N optimizer steps (0: only when a stop signal ends the run: SIGTERM, SIGUSR1, Ctrl-C).  Rerunning
+    the command resumes from it; a seed's checkpoints are removed once the seed is done."""
+    keep_last: int = setting(1, gt=0)
+    """Number of a seed's most recent resumable checkpoints kept."""
 
 
 @dataclass

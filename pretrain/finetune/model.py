@@ -216,7 +216,7 @@ class LoadReport:
 
 def from_pretrained(path: str, task: str | None = None, num_labels: int | None = None, *,
                     labels: list[str] | None = None, problem_type: str | None = None,
-                    head_dropout: float | None = None, new_head: bool = False,
+                    head_dropout: float | None = None, new_head: bool = False, random_init: bool = False,
                     kernels: KernelsConfig | None = None) -> tuple[FinetuneModel, LoadReport]:
     """A FinetuneModel (eval mode, fp32, CPU) and its LoadReport, from our checkpoint directory (or its
     model.pt, or a root with ``latest``) or a transformers directory (pretrain.hf.read_hf_weights).
@@ -224,7 +224,9 @@ def from_pretrained(path: str, task: str | None = None, num_labels: int | None =
     A fine-tuned source of the same task brings its head: num_labels, labels, problem_type and dropout
     default to its own, and its output layer loads (a different shape is an error; ``new_head`` starts a
     fresh head instead).  Otherwise ``task`` is required, and num_labels (or labels) for sequence and token.
-    ``kernels``: the fine-tuning run's kernels section (None: the PyTorch defaults).
+    ``random_init``: the source's architecture, head settings and tokenizer, but none of its weights: every
+    weight keeps BERT's initialisation (from the torch seed), the baseline that shows what pretraining is
+    worth.  ``kernels``: the fine-tuning run's kernels section (None: the PyTorch defaults).
     """
     from pretrain import hf
     if hf.is_hf_dir(path):
@@ -245,9 +247,11 @@ def from_pretrained(path: str, task: str | None = None, num_labels: int | None =
     unused += [k for k in weights if k not in own]
     weights = {k: v for k, v in weights.items() if k in own}
     _check_shapes(weights, model, path, head_layers)
+    if random_init:
+        unused, weights = sorted(unused + list(weights)), {}
     missing = [k for k in own if k not in weights]
     encoder_missing = [k for k in missing if not k.startswith(("pooler.",) + head_layers)]
-    if encoder_missing:
+    if encoder_missing and not random_init:
         raise ValueError(f"{path}: lacks {len(encoder_missing)} encoder weight(s): {', '.join(encoder_missing[:5])}")
     model.load_consolidated_state_dict(weights, strict=False)
     report.new, report.unused = missing, sorted(unused)

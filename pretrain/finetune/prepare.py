@@ -226,14 +226,15 @@ def rank_micro_batches(batch: list[int], micro: int, accum: int, rank: int) -> l
 
 
 def micro_batch_stream(features: Sequence[Any], pad_id: int, global_batch: int, micro: int, accum: int, rank: int,
-                       seed: int, length_grouped: bool, group_batches: int, first_epoch: int = 0
+                       seed: int, length_grouped: bool, group_batches: int, first_batch: int = 0
                        ) -> Iterator[tuple[int, dict]]:
-    """(epoch, collated micro-batch) of this rank, epoch after epoch, without end."""
+    """(epoch, collated micro-batch) of this rank, epoch after epoch, without end, from global batch
+    ``first_batch`` on (counted over the epochs: a run resumed after k optimizer steps starts at k)."""
     from pretrain.finetune.features import collate
     lengths = [len(f.input_ids) for f in features]
-    epoch = first_epoch
+    epoch, skip = divmod(first_batch, steps_per_epoch(len(features), global_batch))
     while True:
-        for batch in epoch_batches(lengths, global_batch, seed, epoch, length_grouped, group_batches):
+        for batch in epoch_batches(lengths, global_batch, seed, epoch, length_grouped, group_batches)[skip:]:
             for part in rank_micro_batches(batch, micro, accum, rank):
                 yield epoch, collate([features[i] for i in part], pad_id)
-        epoch += 1
+        epoch, skip = epoch + 1, 0

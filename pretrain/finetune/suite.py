@@ -84,6 +84,27 @@ def load_suite(path: str) -> list[SuiteTask]:
     return tasks
 
 
+def suite_configs(path: str, overrides: list[str], flags: dict, out: str, world_size: int | None = None) -> dict:
+    """{task name: its validated fine-tuning config} of suite file ``path``: each task's config < its own
+    overrides < ``overrides`` < ``flags`` (dotted keys), run in OUT/NAME; every problem of the file and
+    of the tasks' configs raised together as one SuiteError, one line a problem."""
+    from data_prep.settings import ConfigError
+    from pretrain.finetune.config import load_finetune_config
+
+    configs, problems = {}, []
+    for i, task in enumerate(load_suite(path)):
+        try:
+            configs[task.name] = load_finetune_config(
+                task.config, [*task.overrides, *overrides], {**flags, "logging.run_dir": os.path.join(out, task.name)},
+                world_size=world_size)
+        except ConfigError as err:
+            problems += [f"{path}: tasks[{i}] ({task.name}): {err.source or task.config}: {problem}"
+                         for problem in err.problems]
+    if problems:
+        raise SuiteError("\n".join(problems))
+    return configs
+
+
 def suite_table(summaries: dict[str, dict]) -> dict:
     """{task name: its metrics.json summary} -> suite.json: per task the main metric, its mean, std and
     seeds' values; the average of the tasks' main-metric means (each as its task reports it)."""

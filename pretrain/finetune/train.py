@@ -14,6 +14,16 @@ SEED_DIR/tensorboard log the training loss, the learning rate and the dev metric
 ``RUN_DIR/metrics.json`` holds each seed's dev metrics (those of its best evaluation) and their mean and
 standard deviation (sample std, ddof=1; 0 with one seed).  All input is read and checked before anything
 is written (pretrain.finetune.prepare).
+
+Resuming (the same command again, after a stop signal, a requeue or a crash): RUN_DIR/fingerprints.json
+records the config that defines the seeds' training (run_fingerprints), and a run of another config into
+the directory is refused.  A seed done has SEED_DIR/result.json (what train_seed returned, written after its
+predictions and export) and is read back, not trained again.  A seed in training saves resumable
+checkpoints in SEED_DIR/checkpoints (pretrain.checkpoint: written to a temporary directory, committed with
+``latest``) every ``checkpoint.every_steps`` and at a stop signal (SIGTERM, SIGUSR1, Ctrl-C: pretrain.signals),
+after which the run ends (the command exits 75, as pretraining does); the rerun continues from it exactly:
+the engine's model and optimizer state, the schedule, every rank's RNG state, the data position (the step),
+the evaluations so far (_Best) and the loss of the open log window (_Window).
 """
 from __future__ import annotations
 
@@ -24,11 +34,12 @@ import os
 import shutil
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from pretrain import checkpoint as ckpt
 from pretrain.config import ScheduleConfig
 from pretrain.distributed import DistEnv
 from pretrain.engine import Engine, all_reduce_sum, shutdown_distributed
@@ -37,11 +48,14 @@ from pretrain.finetune.evaluate import better, dev_metrics, dev_outputs
 from pretrain.finetune.prepare import (FinetuneInputError, TaskData, encode_task, micro_batch_stream, read_task,
                                        steps_per_epoch)
 from pretrain.metrics import MetricsLogger
-from pretrain.trainer import NonFiniteLossError, hold_run_dir, join_job, seed_everything
+from pretrain.signals import StopSignal
+from pretrain.trainer import EXIT_REQUEUE, NonFiniteLossError, hold_run_dir, join_job, seed_everything
+from pretrain.weights import EXTRA_FILE, read_json_object
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE, PREDICTIONS_FILE, BEST_DIR, HF_DIR = "metrics.json", "predictions.jsonl", "best", "hf"
+RESULT_FILE, CHECKPOINT_DIR = "result.json", "checkpoints"
 
 
 def seed_dir(run_dir: str, seed: int) -> str:
@@ -86,14 +100,18 @@ def load_model(cfg: FinetuneConfig, data: TaskData, seed: int):
     try:
         return from_pretrained(cfg.model.checkpoint, data.head_task, data.num_labels, labels=data.labels,
                                problem_type=data.problem_type, head_dropout=cfg.model.head_dropout,
-                               new_head=cfg.model.new_head, kernels=cfg.kernels)
+                               new_head=cfg.model.new_head, random_init=cfg.model.init == "random",
+                               kernels=cfg.kernels)
     except (OSError, ValueError) as err:      # missing, not a checkpoint, bad head settings, damaged files
         raise FinetuneInputError(f"model.checkpoint: {err}") from None
 
 
-def finetune(cfg: FinetuneConfig, dist_env: DistEnv) -> dict:
-    """Fine-tune one run per seed; returns the summary written to RUN_DIR/metrics.json.  Raises
-    FinetuneInputError (nothing written) for bad input, RunDirError when another run holds the run dir."""
+def finetune(cfg: FinetuneConfig, dist_env: DistEnv, stop: Optional[StopSignal] = None) -> Optional[dict]:
+    """Fine-tune one run per seed, or continue an earlier run of the same config in the run dir (see the module
+    doc); returns the summary written to RUN_DIR/metrics.json, or None when a stop signal ended the run after a
+    checkpoint (``stop``: the process's StopSignal; None: no stop requests).  Raises FinetuneInputError (nothing
+    written) for bad input, RunDirError when another run holds the run dir, CheckpointError when the run dir
+    holds a run of another config or a checkpoint that cannot be resumed."""
     data = read_task(cfg)
     model, report = load_model(cfg, data, cfg.training.seeds[0])
     encode_task(data, cfg, report.tokenizer_dir, model.config.max_position_embeddings, model.config.vocab_size)
@@ -102,18 +120,26 @@ def finetune(cfg: FinetuneConfig, dist_env: DistEnv) -> dict:
     run_dir, rank = cfg.logging.run_dir, dist_env.rank
     lock = hold_run_dir(run_dir, rank, device)
     try:
+        prints = run_fingerprints(cfg)
+        check_run_dir(run_dir, prints)
         if rank == 0:
             _write_text(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
+            _write_text(os.path.join(run_dir, ckpt.FINGERPRINTS), json.dumps(prints, indent=2) + "\n")
             for note in data.notes + _load_notes(report):
                 print(note, flush=True)
         results = {}
         for i, seed in enumerate(cfg.training.seeds):
-            if i:
-                model, _ = load_model(cfg, data, seed)
-            results[seed] = train_seed(cfg, data, plan, model, seed, dist_env, device)
+            result = finished_seed(run_dir, seed, rank)
+            if result is None:
+                if i:
+                    model, _ = load_model(cfg, data, seed)
+                result = train_seed(cfg, data, plan, model, seed, dist_env, device, prints, stop)
             model = None
-        summary = summarize(data, results)
-        if rank == 0:
+            if result is None:          # stopped by a signal, checkpointed: the rerun continues here
+                break
+            results[seed] = result
+        summary = summarize(data, results) if len(results) == len(cfg.training.seeds) else None
+        if rank == 0 and summary is not None:
             _write_text(os.path.join(run_dir, METRICS_FILE), json.dumps(_finite(summary), indent=2) + "\n")
     finally:
         if lock is not None:
@@ -125,8 +151,67 @@ def finetune(cfg: FinetuneConfig, dist_env: DistEnv) -> dict:
 def _load_notes(report) -> list[str]:
     notes = [f"model.checkpoint: {report.path} ({report.source})"]
     if report.new:
-        notes.append(f"  initialised fresh: {', '.join(report.new)}")
+        more = f" ... ({len(report.new)} in all)" if len(report.new) > 6 else ""
+        notes.append(f"  initialised fresh: {', '.join(report.new[:6])}{more}")
     return notes
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming: the run's fingerprints, the seeds done
+# --------------------------------------------------------------------------------------------
+FINGERPRINTED = ("task", "token", "qa", "model", "training", "optimizer", "schedule", "eval")
+# Not part of a seed's trajectory: the layout (the same global batches for any micro batch, accumulation and
+# world size), the collective timeout and the non-finite limit (as pretraining's config_fingerprint), the dev
+# batch size; and the seed list: each seed's run is its own, so a rerun with more seeds adds them.
+NOT_FINGERPRINTED = ("training.micro_batch_size", "training.grad_accum_steps", "training.collective_timeout_s",
+                     "training.max_nonfinite_steps", "training.seeds", "eval.micro_batch_size")
+TASK_FILES = ("task.train", "task.dev")
+
+
+def run_fingerprints(cfg: FinetuneConfig) -> dict:
+    """{dotted key: value} of the keys that define each seed's training and result (FINGERPRINTED sections,
+    less NOT_FINGERPRINTED; logging, checkpoint, zero and kernels are not among them); the task files by their
+    contents' sha256, model.checkpoint as the directory it resolves to (a run's root: the ``latest`` of now)."""
+    from data_prep.fsutil import sha256_file
+    from pretrain.hf import is_hf_dir
+    from pretrain.weights import resolve_checkpoint_dir
+    d = cfg.to_dict()
+    prints = {f"{section}.{key}": value for section in FINGERPRINTED for key, value in d[section].items()
+              if f"{section}.{key}" not in NOT_FINGERPRINTED}
+    source = cfg.model.checkpoint
+    prints["model.checkpoint"] = os.path.abspath(source if is_hf_dir(source) else resolve_checkpoint_dir(source))
+    for key in TASK_FILES:
+        prints[key] = "sha256:" + sha256_file(prints[key])
+    return json.loads(json.dumps(prints))           # as read back: tuples are lists
+
+
+def check_run_dir(run_dir: str, prints: dict) -> None:
+    """A CheckpointError, one line naming the keys that differ, when ``run_dir`` holds a run whose fingerprints
+    (RUN_DIR/fingerprints.json) are not ``prints``: its seeds' results and checkpoints belong to another config."""
+    path = os.path.join(run_dir, ckpt.FINGERPRINTS)
+    if not os.path.isfile(path):
+        return
+    saved = read_json_object(path)
+    diffs = [f"{key}: another file's contents" if key in TASK_FILES else
+             f"{key}: {saved.get(key)!r} there, {prints.get(key)!r} now"
+             for key in sorted(set(saved) | set(prints)) if saved.get(key) != prints.get(key)]
+    if diffs:
+        raise ckpt.CheckpointError(f"{run_dir} holds a run of another config ({'; '.join(diffs)}): rerun it with "
+                                   f"its config ({os.path.join(run_dir, 'config.yaml')}), or choose another "
+                                   f"logging.run_dir")
+
+
+def finished_seed(run_dir: str, seed: int, rank: int) -> Optional[dict]:
+    """What train_seed returned for ``seed`` in an earlier run into ``run_dir`` (SEED_DIR/result.json), or None."""
+    out_dir = seed_dir(run_dir, seed)
+    path = os.path.join(out_dir, RESULT_FILE)
+    if not os.path.isfile(path):
+        return None
+    result = read_json_object(path)
+    if rank == 0:
+        shutil.rmtree(os.path.join(out_dir, CHECKPOINT_DIR), ignore_errors=True)   # a run ended before removing them
+        print(f"seed {seed}: done in an earlier run ({path}): not trained again", flush=True)
+    return result
 
 
 def summarize(data: TaskData, results: dict[int, dict]) -> dict:
@@ -162,30 +247,56 @@ def finetune_stats(out, loss: torch.Tensor) -> dict:
     return {"loss_sum": loss.detach().float(), "micro_batches": torch.ones((), device=loss.device)}
 
 
+@dataclass
+class SeedState:
+    """A seed's own state in its checkpoints, beside the engine's, the schedule's and the RNG states that
+    pretrain.checkpoint saves (plain data, so that it loads weights-only)."""
+    step: int                  # optimizer steps done; also the data position (a step is one global batch)
+    world_size: int            # of the run that saved it
+    nonfinite: int = 0         # consecutive steps with a non-finite loss
+    window: list = field(default_factory=list)   # this rank's _Window sums
+    best: str = ""             # _Best.state()
+
+
 def train_seed(cfg: FinetuneConfig, data: TaskData, plan: Plan, model, seed: int, dist_env: DistEnv,
-               device: torch.device) -> dict:
-    """Train one seed; returns {"dev": the best evaluation's metrics, "best_step", ...}."""
+               device: torch.device, prints: dict, stop: Optional[StopSignal] = None) -> Optional[dict]:
+    """Train one seed, from the start or from its last checkpoint; returns {"dev": the best evaluation's
+    metrics, "best_step", ...}, also written to SEED_DIR/result.json, or None when a stop signal ended it
+    after a checkpoint.  ``prints``: the run's fingerprints (run_fingerprints), recorded in each checkpoint."""
     from pretrain.optim import build_scheduler
     rank, world = dist_env.rank, dist_env.world_size
     out_dir = seed_dir(cfg.logging.run_dir, seed)
+    ckpt_root = os.path.join(out_dir, CHECKPOINT_DIR)
+    resume_from, saved_world = ckpt.latest_tag(ckpt_root), ckpt.saved_world_size(ckpt_root)
+    if saved_world not in (None, world):
+        raise ckpt.CheckpointError(f"{os.path.join(ckpt_root, resume_from)} was saved by {saved_world} rank(s) and "
+                                   f"this run has {world}: a fine-tuning seed resumes with the world size it "
+                                   f"stopped with (or remove {ckpt_root} to train seed {seed} again)")
     model.to(device).train()
     optimizer = build_finetune_optimizer(model, cfg.optimizer, cfg.kernels.lamb)
     scheduler = build_scheduler(optimizer, plan.schedule, plan.max_steps)
-    engine = Engine(cfg, model, optimizer, scheduler, world, stats=finetune_stats)
+    engine = Engine(cfg, model, optimizer, scheduler, world, stop=stop, stats=finetune_stats)
     seed_everything(seed, rank)       # per-rank dropout streams
+    keeper, window, state = _Best(cfg, data, engine, out_dir, rank, seed), _Window(device), SeedState(0, world)
+    if resume_from is not None:
+        state, _ = ckpt.load(engine, ckpt_root, rank=rank, current_prints=prints, allow_mismatch=False,
+                             state_type=SeedState)
+        keeper.restore(state.best)
+        window.restore(state.window)
     t = cfg.training
     batches = micro_batch_stream(data.train_features, data.pad_id, plan.global_batch, t.micro_batch_size, plan.accum,
-                                 rank, seed, t.length_grouped, t.length_group_batches)
-    logger = MetricsLogger(out_dir, rank=rank, max_steps=plan.max_steps, start_step=0,
+                                 rank, seed, t.length_grouped, t.length_group_batches, first_batch=state.step)
+    logger = MetricsLogger(out_dir, rank=rank, max_steps=plan.max_steps, start_step=state.step,
                            tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
-    keeper = _Best(cfg, data, engine, out_dir, rank, seed)
-    window, nonfinite, step, stopped_early = _Window(device), 0, 0, False
+    if resume_from is not None:
+        logger.message(f"seed {seed}: resumed from {os.path.join(ckpt_root, resume_from)} at step {state.step}")
+    nonfinite, step, stopped_early = state.nonfinite, state.step, False
     try:
-        for step in range(1, plan.max_steps + 1):
+        for step in range(state.step + 1, plan.max_steps + 1):
             log_now = step % cfg.logging.every_steps == 0 or step == plan.max_steps
             # the head's rate (layer_lr_decay lowers the others), read before the update steps the scheduler
             lr = max(engine.scheduler.get_last_lr()) if log_now else None
-            totals, applied, _ = engine.step(lambda: next(batches)[1], step)
+            totals, applied, signals = engine.step(lambda: next(batches)[1], step)
             nonfinite = 0 if applied else nonfinite + 1
             if nonfinite >= t.max_nonfinite_steps:
                 raise NonFiniteLossError(f"{nonfinite} consecutive steps with a non-finite loss "
@@ -205,11 +316,23 @@ def train_seed(cfg: FinetuneConfig, data: TaskData, plan: Plan, model, seed: int
                                    f"step {keeper.step})")
                     stopped_early = step < plan.max_steps
                     break
+            if signals or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+                           and step < plan.max_steps):
+                ckpt.save(engine, ckpt_root, SeedState(step, world, nonfinite, window.state(), keeper.state()),
+                          cfg=None, prints=prints, rank=rank, keep_last=cfg.checkpoint.keep_last, extra={})
+            if signals:
+                logger.message(f"seed {seed}: {signals} received: checkpoint saved at step {step}; exiting with "
+                               f"{EXIT_REQUEUE} (checkpointed, not finished: requeue or rerun to continue)")
+                return None
     finally:
         logger.close()
     keeper.finish()
-    return {"dev": keeper.metrics, "best_step": keeper.step, "best_epoch": keeper.epoch, "steps": step,
-            "early_stopped": stopped_early}
+    result = {"dev": keeper.metrics, "best_step": keeper.step, "best_epoch": keeper.epoch, "steps": step,
+              "early_stopped": stopped_early}
+    if rank == 0:       # JSON's NaN included: read back, the seed's metrics are the same floats
+        _write_text(os.path.join(out_dir, RESULT_FILE), json.dumps(result, indent=2) + "\n")
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    return result
 
 
 class _Window:
@@ -221,6 +344,13 @@ class _Window:
     def add(self, totals: dict) -> None:
         pair = (totals["loss_sum"], totals["micro_batches"])
         self.sums = pair if self.sums is None else (self.sums[0] + pair[0], self.sums[1] + pair[1])
+
+    def state(self) -> list[float]:
+        """The sums so far, for a checkpoint ([] when none)."""
+        return [] if self.sums is None else [s.item() for s in self.sums]
+
+    def restore(self, state: list[float]) -> None:
+        self.sums = tuple(torch.tensor(v, device=self.device) for v in state) or None   # float32, as added up
 
     def reduce(self) -> dict:
         local = (torch.stack(self.sums).double() if self.sums is not None
@@ -260,6 +390,15 @@ class _Best:
             self.stale += 1
         return metrics
 
+    def state(self) -> str:
+        """The evaluations so far, for a checkpoint: JSON (NaN and numpy floats come back as the same floats)."""
+        return json.dumps({"value": self.value, "metrics": self.metrics, "records": self.records, "step": self.step,
+                           "epoch": self.epoch, "stale": self.stale})
+
+    def restore(self, state: str) -> None:
+        for key, value in json.loads(state).items():
+            setattr(self, key, value)
+
     def exhausted(self) -> bool:
         patience = self.cfg.eval.early_stopping_patience
         return bool(patience) and self.stale >= patience
@@ -272,7 +411,8 @@ class _Best:
             return
         model = self.engine.model
         if self._cpu_model is None:
-            self._cpu_model = FinetuneModel(model.config, model.head)
+            with torch.random.fork_rng(devices=[]):   # its initialisation must not move the dropout stream on
+                self._cpu_model = FinetuneModel(model.config, model.head)
         self._cpu_model.load_state_dict(state)
         best = os.path.join(self.out_dir, BEST_DIR)
         tmp, old = os.path.join(self.out_dir, ".best.tmp"), os.path.join(self.out_dir, ".best.old")
@@ -293,10 +433,22 @@ class _Best:
             return
         lines = "".join(json.dumps(_finite(r)) + "\n" for r in self.records)
         _write_text(os.path.join(self.out_dir, PREDICTIONS_FILE), lines)
-        if self.cfg.checkpoint.best and self.cfg.checkpoint.export_hf and self._cpu_model is not None:
+        if self.cfg.checkpoint.best and self.cfg.checkpoint.export_hf and self.step:
             from pretrain.hf import export_finetuned
-            # the best model's weights are still in memory (what _save wrote to BEST_DIR): no read back
-            export_finetuned(self._cpu_model, os.path.join(self.out_dir, HF_DIR), self.data.tokenizer_dir)
+            export_finetuned(self._best_model(), os.path.join(self.out_dir, HF_DIR), self.data.tokenizer_dir)
+
+    def _best_model(self):
+        """The best model's weights: still in memory when this run saved them (what _save wrote to BEST_DIR),
+        else (a resumed run that found no better model since its checkpoint) read back from BEST_DIR."""
+        if self._cpu_model is not None:
+            return self._cpu_model
+        from pretrain.finetune.model import from_pretrained
+        best = os.path.join(self.out_dir, BEST_DIR)
+        saved_step = read_json_object(os.path.join(best, EXTRA_FILE))["finetune"]["step"]
+        if saved_step != self.step:   # the stopped run found a better model after its checkpoint, this one did not
+            log.warning("%s holds the model of step %s, not of the best evaluation's step %s: the resumed run "
+                        "evaluated differently from the stopped one (not deterministic)", best, saved_step, self.step)
+        return from_pretrained(best)[0]
 
 
 def _write_text(path: str, text: str) -> None:

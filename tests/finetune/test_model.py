@@ -226,6 +226,26 @@ def test_encoder_from_our_checkpoint_is_the_pretraining_models(tmp_path, arch):
         assert getattr(model, layer).bias.abs().max() == 0 and 0.5 * std < weight.std() < 1.5 * std
 
 
+def test_random_init_keeps_the_architecture_and_tokenizer_but_no_weight(tmp_path):
+    """model.init: random, the baseline of the benefit figure: the checkpoint's shape, BERT's fresh init."""
+    tokenizer_dir = write_tokenizer(tmp_path / "tok")
+    pretrained, ckpt = save_ours(tmp_path, ARCHS["bert"][0], extra={"tokenizer_dir": tokenizer_dir})
+    torch.manual_seed(3)
+    model, report = from_pretrained(ckpt, "sequence", 3, random_init=True)
+    torch.manual_seed(3)
+    again, _ = from_pretrained(ckpt, "sequence", 3, random_init=True)
+    assert model.config == pretrained.config and report.tokenizer_dir == tokenizer_dir
+    own, source = model.state_dict(), pretrained.state_dict()
+    assert sorted(report.new) == sorted(own)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in own.items())      # from the seed
+    shared = [k for k in own if k in source and own[k].shape == source[k].shape and own[k].dim() == 2]
+    assert shared and not any(torch.equal(own[k], source[k]) for k in shared)
+    std = pretrained.config.initializer_range
+    word = own["embeddings.word.weight"]
+    assert 0.9 * std < word.std() < 1.1 * std
+    assert "embeddings.word.weight" in report.unused and any(k.startswith("mlm_head.") for k in report.unused)
+
+
 HF_SOURCES = {
     "BertForPreTraining": lambda: transformers.BertConfig(**hf_common()),
     "MegatronBertForPreTraining": lambda: transformers.MegatronBertConfig(**hf_common()),
