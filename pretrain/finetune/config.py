@@ -184,6 +184,14 @@ class FinetuneScheduleConfig(ScheduleConfig):
 
 
 @dataclass
+class FinetuneZeroConfig(ZeroConfig):
+    stage: Literal[0, 1, 2, 3] = 0
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+grads), 3 (+params).  Fine-tuning:
+    0, as a BERT fits a device with its optimizer state; a stage above 0 partitions what each rank holds
+    at a cost per step (23% on bench/finetune_step.py's CPU step at one rank, where it saves nothing)."""
+
+
+@dataclass
 class EvalSection:
     every_steps: int = setting(0, ge=0)
     """Evaluate on the dev file every N optimizer steps as well (0: only at each epoch end; always at the
@@ -241,7 +249,7 @@ class FinetuneConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: FinetuneLoggingConfig = field(default_factory=FinetuneLoggingConfig)
-    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    zero: FinetuneZeroConfig = field(default_factory=FinetuneZeroConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     # Micro-batches per optimizer step for a world size: pretraining's rule, on this tree's training section.
