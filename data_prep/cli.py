@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import keyword
+import os
 import sys
 
 COMMANDS = ("vocab", "shards", "run", "verify", "stats", "inspect", "merge", "convert")   # order shown in --help
@@ -21,13 +22,40 @@ def _command_module(package: str, name: str):
     return importlib.import_module(f"{package}.commands.{name}{'_' if keyword.iskeyword(name) else ''}")
 
 
+def dotted_flags(argv: list[str]) -> list[str]:
+    """``--section.key=value`` and ``--section.key value`` (the torchtitan / litgpt habit) as the
+    ``section.key=value`` overrides they mean; no real flag has a dot in its name."""
+    out, i = [], 0
+    while i < len(argv):
+        item = argv[i]
+        name = item[2:].partition("=")[0]
+        if item.startswith("--") and "." in name and not name.startswith("."):
+            if "=" in item:
+                out.append(item[2:])
+            elif i + 1 < len(argv):
+                out.append(f"{name}={argv[i + 1]}")
+                i += 1
+            else:
+                out.append(item)        # no value: argparse names it
+        else:
+            out.append(item)
+        i += 1
+    return out
+
+
 def dispatch(prog: str, description: str, package: str, commands: tuple[str, ...],
              argv: list[str] | None = None) -> int:
-    """Parse ``argv`` against ``commands`` (modules of ``package.commands``) and run the chosen one."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Parse ``argv`` against ``commands`` (modules of ``package.commands``) and run the chosen one.
+    Run as a console script (``bertforge-pretrain``), the usage lines name the script."""
+    if argv is None:
+        argv = sys.argv[1:]
+        script = os.path.basename(sys.argv[0])
+        prog = script if script.startswith("bertforge-") else prog
     # `prog NAME ...` needs NAME's module only; anything else (--help, a typo) lists every command.
     chosen = argv[:1] if argv[:1] and argv[0] in commands else commands
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s (bertforge) {importlib.import_module(package).__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in chosen:
         module = _command_module(package, name)
@@ -38,7 +66,7 @@ def dispatch(prog: str, description: str, package: str, commands: tuple[str, ...
     if chosen is commands:
         args = parser.parse_args(argv)
     else:   # flags may follow the positional key=value overrides: `train key=value --out DIR`
-        args = p.parse_intermixed_args(argv[1:])
+        args = p.parse_intermixed_args(dotted_flags(argv[1:]))
         args.command = argv[0]
     if not getattr(args, "_run", None):
         parser.print_help()

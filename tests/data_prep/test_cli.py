@@ -30,7 +30,7 @@ def package(tmp_path, monkeypatch):
     """A throwaway package `fakecli` with commands ok, import (import_.py) and broken."""
     commands = tmp_path / "fakecli" / "commands"
     commands.mkdir(parents=True)
-    (tmp_path / "fakecli" / "__init__.py").write_text("")
+    (tmp_path / "fakecli" / "__init__.py").write_text("__version__ = \"9.9\"\n")
     (commands / "__init__.py").write_text("")
     for name, module, imports in [("ok", "ok", ""), ("import", "import_", ""),
                                   ("broken", "broken", "import no_such_library_xyz")]:
@@ -55,6 +55,30 @@ def test_flags_may_follow_the_positional_overrides(package, capsys):
     with pytest.raises(SystemExit):
         dispatch("prog", "d", package, ("ok",), ["ok", "a=1", "--nope"])
     assert "unrecognized arguments: --nope" in capsys.readouterr().err
+
+
+def test_dotted_flags_are_overrides(package, capsys):
+    """`--training.max_steps 10` and `--zero.stage=2` (torchtitan's and litgpt's habit) mean key=value."""
+    argv = ["ok", "--training.max_steps", "10", "--n", "2", "--zero.stage=2", "a=1"]
+    assert dispatch("prog", "d", package, ("ok",), argv) == 0
+    assert capsys.readouterr().out == "ok ran 2 training.max_steps=10 zero.stage=2 a=1\n"
+    with pytest.raises(SystemExit):
+        dispatch("prog", "d", package, ("ok",), ["ok", "--training.max_steps"])
+    assert "unrecognized arguments: --training.max_steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cli,script", [(data_prep_cli, "bertforge-data-prep"), (pretrain_cli, "bertforge-pretrain")])
+def test_version_and_the_console_scripts_name(cli, script, capsys, monkeypatch):
+    import importlib.metadata
+    monkeypatch.setattr(sys, "argv", [f"/venv/bin/{script}", "--version"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"{script} (bertforge) {importlib.metadata.version('bertforge')}\n"
+    monkeypatch.setattr(sys, "argv", [f"/venv/bin/{script}", "--help"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert capsys.readouterr().out.startswith(f"usage: {script} ")
 
 
 def test_a_command_whose_import_breaks_fails_loudly(package):
