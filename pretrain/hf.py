@@ -403,8 +403,12 @@ def export_finetuned(model, out_dir: str, tokenizer_dir: str | None = None) -> d
 
 
 def _save_hf(hf_model, out_dir: str, tokenizer_dir: str | None, spec: dict | None, what: str) -> None:
+    from pretrain.weights import file_mode
     os.makedirs(out_dir, exist_ok=True)
     hf_model.save_pretrained(out_dir)
+    for name in os.listdir(out_dir):      # transformers writes the weights 0600: the umask's mode, as other files
+        if name.endswith((".safetensors", ".safetensors.index.json")):
+            os.chmod(os.path.join(out_dir, name), file_mode())
     if spec:
         export_tokenizer(tokenizer_dir, out_dir, spec)
     else:

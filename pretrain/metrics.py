@@ -118,9 +118,7 @@ def drop_rows_after(path: str, step: int) -> int:
         lines = [line for line in f if line.strip()]
     kept = [line for line in lines if 0 <= _row_step(line) <= step] if step > 0 else []
     if len(kept) < len(lines):
-        mode = os.stat(path).st_mode & 0o777      # atomic_write's temp file is 0600: keep the file's own mode
         atomic_write_text(path, "".join(kept))
-        os.chmod(path, mode)
     return len(lines) - len(kept)
 
 

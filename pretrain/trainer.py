@@ -187,8 +187,12 @@ def _starting_state(run: Run, ckpt_root: str, prints: dict, resuming: bool,
         loaded, diffs = ckpt.load(run.engine, ckpt_root, rank=run.dist_env.rank, current_prints=prints,
                                   allow_mismatch=cfg.checkpoint.allow_fingerprint_mismatch, universal=new_world)
         if loaded is not None:
-            messages.append(f"resumed from {ckpt.latest_tag(ckpt_root)} at step {loaded.step}, "
-                            f"sample {loaded.samples_consumed}")
+            if loaded.step >= cfg.training.max_steps:
+                messages.append(f"already finished at step {loaded.step} ({ckpt.latest_tag(ckpt_root)}, "
+                                f"training.max_steps={cfg.training.max_steps}): nothing to train")
+            else:
+                messages.append(f"resumed from {ckpt.latest_tag(ckpt_root)} at step {loaded.step}, "
+                                f"sample {loaded.samples_consumed}")
             if loaded.world_size != world_size:
                 messages.append(
                     f"world size changed {loaded.world_size} -> {world_size}: the global sample order "

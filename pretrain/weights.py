@@ -35,12 +35,21 @@ LATEST_FILE = "latest"
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
+def file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str, write) -> None:
     """Call write(file_object) on a temporary file beside ``path``, fsync it, then move it into place
     (pretrain's one atomic writer).  A failed write (disk full) removes the temporary file and
-    raises write_error's CheckpointError."""
+    raises write_error's CheckpointError.  The file gets the mode a plain open() would give it (0666
+    less the umask), not mkstemp's 0600."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

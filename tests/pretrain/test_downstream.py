@@ -89,7 +89,7 @@ def test_scores_are_logged_at_each_checkpoint_and_equal_the_suite_run_by_hand(da
     assert [e.value for e in scalars] == pytest.approx([r["downstream/average"] for r in rows])
 
 
-def test_a_stopped_run_evaluates_every_due_checkpoint_once_after_resuming(data, tmp_path):
+def test_a_stopped_run_evaluates_every_due_checkpoint_once_after_resuming_and_a_finished_one_says_so(data, tmp_path):
     suite = write_suite(tmp_path / "suite")
     run_dir = tmp_path / "run"
     halted = launch(run_dir, overrides(data, suite), nproc=1, extra_args=["--stop-after-step", "3"])
@@ -97,6 +97,9 @@ def test_a_stopped_run_evaluates_every_due_checkpoint_once_after_resuming(data, 
     assert (run_dir / "downstream" / "step-000003" / "weights" / "model.pt").is_file()
     resumed = launch(run_dir, overrides(data, suite), nproc=1)
     assert resumed.codes == [0], resumed.explain()
+    assert sorted(r["step"] for r in downstream_rows(run_dir)) == [3, 6]
+    again = launch(run_dir, overrides(data, suite), nproc=1)        # a finished run, run again
+    assert again.codes == [0] and "already finished at step 6 (step-000006, training.max_steps=6)" in again.logs[0]
     assert sorted(r["step"] for r in downstream_rows(run_dir)) == [3, 6]
 
 

@@ -295,6 +295,22 @@ def test_export_then_import_round_trips_exactly(tmp_path):
     assert sorted(os.listdir(extra["tokenizer_dir"])) == ["tokenizer.json", "tokenizer_config.json", "vocab.txt"]
 
 
+def test_exported_and_imported_files_follow_the_umask(tmp_path):
+    """Not mkstemp's (or transformers') 0600: a group that shares a directory can read what a run wrote."""
+    model, ckpt = save_ours(tmp_path, tiny())
+    old = os.umask(0o022)
+    try:
+        assert main(["export", "--checkpoint", ckpt, "--out", str(tmp_path / "hf"),
+                     "--tokenizer", write_tokenizer(tmp_path / "tok")]) == 0
+        assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    finally:
+        os.umask(old)
+    written = [p for d in ("hf", "back") for p in (tmp_path / d).rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in written) and any(p.name == "model.pt" for p in written)
+    assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in written} == \
+        {str(p.relative_to(tmp_path)): "0o644" for p in written}
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizer export
 # ---------------------------------------------------------------------------------------------
