@@ -34,8 +34,11 @@ __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "dump_con
 # --------------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
-    arch: Literal["bert", "albert"] = "bert"
-    """Model family.  ``albert`` enables the factorized embedding and the ALBERT export format."""
+    arch: Literal["bert", "albert", "roberta"] = "bert"
+    """Model family.  ``albert`` enables the factorized embedding and the ALBERT export format; ``roberta``
+    is BERT's post-LN encoder with RoBERTa's position ids (from 2, past its padding index 1, which
+    padding slots get: max_position_embeddings = longest sequence + 2) and its export format
+    (RobertaForMaskedLM; no sentence head)."""
     vocab_size: int = setting(30522, gt=0)
     """Tokenizer vocabulary size (the exported size; padded internally, see pad_vocab_multiple)."""
     hidden_size: int = setting(768, gt=0)
@@ -70,6 +73,16 @@ class ModelConfig:
     """Binary sentence-pair head: next-sentence (BERT), sentence-order (ALBERT) or none (RoBERTa)."""
     pad_vocab_multiple: int = setting(8, gt=0)
     """Pad the embedding/decoder rows to a multiple of this inside the model (never in exports)."""
+
+
+def position_offset(m: ModelConfig) -> int:
+    """Where position ids start: 0, or RoBERTa's 2 (its padding index 1 is the padding slots' position)."""
+    return 2 if m.arch == "roberta" else 0
+
+
+def max_seq_len(m: ModelConfig) -> int:
+    """The longest sequence the position table holds: max_position_embeddings less RoBERTa's offset."""
+    return m.max_position_embeddings - position_offset(m)
 
 
 @dataclass
@@ -442,8 +455,16 @@ def _heads_divide_width(cfg: Config, _world_size):
 @RULES.check("model.arch", "model.embedding_size", "model.share_layers", "model.hidden_size")
 def _albert_options(cfg: Config, _world_size):
     m = cfg.model
-    if m.arch == "bert" and (m.embedding_size not in (None, m.hidden_size) or m.share_layers):
+    if m.arch != "albert" and (m.embedding_size not in (None, m.hidden_size) or m.share_layers):
         return "model.embedding_size / model.share_layers are ALBERT options: set model.arch=albert"
+
+
+@RULES.check("model.arch", "model.sentence_head", "model.layer_norm_position")
+def _roberta_layout(cfg: Config, _world_size):
+    m = cfg.model
+    if m.arch == "roberta" and (m.sentence_head != "none" or m.layer_norm_position != "post"):
+        return (f"model.arch=roberta is post-LN without a sentence head: got model.sentence_head="
+                f"{m.sentence_head}, model.layer_norm_position={m.layer_norm_position} (expected none, post)")
 
 
 @RULES.check("model.arch", "model.sentence_head")
@@ -455,8 +476,11 @@ def _albert_head(cfg: Config, _world_size):
 @RULES.check("training.seq_len", "model.max_position_embeddings")
 def _seq_fits_positions(cfg: Config, _world_size):
     t, m = cfg.training, cfg.model
-    if t.seq_len > m.max_position_embeddings:
-        return f"training.seq_len ({t.seq_len}) exceeds model.max_position_embeddings ({m.max_position_embeddings})"
+    if t.seq_len > max_seq_len(m):
+        offset = position_offset(m)
+        more = f" - {offset} (RoBERTa's positions start at {offset})" if offset else ""
+        return (f"training.seq_len ({t.seq_len}) exceeds model.max_position_embeddings "
+                f"({m.max_position_embeddings}){more}")
 
 
 @RULES.check("training.max_predictions", "training.seq_len")

@@ -10,6 +10,7 @@ Which HF class a config maps to (export), and which HF classes import accepts:
     albert  post                 sop             AlbertForPreTraining
     albert  post                 none            AlbertForMaskedLM
     albert  pre                  -               not exportable (HF has no pre-LN ALBERT)
+    roberta post                 none            RobertaForMaskedLM  (position ids from 2, pad_token_id 1)
 
 Fine-tuned models (pretrain.finetune.model.FinetuneModel) export by family and task:
 
@@ -17,11 +18,13 @@ Fine-tuned models (pretrain.finetune.model.FinetuneModel) export by family and t
     Bert (bert, post)                    sequence   BertForSequenceClassification (bert.pooler, classifier)
     MegatronBert (bert, pre)             token      ...ForTokenClassification      (classifier; no pooler)
     Albert (albert, post)                qa         ...ForQuestionAnswering        (qa_outputs [2, H]; no pooler)
+    Roberta (roberta, post)                         RobertaForSequenceClassification: its classifier.dense is
+                                                    our pooler, classifier.out_proj our classifier
 
 with num_labels, id2label/label2id, problem_type (sequence: single_label_classification or
 regression) and the head dropout (classifier_dropout; ALBERT: classifier_dropout_prob) in
 config.json.  Fine-tuning starts from any of the classes above or a bare BertModel,
-MegatronBertModel or AlbertModel directory (:func:`read_hf_weights`).
+MegatronBertModel, AlbertModel or RobertaModel directory (:func:`read_hf_weights`).
 
 Our fused qkv [3H, H] is split into query/key/value; the decoder weight (tied to the word
 embeddings) and decoder bias are written to both HF names; ALBERT without embedding_size gets
@@ -38,22 +41,25 @@ import shutil
 import warnings
 
 from data_prep.vocab import declared_lowercase, normalizer_flags
-from pretrain.config import Config, ModelConfig, TrainingConfig, config_from_dict
+from pretrain.config import Config, ModelConfig, TrainingConfig, config_from_dict, max_seq_len
 from pretrain.weights import read_json_object
 
 SUPPORTED_HF_ARCHITECTURES = ("BertForPreTraining", "BertForMaskedLM", "MegatronBertForPreTraining",
-                              "MegatronBertForMaskedLM", "AlbertForPreTraining", "AlbertForMaskedLM")
-FAMILIES = ("Bert", "MegatronBert", "Albert")
+                              "MegatronBertForMaskedLM", "AlbertForPreTraining", "AlbertForMaskedLM",
+                              "RobertaForMaskedLM")
+FAMILIES = ("Bert", "MegatronBert", "Albert", "Roberta")
 TASK_HEADS = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification",
               "qa": "ForQuestionAnswering"}
 """Fine-tuning task -> suffix of its HF class."""
 HEAD_MODULES = {"sequence": "classifier", "token": "classifier", "qa": "qa_outputs"}
-"""Fine-tuning task -> its output layer's name, the same in FinetuneModel and in the HF class."""
+"""Fine-tuning task -> its output layer's name in FinetuneModel (and in the HF class but RoBERTa's sequence one)."""
 FINETUNED_HF_ARCHITECTURES = tuple(f + h for h in TASK_HEADS.values() for f in FAMILIES)
 ENCODER_HF_ARCHITECTURES = tuple(f + "Model" for f in FAMILIES)
 FINETUNE_SOURCE_ARCHITECTURES = SUPPORTED_HF_ARCHITECTURES + FINETUNED_HF_ARCHITECTURES + ENCODER_HF_ARCHITECTURES
 """What fine-tuning may start from: a pretraining, fine-tuned or bare-encoder directory."""
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+ROBERTA_PAD_ID = 1
+"""RoBERTa's padding index: transformers' position ids count from it + 1, and padding slots sit at it."""
 SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
                   "mask_token": "[MASK]"}
 
@@ -62,7 +68,9 @@ SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD
 # Architecture and config
 # --------------------------------------------------------------------------------------------
 def hf_family(m: ModelConfig) -> str:
-    """Bert, MegatronBert (pre-LN BERT) or Albert: the prefix of the transformers classes for ``m``."""
+    """Bert, MegatronBert (pre-LN BERT), Albert or Roberta: the prefix of the transformers classes for ``m``."""
+    if m.arch == "roberta":
+        return "Roberta"
     if m.arch == "albert":
         if m.layer_norm_position == "pre":
             raise ValueError("model.layer_norm_position=pre with model.arch=albert has no HuggingFace "
@@ -105,6 +113,9 @@ def hf_config(m: ModelConfig, architecture: str | None = None, **settings):
         albert = dict(embedding_size=m.embedding_size or m.hidden_size, num_hidden_groups=groups, inner_group_num=1,
                       classifier_dropout_prob=0.0)
         return transformers.AlbertConfig(**{**common, **albert, **settings})
+    if m.arch == "roberta":
+        return transformers.RobertaConfig(**{**common, "pad_token_id": ROBERTA_PAD_ID, "bos_token_id": 0,
+                                             "eos_token_id": 2, **settings})
     if m.layer_norm_position == "pre":
         return transformers.MegatronBertConfig(**common, **settings)
     return transformers.BertConfig(**common, **settings)
@@ -157,7 +168,11 @@ def model_config_from_hf(hf_cfg, source: str, supported: tuple = SUPPORTED_HF_AR
         raise ValueError(f"{source}: position_embedding_type {hf_cfg.position_embedding_type!r} is not supported "
                          "(expected 'absolute')")
     arch = _architecture_of(hf_cfg, source, supported)
-    m = ModelConfig(arch="albert" if arch.startswith("Albert") else "bert", vocab_size=hf_cfg.vocab_size,
+    family = "albert" if arch.startswith("Albert") else "roberta" if arch.startswith("Roberta") else "bert"
+    if family == "roberta" and hf_cfg.pad_token_id != ROBERTA_PAD_ID:
+        raise ValueError(f"{source}: RoBERTa with pad_token_id {hf_cfg.pad_token_id} is not supported (expected "
+                         f"{ROBERTA_PAD_ID}: its position ids count from the padding index)")
+    m = ModelConfig(arch=family, vocab_size=hf_cfg.vocab_size,
                     hidden_size=hf_cfg.hidden_size, num_layers=hf_cfg.num_hidden_layers,
                     num_heads=hf_cfg.num_attention_heads, intermediate_size=hf_cfg.intermediate_size,
                     max_position_embeddings=hf_cfg.max_position_embeddings,
@@ -226,6 +241,20 @@ def _bert_modules(m: ModelConfig) -> dict:
     return names
 
 
+def _roberta_modules(m: ModelConfig) -> dict:
+    names = {"embeddings.word": "roberta.embeddings.word_embeddings",
+             "embeddings.position": "roberta.embeddings.position_embeddings",
+             "embeddings.token_type": "roberta.embeddings.token_type_embeddings",
+             "embeddings.norm": "roberta.embeddings.LayerNorm",
+             "mlm_head.dense": "lm_head.dense", "mlm_head.norm": "lm_head.layer_norm"}
+    # No pooler: RoBERTa's task classes have none (a RobertaModel's goes unused, as in transformers), and
+    # its sequence head's dense is our pooler (head_names).
+    for i in range(m.num_layers):
+        names.update({f"encoder.layers.{i}.{ours}": _prefixed(f"roberta.encoder.layer.{i}.", hf)
+                      for ours, hf in BERT_LAYER.items()})
+    return names
+
+
 def _albert_modules(m: ModelConfig) -> dict:
     names = {"embeddings.word": "albert.embeddings.word_embeddings",
              "embeddings.position": "albert.embeddings.position_embeddings",
@@ -246,19 +275,22 @@ def _prefixed(prefix: str, hf, suffix: str = ""):
 
 def key_map(m: ModelConfig) -> dict:
     """{our parameter name: HF name or tuple of HF names} for every parameter of a model of config m."""
-    modules = _albert_modules(m) if m.arch == "albert" else _bert_modules(m)
+    modules = {"albert": _albert_modules, "roberta": _roberta_modules}.get(m.arch, _bert_modules)(m)
     names = {}
     for ours, hf in modules.items():
         for param in ("weight",) if ours in EMBEDDING_TABLES else ("weight", "bias"):
             names[f"{ours}.{param}"] = _prefixed("", hf, suffix=f".{param}")
-    head = "predictions" if m.arch == "albert" else "cls.predictions"
-    names["mlm_head.decoder_bias"] = f"{head}.bias"
+    names["mlm_head.decoder_bias"] = f"{MLM_HEADS[m.arch][0]}.bias"
     return names
+
+
+MLM_HEADS = {"bert": ("cls.predictions", "bert"), "albert": ("predictions", "albert"), "roberta": ("lm_head", "roberta")}
+"""arch -> (the HF MLM head's prefix, the encoder's prefix)."""
 
 
 def tied_copies(m: ModelConfig) -> dict:
     """{HF name: HF name it is a copy of}: the decoder tied to the word embeddings and its bias."""
-    head, base = ("predictions", "albert") if m.arch == "albert" else ("cls.predictions", "bert")
+    head, base = MLM_HEADS[m.arch]
     return {f"{head}.decoder.weight": f"{base}.embeddings.word_embeddings.weight",
             f"{head}.decoder.bias": f"{head}.bias"}
 
@@ -282,9 +314,18 @@ def finetuned_key_map(m: ModelConfig, head) -> dict:
     with torch.device("meta"):
         expected = set(FinetuneModel(m, head).state_dict())
     names = {k: v for k, v in key_map(m).items() if k in expected}
-    layer = HEAD_MODULES[head.task]
-    names.update({f"{layer}.{p}": f"{layer}.{p}" for p in ("weight", "bias")})
+    names.update(head_names(m, head.task))
     return names
+
+
+def head_names(m: ModelConfig, task: str) -> dict:
+    """{our name: HF name} of a fine-tuned head's layers the encoder's key_map does not name: the output
+    layer, and RoBERTa's sequence head (RobertaClassificationHead: dense + tanh = our pooler, out_proj)."""
+    if m.arch == "roberta" and task == "sequence":
+        return {f"{ours}.{p}": f"classifier.{hf}.{p}" for ours, hf in (("pooler", "dense"), ("classifier", "out_proj"))
+                for p in ("weight", "bias")}
+    layer = HEAD_MODULES[task]
+    return {f"{layer}.{p}": f"{layer}.{p}" for p in ("weight", "bias")}
 
 
 def to_hf_state_dict(state_dict: dict, m: ModelConfig) -> dict:
@@ -352,8 +393,7 @@ def finetune_weights_from_hf(hf: dict, m: ModelConfig, source_task: str | None, 
     encoder = {k: v for k, v in key_map(m).items() if k.split(".")[0] in ("embeddings", "encoder", "pooler")}
     names = {k: v for k, v in encoder.items() if k in _expected_ours(dataclasses.replace(m, sentence_head="nsp"))}
     if source_task is not None:
-        layer = HEAD_MODULES[source_task]
-        names.update({f"{layer}.{p}": f"{layer}.{p}" for p in ("weight", "bias")})
+        names.update(head_names(m, source_task))
     optional = {k for k in names if not k.startswith(("embeddings.", "encoder."))}
     ours = _from_hf(hf, names, source, optional)
     used = {h for k in ours for h in _hf_names(names[k])}
@@ -466,7 +506,8 @@ def _tokenizer_spec(tokenizer_dir: str, m: ModelConfig) -> dict:
         raise FileNotFoundError(f"tokenizer directory {tokenizer_dir}: expected tokenizer.json or vocab.txt in it "
                                 "(pass --tokenizer DIR to export with another one)")
     spec = {"files": files, "class": "BertTokenizerFast", "lowercase": None, "strip_accents": None,
-            "vocab": None, "model_max_length": m.max_position_embeddings}
+            "vocab": None, "model_max_length": max_seq_len(m)}
+    model = {}
     if "tokenizer.json" in files:
         with open(os.path.join(tokenizer_dir, "tokenizer.json"), encoding="utf-8") as f:
             data = json.load(f)
@@ -482,6 +523,11 @@ def _tokenizer_spec(tokenizer_dir: str, m: ModelConfig) -> dict:
     if spec["vocab"] and len(spec["vocab"]) > m.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_dir} has {len(spec['vocab'])} tokens but model.vocab_size is "
                          f"{m.vocab_size}")
+    pad = (spec["vocab"] or model.get("vocab") or {}).get("<pad>")
+    if m.arch == "roberta" and pad != ROBERTA_PAD_ID:
+        raise ValueError(f"tokenizer {tokenizer_dir}: model.arch=roberta needs RoBERTa's vocabulary, '<pad>' at id "
+                         f"{ROBERTA_PAD_ID} (transformers' RoBERTa counts positions from the padding id), not "
+                         f"{'no <pad>' if pad is None else f'<pad> at {pad}'}")
     if spec["lowercase"] is None:  # a bare vocab.txt: as data_prep reads it, uncased unless declared
         spec["lowercase"] = declared_lowercase(tokenizer_dir)
     return spec
@@ -569,7 +615,7 @@ def _read_hf_config(hf_dir: str, supported: tuple = SUPPORTED_HF_ARCHITECTURES):
         raise FileNotFoundError(f"{hf_dir}: expected a transformers model directory with config.json")
     data = read_json_object(path)
     model_type = data.get("model_type")
-    if model_type not in ("bert", "megatron-bert", "albert"):
+    if model_type not in ("bert", "megatron-bert", "albert", "roberta"):
         raise ValueError(f"{path}: model_type {model_type!r} (architectures {data.get('architectures')}) is not "
                          f"supported; expected one of {', '.join(supported)}")
     try:
@@ -621,7 +667,7 @@ def model_only_config(m: ModelConfig, source: str) -> Config:
 
 
 def _config_dict(m: ModelConfig) -> dict:
-    seq_len = min(TrainingConfig.seq_len, m.max_position_embeddings)
+    seq_len = min(TrainingConfig.seq_len, max_seq_len(m))
     return {"model": dataclasses.asdict(m),
             "training": {"seq_len": seq_len, "max_predictions": min(TrainingConfig.max_predictions, seq_len)}}
 

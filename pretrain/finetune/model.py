@@ -9,9 +9,10 @@
 
 The encoder is BertForPretraining's (its modules under the same names ``embeddings``, ``encoder``,
 ``pooler``, so our checkpoints load by name and pretrain.hf's key map applies); the MLM and sentence
-heads are not part of it.  Heads follow transformers' Bert/MegatronBert/Albert ...ForSequenceClassification,
-...ForTokenClassification and ...ForQuestionAnswering (same structure, dropout and losses; QA has no
-head dropout there, nor here), so that pretrain.hf.export_finetuned writes them and HF's logits equal
+heads are not part of it.  Heads follow transformers' Bert/MegatronBert/Albert/Roberta
+...ForSequenceClassification, ...ForTokenClassification and ...ForQuestionAnswering (same structure,
+dropout and losses; QA has no head dropout there, nor here; RoBERTa's sequence head also drops out
+before the pooler's dense, as its RobertaClassificationHead does), so that pretrain.hf.export_finetuned writes them and HF's logits equal
 ours.  New head weights start as HF's: normal(0, initializer_range), biases 0.
 
 :func:`from_pretrained` starts from our checkpoint (what pretrain.weights.load_weights reads) or a
@@ -152,7 +153,13 @@ class FinetuneModel(nn.Module):
             if start_positions is not None and end_positions is not None:
                 loss = span_loss(start_logits, end_logits, start_positions, end_positions)
             return FinetuneOutput(loss=loss, start_logits=start_logits, end_logits=end_logits)
-        features = torch.tanh(self.pooler(hidden[:, 0])) if self.head.task == "sequence" else hidden
+        if self.head.task == "sequence":
+            first = hidden[:, 0]
+            if self.config.arch == "roberta":      # RobertaClassificationHead drops out before its dense too
+                first = self.dropout(first)
+            features = torch.tanh(self.pooler(first))
+        else:
+            features = hidden
         logits = self.classifier(self.dropout(features))
         if labels is None:
             return FinetuneOutput(logits=logits)

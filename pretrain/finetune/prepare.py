@@ -94,13 +94,14 @@ def read_task(cfg: FinetuneConfig) -> TaskData:
 def encode_task(data: TaskData, cfg: FinetuneConfig, tokenizer_dir: Optional[str], max_positions: int,
                 vocab_size: int) -> TaskData:
     """``data`` with its features, encoded with ``tokenizer_dir`` (the checkpoint's; model.tokenizer
-    overrides it); ``max_positions``, ``vocab_size``: the model's, for the checks."""
+    overrides it); ``max_positions`` (the model's longest sequence, pretrain.config.max_seq_len), ``vocab_size``:
+    the model's, for the checks."""
     from pretrain.finetune.features import encode_classification, encode_squad, encode_tokens
     t = cfg.task
     max_length = t.max_length or min(DEFAULT_MAX_LENGTH, max_positions)
     if max_length > max_positions:
-        raise FinetuneInputError(f"task.max_length: {max_length} exceeds the model's max_position_embeddings "
-                                 f"({max_positions})")
+        raise FinetuneInputError(f"task.max_length: {max_length} exceeds the model's longest sequence "
+                                 f"({max_positions} tokens, from its max_position_embeddings)")
     if data.task_type == "qa" and cfg.qa.max_query_length + 3 >= max_length:
         raise FinetuneInputError(f"qa.max_query_length: {cfg.qa.max_query_length} + 3 must be below the "
                                  f"max_length of {max_length}: a window needs room for the context")

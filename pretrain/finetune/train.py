@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 from pretrain import checkpoint as ckpt
-from pretrain.config import ScheduleConfig
+from pretrain.config import ScheduleConfig, max_seq_len
 from pretrain.distributed import DistEnv
 from pretrain.engine import Engine, all_reduce_sum, shutdown_distributed
 from pretrain.finetune.config import FinetuneConfig, dump_config, warmup_ratio_or_default
@@ -114,7 +114,7 @@ def finetune(cfg: FinetuneConfig, dist_env: DistEnv, stop: Optional[StopSignal] 
     holds a run of another config or a checkpoint that cannot be resumed."""
     data = read_task(cfg)
     model, report = load_model(cfg, data, cfg.training.seeds[0])
-    encode_task(data, cfg, report.tokenizer_dir, model.config.max_position_embeddings, model.config.vocab_size)
+    encode_task(data, cfg, report.tokenizer_dir, max_seq_len(model.config), model.config.vocab_size)
     plan = make_plan(cfg, len(data.train_features), dist_env.world_size)
     device = join_job(cfg, dist_env)
     run_dir, rank = cfg.logging.run_dir, dist_env.rank

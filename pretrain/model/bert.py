@@ -1,4 +1,4 @@
-"""BERT / ALBERT encoder with MLM and NSP/SOP heads, in plain torch.
+"""BERT / ALBERT / RoBERTa encoder with MLM and NSP/SOP heads, in plain torch.
 
 Layout (parameter names in brackets):
 
@@ -12,7 +12,7 @@ Layout (parameter names in brackets):
 
 Post-LN (original BERT): h = LN(h + sublayer(h)), with LN on the embeddings.
 Pre-LN (Megatron-BERT): h = h + sublayer(LN(h)), no LN on the embeddings, a final LN after the
-encoder.  The vocabulary is padded to a multiple of ``pad_vocab_multiple`` rows for fast
+encoder.  RoBERTa is the post-LN layout with its position ids (from 2; padding slots at 1).  The vocabulary is padded to a multiple of ``pad_vocab_multiple`` rows for fast
 matmuls; padded rows start at zero and the padded logit columns are sliced off before any loss.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data_prep.masking import IGNORE_INDEX
-from pretrain.config import KernelsConfig, ModelConfig
+from pretrain.config import KernelsConfig, ModelConfig, position_offset
 from pretrain.model.attention import ATTENTION_IMPLS, build_attention_mask, positions_from_segments
 
 
@@ -314,7 +314,8 @@ class BertForPretraining(nn.Module):
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, segment_ids=None, position_ids=None,
                cu_seqlens=None):
         """Final hidden states [B, S, H].  With segment_ids, positions restart at every document
-        (``cu_seqlens``: its runs in the flattened slots, see pretrain.packing)."""
+        (``cu_seqlens``: its runs in the flattened slots, see pretrain.packing).  Positions count from 0
+        here; RoBERTa's offset (config.position_offset) is added inside."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if position_ids is None and segment_ids is not None:
@@ -326,6 +327,11 @@ class BertForPretraining(nn.Module):
         else:
             keep = build_attention_mask(attention_mask, segment_ids)
         real = segment_ids > 0 if segment_ids is not None else attention_mask
+        offset = position_offset(self.config)
+        if offset:   # RoBERTa: positions from 2; padding slots at its padding index 1, as transformers has them
+            position_ids = position_ids + offset
+            if real is not None:
+                position_ids = torch.where(real.bool(), position_ids, offset - 1)
         if not self.unpad or real is None:
             return self.encoder(self.embeddings(input_ids, token_type_ids, position_ids), keep)
         tokens = Unpadded(real.bool())

@@ -437,3 +437,69 @@ def test_training_follows_transformers_step_by_step(tmp_path):
         runs.append(losses)
     assert runs[0][-1] < runs[0][0]                        # it trains
     assert runs[0] == pytest.approx(runs[1], rel=1e-5, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# RoBERTa: its position ids and its sequence head (RobertaClassificationHead)
+# ---------------------------------------------------------------------------------------------
+ROBERTA = tiny(arch="roberta", sentence_head="none")
+
+
+def roberta_batch():
+    from tests.pretrain.test_hf import roberta_inputs
+    return roberta_inputs(batch())
+
+
+@pytest.mark.parametrize("head_case", list(HEADS))
+def test_roberta_export_matches_transformers_in_eval_and_train_mode(tmp_path, head_case):
+    """Eval mode: every position's logits.  Train mode with dropout on: the same losses from the same seed,
+    so RoBERTa's extra dropout before the sequence head's dense is where transformers has it."""
+    torch.manual_seed(0)
+    model = perturb(FinetuneModel(ROBERTA, HEADS[head_case][0]))
+    architecture = "Roberta" + HEADS[head_case][1]
+    assert export(model, tmp_path / "hf")["architecture"] == architecture
+    hf_model = load_hf(tmp_path / "hf", architecture)
+    inputs = roberta_batch()
+    labels = targets(model.head, inputs)
+    with torch.no_grad():
+        ours, theirs = model(**inputs, **labels), hf_model(**inputs, **labels)
+    assert_rel_close(outputs(ours), outputs(theirs))
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
+    model.train(), hf_model.train()
+    torch.manual_seed(5)
+    ours = model(**inputs, **labels).loss
+    torch.manual_seed(5)
+    theirs = hf_model(**inputs, **labels).loss
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(6)
+    assert model(**inputs, **labels).loss != ours          # dropout was on
+
+
+@pytest.mark.parametrize("architecture", ["RobertaModel", "RobertaForMaskedLM", "RobertaForSequenceClassification"])
+def test_roberta_directories_load_as_transformers_reads_them(tmp_path, architecture):
+    config = transformers.RobertaConfig(**hf_common(pad_token_id=1, type_vocab_size=1, num_labels=3))
+    torch.manual_seed(0)
+    hf_model = perturb(getattr(transformers, architecture)(config))
+    hf_model.save_pretrained(str(tmp_path / "hf"))
+    inputs = roberta_batch()
+    model, report = from_pretrained(str(tmp_path / "hf"), "sequence", 3)
+    assert model.config.arch == "roberta"
+    with torch.no_grad():
+        assert_rel_close(model.encode(**inputs), hf_model.base_model(**inputs).last_hidden_state)
+    if architecture == "RobertaForSequenceClassification":     # its head comes along
+        assert report.new == []
+        with torch.no_grad():
+            assert_rel_close(model(**inputs).logits, hf_model(**inputs).logits)
+    else:   # the head's dense (our pooler) starts fresh, as in transformers: a RobertaModel's pooler goes unused
+        assert sorted(report.new) == ["classifier.bias", "classifier.weight", "pooler.bias", "pooler.weight"]
+        assert any(k.startswith("roberta.pooler.") for k in report.unused) == (architecture == "RobertaModel")
+
+
+def test_roberta_export_refuses_a_tokenizer_without_its_padding_id(tmp_path):
+    """transformers' RoBERTa counts positions from the padding id 1: a WordPiece vocabulary ([PAD] at 0,
+    [UNK] at 1) would give it wrong positions, silently."""
+    torch.manual_seed(0)
+    model = perturb(FinetuneModel(ROBERTA, HEADS["classification"][0]))
+    with pytest.raises(ValueError, match=r"model.arch=roberta needs RoBERTa's vocabulary, '<pad>' at id 1 .*no <pad>"):
+        export_finetuned(model, str(tmp_path / "hf"), write_tokenizer(tmp_path / "tok"))
+    assert not (tmp_path / "hf").exists()

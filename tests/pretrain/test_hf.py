@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 from tokenizers import BertWordPieceTokenizer  # noqa: E402
 
 from pretrain.cli import main  # noqa: E402
-from pretrain.config import Config, ModelConfig, load_config  # noqa: E402
+from pretrain.config import Config, ModelConfig, load_config, max_seq_len  # noqa: E402
 from pretrain.hf import export_checkpoint  # noqa: E402
 from pretrain.model import build_model  # noqa: E402
 from pretrain.weights import load_model, load_weights, save_weights  # noqa: E402
@@ -38,7 +38,7 @@ def tiny(**overrides) -> ModelConfig:
 
 def run_config(model_cfg: ModelConfig) -> Config:
     cfg = Config(model=model_cfg)
-    cfg.training.seq_len = model_cfg.max_position_embeddings
+    cfg.training.seq_len = max_seq_len(model_cfg)
     return cfg
 
 
@@ -61,6 +61,13 @@ def padded_inputs(seed: int = 0) -> dict:
     token_type_ids = torch.zeros_like(input_ids)
     token_type_ids[:, 5:] = 1
     return dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+
+
+def roberta_inputs(inputs: dict) -> dict:
+    """padded_inputs as a RoBERTa batch: one token type, its padding id 1 in the padding slots (transformers
+    counts positions from the ids)."""
+    input_ids = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, 1)
+    return {**inputs, "input_ids": input_ids, "token_type_ids": torch.zeros_like(input_ids)}
 
 
 def padded_batch():
@@ -184,6 +191,7 @@ EXPORT_CASES = {
                                    "AlbertForPreTraining"),
     "albert_no_projection": (tiny(arch="albert", sentence_head="sop", share_layers=True), "AlbertForPreTraining"),
     "albert_no_sentence_head": (tiny(arch="albert", embedding_size=16, sentence_head="none"), "AlbertForMaskedLM"),
+    "roberta": (tiny(arch="roberta", sentence_head="none"), "RobertaForMaskedLM"),
 }
 
 
@@ -198,11 +206,17 @@ def test_export_matches_transformers(tmp_path, case):
     hf_model = load_hf(str(tmp_path / "hf"), architecture)
     assert hf_model.config.vocab_size == VOCAB  # never the padded size
     inputs, positions = padded_batch()
+    if model_cfg.arch == "roberta":
+        inputs = roberta_inputs(inputs)
     with torch.no_grad():
         ours = model(**inputs, masked_lm_positions=positions)
     hf_mlm, hf_sentence = hf_logits(hf_model, inputs, positions)
     real = inputs["attention_mask"][torch.arange(3)[:, None], positions].reshape(-1).bool()
     assert_rel_close(ours.mlm_logits[real], hf_mlm[real])
+    if model_cfg.arch == "roberta":       # every position, the padding's too (at RoBERTa's padding index)
+        with torch.no_grad():
+            full = hf_model(**inputs).logits
+        assert_rel_close(model.mlm_logits(model.encode(**inputs)), full.reshape(-1, full.size(-1)))
     if model_cfg.sentence_head == "none":
         assert ours.sentence_logits is None and hf_sentence is None
     else:
@@ -250,6 +264,7 @@ IMPORT_CASES = {
     "AlbertForPreTraining-unshared": lambda: transformers.AlbertConfig(
         **hf_common(embedding_size=16, num_hidden_groups=2, hidden_act="gelu")),
     "AlbertForMaskedLM": lambda: transformers.AlbertConfig(**hf_common(embedding_size=32)),
+    "RobertaForMaskedLM": lambda: transformers.RobertaConfig(**hf_common(pad_token_id=1, type_vocab_size=1)),
 }
 
 
@@ -263,13 +278,15 @@ def test_import_matches_transformers(tmp_path, case):
     model, config, extra = load_model(str(tmp_path / "ours"))
     assert extra["source"]["format"] == "huggingface" and "tokenizer_dir" not in extra
     m = config.model
-    assert m.arch == ("albert" if case.startswith("Albert") else "bert")
+    assert m.arch == ("albert" if case.startswith("Albert") else "roberta" if case.startswith("Roberta") else "bert")
     assert m.num_layers == hf_model.config.num_hidden_layers
     assert m.hidden_dropout == hf_model.config.hidden_dropout_prob
     assert m.sentence_head == ("none" if case.endswith("MaskedLM") else "sop" if "Albert" in case else "nsp")
     assert m.share_layers == (case in ("AlbertForPreTraining", "AlbertForMaskedLM"))  # HF default: 1 group
     assert load_config(str(tmp_path / "ours" / "config.yaml")) == config  # a valid run config
     inputs, positions = padded_batch()
+    if m.arch == "roberta":
+        inputs = roberta_inputs(inputs)
     hf_model = load_hf(str(tmp_path / "hf"), architecture)
     with torch.no_grad():
         ours = model(**inputs, masked_lm_positions=positions)
