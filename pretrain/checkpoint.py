@@ -283,12 +283,17 @@ def _agree(error: Optional[Exception], device: torch.device,
         raise CheckpointError(elsewhere)
 
 
+def saved_trainer_state(root: str) -> Optional[dict]:
+    """Rank 0's trainer state (TrainerState's fields, or the state_type's) of ``root/latest``; None when
+    there is no checkpoint."""
+    tag = latest_tag(root)
+    return None if tag is None else _read_trainer_state(root, tag, 0)[0]["trainer"]
+
+
 def saved_world_size(root: str) -> Optional[int]:
     """World size of the run that wrote ``root/latest`` (None when there is no checkpoint)."""
-    tag = latest_tag(root)
-    if tag is None:
-        return None
-    return int(_read_trainer_state(root, tag, 0)[0]["trainer"]["world_size"])
+    saved = saved_trainer_state(root)
+    return None if saved is None else int(saved["world_size"])
 
 
 def _to_universal(root: str, tag: str, rank: int, device: torch.device) -> str:

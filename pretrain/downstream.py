@@ -10,12 +10,14 @@ as a job of its own:
     python -m pretrain finetune --suite SUITE --checkpoint .../step-N/weights --out .../step-N
                                 [training.max_steps=eval.downstream_max_steps] logging.progress_bar=false
 
-a single process (the launcher's rank variables removed, a free port on loopback) on rank 0's device,
-its output in RUN_DIR/downstream/step-N/log.txt.  Training does not wait for it: rank 0 polls it after
-each step, and when it ends logs ``downstream/TASK`` (each task's main metric, mean over its seeds) and
-``downstream/average`` at step N to metrics.jsonl (kind ``downstream``) and TensorBoard.  A suite that
-fails is a message naming its log, and training goes on.  After the last step the queue is waited for.
-A stop (SIGTERM, Ctrl-C) ends the running suite with the run; the resumed run queues again every step
+a single process (the launcher's rank variables removed; CUDA_VISIBLE_DEVICES: rank 0's device) that
+gets SIGTERM if rank 0 dies, its output in RUN_DIR/downstream/step-N/log.txt.  Training does not wait
+for it: rank 0 polls it after each step, and when it ends logs ``downstream/TASK`` (each task's main
+metric, mean over its seeds) and ``downstream/average`` at step N to metrics.jsonl (kind ``downstream``)
+and TensorBoard.  A suite that fails, or a snapshot that cannot be written, is a message naming its log
+or the error, and training goes on.  After the last step (once every rank has left the job) rank 0
+waits for the queue.  A stop (SIGTERM, SIGUSR1, Ctrl-C) starts no more suites and ends the running one,
+which checkpoints (exit 75); the resumed run queues again every snapshot up to its checkpoint's step
 whose scores metrics.jsonl lacks.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ import sys
 import time
 from typing import Optional
 
-from pretrain.checkpoint import step_tag
+from pretrain.checkpoint import list_checkpoints, step_tag
 from pretrain.config import Config
 from pretrain.metrics import MetricsLogger
 from pretrain.weights import CONFIG_FILE, EXTRA_FILE, MODEL_FILE, TOKENIZER_DIR
@@ -67,12 +69,18 @@ def link_weights(ckpt_dir: str, dest: str) -> None:
     os.replace(tmp, dest)
 
 
-def job_environment(environ: Optional[dict] = None) -> dict:
-    """``environ`` (default: ours) without the launcher's rank variables, with a free loopback port."""
-    from pretrain.distributed import free_port
+def job_environment(environ: Optional[dict] = None, device: Optional[str] = None) -> dict:
+    """``environ`` (default: ours) without the launcher's rank variables (the job then finds itself a
+    single process, with a free loopback port), on ``device`` (``cuda:K``: the K-th visible GPU alone), and
+    told to die with this process (data_prep.procs.PARENT_PID_ENV)."""
+    from data_prep.procs import PARENT_PID_ENV
     env = {k: v for k, v in (os.environ if environ is None else environ).items()
            if not k.startswith(LAUNCHER_PREFIXES) and k not in LAUNCHER_KEYS}
-    return {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    if device is not None and device.startswith("cuda:"):
+        index = int(device.split(":")[1])
+        visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[index] if index < len(visible) else str(index)
+    return {**env, PARENT_PID_ENV: str(os.getpid())}
 
 
 def read_scores(out_dir: str) -> dict:
@@ -103,38 +111,47 @@ def logged_steps(jsonl_path: str) -> set[int]:
 class Downstream:
     """Rank 0's queue of downstream suites (see the module docstring); a no-op elsewhere and when off."""
 
-    def __init__(self, cfg: Config, run_dir: str, rank: int, logger: MetricsLogger):
-        self.cfg, self.logger = cfg, logger
+    def __init__(self, cfg: Config, run_dir: str, rank: int, logger: MetricsLogger, *, start_step: int = 0,
+                 stop=None, device: Optional[str] = None):
+        self.cfg, self.logger, self.stop, self.device = cfg, logger, stop, device
         self.enabled = rank == 0 and bool(cfg.eval.downstream)
         self.root = os.path.join(run_dir, DOWNSTREAM_DIR)
         self.queue: list[int] = []
         self.running: Optional[tuple[int, subprocess.Popen, float]] = None
         if self.enabled:
-            self._requeue(logged_steps(logger.jsonl_path))
+            self._requeue(logged_steps(logger.jsonl_path), start_step)
 
-    def _requeue(self, logged: set[int]) -> None:
-        """A resumed run: the snapshots of an earlier start whose scores were not logged, oldest first."""
-        if not os.path.isdir(self.root):
-            return
-        for name in sorted(os.listdir(self.root)):
-            if name.startswith("step-") and os.path.isdir(os.path.join(self.root, name, WEIGHTS_DIR)):
-                step = int(name[len("step-"):])
-                if step not in logged:
-                    self.queue.append(step)
+    def _requeue(self, logged: set[int], start_step: int) -> None:
+        """A resumed run: the snapshots up to its checkpoint's step whose scores were not logged, oldest first
+        (one past it belongs to a run that did not reach its next checkpoint: it is taken again)."""
+        for tag in list_checkpoints(self.root):
+            step = int(tag[len("step-"):])
+            if step <= start_step and step not in logged and os.path.isdir(os.path.join(self.root, tag, WEIGHTS_DIR)):
+                self.queue.append(step)
+
+    def stopping(self) -> bool:
+        return self.stop is not None and self.stop.received is not None
 
     def out_dir(self, step: int) -> str:
         return os.path.join(self.root, step_tag(step))
 
-    def checkpoint_saved(self, step: int, ckpt_dir: str) -> None:
-        """After the checkpoint of ``step`` is committed: snapshot its weights and queue the suite if due."""
+    def checkpoint_saved(self, step: int, ckpt_dir: str, start: bool = True) -> None:
+        """After the checkpoint of ``step`` is committed: snapshot its weights and queue the suite if due;
+        ``start``: start it now if nothing runs (the stop path queues it for the resumed run only)."""
         if not self.enabled or not due(self.cfg, step) or step in self.queue:
             return
         out = self.out_dir(step)
-        shutil.rmtree(out, ignore_errors=True)      # a stale attempt at this step (a run resumed before it)
-        os.makedirs(out)
-        link_weights(ckpt_dir, os.path.join(out, WEIGHTS_DIR))
+        try:
+            shutil.rmtree(out, ignore_errors=True)      # a stale attempt at this step (a run that stopped before it)
+            os.makedirs(out)
+            link_weights(ckpt_dir, os.path.join(out, WEIGHTS_DIR))
+        except OSError as err:
+            self.logger.message(f"downstream evaluation of step {step} skipped: its snapshot {out} could not be "
+                                f"written ({err.strerror or err}); training goes on")
+            return
         self.queue.append(step)
-        self.poll()
+        if start:
+            self.poll()
 
     def command(self, step: int) -> list[str]:
         out = self.out_dir(step)
@@ -154,16 +171,26 @@ class Downstream:
                 return
             self.running = None
             self._ended(step, code, time.time() - began)
-        if self.queue:
+        if self.queue and not self.stopping():
             step = self.queue.pop(0)
-            log = open(os.path.join(self.out_dir(step), LOG_FILE), "ab")
-            with log:
-                proc = subprocess.Popen(self.command(step), stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=job_environment())
+            log = os.path.join(self.out_dir(step), LOG_FILE)
+            try:
+                with open(log, "ab") as f:
+                    proc = subprocess.Popen(self.command(step), stdout=f, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=job_environment(device=self.device))
+            except OSError as err:
+                self.logger.message(f"downstream evaluation of step {step} could not start ({err.strerror or err}; "
+                                    f"{log}); training goes on")
+                return
             self.running = (step, proc, time.time())
 
     def _ended(self, step: int, code: int, seconds: float) -> None:
+        from pretrain.trainer import EXIT_REQUEUE
         log = os.path.join(self.out_dir(step), LOG_FILE)
+        if code == EXIT_REQUEUE:
+            self.logger.message(f"downstream evaluation of step {step} stopped by a signal after {seconds:.0f} s "
+                                f"(checkpointed): it continues when the run resumes")
+            return
         if code != 0:
             self.logger.message(f"downstream evaluation of step {step} failed (exit status {code}) after "
                                 f"{seconds:.0f} s; training goes on: see {log}")
@@ -177,17 +204,22 @@ class Downstream:
         shown = "  ".join(f"{k[len(KIND) + 1:]} {v:.4f}" for k, v in scores.items())
         self.logger.message(f"downstream step {step} ({seconds:.0f} s): {shown}")
 
-    def finish(self) -> None:
-        """After the last step: wait for the queued and running suites, logging each."""
+    def finish(self) -> bool:
+        """After the last step: wait for the queued and running suites, logging each.  False when a stop
+        came first: the running suite is ended (it checkpoints), the queued ones wait for a rerun."""
         if not self.enabled or (self.running is None and not self.queue):
-            return
+            return True
         steps = ([self.running[0]] if self.running else []) + self.queue
         self.logger.message(f"training done; waiting for the downstream evaluation of step(s) "
                             f"{', '.join(map(str, steps))} (eval.downstream)")
         while self.running is not None or self.queue:
+            if self.stopping():
+                self.close()
+                return False
             self.poll()
             if self.running is not None:
                 time.sleep(0.5)
+        return True
 
     def close(self) -> None:
         """End the running suite (a stop or an error ended training); its step is queued again on resume."""

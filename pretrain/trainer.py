@@ -163,11 +163,16 @@ def _train(cfg: Config, dist_env: DistEnv, device: torch.device, stop_after_step
                            tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
     for message in messages:
         logger.message(message)
-    downstream = Downstream(cfg, run_dir, dist_env.rank, logger)
+    downstream = Downstream(cfg, run_dir, dist_env.rank, logger, start_step=state.step, stop=stop,
+                            device=str(device))
     try:
         code = _loop(run, state, train_split, val_split, logger, saver, stop_after_step, downstream)
-        if code == EXIT_DONE:
-            downstream.finish()
+        if code == EXIT_DONE and cfg.eval.downstream:
+            shutdown_distributed()      # every rank leaves the job before rank 0 waits for the suites
+            if not downstream.finish():
+                logger.message(f"stopped while waiting for the downstream evaluations; exiting with {EXIT_REQUEUE} "
+                               f"(rerun to evaluate the rest)")
+                code = EXIT_REQUEUE
     finally:
         downstream.close()
         logger.close()
@@ -252,7 +257,7 @@ def _loop(run: Run, state: ckpt.TrainerState, train_split: Mixture, val_split: O
         logger.advance(state.step)
         downstream.poll()
         if signals or (stop_after_step is not None and stop_after_step <= state.step < t.max_steps):
-            downstream.checkpoint_saved(state.step, save(state))
+            downstream.checkpoint_saved(state.step, save(state), start=False)
             why = f"{signals} received" if signals else f"--stop-after-step {stop_after_step} reached"
             logger.message(f"{why}: checkpoint saved at step {state.step}; exiting with {EXIT_REQUEUE} "
                            f"(checkpointed, not finished: requeue or rerun to continue)")

@@ -66,8 +66,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from data_prep.procs import die_with_parent_from_env
     from pretrain.signals import StopSignal
     stop = StopSignal()          # first: a stop request during start-up is kept, not fatal
+    die_with_parent_from_env()   # started by a pretraining run for its downstream scores: stop with it
 
     import dataclasses
     import logging

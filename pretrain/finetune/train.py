@@ -253,6 +253,7 @@ class SeedState:
     pretrain.checkpoint saves (plain data, so that it loads weights-only)."""
     step: int                  # optimizer steps done; also the data position (a step is one global batch)
     world_size: int            # of the run that saved it
+    zero_stage: int            # of the run that saved it: DeepSpeed's files differ by stage
     nonfinite: int = 0         # consecutive steps with a non-finite loss
     window: list = field(default_factory=list)   # this rank's _Window sums
     best: str = ""             # _Best.state()
@@ -267,17 +268,20 @@ def train_seed(cfg: FinetuneConfig, data: TaskData, plan: Plan, model, seed: int
     rank, world = dist_env.rank, dist_env.world_size
     out_dir = seed_dir(cfg.logging.run_dir, seed)
     ckpt_root = os.path.join(out_dir, CHECKPOINT_DIR)
-    resume_from, saved_world = ckpt.latest_tag(ckpt_root), ckpt.saved_world_size(ckpt_root)
-    if saved_world not in (None, world):
-        raise ckpt.CheckpointError(f"{os.path.join(ckpt_root, resume_from)} was saved by {saved_world} rank(s) and "
-                                   f"this run has {world}: a fine-tuning seed resumes with the world size it "
-                                   f"stopped with (or remove {ckpt_root} to train seed {seed} again)")
+    resume_from, saved = ckpt.latest_tag(ckpt_root), ckpt.saved_trainer_state(ckpt_root)
+    for what, then, now in (("rank(s)", (saved or {}).get("world_size"), world),
+                            ("ZeRO stage", (saved or {}).get("zero_stage"), cfg.zero.stage)):
+        if saved is not None and then != now:
+            raise ckpt.CheckpointError(f"{os.path.join(ckpt_root, resume_from)} was saved with {what} {then} and this "
+                                       f"run has {now}: a fine-tuning seed resumes with the world size and "
+                                       f"zero.stage it stopped with (or remove {ckpt_root} to train seed {seed} again)")
     model.to(device).train()
     optimizer = build_finetune_optimizer(model, cfg.optimizer, cfg.kernels.lamb)
     scheduler = build_scheduler(optimizer, plan.schedule, plan.max_steps)
     engine = Engine(cfg, model, optimizer, scheduler, world, stop=stop, stats=finetune_stats)
     seed_everything(seed, rank)       # per-rank dropout streams
-    keeper, window, state = _Best(cfg, data, engine, out_dir, rank, seed), _Window(device), SeedState(0, world)
+    keeper, window = _Best(cfg, data, engine, out_dir, rank, seed), _Window(device)
+    state = SeedState(0, world, cfg.zero.stage)
     if resume_from is not None:
         state, _ = ckpt.load(engine, ckpt_root, rank=rank, current_prints=prints, allow_mismatch=False,
                              state_type=SeedState)
@@ -318,7 +322,7 @@ def train_seed(cfg: FinetuneConfig, data: TaskData, plan: Plan, model, seed: int
                     break
             if signals or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
                            and step < plan.max_steps):
-                ckpt.save(engine, ckpt_root, SeedState(step, world, nonfinite, window.state(), keeper.state()),
+                ckpt.save(engine, ckpt_root, SeedState(step, world, cfg.zero.stage, nonfinite, window.state(), keeper.state()),
                           cfg=None, prints=prints, rank=rank, keep_last=cfg.checkpoint.keep_last, extra={})
             if signals:
                 logger.message(f"seed {seed}: {signals} received: checkpoint saved at step {step}; exiting with "

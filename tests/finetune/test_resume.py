@@ -3,8 +3,8 @@ uninterrupted run gives, exactly (CPU, fp32: the same operations in the same ord
 
 Checked: a run stopped by a stop signal after step k (in process: a stand-in for pretrain.signals.StopSignal
 whose SIGTERM arrives at a chosen step) exits 75 with a checkpoint, and the rerun gives the same logged
-losses, evaluations, predictions, metrics.json and export as an uninterrupted run (ZeRO-1, the default, and
-ZeRO-3's partitioned parameters); stopped in the second seed, the rerun reads the first seed's result back
+losses, evaluations, predictions, metrics.json and export as an uninterrupted run (ZeRO-0, the default,
+ZeRO-1 and ZeRO-3's partitioned parameters); stopped in the second seed, the rerun reads the first seed's result back
 instead of training it again; a real SIGTERM to a `python -m pretrain finetune` subprocess exits 75 with a
 checkpoint the rerun continues from; a process that dies during a checkpoint save leaves the previous
 checkpoint, and the rerun continues from it; a rerun with another config into the run directory is refused
@@ -113,6 +113,19 @@ def test_zero_3_partitions_resume_exactly_and_a_stop_at_the_last_step_too(task, 
     assert (out / "seed-1" / "checkpoints" / "latest").read_text().strip() == f"step-{STEPS:06d}"
     assert finetune(*files, "--out", out, *zero3) == 0
     assert outputs(out) == outputs(root / "zero3_straight")
+
+
+def test_zero_1_resumes_exactly_and_a_rerun_at_another_stage_is_refused(task, straight, monkeypatch, capsys):
+    """DeepSpeed's files differ by stage: a seed checkpointed at ZeRO-1 and resumed at stage 0 would lose
+    its optimizer state silently (DeepSpeed falls back to the weights alone), so it is refused."""
+    root, files = task
+    out, zero1 = root / "zero1", [*RESUMABLE, "zero.stage=1"]
+    assert stopped_at(monkeypatch, 5, *files, "--out", out, *zero1) == 75
+    capsys.readouterr()
+    assert finetune(*files, "--out", out, *RESUMABLE) == 2
+    assert "was saved with ZeRO stage 1 and this run has 0" in capsys.readouterr().err
+    assert finetune(*files, "--out", out, *zero1) == 0
+    assert outputs(out) == outputs(straight)      # fp32: ZeRO-1 steps as stage 0 does, to the bit
 
 
 def test_stopped_in_the_second_seed_the_first_is_not_trained_again(task, straight, monkeypatch, capsys):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ import pytest
 from pretrain.config import ConfigError, load_config
 from pretrain.downstream import job_environment, link_weights, read_scores
 from pretrain.finetune.demo_task import read_words, write_mention_task
-from tests.pretrain.training_helpers import DEMO_CORPUS, REPO, TINY, build_shards, data_overrides, launch
+from tests.pretrain.training_helpers import DEMO_CORPUS, REPO, TINY, build_shards, data_overrides, launch, spawn
 
 pytestmark = pytest.mark.slow
 STEPS = ["training.max_steps=6", "checkpoint.every_steps=3"]
@@ -103,6 +105,44 @@ def test_a_stopped_run_evaluates_every_due_checkpoint_once_after_resuming_and_a_
     assert sorted(r["step"] for r in downstream_rows(run_dir)) == [3, 6]
 
 
+def wait_for(path: Path, text: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{path} did not say {text!r} in {timeout} s:\n{path.read_text()[-3000:] if path.exists() else ''}")
+
+
+def test_a_stop_or_a_death_while_waiting_for_the_suites_leaves_them_to_the_rerun(data, tmp_path):
+    """After the last step rank 0 waits for the queue.  SIGTERM then ends the running suite (it checkpoints)
+    and exits 75; kill -9 of rank 0 reaches the suite as SIGTERM (it dies with its parent, checkpointed);
+    the rerun of a finished run evaluates what is left, each step once."""
+    suite = write_suite(tmp_path / "suite")
+    run_dir = tmp_path / "run"
+    slow = overrides(data, suite) + ["eval.downstream_max_steps=400", "checkpoint.every_steps=6"]
+    for how in (signal.SIGTERM, signal.SIGKILL):
+        procs, logs = spawn(run_dir, slow, nproc=1)
+        wait_for(logs[0], "waiting for the downstream evaluation of step(s) 6")
+        seed_log = run_dir / "downstream" / "step-000006" / "mention" / "seed-1" / "metrics.jsonl"
+        wait_for(seed_log, '"kind": "train"')                  # the suite is training
+        procs[0].send_signal(how)
+        code = procs[0].wait(timeout=120)
+        child_log = run_dir / "downstream" / "step-000006" / "log.txt"
+        wait_for(child_log, "SIGTERM received: checkpoint saved at step")
+        if how == signal.SIGTERM:
+            assert code == 75 and "stopped while waiting for the downstream evaluations; exiting with 75" in \
+                logs[0].read_text()
+        else:
+            assert code == -9
+    done = launch(run_dir, slow, nproc=1, timeout=600)
+    assert done.codes == [0], done.explain()
+    assert "already finished at step 6" in done.logs[0]
+    assert [r["step"] for r in downstream_rows(run_dir)] == [6]
+    printed = (run_dir / "downstream" / "step-000006" / "log.txt").read_text()
+    assert printed.count("resumed from") == 2                 # the suite went on from its checkpoints
+
+
 def test_a_failing_suite_is_reported_and_training_finishes(data, tmp_path):
     suite = write_suite(tmp_path / "suite", train=str(tmp_path / "no_such_train.jsonl"))
     run = launch(tmp_path / "run", overrides(data, suite) + ["checkpoint.every_steps=6"], nproc=1)
@@ -142,9 +182,14 @@ def test_snapshots_are_links_that_outlive_the_checkpoint(tmp_path):
 
 
 def test_the_suite_job_is_a_single_process_of_its_own():
-    env = job_environment({"RANK": "0", "WORLD_SIZE": "8", "LOCAL_RANK": "0", "MASTER_ADDR": "node1",
-                           "MASTER_PORT": "29500", "SLURM_PROCID": "0", "SLURM_NTASKS": "8",
-                           "OMPI_COMM_WORLD_RANK": "0", "PMI_RANK": "0", "PATH": "/bin", "DS_ACCELERATOR": "cpu"})
-    assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"] != "29500"
-    assert {k: v for k, v in env.items() if k not in ("MASTER_ADDR", "MASTER_PORT")} == \
-        {"PATH": "/bin", "DS_ACCELERATOR": "cpu"}
+    from data_prep.procs import PARENT_PID_ENV
+    from pretrain.distributed import detect
+    launched = {"RANK": "0", "WORLD_SIZE": "8", "LOCAL_RANK": "0", "MASTER_ADDR": "node1", "MASTER_PORT": "29500",
+                "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "OMPI_COMM_WORLD_RANK": "0", "PMI_RANK": "0",
+                "CUDA_VISIBLE_DEVICES": "4,5,6,7", "PATH": "/bin", "DS_ACCELERATOR": "cuda"}
+    env = job_environment(launched, device="cuda:1")
+    assert env == {"PATH": "/bin", "DS_ACCELERATOR": "cuda", "CUDA_VISIBLE_DEVICES": "5",
+                   PARENT_PID_ENV: str(os.getpid())}
+    assert detect(env).launcher == "single"
+    assert job_environment({}, device="cuda:2")["CUDA_VISIBLE_DEVICES"] == "2"
+    assert "CUDA_VISIBLE_DEVICES" not in job_environment({}, device="cpu")
