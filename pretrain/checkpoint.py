@@ -34,6 +34,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
 from pretrain.engine import all_reduce_sum, convert_to_universal
 from pretrain.config import Config
@@ -84,15 +85,43 @@ def _sha(obj: Any) -> str:
 
 
 def config_fingerprint(cfg: Config) -> str:
-    """Hash of the settings that define the training trajectory.  Excluded on purpose: micro
-    batch, accumulation and world size (resume with another layout is allowed), logging,
+    """Hash of the settings that define the training trajectory (fingerprinted_settings)."""
+    return _sha(fingerprinted_settings(cfg.to_dict()))
+
+
+def fingerprinted_settings(d: dict) -> dict:
+    """The part of a config (as Config.to_dict() gives it) that defines the training trajectory.  Excluded
+    on purpose: micro batch, accumulation and world size (resume with another layout is allowed), logging,
     checkpoint, eval, loader workers and kernel choices (numerics-equivalent implementations)."""
-    d = cfg.to_dict()
     training = {k: v for k, v in d["training"].items()
                 if k not in ("micro_batch_size", "grad_accum_steps", "collective_timeout_s", "max_nonfinite_steps")}
-    return _sha({"model": d["model"], "optimizer": d["optimizer"], "schedule": d["schedule"],
-                 "training": training, "zero_stage_irrelevant": True,
-                 "mlm_probability": d["data"]["mlm_probability"]})
+    return {"model": d["model"], "optimizer": d["optimizer"], "schedule": d["schedule"],
+            "training": training, "zero_stage_irrelevant": True, "mlm_probability": d["data"]["mlm_probability"]}
+
+
+def config_differences(ckpt_dir: str, cfg: Config) -> list[str]:
+    """``section.key: X there, Y now`` for each fingerprinted setting in which ``cfg`` differs from the
+    config.yaml of checkpoint ``ckpt_dir``; [] when that file is missing or unreadable."""
+    from pretrain.weights import CONFIG_FILE
+    try:
+        with open(os.path.join(ckpt_dir, CONFIG_FILE), encoding="utf-8") as f:
+            then = _flat(fingerprinted_settings(yaml.safe_load(f)))
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return []
+    now = _flat(fingerprinted_settings(cfg.to_dict()))
+    names = {"mlm_probability": "data.mlm_probability"}
+    return [f"{names.get(k, k)}: {then.get(k)!r} there, {now.get(k)!r} now"
+            for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 CONVERTED_FROM = "data_converted_from"   # fingerprints' key: the data fingerprint of the directory converted
@@ -107,16 +136,22 @@ def fingerprints(cfg: Config, data_fingerprint: str, tokenizer_hash: Optional[st
     return {**prints, CONVERTED_FROM: data_converted_from} if data_converted_from else prints
 
 
-def check_fingerprints(saved: dict, current: dict, where: str, allow_mismatch: bool) -> list[str]:
+def check_fingerprints(saved: dict, current: dict, where: str, allow_mismatch: bool,
+                       cfg: Optional[Config] = None) -> list[str]:
     """Compare; raise unless allowed.  Returns the list of mismatches (for the log).  The data agree too
     when the checkpoint was taken on the format-1 directory this run's was converted from (the same
-    samples in the same order): its data fingerprint is this run's ``data_converted_from``."""
+    samples in the same order): its data fingerprint is this run's ``data_converted_from``.  With ``cfg``
+    (pretraining's), a config mismatch lists the settings that differ from the checkpoint's config.yaml."""
     def agree(key: str) -> bool:
         return saved.get(key) == current.get(key) or \
             key == "data" and current.get(CONVERTED_FROM) is not None and saved.get(key) == current[CONVERTED_FROM]
 
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} != this run {current.get(k)!r}"
-             for k in sorted(current) if k != CONVERTED_FROM and not agree(k)]
+    diffs = []
+    for k in sorted(current):
+        if k == CONVERTED_FROM or agree(k):
+            continue
+        settings = config_differences(where, cfg) if k == "config" and cfg is not None else []
+        diffs += [f"config: {d}" for d in settings] or [f"{k}: checkpoint {saved.get(k)!r} != this run {current.get(k)!r}"]
     if diffs and not allow_mismatch:
         raise CheckpointError(
             f"cannot resume from {where}: it was made by a different run\n  " + "\n  ".join(diffs) +
@@ -321,18 +356,19 @@ def _to_universal(root: str, tag: str, rank: int, device: torch.device) -> str:
 
 def load(engine, root: str, *, rank: int, current_prints: dict, allow_mismatch: bool,
          load_optimizer: bool = True, universal: bool = False,
-         state_type: type = TrainerState) -> tuple[Optional[Any], list[str]]:
+         state_type: type = TrainerState, cfg: Optional[Config] = None) -> tuple[Optional[Any], list[str]]:
     """Resume from ``root/latest`` if there is one.  Returns (state or None, fingerprint diffs).
 
     ``universal``: the checkpoint was written with another world size; it is converted to
     DeepSpeed's universal format first (the engine was built with ``load_universal``).
-    ``state_type``: the dataclass that save() was given (fine-tuning's own).
+    ``state_type``: the dataclass that save() was given (fine-tuning's own).  ``cfg``: pretraining's
+    config, to name the settings behind a config fingerprint mismatch.
     """
     tag = latest_tag(root)
     if tag is None:
         return None, []
     ckpt_dir = os.path.join(root, tag)
-    diffs = check_fingerprints(_read_fingerprints(root, tag), current_prints, ckpt_dir, allow_mismatch)
+    diffs = check_fingerprints(_read_fingerprints(root, tag), current_prints, ckpt_dir, allow_mismatch, cfg)
     load_tag = _to_universal(root, tag, rank, engine.device) if universal else tag
     error = None
     try:

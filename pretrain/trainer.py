@@ -190,7 +190,8 @@ def _starting_state(run: Run, ckpt_root: str, prints: dict, resuming: bool,
     messages = []
     if resuming:
         loaded, diffs = ckpt.load(run.engine, ckpt_root, rank=run.dist_env.rank, current_prints=prints,
-                                  allow_mismatch=cfg.checkpoint.allow_fingerprint_mismatch, universal=new_world)
+                                  allow_mismatch=cfg.checkpoint.allow_fingerprint_mismatch, universal=new_world,
+                                  cfg=cfg)
         if loaded is not None:
             if loaded.step >= cfg.training.max_steps:
                 messages.append(f"already finished at step {loaded.step} ({ckpt.latest_tag(ckpt_root)}, "

@@ -192,12 +192,13 @@ def test_changed_run_definition_is_refused_on_resume_unless_allowed(dynamic_data
     assert first.codes == [75], first.explain()
     changed = launch(tmp_path / "run", base + ["training.max_steps=4", "optimizer.lr=0.5"], nproc=1)
     assert changed.codes == [2], changed.explain()
-    assert "cannot resume from" in changed.logs[0] and "config: checkpoint" in changed.logs[0]
+    assert "cannot resume from" in changed.logs[0]
+    assert "config: optimizer.lr: 0.005 there, 0.5 now" in changed.logs[0]     # the setting, not two hashes
     assert "checkpoint.allow_fingerprint_mismatch=true" in changed.logs[0]
     allowed = launch(tmp_path / "run", base + ["training.max_steps=4", "optimizer.lr=0.5",
                                               "checkpoint.allow_fingerprint_mismatch=true"], nproc=1)
     assert allowed.codes == [0], allowed.explain()
-    assert "fingerprint mismatch allowed: config" in allowed.logs[0]
+    assert "fingerprint mismatch allowed: config: optimizer.lr: 0.005 there, 0.5 now" in allowed.logs[0]
 
 
 def test_dead_rank_gives_an_error_not_a_hang(dynamic_data, tmp_path):
