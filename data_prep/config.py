@@ -92,7 +92,8 @@ class PrepConfig:
     node_rank: int = setting(0, ge=0)
     """This node's rank (default: the SLURM array task, else 0)."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show progress: a bar on a terminal; off one (a log file), a plain line on stderr every 30 s as
+    shards finish."""
     input: InputConfig = setting(factory=InputConfig)
     clean: CleanOptions = setting(factory=CleanOptions)
     vocab: VocabConfig = setting(factory=VocabConfig)

@@ -158,13 +158,17 @@ def shard_settings(cfg: PrepConfig, out_dir: Path, info) -> ShardSettings:
 
 
 class Progress:
-    """A tqdm bar of documents read (docs/s) with tokens/s of finished shards; silent off a TTY."""
+    """A tqdm bar of documents read (docs/s) with tokens/s of finished shards on a terminal; off one (a
+    SLURM log file, a pipe), a plain line on stderr as shards finish, at most one each ``interval_s``."""
+
+    interval_s = 30.0
 
     def __init__(self, enabled: bool, desc: str):
         self.start = time.time()
         self.tokens = 0
         self.shards = 0
         self.bar = None
+        self.desc, self.lines, self.last_line = desc, enabled and not sys.stderr.isatty(), self.start
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm  # imported only when shown: it costs ~0.1 s of start-up
 
@@ -181,9 +185,14 @@ class Progress:
     def shard_done(self, record: dict) -> None:
         self.tokens += record["tokens"]
         self.shards += 1
+        now = time.time()
+        rate = self.tokens / max(1e-9, now - self.start)
         if self.bar is not None:
-            rate = self.tokens / max(1e-9, time.time() - self.start)
             self.bar.set_postfix_str(f"{self.shards} shards, {rate:,.0f} tokens/s", refresh=False)
+        elif self.lines and now - self.last_line >= self.interval_s:
+            self.last_line = now
+            print(f"{self.desc}: {self.shards} shard(s) built, {self.tokens:,} tokens, {rate:,.0f} tokens/s, "
+                  f"{now - self.start:.0f} s", file=sys.stderr, flush=True)
 
     def close(self):
         if self.bar is not None:

@@ -279,7 +279,8 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard event files under run_dir/tensorboard."""
     progress_bar: bool = True
-    """Show a progress bar with ETA on rank 0."""
+    """Rank 0's progress: a bar with ETA when stderr is a terminal; otherwise, or when false, one plain line
+    a logging window on stdout (step, loss, lr, seq/s, tok/s, loader wait, ETA), readable in a log file."""
     peak_tflops: Optional[float] = None
     """Device peak TFLOP/s for MFU; None looks it up by device name."""
 

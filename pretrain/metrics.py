@@ -1,12 +1,16 @@
-"""Monitoring: TensorBoard scalars, a JSONL log, a progress bar with ETA, throughput/MFU, a PNG.
+"""Monitoring: TensorBoard scalars, a JSONL log, progress with ETA, throughput/MFU, a PNG.
 
-Only rank 0 writes.  Values arrive as plain floats already reduced across ranks.
+Only rank 0 writes.  Values arrive as plain floats already reduced across ranks.  Progress: a tqdm bar
+when stderr is a terminal and ``progress_bar`` is on; otherwise (a SLURM log file, a pipe, or the bar off)
+one plain line a logging window on stdout, which a file keeps readable (tqdm's carriage-return updates
+make one endless line there).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 import time
 from typing import Optional
 
@@ -57,13 +61,14 @@ class MetricsLogger:
         self.bar = None
         if not self.enabled:
             return
+        self.max_steps, self.began = max_steps, (time.time(), start_step)
         os.makedirs(run_dir, exist_ok=True)
         dropped = drop_rows_after(self.jsonl_path, start_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"), purge_step=start_step + 1)
         self.jsonl = open(self.jsonl_path, "a", encoding="utf-8")
-        if progress_bar:
+        if progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         if dropped:
@@ -80,10 +85,14 @@ class MetricsLogger:
         record = {"kind": kind, "step": step, "time": time.time(), **values}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-        if self.bar is not None and kind == "train":
+        if kind != "train":
+            return
+        if self.bar is not None:
             self.bar.set_postfix(loss=f"{values.get('train/loss', float('nan')):.3f}",
                                  lr=f"{values.get('train/lr', 0.0):.2e}",
                                  seq_s=f"{values.get('perf/seq_per_s', 0.0):.1f}")
+        else:
+            print(progress_line(step, self.max_steps, values, *self.began), flush=True)
 
     def advance(self, step: int) -> None:
         if self.bar is not None:
@@ -106,6 +115,23 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.close()
         self.jsonl.close()
+
+
+def progress_line(step: int, max_steps: int, values: dict, began: float, start_step: int) -> str:
+    """``step 120/1000 (12%)  loss 6.1234  lr 4.50e-03  180.2 seq/s  8,303 tok/s  loader wait 7 ms  ETA 1:21:05``:
+    what the window's values hold; the ETA from this run's steps so far."""
+    parts = [f"step {step}/{max_steps} ({100 * step / max(max_steps, 1):.0f}%)"]
+    for key, text in (("train/loss", "loss {:.4f}"), ("train/lr", "lr {:.2e}"), ("perf/seq_per_s", "{:.1f} seq/s"),
+                      ("perf/tokens_per_s", "{:,.0f} tok/s")):
+        if isinstance(values.get(key), (int, float)):
+            parts.append(text.format(values[key]))
+    if isinstance(values.get("perf/loader_wait_s"), (int, float)):
+        parts.append(f"loader wait {1000 * values['perf/loader_wait_s']:.0f} ms")
+    done = step - start_step
+    if done > 0 and step < max_steps:
+        left = (time.time() - began) / done * (max_steps - step)
+        parts.append(f"ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}")
+    return "  ".join(parts)
 
 
 def drop_rows_after(path: str, step: int) -> int:

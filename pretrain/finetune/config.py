@@ -234,7 +234,8 @@ class FinetuneLoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard event files under SEED_DIR/tensorboard."""
     progress_bar: bool = True
-    """Show a progress bar on rank 0."""
+    """Rank 0's progress: a bar with ETA when stderr is a terminal; otherwise, or when false, one plain line
+    a logging window on stdout (step, loss, lr, seq/s, tok/s, loader wait, ETA), readable in a log file."""
 
 
 @dataclass

@@ -95,6 +95,18 @@ def test_shards_identical_for_one_and_two_workers(en_corpus, tokenizer_dir, tmp_
     assert (tmp_path / "w1" / "manifest.json").read_bytes() == (tmp_path / "w2" / "manifest.json").read_bytes()
 
 
+def test_progress_off_a_terminal_is_plain_lines_on_stderr(en_corpus, tokenizer_dir, tmp_path, capsys, monkeypatch):
+    """A SLURM log file is not a terminal: no tqdm bar there, a line per shard (Progress.interval_s apart)."""
+    from data_prep.pipeline import Progress
+    monkeypatch.setattr(Progress, "interval_s", 0.0)
+    manifest = run_shards([en_corpus], tokenizer_dir, tmp_path / "out", progress=True)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith(f"shards -> {tmp_path / 'out'}: ")]
+    assert len(lines) == len(manifest["shards"]) and "\r" not in err
+    assert lines[-1].split(": ")[1].startswith(f"{len(manifest['shards'])} shard(s) built, ")
+    assert " tokens/s, " in lines[-1]
+
+
 def test_unit_size_picked_for_small_corpora():
     # 10.8 MB of text (the State of the Union corpus) at 4 MB gave 3 units: nothing for a second worker
     assert pick_unit_mb(10.8, 0.01) == 1.0  # 10 units, 5 for each of 2 workers

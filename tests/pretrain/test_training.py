@@ -141,6 +141,11 @@ def test_tensorboard_events_read_back_with_tensorboards_reader(dynamic_data, tmp
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
     assert [e.step for e in acc.Scalars("eval/mlm_accuracy")] == [0, 2, 4]
     assert (run.run_dir / "curves.png").stat().st_size > 10_000
+    # stdout is a file here, as under SLURM: one plain line a logging window, no carriage returns
+    lines = [line for line in run.logs[0].splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"] and "\r" not in run.logs[0]
+    first = acc.Scalars("train/loss")[0].value
+    assert f"loss {first:.4f}" in lines[0] and " seq/s" in lines[0] and "ETA" in lines[0] and "ETA" not in lines[3]
 
 
 def test_golden_losses(dynamic_data, tmp_path):
