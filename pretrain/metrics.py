@@ -94,6 +94,19 @@ class MetricsLogger:
         else:
             print(progress_line(step, self.max_steps, values, *self.began), flush=True)
 
+    def log_run(self, step: int, config: dict, world_size: int) -> None:
+        """A ``kind: run`` row (each start of the run, at the step it starts from) with the resolved config
+        and the run's metadata (run_metadata), and both as TensorBoard text (``run/config``, ``run/metadata``)."""
+        if not self.enabled:
+            return
+        meta = run_metadata(world_size)
+        if self.writer is not None:
+            import yaml
+            self.writer.add_text("run/config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", step)
+            self.writer.add_text("run/metadata", "```\n" + json.dumps(meta, indent=2) + "\n```", step)
+        self.jsonl.write(json.dumps({"kind": "run", "step": step, "time": time.time(), **meta, "config": config}) + "\n")
+        self.jsonl.flush()
+
     def advance(self, step: int) -> None:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
@@ -115,6 +128,31 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.close()
         self.jsonl.close()
+
+
+def run_metadata(world_size: int) -> dict:
+    """Versions (bertforge, torch, deepspeed, transformers, Python), the world size, the host and the git
+    commit of the checkout the code runs from (with ``-dirty`` for local changes; None outside a checkout)."""
+    import importlib.metadata
+    import platform
+    import subprocess
+    versions = {}
+    for name in ("bertforge", "torch", "deepspeed", "transformers"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["python"] = platform.python_version()
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    commit = None
+    try:
+        out = subprocess.run(["git", "-C", repo, "describe", "--always", "--dirty", "--abbrev=12"],
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            commit = out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return {"versions": versions, "world_size": world_size, "host": platform.node(), "git": commit}
 
 
 def progress_line(step: int, max_steps: int, values: dict, began: float, start_step: int) -> str:

@@ -163,6 +163,7 @@ def _train(cfg: Config, dist_env: DistEnv, device: torch.device, stop_after_step
                            tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
     for message in messages:
         logger.message(message)
+    logger.log_run(state.step, cfg.to_dict(), dist_env.world_size)
     downstream = Downstream(cfg, run_dir, dist_env.rank, logger, start_step=state.step, stop=stop,
                             device=str(device))
     try:

@@ -292,6 +292,7 @@ def train_seed(cfg: FinetuneConfig, data: TaskData, plan: Plan, model, seed: int
                                  rank, seed, t.length_grouped, t.length_group_batches, first_batch=state.step)
     logger = MetricsLogger(out_dir, rank=rank, max_steps=plan.max_steps, start_step=state.step,
                            tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
+    logger.log_run(state.step, cfg.to_dict(), world)
     if resume_from is not None:
         logger.message(f"seed {seed}: resumed from {os.path.join(ckpt_root, resume_from)} at step {state.step}")
     nonfinite, step, stopped_early = state.nonfinite, state.step, False

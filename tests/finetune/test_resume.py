@@ -71,10 +71,12 @@ def straight(task):
 
 def outputs(run_dir: Path) -> dict:
     """What a run leaves that must not depend on its interruptions: metrics.json, and per seed its logged rows
-    (without their time), its predictions and its transformers export."""
+    (without their time; the ``run`` rows, one a start, say where each start began), its predictions and its
+    transformers export."""
     out = {"metrics.json": json.loads((run_dir / "metrics.json").read_text())}
     for seed_dir in sorted(run_dir.glob("seed-*")):
-        rows = [{k: v for k, v in r.items() if k != "time"} for r in read_jsonl(seed_dir / "metrics.jsonl")]
+        rows = [{k: v for k, v in r.items() if k != "time"} for r in read_jsonl(seed_dir / "metrics.jsonl")
+                if r["kind"] != "run"]
         out[seed_dir.name] = {"rows": rows, "predictions": (seed_dir / "predictions.jsonl").read_text(),
                               "hf": (seed_dir / "hf" / "model.safetensors").read_bytes()}
     return out

@@ -141,6 +141,13 @@ def test_tensorboard_events_read_back_with_tensorboards_reader(dynamic_data, tmp
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
     assert [e.step for e in acc.Scalars("eval/mlm_accuracy")] == [0, 2, 4]
     assert (run.run_dir / "curves.png").stat().st_size > 10_000
+    run_row = json.loads((run.run_dir / "metrics.jsonl").read_text().splitlines()[0])   # the run's metadata
+    assert run_row["kind"] == "run" and run_row["step"] == 0 and run_row["world_size"] == 1
+    assert run_row["config"]["training"]["max_steps"] == 4 and run_row["config"]["model"]["hidden_size"] == 32
+    import importlib.metadata
+    assert run_row["versions"]["torch"] == importlib.metadata.version("torch")
+    assert run_row["git"]            # the tests run in a checkout
+    assert {"run/config/text_summary", "run/metadata/text_summary"} <= set(acc.Tags()["tensors"])
     # stdout is a file here, as under SLURM: one plain line a logging window, no carriage returns
     lines = [line for line in run.logs[0].splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"] and "\r" not in run.logs[0]
