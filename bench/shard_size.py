@@ -1,6 +1,6 @@
 """Shard size and speed of format 2: bytes per instance (static and dynamic masking, seq 128 and 512)
-beside NVIDIA's gzip HDF5 (279 B per instance at seq 128: the figure quoted in the issue that set
-the targets, measured there on 10.8 MB of English with a 30,000 vocabulary; not re-run here), the CPU
+beside NVIDIA's gzip HDF5 (279 B per instance at seq 128, measured on 10.8 MB of English with a 30,000
+vocabulary when the format's targets were set; not re-run here), the CPU
 time to write the shards and to read them back, and the chunk size x zstd level grid the format's
 defaults were chosen from.  Not a test; run it when you want the table:
 
