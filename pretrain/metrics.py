@@ -199,45 +199,65 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+# One colour per series across the panels: (metrics.jsonl key, kind, label, colour, style).
+CURVES = {
+    "loss": [("train/loss", "train", "train total", "tab:gray", "-"), ("train/mlm_loss", "train", "train MLM", "tab:blue", "-"),
+             ("train/sentence_loss", "train", "train NSP/SOP", "tab:orange", "-"),
+             ("eval/mlm_loss", "eval", "held-out MLM", "tab:green", "o-")],
+    "accuracy": [("train/mlm_accuracy", "train", "train MLM", "tab:blue", "-"),
+                 ("train/sentence_accuracy", "train", "train NSP/SOP", "tab:orange", "-"),
+                 ("eval/mlm_accuracy", "eval", "held-out MLM", "tab:green", "o-"),
+                 ("eval/sentence_accuracy", "eval", "held-out NSP/SOP", "tab:red", "o-"),
+                 ("downstream/average", "downstream", "downstream average (eval.downstream)", "tab:purple", "s--")],
+    "learning rate": [("train/lr", "train", "lr", "tab:brown", "-")],
+}
+
+
 def plot_curves(jsonl_path: str, png_path: str) -> Optional[str]:
-    """Loss and accuracy curves (train, held-out, downstream) from the JSONL log into one PNG."""
+    """Loss, accuracy (train, held-out, downstream) and learning-rate curves from the JSONL log into one PNG,
+    titled with the run directory's name and the model's size (from the log's latest ``run`` row)."""
     records = read_jsonl(jsonl_path) if os.path.exists(jsonl_path) else []
-    train = [r for r in records if r["kind"] == "train"]
-    held = [r for r in records if r["kind"] == "eval"]
-    if not train:
+    if not any(r["kind"] == "train" for r in records):
         return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("train/loss", "train total"), ("train/mlm_loss", "train MLM"),
-                       ("train/sentence_loss", "train NSP/SOP")):
-        pts = [(r["step"], r[key]) for r in train if key in r]
-        if pts:
-            ax_loss.plot(*zip(*pts), label=label)
-    pts = [(r["step"], r["eval/mlm_loss"]) for r in held if "eval/mlm_loss" in r]
-    if pts:
-        ax_loss.plot(*zip(*pts), "o-", label="held-out MLM")
-    ax_loss.set(xlabel="step", ylabel="loss", title="Loss")
-    for key, label, style in (("train/mlm_accuracy", "train MLM", "-"), ("train/sentence_accuracy", "train NSP/SOP", "-"),
-                              ("eval/mlm_accuracy", "held-out MLM", "o-"),
-                              ("eval/sentence_accuracy", "held-out NSP/SOP", "o-")):
-        source = held if key.startswith("eval") else train
-        pts = [(r["step"], r[key]) for r in source if key in r]
-        if pts:
-            ax_acc.plot(*zip(*pts), style, label=label)
-    pts = [(r["step"], r["downstream/average"]) for r in records
-           if r["kind"] == "downstream" and r.get("downstream/average") is not None]
-    if pts and all(0 <= v <= 1 for _, v in pts):    # a suite with SQuAD averages percentages: off this scale
-        ax_acc.plot(*zip(*sorted(pts)), "s--", label="downstream average (eval.downstream)")
-    ax_acc.set(xlabel="step", ylabel="accuracy", title="Accuracy", ylim=(0, 1))
-    for ax in (ax_loss, ax_acc):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (title, series) in zip(axes, CURVES.items()):
+        for key, kind, label, colour, style in series:
+            pts = sorted((r["step"], r[key]) for r in records if r["kind"] == kind and r.get(key) is not None)
+            if key == "downstream/average" and not all(0 <= v <= 1 for _, v in pts):
+                continue            # a suite with SQuAD averages percentages: off this scale
+            if pts:
+                ax.plot(*zip(*pts), style, label=label, color=colour)
+        ax.set(xlabel="step", ylabel=title, title=title.capitalize())
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    axes[1].set_ylim(0, 1)
+    fig.suptitle(run_title(os.path.dirname(os.path.abspath(jsonl_path)), records))
     fig.tight_layout()
     tmp = png_path + ".tmp.png"
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, png_path)
     return png_path
+
+
+def run_title(run_dir: str, records: list) -> str:
+    """``RUN_NAME: bert, 2 layers x 64, 0.66 M parameters`` (the name alone without a ``run`` row)."""
+    runs = [r for r in records if r["kind"] == "run" and isinstance(r.get("config"), dict)]
+    name = os.path.basename(run_dir)
+    if not runs:
+        return name
+    try:
+        import torch
+        from pretrain.config import ModelConfig
+        from pretrain.model import build_model
+        m = ModelConfig(**runs[-1]["config"]["model"])
+        with torch.device("meta"):
+            params = sum(p.numel() for p in build_model(m).parameters())
+    except (TypeError, ValueError, KeyError):
+        return name
+    return f"{name}: {m.arch}, {m.num_layers} layers x {m.hidden_size}, {params / 1e6:.2f} M parameters"

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.pretrain.training_helpers import (REPO, TINY, build_shards, data_overrides, launch, spawn,
                                              wait_for_logged_steps)
@@ -148,6 +149,10 @@ def test_tensorboard_events_read_back_with_tensorboards_reader(dynamic_data, tmp
     assert run_row["versions"]["torch"] == importlib.metadata.version("torch")
     assert run_row["git"]            # the tests run in a checkout
     assert {"run/config/text_summary", "run/metadata/text_summary"} <= set(acc.Tags()["tensors"])
+    from pretrain.metrics import read_jsonl, run_title      # curves.png's title: the run and its model
+    params = sum(p.numel() for p in torch.load(run.run_dir / "checkpoints" / "step-000004" / "model.pt").values())
+    assert run_title(str(run.run_dir), read_jsonl(str(run.run_dir / "metrics.jsonl"))) == \
+        f"run: bert, 2 layers x 32, {params / 1e6:.2f} M parameters"
     # stdout is a file here, as under SLURM: one plain line a logging window, no carriage returns
     lines = [line for line in run.logs[0].splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"] and "\r" not in run.logs[0]
