@@ -99,19 +99,26 @@ def fingerprinted_settings(d: dict) -> dict:
             "training": training, "zero_stage_irrelevant": True, "mlm_probability": d["data"]["mlm_probability"]}
 
 
-def config_differences(ckpt_dir: str, cfg: Config) -> list[str]:
-    """``section.key: X there, Y now`` for each fingerprinted setting in which ``cfg`` differs from the
-    config.yaml of checkpoint ``ckpt_dir``; [] when that file is missing or unreadable."""
+def config_changes(ckpt_dir: str, cfg: Config) -> dict:
+    """{section.key: (checkpoint's value, cfg's)} for each fingerprinted setting in which ``cfg`` differs
+    from the config.yaml of checkpoint ``ckpt_dir``; {} when that file is missing or unreadable."""
     from pretrain.weights import CONFIG_FILE
     try:
         with open(os.path.join(ckpt_dir, CONFIG_FILE), encoding="utf-8") as f:
             then = _flat(fingerprinted_settings(yaml.safe_load(f)))
     except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
-        return []
+        return {}
     now = _flat(fingerprinted_settings(cfg.to_dict()))
     names = {"mlm_probability": "data.mlm_probability"}
-    return [f"{names.get(k, k)}: {then.get(k)!r} there, {now.get(k)!r} now"
-            for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+    return {names.get(k, k): (then.get(k), now.get(k)) for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)}
+
+
+def extends_the_run(changes: dict) -> bool:
+    """Whether ``changes`` (config_changes) only raise training.max_steps: the run goes on, longer."""
+    if set(changes) != {"training.max_steps"}:
+        return False
+    then, now = changes["training.max_steps"]
+    return isinstance(then, int) and isinstance(now, int) and now > then
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -141,7 +148,8 @@ def check_fingerprints(saved: dict, current: dict, where: str, allow_mismatch: b
     """Compare; raise unless allowed.  Returns the list of mismatches (for the log).  The data agree too
     when the checkpoint was taken on the format-1 directory this run's was converted from (the same
     samples in the same order): its data fingerprint is this run's ``data_converted_from``.  With ``cfg``
-    (pretraining's), a config mismatch lists the settings that differ from the checkpoint's config.yaml."""
+    (pretraining's), a config mismatch lists the settings that differ from the checkpoint's config.yaml,
+    and one that only raises training.max_steps is allowed: it extends the run (the note says so)."""
     def agree(key: str) -> bool:
         return saved.get(key) == current.get(key) or \
             key == "data" and current.get(CONVERTED_FROM) is not None and saved.get(key) == current[CONVERTED_FROM]
@@ -150,8 +158,11 @@ def check_fingerprints(saved: dict, current: dict, where: str, allow_mismatch: b
     for k in sorted(current):
         if k == CONVERTED_FROM or agree(k):
             continue
-        settings = config_differences(where, cfg) if k == "config" and cfg is not None else []
-        diffs += [f"config: {d}" for d in settings] or [f"{k}: checkpoint {saved.get(k)!r} != this run {current.get(k)!r}"]
+        changes = config_changes(where, cfg) if k == "config" and cfg is not None else {}
+        if extends_the_run(changes):
+            continue
+        diffs += [f"config: {key}: {then!r} there, {now!r} now" for key, (then, now) in changes.items()] or \
+            [f"{k}: checkpoint {saved.get(k)!r} != this run {current.get(k)!r}"]
     if diffs and not allow_mismatch:
         raise CheckpointError(
             f"cannot resume from {where}: it was made by a different run\n  " + "\n  ".join(diffs) +

@@ -200,6 +200,14 @@ def _starting_state(run: Run, ckpt_root: str, prints: dict, resuming: bool,
             else:
                 messages.append(f"resumed from {ckpt.latest_tag(ckpt_root)} at step {loaded.step}, "
                                 f"sample {loaded.samples_consumed}")
+            changes = ckpt.config_changes(os.path.join(ckpt_root, ckpt.latest_tag(ckpt_root)), cfg)
+            if ckpt.extends_the_run(changes):
+                from pretrain.optim import extend_schedule
+                then, now = changes["training.max_steps"]
+                rates = extend_schedule(run.engine.scheduler, cfg.schedule, now)
+                messages.append(f"training.max_steps raised from {then} to {now}: the run goes on from step "
+                                f"{loaded.step}; warmup and decay are recomputed for {now} steps, so the rate "
+                                f"follows the longer schedule from here ({rates[0]:.3e} -> {rates[1]:.3e})")
             if loaded.world_size != world_size:
                 messages.append(
                     f"world size changed {loaded.world_size} -> {world_size}: the global sample order "

@@ -10,10 +10,10 @@ from pretrain.optim.build import build_optimizer, is_no_decay, param_groups
 from pretrain.optim.hold import AdamW, HoldableStep
 from pretrain.optim.lamb import Lamb, UnknownTensorError, resolve_lamb_kernels
 from pretrain.optim.partition import PartitionLayout, Segment
-from pretrain.optim.schedule import build_scheduler, lr_multiplier, resolve_warmup_steps
+from pretrain.optim.schedule import build_scheduler, extend_schedule, lr_multiplier, resolve_warmup_steps
 
 __all__ = [
     "AdamW", "HoldableStep", "Lamb", "PartitionLayout", "Segment", "UnknownTensorError", "build_optimizer",
-    "build_scheduler", "is_no_decay", "lr_multiplier", "param_groups", "resolve_lamb_kernels",
+    "build_scheduler", "extend_schedule", "is_no_decay", "lr_multiplier", "param_groups", "resolve_lamb_kernels",
     "resolve_warmup_steps",
 ]

@@ -82,6 +82,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg: ScheduleConfig,
     Call ``scheduler.step()`` once after every optimizer update; ``state_dict()`` /
     ``load_state_dict()`` resume it exactly (the step count and the schedule's settings).
     """
-    multiplier = WarmupDecay(resolve_warmup_steps(sched_cfg, max_steps), max_steps, sched_cfg.decay,
-                             sched_cfg.power, sched_cfg.min_lr_ratio)
-    return LambdaLR(optimizer, multiplier)
+    return LambdaLR(optimizer, _multiplier(sched_cfg, max_steps))
+
+
+def _multiplier(sched_cfg: ScheduleConfig, max_steps: int) -> WarmupDecay:
+    return WarmupDecay(resolve_warmup_steps(sched_cfg, max_steps), max_steps, sched_cfg.decay, sched_cfg.power,
+                       sched_cfg.min_lr_ratio)
+
+
+def extend_schedule(scheduler: LambdaLR, sched_cfg: ScheduleConfig, max_steps: int) -> tuple[float, float]:
+    """A resumed scheduler (its state the checkpoint's, schedule and all) recomputed for a run extended to
+    ``max_steps``: warmup and decay follow the longer schedule from the current step on, the next update
+    included.  Returns the first group's rate (before, after)."""
+    before = scheduler.get_last_lr()[0]
+    for i, group in enumerate(scheduler.optimizer.param_groups):
+        scheduler.lr_lambdas[i] = _multiplier(sched_cfg, max_steps)
+        group["lr"] = scheduler.base_lrs[i] * scheduler.lr_lambdas[i](scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    return before, scheduler.get_last_lr()[0]

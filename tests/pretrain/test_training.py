@@ -218,6 +218,21 @@ def test_changed_run_definition_is_refused_on_resume_unless_allowed(dynamic_data
     assert "fingerprint mismatch allowed: config: optimizer.lr: 0.005 there, 0.5 now" in allowed.logs[0]
 
 
+def test_raising_max_steps_extends_a_finished_run_on_the_longer_schedule(dynamic_data, tmp_path):
+    """The steps after the old end take the rates a run planned for the new length has at those steps."""
+    base = TINY + data_overrides(dynamic_data) + ["schedule.warmup_steps=2"]
+    planned = launch(tmp_path / "planned", base + ["training.max_steps=8"], nproc=1)
+    short = launch(tmp_path / "run", base + ["training.max_steps=4"], nproc=1)
+    assert planned.codes == [0] and short.codes == [0], planned.explain() + short.explain()
+    longer = launch(tmp_path / "run", base + ["training.max_steps=8"], nproc=1)
+    assert longer.codes == [0], longer.explain()
+    assert "training.max_steps raised from 4 to 8: the run goes on from step 4" in longer.logs[0]
+    rates = {r["step"]: r["train/lr"] for r in longer.metrics()}
+    assert sorted(rates) == list(range(1, 9))
+    assert {k: v for k, v in rates.items() if k > 4} == \
+        pytest.approx({r["step"]: r["train/lr"] for r in planned.metrics() if r["step"] > 4}, rel=1e-12)
+
+
 def test_dead_rank_gives_an_error_not_a_hang(dynamic_data, tmp_path):
     run_dir = tmp_path / "run"
     procs, _ = spawn(run_dir, TINY + data_overrides(dynamic_data) + [
