@@ -64,6 +64,8 @@ def _cuda_extension():
 
 
 ext_modules, cmdclass = _cuda_extension()
+CONFIG_PACKAGES = ["bertforge_configs"] + [f"bertforge_configs.{d}" for d in sorted(os.listdir(os.path.join(HERE, "configs")))
+                                           if os.path.isdir(os.path.join(HERE, "configs", d))]
 
 setup(
     name="bertforge",
@@ -72,8 +74,10 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["pretrain", "pretrain.*", "data_prep", "data_prep.*"]),
-    package_data={"pretrain": ["py.typed"], "data_prep": ["assets/*"]},
+    # configs/ ships as the data-only package bertforge_configs: `--config bert-base` finds it installed
+    packages=find_packages(include=["pretrain", "pretrain.*", "data_prep", "data_prep.*"]) + CONFIG_PACKAGES,
+    package_dir={"bertforge_configs": "configs"},
+    package_data={"pretrain": ["py.typed"], "data_prep": ["assets/*"], **{p: ["*.yaml"] for p in CONFIG_PACKAGES}},
     install_requires=DATA_PREP,
     extras_require={
         "train": TRAIN,

@@ -428,9 +428,53 @@ def parse_overrides(items: list[str], example: str) -> dict:
     return tree
 
 
+SHIPPED_CONFIGS = "bertforge_configs"
+"""The package the checkout's configs/ is installed as (setup.py's package_dir)."""
+
+
+def config_path(name) -> str:
+    """``name`` itself when it is a file, else the shipped config it names (``bert-base``, ``data/demo``,
+    ``finetune/sst2.yaml``: configs/NAME[.yaml] of this checkout, or of the installed package when it was
+    installed without one), else ``name`` unchanged (reading it then says it is missing)."""
+    name = os.fspath(name)
+    if os.path.exists(name) or os.path.isabs(name):
+        return name
+    for root in _config_roots():
+        for candidate in (name, name + ".yaml"):
+            path = os.path.join(root, *candidate.split("/"))
+            if os.path.isfile(path):
+                return path
+    return name
+
+
+def _config_roots() -> list[str]:
+    roots = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")]
+    try:
+        import importlib
+        roots += list(importlib.import_module(SHIPPED_CONFIGS).__path__)   # a namespace package: data only
+    except ModuleNotFoundError:
+        pass
+    return [r for r in roots if os.path.isdir(r)]
+
+
+def shipped_configs() -> list[str]:
+    """The names config_path knows (``bert-base``, ``data/demo``, ...)."""
+    names = set()
+    for root in _config_roots():
+        for dirpath, _, files in os.walk(root):
+            rel = os.path.relpath(dirpath, root)
+            names.update((f[:-5] if rel == "." else f"{rel}/{f[:-5]}") for f in files if f.endswith(".yaml"))
+    return sorted(names)
+
+
 def read_file(path, alternatives: dict | None = None, _chain: tuple[str, ...] = ()) -> dict:
-    """The mapping of YAML file ``path`` laid over its ``base:`` (relative to the file), recursively."""
-    path = os.path.abspath(path)
+    """The mapping of YAML file ``path`` (a file, or a shipped config's name: config_path) laid over its
+    ``base:`` (relative to the file), recursively."""
+    found = config_path(path)
+    if not os.path.exists(found) and not _chain and not os.path.isabs(found) and os.sep not in found.strip("./"):
+        raise ConfigFileError(f"config file not found: {found} (neither a file nor a shipped config: "
+                              f"{', '.join(shipped_configs())})")
+    path = os.path.abspath(found)
     if path in _chain:
         raise ConfigError([f"base: cycle {' -> '.join(_chain + (path,))}"], source=path)
     data = read_yaml_mapping(path)

@@ -15,9 +15,10 @@ HELP = "prep the bundled corpus, pretrain a tiny BERT, evaluate, export, fine-tu
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="demo_out", help="working directory for every output")
-    parser.add_argument("--data-config", default=None, help="default: configs/data/demo.yaml of this checkout")
-    parser.add_argument("--train-config", default=None, help="default: configs/debug.yaml of this checkout")
-    parser.add_argument("--finetune-config", default=None, help="default: configs/finetune/demo.yaml of this checkout")
+    parser.add_argument("--data-config", default="data/demo", help="data_prep YAML, a file or a shipped config's "
+                                                                    "name (default: data/demo)")
+    parser.add_argument("--train-config", default="debug", help="training YAML (default: debug)")
+    parser.add_argument("--finetune-config", default="finetune/demo", help="fine-tuning YAML (default: finetune/demo)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="training overrides")
 
 
@@ -27,27 +28,27 @@ def run(args) -> int:
     import sys
     import time
 
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    data_config = args.data_config or os.path.join(repo, "configs", "data", "demo.yaml")
-    train_config = args.train_config or os.path.join(repo, "configs", "debug.yaml")
-    finetune_config = args.finetune_config or os.path.join(repo, "configs", "finetune", "demo.yaml")
+    from data_prep.settings import config_path
+    data_config, train_config, finetune_config = (
+        os.path.abspath(config_path(c)) for c in (args.data_config, args.train_config, args.finetune_config))
+    corpus = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "data_prep", "assets", "demo_corpus_en.txt.gz")   # data_prep's package data
     out = os.path.abspath(args.out)
     data_dir, run_dir, hf_dir = os.path.join(out, "data"), os.path.join(out, "run"), os.path.join(out, "hf")
     task_dir, finetune_dir = os.path.join(out, "finetune_task"), os.path.join(out, "finetune")
     py = sys.executable
     began = time.time()
 
-    def step(title: str, cmd: list, cwd: str | None = None) -> None:
+    def step(title: str, cmd: list) -> None:
         print(f"\n=== {title}\n$ {' '.join(cmd)}", flush=True)
-        code = subprocess.call(cmd, cwd=cwd)
+        code = subprocess.call(cmd)
         if code != 0:
             raise SystemExit(f"demo: `{' '.join(cmd)}` failed with exit status {code}")
 
-    # The bundled config's input path is relative to the repository (config paths are relative to
-    # the current directory); a config of the user's own is read from where the user is.
+    # The shipped data config names its corpus relative to a checkout; the demo hands it the installed copy.
+    given_input = [] if args.data_config != "data/demo" else ["--input", corpus]
     step("1/5 data_prep: vocabulary, instances, shards",
-         [py, "-m", "data_prep", "run", "--config", data_config, "--out", data_dir],
-         cwd=None if args.data_config else repo)
+         [py, "-m", "data_prep", "run", "--config", data_config, "--out", data_dir, *given_input])
     step("2/5 pretrain: tiny BERT on the shards",
          [py, "-m", "pretrain", "train", "--config", train_config, f"data.dir={data_dir}/shards",
           f"data.tokenizer={data_dir}/tokenizer", f"logging.run_dir={run_dir}", *args.overrides])
@@ -59,8 +60,7 @@ def run(args) -> int:
          [py, "-m", "pretrain", "export", "--checkpoint", ckpt_root, "--out", hf_dir])
     fill_mask = _fill_mask_check(hf_dir)
     from pretrain.finetune.demo_task import read_words, write_mention_task
-    train, dev = write_mention_task(read_words(os.path.join(repo, "data_prep", "assets", "demo_corpus_en.txt.gz")),
-                                    task_dir)
+    train, dev = write_mention_task(read_words(corpus), task_dir)
     step("5/5 fine-tune the final checkpoint on a tiny task cut from the corpus (does a passage name Emma?)",
          [py, "-m", "pretrain", "finetune", "--config", finetune_config, "--checkpoint", ckpt_root,
           "--train", train, "--dev", dev, "--out", finetune_dir, "logging.progress_bar=false"])

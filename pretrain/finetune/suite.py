@@ -34,7 +34,10 @@ class SuiteTask:
 
 
 def load_suite(path: str) -> list[SuiteTask]:
-    """The tasks of suite file ``path``, every problem reported at once (SuiteError)."""
+    """The tasks of suite file ``path`` (or a shipped suite's name, ``finetune/glue``: data_prep.settings.config_path),
+    every problem reported at once (SuiteError)."""
+    from data_prep.settings import config_path
+    path = config_path(path)
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
