@@ -68,8 +68,13 @@ def run(args) -> int:
     return 0
 
 
+PROMPTS = ("it is a truth universally acknowledged that a single man must be in want of a {mask} .",
+           "she was the youngest of the two daughters of a most affectionate , indulgent {mask} .")
+
+
 def _fill_mask_check(hf_dir: str) -> str:
-    """Load the export with transformers alone and predict a masked word (proves the export)."""
+    """Load the export with transformers alone and fill a masked word in two prompts (proves the export),
+    saying plainly whether the answers depend on the prompt."""
     try:
         import torch
         from transformers import AutoTokenizer, BertForPreTraining
@@ -77,13 +82,19 @@ def _fill_mask_check(hf_dir: str) -> str:
         return "transformers not installed: skipped the HF load check"
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = BertForPreTraining.from_pretrained(hf_dir).eval()
-    text = f"it is a truth universally acknowledged that a single man must be in want of a {tok.mask_token} ."
-    enc = tok(text, return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**enc).prediction_logits
-    where = (enc["input_ids"][0] == tok.mask_token_id).nonzero()[0, 0]
-    top = [tok.convert_ids_to_tokens(int(i)) for i in logits[0, where].topk(5).indices]
-    return f"transformers.BertForPreTraining fills '{text}' with {top}"
+    tops = []
+    for prompt in PROMPTS:
+        enc = tok(prompt.format(mask=tok.mask_token), return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**enc).prediction_logits
+        where = (enc["input_ids"][0] == tok.mask_token_id).nonzero()[0, 0]
+        tops.append([tok.convert_ids_to_tokens(int(i)) for i in logits[0, where].topk(5).indices])
+    shown = "; ".join(f"'{p.format(mask=tok.mask_token)}' -> {top}" for p, top in zip(PROMPTS, tops))
+    shared = len(set(tops[0]) & set(tops[1]))
+    verdict = (f"{shared} of the five words are the same for both prompts: a pretraining this short has learnt "
+               "which words are frequent, not yet what a context asks for" if shared >= 4 else
+               f"the prompts share {shared} of their five words")
+    return f"transformers.BertForPreTraining fills {shown}\n                       ({verdict})"
 
 
 def _summary(run_dir: str, eval_json: str, hf_dir: str, fill_mask: str, finetune_dir: str, seconds: float) -> None:
