@@ -105,10 +105,11 @@ def test_a_stopped_run_evaluates_every_due_checkpoint_once_after_resuming_and_a_
     assert sorted(r["step"] for r in downstream_rows(run_dir)) == [3, 6]
 
 
-def wait_for(path: Path, text: str, timeout: float = 120) -> None:
+def wait_for(path: Path, text: str, timeout: float = 120, count: int = 1) -> None:
+    """Until ``path`` holds ``text`` ``count`` times (a log that earlier attempts wrote to as well)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if path.exists() and text in path.read_text():
+        if path.exists() and path.read_text().count(text) >= count:
             return
         time.sleep(0.2)
     raise TimeoutError(f"{path} did not say {text!r} in {timeout} s:\n{path.read_text()[-3000:] if path.exists() else ''}")
@@ -121,15 +122,17 @@ def test_a_stop_or_a_death_while_waiting_for_the_suites_leaves_them_to_the_rerun
     suite = write_suite(tmp_path / "suite")
     run_dir = tmp_path / "run"
     slow = overrides(data, suite) + ["eval.downstream_max_steps=400", "checkpoint.every_steps=6"]
-    for how in (signal.SIGTERM, signal.SIGKILL):
+    child_log = run_dir / "downstream" / "step-000006" / "log.txt"
+    for attempt, how in enumerate((signal.SIGTERM, signal.SIGKILL)):
         procs, logs = spawn(run_dir, slow, nproc=1)
         wait_for(logs[0], "waiting for the downstream evaluation of step(s) 6")
-        seed_log = run_dir / "downstream" / "step-000006" / "mention" / "seed-1" / "metrics.jsonl"
-        wait_for(seed_log, '"kind": "train"')                  # the suite is training
+        if attempt == 0:       # the suite is training
+            wait_for(run_dir / "downstream" / "step-000006" / "mention" / "seed-1" / "metrics.jsonl", '"kind": "train"')
+        else:                  # the suite has resumed from the first attempt's checkpoint, and trains on
+            wait_for(child_log, "resumed from")
         procs[0].send_signal(how)
         code = procs[0].wait(timeout=120)
-        child_log = run_dir / "downstream" / "step-000006" / "log.txt"
-        wait_for(child_log, "SIGTERM received: checkpoint saved at step")
+        wait_for(child_log, "SIGTERM received: checkpoint saved at step", count=attempt + 1)
         if how == signal.SIGTERM:
             assert code == 75 and "stopped while waiting for the downstream evaluations; exiting with 75" in \
                 logs[0].read_text()
