@@ -32,7 +32,7 @@ from typing import Optional
 
 from pretrain.checkpoint import list_checkpoints, step_tag
 from pretrain.config import Config
-from pretrain.metrics import MetricsLogger
+from pretrain.metrics import MetricsLogger, read_jsonl
 from pretrain.weights import CONFIG_FILE, EXTRA_FILE, MODEL_FILE, TOKENIZER_DIR
 
 DOWNSTREAM_DIR, WEIGHTS_DIR, LOG_FILE, KIND = "downstream", "weights", "log.txt", "downstream"
@@ -93,19 +93,11 @@ def read_scores(out_dir: str) -> dict:
 
 
 def logged_steps(jsonl_path: str) -> set[int]:
-    """The steps whose downstream scores ``jsonl_path`` (a run's metrics.jsonl) holds."""
+    """The steps whose downstream scores ``jsonl_path`` (a run's metrics.jsonl, which MetricsLogger has
+    cleared of cut-short lines by now) holds."""
     if not os.path.exists(jsonl_path):
         return set()
-    steps = set()
-    with open(jsonl_path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if row.get("kind") == KIND:
-                steps.add(int(row["step"]))
-    return steps
+    return {int(r["step"]) for r in read_jsonl(jsonl_path) if r.get("kind") == KIND}
 
 
 class Downstream:
