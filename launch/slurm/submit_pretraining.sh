@@ -5,7 +5,8 @@
 #   launch/slurm/submit_pretraining.sh --nodes=4 --account=myproj -- zero.stage=2
 #
 # SBATCH_OPTIONs go to both sbatch calls (they override launch/slurm/pretrain.sbatch's #SBATCH
-# lines); the key=value overrides after `--` go to both phases.  Environment:
+# lines); with more than one node (--nodes / -N) they start with --exclusive (pass --oversubscribe
+# to share the nodes).  The key=value overrides after `--` go to both phases.  Environment:
 #   PHASE1_CONFIG   default configs/bert-large-phase1.yaml
 #   PHASE2_CONFIG   default configs/bert-large-phase2.yaml
 #   RUN_DIR         phase 1 runs in $RUN_DIR/phase1, phase 2 in $RUN_DIR/phase2 (default: the
@@ -25,6 +26,19 @@ PHASE2_CONFIG=${PHASE2_CONFIG:-configs/bert-large-phase2.yaml}
 sbatch_args=()
 while (( $# )) && [[ $1 != -- ]]; do sbatch_args+=("$1"); shift; done
 (( $# )) && shift  # the --
+nodes=1  # the most nodes the options ask for (--nodes=N, --nodes=MIN-MAX, -N N)
+for i in "${!sbatch_args[@]}"; do
+  case ${sbatch_args[i]} in
+    --nodes=*) spec=${sbatch_args[i]#--nodes=} ;;
+    -N?*) spec=${sbatch_args[i]#-N} ;;
+    --nodes|-N) spec=${sbatch_args[i + 1]:-1} ;;
+    *) continue ;;
+  esac
+  spec=${spec##*-}; [[ $spec =~ ^[0-9]+$ ]] && nodes=$spec
+done
+# Multi-node jobs get their nodes to themselves: first, so that a later --oversubscribe among the
+# options wins (sbatch takes the last of the two).
+(( nodes > 1 )) && sbatch_args=(--exclusive "${sbatch_args[@]}")
 read -r -a phase1_args <<<"${PHASE1_ARGS:-}"
 read -r -a phase2_args <<<"${PHASE2_ARGS:-}"
 if [[ -n ${RUN_DIR:-} ]]; then

@@ -7,7 +7,10 @@ overridden on the sbatch command line (TEST_SBATCH).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -175,10 +178,12 @@ shards: {{seq_len: 128, objective: nsp, masking: static, max_predictions: 20, va
     proc = subprocess.run([sys.executable, "-m", "data_prep", "run", "--config", str(config), "--out", str(single)],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    multi = tmp_path / "multi"
+    multi, marker = tmp_path / "multi", tmp_path / "hook.log"
+    (tmp_path / "setup.sh").write_text(HOOK % marker)
     out = slurm.run("bash", str(REPO / "launch" / "slurm" / "submit_data_prep.sh"), "2", str(multi),
                     "--config", str(config),
-                    env={"SBATCH_ARGS": f"--cpus-per-task=1 --time=10 --output={tmp_path}/%x-%A_%a.out"}).stdout
+                    env={"SBATCH_ARGS": f"--cpus-per-task=1 --time=10 --output={tmp_path}/%x-%A_%a.out",
+                         "BERTFORGE_ENV_HOOK": str(tmp_path / "setup.sh")}).stdout
     array, merge = out.split("array job ")[1].split()[0], out.split("merge:     job ")[1].split()[0]
     slurm.submitted += [array, merge]
     info = slurm.wait(merge)
@@ -187,6 +192,9 @@ shards: {{seq_len: 128, objective: nsp, masking: static, max_predictions: 20, va
     for task in (0, 1):
         assert f"task {task} of 2" in (tmp_path / f"bert-data-prep-{array}_{task}.out").read_text()
     assert len(list((multi / "shards").glob("manifest.node-*-of-00002.json"))) == 2
+    # the hook ran in the batch script and in the one task of each job: 2 array tasks and the merge
+    assert sorted(marker.read_text().splitlines()) == ["hook ran: step 0 task 0 apptainer no"] * 3 + \
+        ["hook ran: step batch task 0 apptainer no"] * 3
     a, b = (json.loads((d / "shards" / "manifest.json").read_text()) for d in (single, multi))
     assert [s for s in a["shards"]] == [s for s in b["shards"]] and len(a["shards"]) >= 4
     for shard in a["shards"]:
@@ -219,3 +227,168 @@ def test_usr1_before_the_tasks_handle_it_still_counts_as_a_stop(slurm, tmp_path)
     log = job_log(tmp_path, job)
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "75:0"), explain(slurm, tmp_path, job)
     assert "tasks stopped by SIGUSR1 while starting (exit 138)" in log and "giving up" in log
+
+
+# ---- environment hook, containers, --exclusive, staging -------------------------------------------
+HOOK = """echo "hook ran: step ${SLURM_STEP_ID:-batch} task ${SLURM_PROCID:-} apptainer ${SHIM_INSIDE:-no}" >> "%s"
+export BERTFORGE_TEST_HOOKED=yes
+"""
+APPTAINER_SHIM = """#!/bin/bash
+# stands in for apptainer: records its argv, skips `exec`, the options and the image, runs the rest
+printf '%%s\\n' "$@" > "%s/apptainer-argv.$SLURM_PROCID"
+[[ $1 == exec ]] || exit 64
+shift
+while [[ $1 == --* ]]; do [[ $1 == --nv ]] && shift || shift 2; done
+shift
+SHIM_INSIDE=yes exec "$@"
+"""
+
+
+def srun_line(log: str) -> list[str]:
+    """The srun command line pretrain.sbatch logged before running it, as words."""
+    import shlex
+    return shlex.split(log.split("running: ", 1)[1].splitlines()[0])
+
+
+def test_env_hook_runs_in_the_batch_script_and_in_every_task_inside_apptainer(slurm, tmp_path):
+    marker, bin_dir = tmp_path / "hook.log", tmp_path / "bin"
+    hook = tmp_path / "setup.sh"
+    hook.write_text(HOOK % marker)
+    bin_dir.mkdir()
+    (bin_dir / "apptainer").write_text(APPTAINER_SHIM % tmp_path)
+    fake = tmp_path / "python"  # records what a task's interpreter saw
+    fake.write_text(f'#!/bin/bash\necho "$SLURM_PROCID $BERTFORGE_TEST_HOOKED $SHIM_INSIDE $PWD $*" '
+                    f'> "{tmp_path}/task.$SLURM_PROCID"\n')
+    for exe in (bin_dir / "apptainer", fake):
+        exe.chmod(0o755)
+    env = {"PYTHON": str(fake), "BERTFORGE_ENV_HOOK": str(hook), "BERTFORGE_APPTAINER_IMAGE": "/images/bert.sif",
+           "BERTFORGE_CONTAINER_MOUNTS": "/data:/data,/scratch", "PATH": f"{bin_dir}:{slurm.env['PATH']}"}
+    job = slurm.sbatch(*TEST_SBATCH, f"--output={tmp_path}/slurm-%j.out", SBATCH, "--config", "x.yaml", env=env)
+    info = slurm.wait(job, timeout=60)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), explain(slurm, tmp_path, job)
+    assert sorted(marker.read_text().splitlines()) == [
+        "hook ran: step 0 task 0 apptainer yes", "hook ran: step 0 task 1 apptainer yes",
+        "hook ran: step batch task 0 apptainer no"]
+    for rank in (0, 1):
+        assert (tmp_path / f"task.{rank}").read_text().split() == \
+            [str(rank), "yes", "yes", str(REPO), "-m", "pretrain", "train", "--config", "x.yaml"]
+        argv = (tmp_path / f"apptainer-argv.{rank}").read_text().splitlines()
+        assert argv[:7] == ["exec", "--nv", "--pwd", str(REPO), "--bind", "/data:/data,/scratch", "/images/bert.sif"]
+        assert argv[7:9] == ["bash", "-c"] and argv[10:] == [str(hook), str(fake), "-m", "pretrain", "train",
+                                                             "--config", "x.yaml"]
+    assert srun_line(job_log(tmp_path, job))[4:12] == ["apptainer", *argv[:7]]
+
+
+def test_a_hook_failing_in_the_tasks_fails_the_job_without_requeue(slurm, tmp_path):
+    hook = tmp_path / "setup.sh"
+    hook.write_text('[[ -z ${SLURM_STEP_ID:-} ]]  # true in the batch script, false in a task\n')
+    job = slurm.sbatch(*TEST_SBATCH, f"--output={tmp_path}/slurm-%j.out", SBATCH, "--config", "x.yaml",
+                       env={"BERTFORGE_ENV_HOOK": str(hook)})
+    info = slurm.wait(job, timeout=60)
+    log = job_log(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), explain(slurm, tmp_path, job)
+    assert log.count(f"{hook}: sourcing it failed on {socket.gethostname()}") == 2
+    assert "training failed (exit 2): not requeued" in log
+
+
+def test_pyxis_container_options_are_srun_options(slurm, tmp_path):
+    """pyxis is not installed here: the logged srun line is checked, and srun's own rejection of
+    --container-image shows that srun parsed it as one of its options (not as the task's command)."""
+    image = "nvcr.io#nvidia/pytorch:24.01-py3"
+    env = {"BERTFORGE_CONTAINER_IMAGE": image, "BERTFORGE_CONTAINER_MOUNTS": "/data:/data:ro,/scratch:/scratch"}
+    job = slurm.sbatch(*TEST_SBATCH, f"--output={tmp_path}/slurm-%j.out", SBATCH, "--config", "x.yaml", env=env)
+    info = slurm.wait(job, timeout=60)
+    log = job_log(tmp_path, job)
+    assert srun_line(log) == [
+        "srun", "--kill-on-bad-exit=0", "--wait=120", "--cpus-per-task=1", f"--container-image={image}",
+        f"--container-workdir={REPO}", "--container-mounts=/data:/data:ro,/scratch:/scratch", sys.executable,
+        "-m", "pretrain", "train", "--config", "x.yaml"], log
+    assert f"srun: unrecognized option '--container-image={image}'" in log
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "255:0") and "training failed (exit 255)" in log
+
+
+@pytest.mark.parametrize("env, error", [
+    ({"BERTFORGE_CONTAINER_IMAGE": "a.sqsh", "BERTFORGE_APPTAINER_IMAGE": "b.sif"},
+     "launch/slurm: BERTFORGE_CONTAINER_IMAGE (pyxis) and BERTFORGE_APPTAINER_IMAGE (apptainer) are both set: set one"),
+    ({"BERTFORGE_ENV_HOOK": "/nonexistent/setup.sh"},
+     "launch/slurm: BERTFORGE_ENV_HOOK=/nonexistent/setup.sh: sourcing it failed"),
+])
+@pytest.mark.parametrize("script", ["pretrain.sbatch", "data_prep.sbatch"])
+def test_bad_container_or_hook_settings_stop_the_script_with_one_line(script, env, error):
+    """Checked before anything runs: the script itself, outside SLURM, exits 2 with the message."""
+    proc = subprocess.run(["bash", str(REPO / "launch" / "slurm" / script), "--config", "x.yaml"], capture_output=True,
+                          text=True, cwd=REPO, env={"PATH": "/usr/bin:/bin", "SLURM_SUBMIT_DIR": str(REPO), **env},
+                          timeout=30)
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == error, proc.stderr
+
+
+def test_submit_pretraining_makes_multi_node_jobs_exclusive_unless_told_otherwise(slurm, tmp_path):
+    def submit(*options: str) -> list[dict]:
+        out = slurm.run("bash", str(REPO / "launch" / "slurm" / "submit_pretraining.sh"), "--hold", *options,
+                        "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=5",
+                        f"--output={tmp_path}/%x-%j.out",
+                        env={"PHASE1_CONFIG": "configs/debug.yaml", "PHASE2_CONFIG": "configs/debug.yaml",
+                             "RUN_DIR": str(tmp_path)}).stdout
+        jobs = [out.split(f"phase {p}: job ")[1].split()[0] for p in (1, 2)]
+        slurm.submitted += jobs
+        infos = [slurm.job(j) for j in jobs]
+        slurm.run("scancel", *jobs)
+        return infos
+    # --nodes=1-2: may get two nodes (this cluster has one, which keeps the job submittable)
+    assert [(i["NumNodes"], i["OverSubscribe"]) for i in submit("--nodes=1-2")] == [("1-2", "NO")] * 2
+    assert [i["OverSubscribe"] for i in submit("-N", "1-2", "--oversubscribe")] == ["YES"] * 2
+    assert [i["OverSubscribe"] for i in submit("--nodes=1")] == ["OK"] * 2
+
+
+def test_staging_copies_verifies_and_the_training_reads_the_copy(slurm, shards, tmp_path):
+    """BERTFORGE_STAGE_SHARDS=1 with a damaged copy already in data.cache_dir (same manifest, one
+    shard's bytes changed): it is found by the verifier, copied again, and the training reads the copy."""
+    source = shards / "shards"
+    digest = hashlib.sha256(str(source).encode("utf-8")).hexdigest()[:16]
+    copy = tmp_path / "cache" / "staged" / digest / shards.name  # the source's name: its parent (before shards)
+    shutil.copytree(source, copy)
+    damaged = copy / "train-000001.tar"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 1
+    damaged.write_bytes(bytes(data))
+    run_dir = tmp_path / "run"
+    job = slurm.sbatch(*TEST_SBATCH, f"--output={tmp_path}/slurm-%j.out", SBATCH,
+                       *train_args(run_dir, shards, steps=4), f"data.cache_dir={tmp_path / 'cache'}",
+                       env={"BERTFORGE_STAGE_SHARDS": "1"})
+    info = slurm.wait(job)
+    log = job_log(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), explain(slurm, tmp_path, job)
+    assert log.count(f"[stage_shards {socket.gethostname()}]") == 2  # one task on the one node
+    assert f"{copy}/train-000001.tar: corrupted: sha256 " in log and "copying again" in log
+    assert f"{source} -> {copy}: copied, verified" in log
+    assert f"training reads the staged copies: data.dir={copy}" in log
+    assert srun_line(log)[-1] == f"data.dir={copy}"
+    for f in source.iterdir():
+        if f.is_file():
+            assert (copy / f.name).read_bytes() == f.read_bytes()
+    from pretrain.weights import load_model
+    _, cfg, _ = load_model(str(run_dir / "checkpoints"))
+    assert cfg.data.dir == str(copy) and sorted(losses(run_dir)) == [1, 2, 3, 4]
+
+
+def test_staging_a_mixture_copies_the_local_source_and_keeps_names_and_weights(shards, tmp_path):
+    """stage_shards.py on its own (no SLURM): of data.sources, the local directory is staged and the
+    URL left to the loader's cache; the printed override keeps every source's name and weight."""
+    cache = tmp_path / "cache"
+    sources = f"[{{dir: {shards / 'shards'}, weight: 3}}, {{dir: 'https://data.example.org/wiki-128', name: wiki}}]"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "slurm" / "stage_shards.py"), "--config",
+                           "configs/debug.yaml", f"data.sources={sources}", f"data.cache_dir={cache}",
+                           "--stop-after-step", "3"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    digest = hashlib.sha256(str(shards / "shards").encode("utf-8")).hexdigest()[:16]
+    copy = cache / "staged" / digest / shards.name
+    key, _, value = proc.stdout.strip().partition("=")
+    assert key == "data.sources" and json.loads(value) == [
+        {"dir": str(copy), "weight": 3.0, "name": shards.name},
+        {"dir": "https://data.example.org/wiki-128", "weight": 1.0, "name": "wiki"}]
+    assert (copy / "manifest.json").read_bytes() == (shards / "shards" / "manifest.json").read_bytes()
+    no_cache = subprocess.run([sys.executable, str(REPO / "launch" / "slurm" / "stage_shards.py"), "--config",
+                               "configs/debug.yaml", f"data.dir={shards / 'shards'}"],
+                              capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert no_cache.returncode == 2 and no_cache.stderr.strip() == \
+        "error: BERTFORGE_STAGE_SHARDS=1 needs data.cache_dir (a node-local directory to copy the shards to)"
