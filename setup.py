@@ -2,8 +2,9 @@
 
 ``pip install .`` is the light install: what ``python -m data_prep`` needs on a CPU-only prep node,
 without torch or DeepSpeed.  ``[train]`` adds the training stack (``python -m pretrain``); ``[mpi]``
-is ``[train]`` plus mpi4py; ``[dev]`` is ``[train]`` plus the test tools (``make install`` installs
-``.[dev,mpi]``: everything).
+is ``[train]`` plus mpi4py; ``[trackers]`` the MLflow and W&B clients that ``logging.trackers`` uses;
+``[dev]`` is ``[train]`` plus the trackers and the test tools (``make install`` installs ``.[dev,mpi]``:
+everything).
 
 The CUDA extension in csrc/ is optional.  Switch ``BERTFORGE_CUDA_EXT``:
   unset  build it when a CUDA build of torch and nvcc are both present, else skip quietly;
@@ -23,6 +24,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_PREP = ["pyyaml>=6.0", "numpy>=1.24", "tokenizers>=0.15", "jieba>=0.42", "zstandard>=0.21", "tqdm>=4.60",
              "fsspec>=2023.1"]
 TRAIN = ["torch>=2.4", "deepspeed>=0.16", "tensorboard>=2.14", "matplotlib>=3.7"]
+# logging.trackers (pretrain/trackers.py); mlflow-skinny: the client without the server and its SQL/pandas stack
+TRACKERS = ["mlflow-skinny>=3.0", "wandb>=0.19"]
 DEFAULT_GENCODE = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 
 
@@ -82,9 +85,10 @@ setup(
     extras_require={
         "train": TRAIN,
         "mpi": TRAIN + ["mpi4py>=4.0"],   # the 4.x wheels load any MPI library at run time
+        "trackers": TRACKERS,
         # webdataset: the tests read our shards with stock webdataset.WebDataset; scipy, scikit-learn:
         # the references tests/finetune checks the fine-tuning metrics against (pretrain never imports them)
-        "dev": TRAIN + ["pytest>=7.4", "transformers>=4.40", "webdataset>=0.2.90", "scipy>=1.10",
+        "dev": TRAIN + TRACKERS + ["pytest>=7.4", "transformers>=4.40", "webdataset>=0.2.90", "scipy>=1.10",
                         "scikit-learn>=1.3", "accelerate>=1.0"],
     },
     entry_points={

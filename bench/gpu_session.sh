@@ -2,7 +2,7 @@
 # One call of a GPU lease: everything a session with a lent GPU (the `device` tool; an H100 or
 # H200, no network, the machine's own python3 with torch, transformers, nvcc and ninja but no
 # DeepSpeed or webdataset) must measure (CUDA kernel parity and bandwidth, GPU training
-# throughput), as two calls of at most ~9 minutes:
+# throughput, activation-checkpointing memory), as three calls of at most ~9, ~9 and ~6 minutes:
 #
 #   bash bench/gpu_session.sh kernels
 #       JIT-builds the bertforge_C extension from csrc/ (sm_90 unless TORCH_CUDA_ARCH_LIST says
@@ -26,6 +26,13 @@
 #       then, e.g., LENGTHS_FROM=demo_out/lengths-512/shards bash bench/gpu_session.sh train large 512.
 #       Give SEQ_LENS the shards' seq_len: longer instances are clipped to the bench's seq_len,
 #       and shards of a shorter seq_len hold no instance longer than it.
+#
+#   bash bench/gpu_session.sh memory [MODEL] [SEQ_LEN] [MICRO_BATCHES]
+#       bench/activation_memory.py (training.activation_checkpointing off and on; default: base,
+#       512, "8 16 32", bf16): peak memory (torch.cuda.max_memory_allocated) and step time per micro
+#       batch, and the largest micro batch each way within 40 GiB (the process limited to it, searched
+#       until out of memory); a third call, ~5 minutes.  Leaves memory_MODEL_SEQ.md under $OUT (docs/performance.md, "Activation
+#       checkpointing", gets its table).
 #
 # Then, on the CPU machine: docs/benchmarks.md gets the tables with device and date (`python -m
 # pretrain bench --from-json ... --markdown docs/benchmarks.md`; docs/performance.md, "GPU").
@@ -96,8 +103,18 @@ train)
         --markdown "$OUT/train_$tag.md" > "$OUT/train_$tag.log" 2>&1 || status=1
     tail -n 30 "$OUT/train_$tag.log"
     ;;
+memory)
+    model=${2:-base}; seq=${3:-512}; micro=${4:-8 16 32}
+    if [ "$smoke" = 1 ]; then
+        args=(--model tiny --seq-len 64 --micro 2 4 --steps 1 --budget-gb 0.1)
+    else
+        args=(--model "$model" --seq-len "$seq" --micro $micro --precision bf16 --budget-gb 40)
+    fi
+    timeout 360 "$py" bench/activation_memory.py "${args[@]}" > "$OUT/memory_${model}_$seq.md" 2>&1 || status=1
+    tail -n 20 "$OUT/memory_${model}_$seq.md"
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh kernels | [LENGTHS_FROM=SHARD_DIR] bash bench/gpu_session.sh train [MODELS] [SEQ_LENS] [VARIANTS]" >&2
+    echo "usage: bash bench/gpu_session.sh kernels | [LENGTHS_FROM=SHARD_DIR] bash bench/gpu_session.sh train [MODELS] [SEQ_LENS] [VARIANTS] | bash bench/gpu_session.sh memory [MODEL] [SEQ_LEN] [MICRO_BATCHES]" >&2
     exit 2
     ;;
 esac

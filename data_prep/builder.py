@@ -47,6 +47,12 @@ class ShardSettings:
     sep_id: int
     mask_id: int
     special_ids: tuple[int, ...]
+    tokenizer_model: str = "WordPiece"  # BPE: RoBERTa's framing and word starts (Ġ)
+
+    @property
+    def double_sep(self) -> bool:
+        """Two separators between segments (RoBERTa; not between the documents of a blocks row)."""
+        return self.tokenizer_model == "BPE" and self.objective != "blocks"
 
     @property
     def label_key(self) -> str | None:
@@ -85,7 +91,7 @@ def _tokenizer_and_table(settings: ShardSettings):
         cache_tokenizer(key, read_tokenizer(Path(key), validate=False))  # the run's own checked copy
     entry = _cache[key]
     if settings.whole_word_mask and entry[1] is None:
-        entry[1] = continuation_table(entry[0].get_vocab())
+        entry[1] = continuation_table(entry[0].get_vocab(), settings.tokenizer_model)
     return entry[0], entry[1]
 
 
@@ -117,7 +123,7 @@ def build_shard(unit: WorkUnit, settings: ShardSettings) -> dict:
     for dupe in range(settings.dupe_factor):
         rng = instance_rng(settings.seed, STREAM_INSTANCES, split_code, unit.index, dupe)
         instances.extend(create_instances(encoded, settings.objective, settings.seq_len,
-                                          settings.short_seq_prob, rng))
+                                          settings.short_seq_prob, rng, settings.double_sep))
     order = np.random.default_rng([settings.seed, STREAM_SHUFFLE, split_code, unit.index]).permutation(
         len(instances))
     counts = _write_samples(unit, settings, encoded, [instances[i] for i in order.tolist()])
@@ -169,7 +175,8 @@ def _add_samples(writer: ShardWriter, unit: WorkUnit, settings: ShardSettings, e
         ids = np.full((len(batch), settings.seq_len), settings.pad_id, dtype=np.int32)
         starts = np.zeros(ids.shape, dtype=np.uint8) if wwm else None
         lengths = [fill_row(inst, encoded.tokens, settings.cls_id, settings.sep_id, ids[r],
-                            encoded.word_starts, starts[r] if wwm else None) for r, inst in enumerate(batch)]
+                            encoded.word_starts, starts[r] if wwm else None, settings.double_sep)
+                   for r, inst in enumerate(batch)]
         lengths = np.asarray(lengths, dtype=np.int64)
         if wwm and settings.objective == "blocks":
             starts[:, 1] = 1  # a row may start mid-word: its first token starts a word

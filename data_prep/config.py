@@ -23,6 +23,7 @@ from data_prep.settings import ConfigError, ConfigFileError, setting
 # Choices are tuples, used as field types too: Literal[OBJECTIVES] is Literal["nsp", "sop", "full-sentences", "blocks"].
 OBJECTIVES = ("nsp", "sop", "full-sentences", "blocks")
 MASKING_MODES = ("static", "dynamic")
+VOCAB_MODELS = ("wordpiece", "bpe")
 # 4x the largest vocabularies in use (XLM-R 250,002, mT5 250,112, Gemma 262,144); the WordPiece
 # trainer allocates for vocab_size up front (2**31 asked it for 141 GB and aborted).
 MAX_VOCAB_SIZE = 1 << 20
@@ -37,13 +38,17 @@ class InputConfig(ReadOptions):
 @dataclass
 class VocabConfig:
     tokenizer: Optional[str] = setting(None, path=True, flags="--from")
-    """An existing tokenizer directory, tokenizer.json or vocab.txt to use; null trains a WordPiece
-    vocabulary on the input."""
+    """An existing tokenizer directory, tokenizer.json or vocab.txt to use (WordPiece or RoBERTa's BPE);
+    null trains a vocabulary of ``vocab.model`` on the input."""
+    model: Literal[VOCAB_MODELS] = setting("wordpiece", flags="--model")
+    """Vocabulary to train: ``wordpiece`` (BERT: [PAD] [UNK] [CLS] [SEP] [MASK], ## continuations) or ``bpe``
+    (RoBERTa's byte-level BPE, cased: <s> <pad> </s> <unk> at ids 0-3, <mask> last; samples framed
+    <s> A </s></s> B </s>)."""
     vocab_size: int = setting(30522, ge=16, le=MAX_VOCAB_SIZE)
     """Vocabulary size to train."""
     lowercase: Optional[bool] = setting(None, flags={"--uncased": True, "--cased": False})
-    """Lowercase the text.  null: uncased when training; when importing a bare vocab.txt, its
-    tokenizer_config.json's do_lower_case if present, else uncased."""
+    """Lowercase the text (WordPiece only).  null: uncased when training WordPiece (BPE is cased); when
+    importing a bare vocab.txt, its tokenizer_config.json's do_lower_case if present, else uncased."""
     min_frequency: int = setting(2, ge=1)
     """Least count of a merged word piece."""
     max_text_mb: Optional[float] = setting(None, ge=0.001)
@@ -111,6 +116,14 @@ def _predictions_fit(cfg: PrepConfig):
     s = cfg.shards
     if s.max_predictions > s.seq_len:
         return f"shards.max_predictions: got {s.max_predictions}, expected <= shards.seq_len ({s.seq_len})"
+
+
+@RULES.check("vocab.lowercase", "vocab.model")
+def _bpe_is_cased(cfg: PrepConfig):
+    v = cfg.vocab
+    if v.model == "bpe" and v.lowercase and not v.tokenizer:
+        return ("vocab.lowercase: got true, expected null or false with vocab.model=bpe (byte-level BPE keeps "
+                "the text as it is, as RoBERTa does)")
 
 
 @RULES.check("node_rank", "num_nodes")

@@ -6,8 +6,9 @@ range of segments of each document, so that building instances only moves intege
 
 Segments are sentences; a sentence longer than ``max_segment_tokens`` is cut into pieces of that
 size, and sentences with no tokens are dropped.  Whole-word flags (``word_starts``) are computed
-here when asked: from WordPiece ``##`` continuations, and for CJK text from jieba word boundaries
-(jieba runs only on sentences that contain CJK characters).
+here when asked: from WordPiece ``##`` continuations or byte-level BPE's ``Ġ`` word-start mark (a
+sentence's first token always starts a word), and for CJK text from jieba word boundaries (jieba
+runs only on sentences that contain CJK characters).
 """
 from __future__ import annotations
 
@@ -53,15 +54,18 @@ def _jieba_tokenizer():
 
 
 def jieba_word_starts(sentence: str, offsets: list[tuple[int, int]], starts: np.ndarray) -> None:
-    """Clear ``starts[i]`` for CJK tokens inside (not at the start of) a jieba word, in place."""
+    """Set ``starts[i]`` for CJK tokens, in place: true where a jieba word begins.  A character that
+    byte-level BPE splits into several tokens (each with the character's offsets) starts at its first."""
     word_begins = set()
     pos = 0
     for word in _jieba_tokenizer().cut(sentence):
         word_begins.add(pos)
         pos += len(word)
+    previous = None
     for i, (begin, end) in enumerate(offsets):
         if end > begin and is_cjk_char(sentence[begin]):
-            starts[i] = begin in word_begins
+            starts[i] = begin in word_begins and begin != previous
+        previous = begin
 
 
 def encode_documents(texts: list[str], tokenizer, *, max_segment_tokens: int,
@@ -91,6 +95,7 @@ def encode_documents(texts: list[str], tokenizer, *, max_segment_tokens: int,
     if is_continuation is not None:
         word_starts = ~is_continuation[tokens]
         sentence_at = np.concatenate(([0], np.cumsum(lengths)))
+        word_starts[sentence_at[:-1][lengths > 0]] = True  # BPE's first token has no Ġ (no space before it)
         for index, sentence, offsets in cjk:
             begin = int(sentence_at[index])
             jieba_word_starts(sentence, offsets, word_starts[begin: begin + len(offsets)])

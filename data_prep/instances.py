@@ -22,6 +22,12 @@ there, and truncation only trims ends), so building them moves integers, not tok
   [SEP]), so passes cut different rows and no token is lost.  The pass's last row, partial, is
   kept if it holds at least half of the ``seq_len - 2`` stream tokens, else dropped (HF drops
   it always).  No sentence label; the row's first token counts as a word start (builder).
+
+Framing: BERT's ``[CLS] A [SEP] B [SEP]``; with ``double_sep`` (a RoBERTa BPE tokenizer, where [CLS]
+is ``<s>`` and [SEP] ``</s>``) RoBERTa's ``<s> A </s></s> B </s>``: two separators between segments
+(the pair of nsp/sop, the documents of full-sentences), so those budgets count one token more per
+boundary.  ``blocks`` rows keep one ``</s>`` after each document: it ends a document of the stream,
+as fairseq's end-of-sentence token does, and the rows stay exactly ``seq_len`` long.
 """
 from __future__ import annotations
 
@@ -98,7 +104,7 @@ def _random_b(unit: EncodedUnit, doc: int, target: int, rng) -> tuple[int, int]:
 
 def pair_instances(unit: EncodedUnit, doc: int, rng, max_tokens: int, short_seq_prob: float,
                    objective: str) -> list[Instance]:
-    """NSP or SOP instances of one document (``max_tokens`` = seq_len - 3)."""
+    """NSP or SOP instances of one document (``max_tokens`` = seq_len - 3, or - 4 with two separators)."""
     target = max_tokens
     if rng.random() < short_seq_prob:
         target = rng.randrange(2, max_tokens + 1)
@@ -136,8 +142,9 @@ def pair_instances(unit: EncodedUnit, doc: int, rng, max_tokens: int, short_seq_
     return out
 
 
-def packed_instances(unit: EncodedUnit, seq_len: int) -> list[Instance]:
-    """RoBERTa FULL-SENTENCES: [CLS] sentences... [SEP] (next document) ... [SEP], up to seq_len."""
+def packed_instances(unit: EncodedUnit, seq_len: int, double_sep: bool = False) -> list[Instance]:
+    """RoBERTa FULL-SENTENCES: [CLS] sentences... [SEP] (next document) ... [SEP], up to seq_len
+    (``double_sep``: [SEP] [SEP] between documents)."""
     out: list[Instance] = []
     ranges: list[tuple[int, int]] = []
     used = 1  # [CLS]
@@ -145,7 +152,8 @@ def packed_instances(unit: EncodedUnit, seq_len: int) -> list[Instance]:
         for seg in range(unit.doc_first[doc], unit.doc_end[doc]):
             start, end = unit.seg_start[seg], unit.seg_end[seg]
             new_range = not ranges or seg == unit.doc_first[doc]
-            cost = (end - start) + (1 if new_range else 0)  # a new range brings its [SEP]
+            # a new range brings its [SEP], and after another range the second [SEP] before it
+            cost = (end - start) + (1 + (double_sep and bool(ranges)) if new_range else 0)
             if used + cost > seq_len and ranges:
                 out.append(Instance(tuple(ranges), None, NO_LABEL))
                 ranges, used, new_range = [], 1, True
@@ -205,27 +213,30 @@ def block_instances(unit: EncodedUnit, seq_len: int, rng) -> list[Instance]:
 
 
 def create_instances(unit: EncodedUnit, objective: str, seq_len: int, short_seq_prob: float,
-                     rng: random.Random) -> list[Instance]:
-    """All instances of one pass (one duplicate) over the unit, in document order.
+                     rng: random.Random, double_sep: bool = False) -> list[Instance]:
+    """All instances of one pass (one duplicate) over the unit, in document order; ``double_sep``:
+    RoBERTa's framing (module doc), which fill_row must then be given too.
 
     ``rng`` is a ``random.Random``: its scalar draws are ~10x cheaper than numpy's, and its
     stream is stable across Python versions (see ``instance_rng``).
     """
     if objective == "full-sentences":
-        return packed_instances(unit, seq_len)
+        return packed_instances(unit, seq_len, double_sep)
     if objective == "blocks":
         return block_instances(unit, seq_len, rng)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     out: list[Instance] = []
     for doc in range(unit.num_docs):
-        out.extend(pair_instances(unit, doc, rng, seq_len - 3, short_seq_prob, objective))
+        out.extend(pair_instances(unit, doc, rng, seq_len - 3 - double_sep, short_seq_prob, objective))
     return out
 
 
 def fill_row(inst: Instance, tokens: np.ndarray, cls_id: int, sep_id: int, row: np.ndarray,
-             word_starts: np.ndarray | None = None, starts_row: np.ndarray | None = None) -> int:
+             word_starts: np.ndarray | None = None, starts_row: np.ndarray | None = None,
+             double_sep: bool = False) -> int:
     """Write ``[CLS] A [SEP] B [SEP]`` (or ``[CLS] r1 [SEP] r2 [SEP] ...``) into ``row``; returns its length.
+    ``double_sep``: RoBERTa's ``<s> A </s></s> B </s>`` (a second separator before each later range).
 
     ``starts_row`` gets the whole-word flags (1 on special tokens) when ``word_starts`` is given.
     """
@@ -234,7 +245,12 @@ def fill_row(inst: Instance, tokens: np.ndarray, cls_id: int, sep_id: int, row: 
     if starts_row is not None:
         starts_row[0] = 1
     pos = 1
-    for s, e in pieces:
+    for k, (s, e) in enumerate(pieces):
+        if double_sep and k:
+            row[pos] = sep_id
+            if starts_row is not None:
+                starts_row[pos] = 1
+            pos += 1
         row[pos: pos + e - s] = tokens[s:e]
         if starts_row is not None:
             starts_row[pos: pos + e - s] = word_starts[s:e]

@@ -9,8 +9,9 @@ token with 0.1, and stays itself with 0.1.  Special tokens (every id in ``specia
 
 Whole-word masking: ``word_starts[i]`` is true when token ``i`` begins a word; a word is a start
 token plus the continuation tokens after it.  Without ``word_starts`` every token is its own word.
-English word starts come from WordPiece (a token not starting with ``##``, ``continuation_table``);
-Chinese ones from jieba at prep time, stored in the shards (see docs/data-format.md).
+English word starts come from WordPiece (a token not starting with ``##``, ``continuation_table``) or
+byte-level BPE (a token starting with ``Ġ``, the mark of a preceding space, or a sentence's first
+token); Chinese ones from jieba at prep time, stored in the shards (see docs/data-format.md).
 
 Reproducibility: dynamic masking seeds a fresh generator with ``masking_rng(seed, epoch,
 sample_index)``, so a resumed run masks every sample exactly as before.  Static masking draws from
@@ -186,10 +187,17 @@ def mask_sample(input_ids: np.ndarray, config: MaskingConfig, *, seed: int, epoc
     return mask_tokens(input_ids, masking_rng(seed, epoch, sample_index), config, word_starts)
 
 
-def continuation_table(vocab: dict[str, int]) -> np.ndarray:
-    """Bool over the vocabulary: true for a WordPiece continuation (``##...``), which starts no word."""
+BPE_WORD_START = "\u0120"  # "Ġ": byte-level BPE's mark of a leading space
+
+
+def continuation_table(vocab: dict[str, int], model: str = "WordPiece") -> np.ndarray:
+    """Bool over the vocabulary: true for a token that starts no word: a WordPiece continuation
+    (``##...``), or for ``model="BPE"`` a byte-level token without the ``Ġ`` word-start mark (the
+    first token of a sentence starts a word all the same: the encoder flags it)."""
     table = np.zeros(max(vocab.values()) + 1, dtype=bool)
     for token, i in vocab.items():
-        if token.startswith("##"):
-            table[i] = True
+        if model == "BPE":
+            table[i] = not token.startswith(BPE_WORD_START)
+        else:
+            table[i] = token.startswith("##")
     return table

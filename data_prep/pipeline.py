@@ -154,7 +154,7 @@ def shard_settings(cfg: PrepConfig, out_dir: Path, info) -> ShardSettings:
         max_predictions=s.max_predictions, masked_lm_prob=s.masked_lm_prob, short_seq_prob=s.short_seq_prob,
         seed=cfg.seed, vocab_size=info.vocab_size, token_dtype=info.token_dtype, pad_id=info.pad_id,
         unk_id=info.unk_id, cls_id=info.cls_id,
-        sep_id=info.sep_id, mask_id=info.mask_id, special_ids=info.special_ids)
+        sep_id=info.sep_id, mask_id=info.mask_id, special_ids=info.special_ids, tokenizer_model=info.model)
 
 
 class Progress:
@@ -407,15 +407,17 @@ def vocab_fingerprint(cfg: PrepConfig, out_dir: Path) -> str:
     inputs = expand_inputs(cfg.input.paths, is_output(cfg, out_dir))
     files = [(str(p.resolve()), p.stat().st_size) for p in inputs]
     v = cfg.vocab
-    return sha256_text(canonical_json({"files": files, "input": vars(cfg.input) | {"paths": None},
-                                       "clean": vars(cfg.clean), "vocab_size": v.vocab_size,
-                                       "lowercase": v.lowercase is not False, "min_frequency": v.min_frequency,
-                                       "max_text_mb": v.max_text_mb}))
+    settings = {"files": files, "input": vars(cfg.input) | {"paths": None}, "clean": vars(cfg.clean),
+                "vocab_size": v.vocab_size, "lowercase": v.lowercase is not False, "min_frequency": v.min_frequency,
+                "max_text_mb": v.max_text_mb}
+    if v.model != "wordpiece":  # only then: the fingerprints of WordPiece runs stay what they were
+        settings.update(model=v.model, lowercase=False)
+    return sha256_text(canonical_json(settings))
 
 
 def prepare_vocab(cfg: PrepConfig, out_dir) -> dict:
     """The vocab stage: train (or import ``vocab.tokenizer``) into ``out_dir``; skipped when done."""
-    from data_prep.vocab import train_wordpiece
+    from data_prep.vocab import train_bpe, train_wordpiece
 
     out_dir = Path(out_dir)
     info_path = out_dir / INFO_FILE
@@ -441,14 +443,17 @@ def prepare_vocab(cfg: PrepConfig, out_dir) -> dict:
         quiet = ErrorPolicy(cfg.on_error, max_warnings=0)  # the second pass meets the same problems
         passes = iter([lambda: _training_texts(cfg, policy, counts, out_dir),
                        lambda: _training_texts(cfg, quiet, Counter(), out_dir)])
-        lowercase = True if cfg.vocab.lowercase is None else cfg.vocab.lowercase
-        tok = train_wordpiece(lambda: next(passes)(), cfg.vocab.vocab_size, lowercase,
-                              cfg.vocab.min_frequency)
+        if cfg.vocab.model == "bpe":
+            tok = train_bpe(lambda: next(passes)(), cfg.vocab.vocab_size, cfg.vocab.min_frequency)
+        else:
+            lowercase = True if cfg.vocab.lowercase is None else cfg.vocab.lowercase
+            tok = train_wordpiece(lambda: next(passes)(), cfg.vocab.vocab_size, lowercase,
+                                  cfg.vocab.min_frequency)
         counts.update({f"skipped_{k}": v for k, v in policy.counts.items()})
         save_tokenizer_dir(tok, out_dir, {"training_fingerprint": fingerprint, "requested_vocab_size":
                                           cfg.vocab.vocab_size, "corpus": dict(sorted(counts.items()))})
     info = json.loads(info_path.read_text())
-    print(f"data_prep vocab: {out_dir}: {info['vocab_size']:,} tokens, "
+    print(f"data_prep vocab: {out_dir}: {info['vocab_size']:,} {info['model']} tokens, "
           f"{'uncased' if info['lowercase'] else 'cased'}, sha256 {info['sha256'][:12]}..., "
           f"{time.time() - started:.1f} s", file=sys.stderr)
     return info

@@ -11,7 +11,7 @@ import numpy as np
 from data_prep.errors import PrepError
 from data_prep.fsutil import TMP_PREFIX
 from data_prep.loader import example_from_sample
-from data_prep.masking import mask_sample, masking_config
+from data_prep.masking import BPE_WORD_START, mask_sample, masking_config
 from data_prep.shards import (MANIFEST, SHARD_NAME, SPLITS, iter_split_samples, iter_split_shards, read_entry,
                               read_manifest, split_info)
 from data_prep.shards.store import open_store
@@ -159,14 +159,16 @@ def format_stats(s: dict) -> str:
 
 
 def render_samples(out_dir, n: int = 5, split: str = "train", epoch: int = 0) -> str:
-    """Samples decoded to word pieces: [MASK:orig] masked, {rand>orig} replaced, <orig> kept."""
-    from data_prep.vocab import read_tokenizer
+    """Samples decoded to word pieces: [MASK:orig] masked, {rand>orig} replaced, <orig> kept.  A byte-level
+    BPE piece is shown as its text (``Ġ`` for the space before a word, ``\ufffd`` for part of a character)."""
+    from data_prep.vocab import read_tokenizer, tokenizer_model
 
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     info = split_info(manifest, split)
     tok = read_tokenizer(out_dir / manifest["tokenizer"]["dir"])
     label_words = {"nsp_label": {0: "B follows A", 1: "B is random"}, "sop_label": {0: "in order", 1: "swapped"}}
+    piece_text = _bpe_piece_text(tok) if tokenizer_model(tok) == "BPE" else tok.id_to_token
     out = []
     for ordinal, (where, _, key, raw) in enumerate(iter_split_samples(out_dir, manifest, split, n)):
         ex = example_from_sample(raw, info, seed=manifest["seed"], epoch=epoch, index=ordinal, where=where)
@@ -175,12 +177,12 @@ def render_samples(out_dir, n: int = 5, split: str = "train", epoch: int = 0) ->
         marks = dict(zip(ex["masked_lm_positions"].tolist(), ex["masked_lm_labels"].tolist()))
         pieces = []
         for i, (shown, orig) in enumerate(zip(ex["input_ids"].tolist(), original.tolist())):
-            word = tok.id_to_token(orig)
+            word = piece_text(orig)
             if i in marks:
                 if shown == info["special_ids"]["mask"]:
                     word = f"[MASK:{word}]"
                 elif shown != orig:
-                    word = f"{{{tok.id_to_token(shown)}>{word}}}"
+                    word = f"{{{piece_text(shown)}>{word}}}"
                 else:
                     word = f"<{word}>"
             pieces.append(word)
@@ -190,6 +192,19 @@ def render_samples(out_dir, n: int = 5, split: str = "train", epoch: int = 0) ->
                     f"({label_words[info['sentence_label_key']][ex['sentence_label']]})"
         out.append(head + "\n  " + " ".join(pieces))
     return "\n\n".join(out)
+
+
+def _bpe_piece_text(tok):
+    """id -> the text of a byte-level BPE token (its bytes decoded), the space before a word shown as Ġ."""
+    from data_prep.vocab import SPECIAL_ROLES
+
+    def text(token_id: int) -> str:
+        token = tok.id_to_token(token_id)
+        if token in SPECIAL_ROLES["BPE"]:
+            return token
+        decoded = tok.decoder.decode([token])
+        return BPE_WORD_START + decoded[1:] if decoded.startswith(" ") else decoded
+    return text
 
 
 def stats_json(s: dict) -> str:

@@ -1,9 +1,16 @@
-"""Stage 4, vocabulary: train a BERT WordPiece tokenizer, or import an existing vocab.txt/tokenizer.json.
+"""Stage 4, vocabulary: train a BERT WordPiece or a RoBERTa byte-level BPE tokenizer, or import an
+existing vocab.txt/tokenizer.json.
 
-A tokenizer directory holds ``tokenizer.json`` (HF tokenizers), ``vocab.txt`` (for the model export),
-``tokenizer_config.json`` + ``special_tokens_map.json`` (so transformers' BertTokenizerFast loads it)
-and ``vocab_info.json`` (hash, size, case, special ids; written last: its presence marks the directory
-complete).  The tokenizer hash is the sha256 of its serialization (see tokenizer_hash).
+A tokenizer directory holds ``tokenizer.json`` (HF tokenizers), ``vocab.txt`` (the tokens by id: the
+WordPiece vocabulary the model export copies; for BPE a listing only, the export writes vocab.json and
+merges.txt from tokenizer.json), ``tokenizer_config.json`` + ``special_tokens_map.json`` (so
+transformers' BertTokenizerFast / RobertaTokenizerFast loads it) and ``vocab_info.json`` (hash, size,
+case, model, special ids; written last: its presence marks the directory complete).  The tokenizer
+hash is the sha256 of its serialization (see tokenizer_hash).
+
+BPE is RoBERTa's (GPT-2's byte-level BPE): no normalizer, ``ByteLevel(add_prefix_space=False)``,
+``<s>`` ``<pad>`` ``</s>`` ``<unk>`` at ids 0-3 and ``<mask>`` last, ``<s> A </s></s> B </s>``.
+Its trainer is deterministic as it is (merges are picked by count, ties by the pair's ids).
 
 HF's WordPiece trainer assigns ids to ``##x`` tokens in hash-map order, which makes the vocabulary
 differ between runs (huggingface/tokenizers#1794).  We pre-register every ``##x`` the corpus can
@@ -27,6 +34,9 @@ from data_prep.errors import PrepError, write_error
 from data_prep.fsutil import atomic_write_json, atomic_write_text, sha256_text, temp_path_for
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+BPE_SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # RoBERTa's, in its id order
+# tokenizers model type -> (pad, unk, cls, sep, mask) token: the roles TokenizerInfo names
+SPECIAL_ROLES = {"WordPiece": SPECIAL_TOKENS, "BPE": ("<pad>", "<unk>", "<s>", "</s>", "<mask>")}
 INFO_FILE = "vocab_info.json"
 # The files save_tokenizer_dir writes (INFO_FILE last).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", INFO_FILE)
@@ -46,6 +56,7 @@ class TokenizerInfo:
     cls_id: int
     sep_id: int
     mask_id: int
+    model: str = "WordPiece"  # tokenizers model type: WordPiece (BERT) or BPE (RoBERTa)
 
     @property
     def special_ids(self) -> tuple[int, ...]:
@@ -83,6 +94,53 @@ def build_bert_tokenizer(vocab: dict[str, int], lowercase: bool):
     tok.decoder = decoders.WordPiece(prefix="##")
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     return tok
+
+
+def build_roberta_tokenizer(vocab: dict[str, int], merges: list):
+    """A RoBERTa byte-level BPE tokenizer of ``vocab`` (holding the five special tokens) and ``merges``
+    (pairs of tokens, or "a b" strings as merges.txt has them), as transformers' RobertaTokenizerFast
+    builds one: ByteLevel(add_prefix_space=False), RobertaProcessing, ``<mask>`` stripping the space before it."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    missing = [t for t in BPE_SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise PrepError(f"vocabulary lacks the special tokens {missing}; expected all of {list(BPE_SPECIAL_TOKENS)}")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    tok = Tokenizer(models.BPE(vocab, merges, dropout=None, unk_token=None, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True)
+    tok.post_processor = processors.RobertaProcessing(("</s>", vocab["</s>"]), ("<s>", vocab["<s>"]),
+                                                      trim_offsets=True, add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([*BPE_SPECIAL_TOKENS[:4], AddedToken("<mask>", lstrip=True, normalized=False)])
+    return tok
+
+
+def train_bpe(texts: Callable[[], Iterable[str]], vocab_size: int, min_frequency: int = 2):
+    """Train RoBERTa's byte-level BPE on ``texts()`` (one pass): ``vocab_size`` tokens counting the 256
+    byte symbols and the special tokens, ``<s> <pad> </s> <unk>`` first and ``<mask>`` last."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, min_frequency=min_frequency,
+                                  special_tokens=list(BPE_SPECIAL_TOKENS[:4]),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    chars = 0
+
+    def counted():
+        nonlocal chars
+        for text in texts():
+            chars += len(text)
+            yield text
+    raw.train_from_iterator(counted(), trainer)
+    if not chars:
+        raise PrepError("no text to train the vocabulary on (all input was empty or dropped)")
+    model = json.loads(raw.to_str())["model"]
+    vocab = dict(model["vocab"], **{"<mask>": len(model["vocab"])})
+    if len(vocab) < vocab_size:
+        print(f"data_prep vocab: warning: vocab_size {vocab_size:,} is more than this corpus can fill; the "
+              f"vocabulary has {len(vocab):,} tokens", file=sys.stderr)
+    return build_roberta_tokenizer(vocab, model["merges"])
 
 
 def _may_continue_a_word(ch: str) -> bool:
@@ -155,15 +213,31 @@ def tokenizer_hash(tokenizer) -> str:
     return sha256_text(tokenizer.to_str())
 
 
-def tokenizer_info(tokenizer) -> TokenizerInfo:
-    lowercase = bool(normalizer_flags(json.loads(tokenizer.to_str()).get("normalizer"))[0])
-    ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+def tokenizer_model(tokenizer) -> str:
+    """The tokenizers model type (WordPiece, BPE, ...) of a Tokenizer."""
+    return type(tokenizer.model).__name__
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """{pad, unk, cls, sep, mask: id} of a WordPiece (``[PAD]``...) or BPE (``<pad>``...) tokenizer;
+    a one-line PrepError for another model or a missing special token."""
+    model = tokenizer_model(tokenizer)
+    tokens = SPECIAL_ROLES.get(model)
+    if tokens is None:
+        raise PrepError(f"tokenizer model type is {model!r}; expected one of {', '.join(SPECIAL_ROLES)}")
+    ids = {t: tokenizer.token_to_id(t) for t in tokens}
     missing = [t for t, i in ids.items() if i is None]
     if missing:
-        raise PrepError(f"tokenizer lacks the special tokens {missing}; expected all of {list(SPECIAL_TOKENS)}")
+        raise PrepError(f"{model} tokenizer lacks the special tokens {missing}; expected all of {list(tokens)}")
+    return dict(zip(("pad", "unk", "cls", "sep", "mask"), ids.values()))
+
+
+def tokenizer_info(tokenizer) -> TokenizerInfo:
+    lowercase = bool(normalizer_flags(json.loads(tokenizer.to_str()).get("normalizer"))[0])
+    ids = special_token_ids(tokenizer)
     return TokenizerInfo(sha256=tokenizer_hash(tokenizer), vocab_size=tokenizer.get_vocab_size(),
-                         lowercase=lowercase, pad_id=ids["[PAD]"], unk_id=ids["[UNK]"], cls_id=ids["[CLS]"],
-                         sep_id=ids["[SEP]"], mask_id=ids["[MASK]"])
+                         lowercase=lowercase, pad_id=ids["pad"], unk_id=ids["unk"], cls_id=ids["cls"],
+                         sep_id=ids["sep"], mask_id=ids["mask"], model=tokenizer_model(tokenizer))
 
 
 def normalizer_flags(normalizer: dict | None) -> tuple[bool | None, bool | None]:
@@ -198,15 +272,24 @@ def save_tokenizer_dir(tokenizer, out_dir: Path, extra: dict | None = None,
         raise PrepError("tokenizer ids are not contiguous 0..N-1; cannot write vocab.txt")
     atomic_write_text(out_dir / "tokenizer.json", tokenizer.to_str())
     atomic_write_text(out_dir / "vocab.txt", "".join(t + "\n" for t, _ in by_id))
-    atomic_write_json(out_dir / "tokenizer_config.json", {
-        "tokenizer_class": "BertTokenizer", "do_lower_case": info.lowercase, "tokenize_chinese_chars": True,
-        "strip_accents": None, "model_max_length": 512, "unk_token": "[UNK]", "sep_token": "[SEP]",
-        "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"})
-    atomic_write_json(out_dir / "special_tokens_map.json", {
-        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-        "mask_token": "[MASK]"})
+    specials = special_tokens_map(info.model)
+    if info.model == "BPE":
+        settings = {"tokenizer_class": "RobertaTokenizer", "add_prefix_space": False, "trim_offsets": True}
+    else:
+        settings = {"tokenizer_class": "BertTokenizer", "do_lower_case": info.lowercase,
+                    "tokenize_chinese_chars": True, "strip_accents": None}
+    atomic_write_json(out_dir / "tokenizer_config.json", {**settings, "model_max_length": 512, **specials})
+    atomic_write_json(out_dir / "special_tokens_map.json", specials)
     atomic_write_json(out_dir / INFO_FILE, {"format": TOKENIZER_FORMAT, **asdict(info), **(extra or {})})
     return info
+
+
+def special_tokens_map(model: str) -> dict[str, str]:
+    """transformers' special_tokens_map of a WordPiece (BERT) or BPE (RoBERTa) tokenizer."""
+    roles = dict(zip(("pad", "unk", "cls", "sep", "mask"), SPECIAL_ROLES[model]))
+    names = {"unk_token": roles["unk"], "sep_token": roles["sep"], "pad_token": roles["pad"],
+             "cls_token": roles["cls"], "mask_token": roles["mask"]}
+    return names | ({"bos_token": roles["cls"], "eos_token": roles["sep"]} if model == "BPE" else {})
 
 
 def install_tokenizer_dir(tokenizer, out_dir: Path, info: TokenizerInfo) -> None:
@@ -277,13 +360,10 @@ def read_tokenizer(path: Path, lowercase: bool | None = None, validate: bool = T
             raise PrepError(f"{path}: not a valid tokenizers JSON file ({err})") from err
         if not validate:
             return tok
-        model = type(tok.model).__name__
-        if model != "WordPiece":
-            raise PrepError(f"{path}: model type is {model!r}; expected WordPiece")
-        missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
-        if missing:
-            raise PrepError(f"{path}: tokenizer lacks the special tokens {missing}; "
-                            f"expected all of {list(SPECIAL_TOKENS)}")
+        try:
+            special_token_ids(tok)
+        except PrepError as err:
+            raise PrepError(f"{path}: {err}") from None
         return tok
     if lowercase is None:
         lowercase = declared_lowercase(path.parent)

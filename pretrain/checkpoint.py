@@ -92,11 +92,18 @@ def config_fingerprint(cfg: Config) -> str:
 def fingerprinted_settings(d: dict) -> dict:
     """The part of a config (as Config.to_dict() gives it) that defines the training trajectory.  Excluded
     on purpose: micro batch, accumulation and world size (resume with another layout is allowed), logging,
-    checkpoint, eval, loader workers and kernel choices (numerics-equivalent implementations)."""
+    checkpoint, eval, loader workers, kernel choices and activation checkpointing (numerics-equivalent
+    implementations: a run may switch them when it resumes).  A distillation run (distill.teacher set) adds its
+    distill section but the teacher's path (the teacher is a fingerprint of its own, by its weights)."""
     training = {k: v for k, v in d["training"].items()
-                if k not in ("micro_batch_size", "grad_accum_steps", "collective_timeout_s", "max_nonfinite_steps")}
-    return {"model": d["model"], "optimizer": d["optimizer"], "schedule": d["schedule"],
-            "training": training, "zero_stage_irrelevant": True, "mlm_probability": d["data"]["mlm_probability"]}
+                if k not in ("micro_batch_size", "grad_accum_steps", "collective_timeout_s", "max_nonfinite_steps",
+                             "activation_checkpointing")}
+    settings = {"model": d["model"], "optimizer": d["optimizer"], "schedule": d["schedule"],
+                "training": training, "zero_stage_irrelevant": True, "mlm_probability": d["data"]["mlm_probability"]}
+    distill = d.get("distill") or {}
+    if distill.get("teacher"):   # a distillation run's losses; its teacher is fingerprinted by its weights' hash
+        settings["distill"] = {k: v for k, v in distill.items() if k != "teacher"}
+    return settings
 
 
 def config_changes(ckpt_dir: str, cfg: Config) -> dict:
@@ -151,7 +158,7 @@ def check_fingerprints(saved: dict, current: dict, where: str, allow_mismatch: b
     (pretraining's), a config mismatch lists the settings that differ from the checkpoint's config.yaml,
     and one that only raises training.max_steps is allowed: it extends the run (the note says so)."""
     def agree(key: str) -> bool:
-        return saved.get(key) == current.get(key) or \
+        return _identity(saved.get(key)) == _identity(current.get(key)) or \
             key == "data" and current.get(CONVERTED_FROM) is not None and saved.get(key) == current[CONVERTED_FROM]
 
     diffs = []
@@ -162,12 +169,24 @@ def check_fingerprints(saved: dict, current: dict, where: str, allow_mismatch: b
         if extends_the_run(changes):
             continue
         diffs += [f"config: {key}: {then!r} there, {now!r} now" for key, (then, now) in changes.items()] or \
-            [f"{k}: checkpoint {saved.get(k)!r} != this run {current.get(k)!r}"]
+            [f"{k}: checkpoint {_described(saved.get(k))} != this run {_described(current.get(k))}"]
     if diffs and not allow_mismatch:
         raise CheckpointError(
             f"cannot resume from {where}: it was made by a different run\n  " + "\n  ".join(diffs) +
             "\nstart a new run_dir, or set checkpoint.allow_fingerprint_mismatch=true to resume anyway")
     return diffs
+
+
+def _identity(value):
+    """What a fingerprint is compared by: a described one, ``{"sha256": ..., "path": ...}`` (a distillation
+    teacher's), by its hash alone, so that the same weights moved elsewhere are the same teacher."""
+    return value["sha256"] if isinstance(value, dict) and "sha256" in value else value
+
+
+def _described(value) -> str:
+    if isinstance(value, dict) and "sha256" in value:
+        return f"{value.get('path')} (sha256 {value['sha256'][:16]})"
+    return repr(value)
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import sys
 
 from data_prep.cli import dispatch
 
-COMMANDS = ("train", "finetune", "eval", "export", "import", "bench", "demo", "config")   # order shown in --help
+# in the order --help shows them
+COMMANDS = ("train", "distill", "finetune", "eval", "export", "import", "bench", "demo", "config")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,11 +34,13 @@ __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "dump_con
 # --------------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
-    arch: Literal["bert", "albert", "roberta"] = "bert"
+    arch: Literal["bert", "albert", "roberta", "distilbert"] = "bert"
     """Model family.  ``albert`` enables the factorized embedding and the ALBERT export format; ``roberta``
     is BERT's post-LN encoder with RoBERTa's position ids (from 2, past its padding index 1, which
     padding slots get: max_position_embeddings = longest sequence + 2) and its export format
-    (RobertaForMaskedLM; no sentence head)."""
+    (RobertaForMaskedLM; no sentence head); ``distilbert`` is BERT's post-LN encoder without token-type
+    embeddings (segment ids are ignored) and without dropout on the attention output, exported as
+    DistilBertForMaskedLM (no sentence head; layer_norm_eps 1e-12, the value transformers fixes)."""
     vocab_size: int = setting(30522, gt=0)
     """Tokenizer vocabulary size (the exported size; padded internally, see pad_vocab_multiple)."""
     hidden_size: int = setting(768, gt=0)
@@ -52,7 +54,7 @@ class ModelConfig:
     max_position_embeddings: int = setting(512, gt=0)
     """Longest sequence the learned position table supports."""
     type_vocab_size: int = setting(2, gt=0)
-    """Number of token-type (segment) embeddings."""
+    """Number of token-type (segment) embeddings (none for arch distilbert, which has no such table)."""
     embedding_size: Optional[int] = setting(None, gt=0)
     """ALBERT factorized embedding size E (V x E + E x H); None means E = H (no projection)."""
     share_layers: bool = False
@@ -216,6 +218,10 @@ class TrainingConfig:
     """Stop with an error after this many consecutive steps with a non-finite loss."""
     collective_timeout_s: int = setting(1800, gt=0)
     """Timeout of collective operations, so a dead rank gives an error instead of a hang."""
+    activation_checkpointing: bool = False
+    """Recompute each encoder layer's activations in the backward pass instead of keeping them: the same
+    losses, less activation memory (a larger micro batch or seq_len fits), about one more encoder forward
+    a step (docs/performance.md)."""
 
 
 @dataclass
@@ -271,7 +277,33 @@ class CheckpointConfig:
 
 
 @dataclass
-class LoggingConfig:
+class TrackersConfig:
+    """Experiment trackers beside TensorBoard (pretrain/trackers.py): the logging section of pretraining and
+    of fine-tuning."""
+    trackers: list[str] = field(default_factory=list)
+    """Experiment trackers that also get every logged scalar (at its step) and the resolved config, from rank
+    0: any of ``mlflow``, ``wandb`` (``pip install 'bertforge[trackers]'``).  A run resumed from a checkpoint
+    continues the same tracker runs (their ids are in RUN_DIR/trackers.json).  Empty: none."""
+    tracker_run_name: Optional[str] = None
+    """The run's name in the trackers; None: the name of run_dir (fine-tuning: with ``/seed-N``)."""
+    mlflow_tracking_uri: Optional[str] = None
+    """Where MLflow keeps runs: a tracking server (``http://host:5000``), ``databricks``, or a local store
+    (``file:PATH``, which MLflow 3 opens only with MLFLOW_ALLOW_FILE_STORE=true; ``sqlite:///FILE`` needs the
+    full ``mlflow`` package).  None: MLflow's default (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
+    mlflow_experiment: Optional[str] = None
+    """MLflow experiment name, created when missing; None: MLflow's default (MLFLOW_EXPERIMENT_NAME, else
+    the Default experiment)."""
+    wandb_project: Optional[str] = None
+    """W&B project; None: WANDB_PROJECT, else W&B's default."""
+    wandb_entity: Optional[str] = None
+    """W&B entity (user or team); None: WANDB_ENTITY, else the account's default."""
+    wandb_mode: Optional[Literal["online", "offline", "disabled"]] = None
+    """W&B mode: ``offline`` writes the run under WANDB_DIR (default ./wandb) for a later ``wandb sync``;
+    None: WANDB_MODE, else online (which needs ``wandb login``)."""
+
+
+@dataclass
+class LoggingConfig(TrackersConfig):
     run_dir: str = setting("runs/default", path=True)
     """Root of this run's outputs: TensorBoard events, JSONL log, checkpoints, plots."""
     every_steps: int = setting(10, gt=0)
@@ -308,6 +340,37 @@ class EvalConfig:
 
 
 @dataclass
+class DistillConfig:
+    """``python -m pretrain distill``: a student trained on a frozen teacher's outputs (pretrain/distill.py)."""
+    teacher: Optional[str] = setting(None, path=True)
+    """The teacher (required by ``pretrain distill``, unused by ``pretrain train``): one of our checkpoints (a
+    directory with model.pt and config.yaml, or a checkpoint root with ``latest``) or a transformers directory
+    of the BERT family (config.json; as ``pretrain import`` reads).  The student's model section is derived
+    from the teacher's (see student, layer_map): a distillation config's ``model`` section is replaced."""
+    student: Literal["distilbert", "teacher"] = "distilbert"
+    """The student's shape: ``distilbert`` (model.arch distilbert: no token-type embeddings, no pooler or
+    sentence head; needs a post-LN BERT teacher) or ``teacher`` (the teacher's arch and layout without the
+    sentence head: BERT-shaped for a BERT teacher, RoBERTa-shaped for a RoBERTa one)."""
+    layer_map: Optional[list[int]] = None
+    """The teacher layer (counted from 0) whose weights initialise each student layer, in order; its length is
+    the student's depth.  None: every other layer, 0, 2, 4, ... (half the depth, rounded up), as DistilBERT.
+    The embeddings and the MLM head are the teacher's; the student keeps the teacher's width."""
+    temperature: float = setting(2.0, gt=0)
+    """Softmax temperature T of the soft-target loss (its KL is scaled by T^2)."""
+    alpha_ce: float = setting(5.0, ge=0)
+    """Weight of the soft-target loss: KL(teacher || student) of the MLM distributions at temperature T,
+    averaged over the masked positions."""
+    alpha_mlm: float = setting(2.0, ge=0)
+    """Weight of the student's own MLM loss (cross-entropy with the masked tokens)."""
+    alpha_cos: float = setting(1.0, ge=0)
+    """Weight of the cosine embedding loss, 1 - cos(student, teacher) of the last hidden states, averaged
+    over the real (not padding) tokens."""
+    alpha_mse: float = setting(0.0, ge=0)
+    """Weight of the mean squared error between the student's and the teacher's last hidden states over the
+    real tokens (averaged over tokens and width; 0: off, as in DistilBERT)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -319,6 +382,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -461,10 +525,10 @@ def _albert_options(cfg: Config, _world_size):
 
 
 @RULES.check("model.arch", "model.sentence_head", "model.layer_norm_position")
-def _roberta_layout(cfg: Config, _world_size):
+def _roberta_distilbert_layout(cfg: Config, _world_size):
     m = cfg.model
-    if m.arch == "roberta" and (m.sentence_head != "none" or m.layer_norm_position != "post"):
-        return (f"model.arch=roberta is post-LN without a sentence head: got model.sentence_head="
+    if m.arch in ("roberta", "distilbert") and (m.sentence_head != "none" or m.layer_norm_position != "post"):
+        return (f"model.arch={m.arch} is post-LN without a sentence head: got model.sentence_head="
                 f"{m.sentence_head}, model.layer_norm_position={m.layer_norm_position} (expected none, post)")
 
 
@@ -553,6 +617,15 @@ def _downstream_suite(cfg: Config, _world_size):
         return [f"eval.downstream: {line}" for line in str(err).splitlines()]
 
 
+@RULES.check("logging.trackers")
+def _trackers(cfg: Config, _world_size):
+    """Known names, each once (pretrain/trackers.py has the list; the commands check the packages)."""
+    if not cfg.logging.trackers:
+        return None
+    from pretrain.trackers import config_problems
+    return config_problems(cfg.logging.trackers)
+
+
 @RULES.check("training.micro_batch_size", "training.global_batch_size", "training.grad_accum_steps")
 def _batch_product(cfg: Config, world_size: int | None):
     t = cfg.training
@@ -575,6 +648,23 @@ def _batch_product(cfg: Config, world_size: int | None):
     return None
 
 
+@RULES.check("distill.layer_map")
+def _layer_map(cfg: Config, _world_size):
+    layers = cfg.distill.layer_map
+    if layers is not None and (not layers or min(layers) < 0):
+        return (f"distill.layer_map: got {layers!r}, expected a non-empty list of teacher layers (integers >= 0, "
+                f"one per student layer), or null for every other layer")
+
+
+DISTILL_WEIGHTS = ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_mse")
+
+
+@RULES.check(*(f"distill.{k}" for k in DISTILL_WEIGHTS))
+def _some_distill_loss(cfg: Config, _world_size):
+    if not any(getattr(cfg.distill, k) for k in DISTILL_WEIGHTS):
+        return f"distill.{', '.join(DISTILL_WEIGHTS)}: all are 0, so there is no loss to train on: set one above 0"
+
+
 LAMB_ONLY = ("bias_correction", "max_trust_ratio", "min_trust_ratio", "nvlamb")
 
 
@@ -585,6 +675,14 @@ def _lamb_options_with_adamw(cfg: Config, _world_size):
         return None
     return [f"optimizer.{k}={yaml.safe_dump(getattr(o, k)).splitlines()[0]} has no effect: it is a LAMB option "
             f"and optimizer.name={o.name}" for k in LAMB_ONLY if getattr(o, k) != getattr(default, k)]
+
+
+@WARNINGS.check("model.arch", "model.type_vocab_size")
+def _token_types_without_a_table(cfg: Config, _world_size):
+    m = cfg.model
+    if m.arch == "distilbert" and m.type_vocab_size != ModelConfig().type_vocab_size:
+        return (f"model.type_vocab_size={m.type_vocab_size} has no effect: model.arch=distilbert has no "
+                "token-type embeddings (segment ids are ignored)")
 
 
 @WARNINGS.check("data.packing", "data.max_instances_per_row")

@@ -11,6 +11,7 @@ Which HF class a config maps to (export), and which HF classes import accepts:
     albert  post                 none            AlbertForMaskedLM
     albert  pre                  -               not exportable (HF has no pre-LN ALBERT)
     roberta post                 none            RobertaForMaskedLM  (position ids from 2, pad_token_id 1)
+    distilbert post              none            DistilBertForMaskedLM  (no token types; layer_norm_eps 1e-12)
 
 Fine-tuned models (pretrain.finetune.model.FinetuneModel) export by family and task:
 
@@ -20,16 +21,20 @@ Fine-tuned models (pretrain.finetune.model.FinetuneModel) export by family and t
     Albert (albert, post)                qa         ...ForQuestionAnswering        (qa_outputs [2, H]; no pooler)
     Roberta (roberta, post)                         RobertaForSequenceClassification: its classifier.dense is
                                                     our pooler, classifier.out_proj our classifier
+    DistilBert (distilbert, post)                   DistilBertForSequenceClassification: its pre_classifier
+                                                    (+ ReLU, not tanh) is our pooler
 
 with num_labels, id2label/label2id, problem_type (sequence: single_label_classification or
-regression) and the head dropout (classifier_dropout; ALBERT: classifier_dropout_prob) in
-config.json.  Fine-tuning starts from any of the classes above or a bare BertModel,
-MegatronBertModel, AlbertModel or RobertaModel directory (:func:`read_hf_weights`).
+regression) and the head dropout (classifier_dropout; ALBERT: classifier_dropout_prob; DistilBERT:
+seq_classif_dropout, qa_dropout, and classifier_dropout for its token class, which drops out by the
+encoder's dropout) in config.json.
+Fine-tuning starts from any of the classes above or a bare BertModel, MegatronBertModel, AlbertModel,
+RobertaModel or DistilBertModel directory (:func:`read_hf_weights`).
 
 Our fused qkv [3H, H] is split into query/key/value; the decoder weight (tied to the word
-embeddings) and decoder bias are written to both HF names; ALBERT without embedding_size gets
-an identity embedding_hidden_mapping_in.  The vocabulary padding never leaves the model.  Weights
-received from elsewhere are checked before transformers reads them (safetensors, or a .bin read
+embeddings) and decoder bias are written to both HF names (DistilBERT has one of each); ALBERT without
+embedding_size gets an identity embedding_hidden_mapping_in.  The vocabulary padding never leaves the
+model.  Weights received from elsewhere are checked before transformers reads them (safetensors, or a .bin read
 weights-only: a pickled payload is refused, never run).
 """
 from __future__ import annotations
@@ -40,14 +45,14 @@ import os
 import shutil
 import warnings
 
-from data_prep.vocab import declared_lowercase, normalizer_flags
+from data_prep.vocab import BPE_SPECIAL_TOKENS, declared_lowercase, normalizer_flags, special_tokens_map
 from pretrain.config import Config, ModelConfig, TrainingConfig, config_from_dict, max_seq_len
 from pretrain.weights import read_json_object
 
 SUPPORTED_HF_ARCHITECTURES = ("BertForPreTraining", "BertForMaskedLM", "MegatronBertForPreTraining",
                               "MegatronBertForMaskedLM", "AlbertForPreTraining", "AlbertForMaskedLM",
-                              "RobertaForMaskedLM")
-FAMILIES = ("Bert", "MegatronBert", "Albert", "Roberta")
+                              "RobertaForMaskedLM", "DistilBertForMaskedLM")
+FAMILIES = ("Bert", "MegatronBert", "Albert", "Roberta", "DistilBert")
 TASK_HEADS = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification",
               "qa": "ForQuestionAnswering"}
 """Fine-tuning task -> suffix of its HF class."""
@@ -60,17 +65,24 @@ FINETUNE_SOURCE_ARCHITECTURES = SUPPORTED_HF_ARCHITECTURES + FINETUNED_HF_ARCHIT
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 ROBERTA_PAD_ID = 1
 """RoBERTa's padding index: transformers' position ids count from it + 1, and padding slots sit at it."""
-SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-                  "mask_token": "[MASK]"}
+DISTILBERT_LAYER_NORM_EPS = 1e-12
+"""transformers' DistilBERT has this LayerNorm epsilon built in (its config has no setting for it)."""
 
 
 # --------------------------------------------------------------------------------------------
 # Architecture and config
 # --------------------------------------------------------------------------------------------
 def hf_family(m: ModelConfig) -> str:
-    """Bert, MegatronBert (pre-LN BERT), Albert or Roberta: the prefix of the transformers classes for ``m``."""
+    """Bert, MegatronBert (pre-LN BERT), Albert, Roberta or DistilBert: the prefix of the transformers classes
+    for ``m``."""
     if m.arch == "roberta":
         return "Roberta"
+    if m.arch == "distilbert":
+        if m.layer_norm_eps != DISTILBERT_LAYER_NORM_EPS:
+            raise ValueError(f"model.layer_norm_eps={m.layer_norm_eps} with model.arch=distilbert has no HuggingFace "
+                             f"equivalent (DistilBertModel's LayerNorms use {DISTILBERT_LAYER_NORM_EPS}); it cannot "
+                             "be exported")
+        return "DistilBert"
     if m.arch == "albert":
         if m.layer_norm_position == "pre":
             raise ValueError("model.layer_norm_position=pre with model.arch=albert has no HuggingFace "
@@ -116,6 +128,13 @@ def hf_config(m: ModelConfig, architecture: str | None = None, **settings):
     if m.arch == "roberta":
         return transformers.RobertaConfig(**{**common, "pad_token_id": ROBERTA_PAD_ID, "bos_token_id": 0,
                                              "eos_token_id": 2, **settings})
+    if m.arch == "distilbert":   # its own names; no token types; its LayerNorm eps is built in (hf_family)
+        distilbert = dict(vocab_size=m.vocab_size, dim=m.hidden_size, n_layers=m.num_layers, n_heads=m.num_heads,
+                          hidden_dim=m.intermediate_size, activation=common["hidden_act"], dropout=m.hidden_dropout,
+                          attention_dropout=m.attention_dropout, max_position_embeddings=m.max_position_embeddings,
+                          sinusoidal_pos_embds=False, initializer_range=m.initializer_range, pad_token_id=0,
+                          tie_word_embeddings=True, architectures=common["architectures"])
+        return transformers.DistilBertConfig(**{**distilbert, **settings})
     if m.layer_norm_position == "pre":
         return transformers.MegatronBertConfig(**common, **settings)
     return transformers.BertConfig(**common, **settings)
@@ -124,12 +143,16 @@ def hf_config(m: ModelConfig, architecture: str | None = None, **settings):
 def finetuned_hf_config(m: ModelConfig, head):
     """The transformers config of a fine-tuned model: ``head`` (a resolved
     pretrain.finetune.model.HeadConfig) gives num_labels, id2label/label2id, problem_type and the
-    head dropout.  MegatronBert's task classes drop out by hidden_dropout_prob whatever the config
-    says; classifier_dropout is still written, so that our import reads the head's value back."""
+    head dropout.  MegatronBert's sequence and token classes, and DistilBertForTokenClassification, drop
+    out by the encoder's hidden dropout whatever the config says; classifier_dropout is still written, so
+    that our import reads the head's value back."""
     architecture = finetuned_architecture(m, head.task)
-    dropout_key = "classifier_dropout_prob" if m.arch == "albert" else "classifier_dropout"
-    if architecture.startswith("MegatronBert") and head.task != "qa" and head.dropout != m.hidden_dropout:
-        warnings.warn(f"{architecture} drops out by hidden_dropout_prob={m.hidden_dropout}, not by the head "
+    dropout_key = _head_dropout_key(architecture)
+    by_hidden = (architecture.startswith("MegatronBert") and head.task != "qa"
+                 or architecture == "DistilBertForTokenClassification")
+    if by_hidden and head.dropout != m.hidden_dropout:
+        hidden_key = "dropout" if m.arch == "distilbert" else "hidden_dropout_prob"
+        warnings.warn(f"{architecture} drops out by {hidden_key}={m.hidden_dropout}, not by the head "
                       f"dropout {head.dropout}: training the exported model further in transformers differs "
                       "(its outputs in eval mode do not)", stacklevel=3)
     settings = {"num_labels": head.num_labels, "id2label": dict(enumerate(head.labels)),
@@ -139,53 +162,80 @@ def finetuned_hf_config(m: ModelConfig, head):
     return hf_config(m, architecture, **settings)
 
 
+DISTILBERT_HEAD_DROPOUT = {"DistilBertForSequenceClassification": "seq_classif_dropout",
+                           "DistilBertForQuestionAnswering": "qa_dropout"}
+
+
+def _head_dropout_key(architecture: str) -> str:
+    """The config.json key of a fine-tuned HF class's head dropout (written by export, read by import)."""
+    if architecture.startswith("Albert"):
+        return "classifier_dropout_prob"
+    return DISTILBERT_HEAD_DROPOUT.get(architecture, "classifier_dropout")
+
+
 def head_settings_from_hf(hf_cfg, architecture: str) -> dict | None:
     """The head of a fine-tuned HF config as HeadConfig fields (task, num_labels, labels, problem_type,
     dropout), or None for a pretraining or bare-encoder architecture.  Dropout: the value the HF class
-    itself would use (classifier_dropout, else hidden_dropout_prob; ALBERT: classifier_dropout_prob)."""
+    itself would use (classifier_dropout, else hidden_dropout_prob; ALBERT: classifier_dropout_prob;
+    DistilBERT: seq_classif_dropout, qa_dropout, classifier_dropout else dropout)."""
     task = task_of_architecture(architecture)
     if task is None:
         return None
     id2label = {int(k): v for k, v in (hf_cfg.id2label or {}).items()}
     labels = [id2label.get(i, f"LABEL_{i}") for i in range(hf_cfg.num_labels)]
-    key = "classifier_dropout_prob" if architecture.startswith("Albert") else "classifier_dropout"
-    dropout = getattr(hf_cfg, key, None)
+    dropout = getattr(hf_cfg, _head_dropout_key(architecture), None)
     if dropout is None:
-        dropout = hf_cfg.hidden_dropout_prob
+        dropout = hf_cfg.dropout if architecture.startswith("DistilBert") else hf_cfg.hidden_dropout_prob
+    has_dropout = task != "qa" or architecture.startswith("DistilBert")   # the other QA classes have none
     return {"task": task, "num_labels": hf_cfg.num_labels, "labels": labels,
             "problem_type": getattr(hf_cfg, "problem_type", None) if task == "sequence" else None,
-            "dropout": None if task == "qa" else dropout}   # HF's QA classes have no head dropout
+            "dropout": dropout if has_dropout else None}
 
 
 def model_config_from_hf(hf_cfg, source: str, supported: tuple = SUPPORTED_HF_ARCHITECTURES) -> ModelConfig:
-    """Our ModelConfig for a transformers Bert/MegatronBert/Albert config (``source`` names it in errors)
-    whose architectures name one of ``supported``; sentence_head is none unless it is a ...ForPreTraining."""
-    act = HF_ACTIVATIONS.get(hf_cfg.hidden_act)
+    """Our ModelConfig for a transformers Bert/MegatronBert/Albert/Roberta/DistilBert config (``source``
+    names it in errors) whose architectures name one of ``supported``; sentence_head is none unless it is a
+    ...ForPreTraining."""
+    arch = _architecture_of(hf_cfg, source, supported)
+    family = next((f for f in ("albert", "roberta", "distilbert") if arch.lower().startswith(f)), "bert")
+    fields = _distilbert_fields(hf_cfg, source) if family == "distilbert" else _bert_fields(hf_cfg)
+    act_key, hf_act = ("activation", hf_cfg.activation) if family == "distilbert" else ("hidden_act", hf_cfg.hidden_act)
+    act = HF_ACTIVATIONS.get(hf_act)
     if act is None:
-        raise ValueError(f"{source}: hidden_act {hf_cfg.hidden_act!r} is not supported "
+        raise ValueError(f"{source}: {act_key} {hf_act!r} is not supported "
                          f"(expected one of {', '.join(HF_ACTIVATIONS)})")
     if getattr(hf_cfg, "position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"{source}: position_embedding_type {hf_cfg.position_embedding_type!r} is not supported "
                          "(expected 'absolute')")
-    arch = _architecture_of(hf_cfg, source, supported)
-    family = "albert" if arch.startswith("Albert") else "roberta" if arch.startswith("Roberta") else "bert"
     if family == "roberta" and hf_cfg.pad_token_id != ROBERTA_PAD_ID:
         raise ValueError(f"{source}: RoBERTa with pad_token_id {hf_cfg.pad_token_id} is not supported (expected "
                          f"{ROBERTA_PAD_ID}: its position ids count from the padding index)")
     m = ModelConfig(arch=family, vocab_size=hf_cfg.vocab_size,
                     hidden_size=hf_cfg.hidden_size, num_layers=hf_cfg.num_hidden_layers,
-                    num_heads=hf_cfg.num_attention_heads, intermediate_size=hf_cfg.intermediate_size,
-                    max_position_embeddings=hf_cfg.max_position_embeddings,
-                    type_vocab_size=hf_cfg.type_vocab_size, layer_norm_eps=hf_cfg.layer_norm_eps,
-                    hidden_act=act, hidden_dropout=hf_cfg.hidden_dropout_prob,
-                    attention_dropout=hf_cfg.attention_probs_dropout_prob,
-                    initializer_range=hf_cfg.initializer_range,
-                    layer_norm_position="pre" if arch.startswith("MegatronBert") else "post")
+                    num_heads=hf_cfg.num_attention_heads, max_position_embeddings=hf_cfg.max_position_embeddings,
+                    hidden_act=act, initializer_range=hf_cfg.initializer_range,
+                    layer_norm_position="pre" if arch.startswith("MegatronBert") else "post", **fields)
     if not arch.endswith("ForPreTraining"):
         m.sentence_head = "none"
     if m.arch == "albert":
         _albert_options(m, hf_cfg, source)
     return m
+
+
+def _bert_fields(hf_cfg) -> dict:
+    return dict(intermediate_size=hf_cfg.intermediate_size, type_vocab_size=hf_cfg.type_vocab_size,
+                layer_norm_eps=hf_cfg.layer_norm_eps, hidden_dropout=hf_cfg.hidden_dropout_prob,
+                attention_dropout=hf_cfg.attention_probs_dropout_prob)
+
+
+def _distilbert_fields(hf_cfg, source: str) -> dict:
+    """DistilBertConfig's names for _bert_fields; it has no token types (type_vocab_size keeps our default,
+    which arch distilbert ignores) and no LayerNorm eps setting."""
+    if hf_cfg.sinusoidal_pos_embds:
+        raise ValueError(f"{source}: sinusoidal_pos_embds true is not supported (expected false: learned "
+                         "position embeddings)")
+    return dict(intermediate_size=hf_cfg.hidden_dim, layer_norm_eps=DISTILBERT_LAYER_NORM_EPS,
+                hidden_dropout=hf_cfg.dropout, attention_dropout=hf_cfg.attention_dropout)
 
 
 def _albert_options(m: ModelConfig, hf_cfg, source: str) -> None:
@@ -218,6 +268,9 @@ BERT_LAYER = {"attention.qkv": ("attention.self.query", "attention.self.key", "a
               "ffn.up": "intermediate.dense", "ffn.down": "output.dense", "ffn_norm": "output.LayerNorm"}
 MEGATRON_LAYER = dict(BERT_LAYER, attention_norm="attention.ln", ffn_norm="ln")
 EMBEDDING_TABLES = ("embeddings.word", "embeddings.position", "embeddings.token_type")  # weight only
+DISTILBERT_LAYER = {"attention.qkv": ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
+                    "attention.out": "attention.out_lin", "attention_norm": "sa_layer_norm",
+                    "ffn.up": "ffn.lin1", "ffn.down": "ffn.lin2", "ffn_norm": "output_layer_norm"}
 ALBERT_LAYER = {"attention.qkv": ("attention.query", "attention.key", "attention.value"),
                 "attention.out": "attention.dense", "attention_norm": "attention.LayerNorm",
                 "ffn.up": "ffn", "ffn.down": "ffn_output", "ffn_norm": "full_layer_layer_norm"}
@@ -255,6 +308,18 @@ def _roberta_modules(m: ModelConfig) -> dict:
     return names
 
 
+def _distilbert_modules(m: ModelConfig) -> dict:
+    names = {"embeddings.word": "distilbert.embeddings.word_embeddings",
+             "embeddings.position": "distilbert.embeddings.position_embeddings",
+             "embeddings.norm": "distilbert.embeddings.LayerNorm",
+             "mlm_head.dense": "vocab_transform", "mlm_head.norm": "vocab_layer_norm"}
+    # No pooler: DistilBERT has none; its sequence head's pre_classifier is our pooler (head_names).
+    for i in range(m.num_layers):
+        names.update({f"encoder.layers.{i}.{ours}": _prefixed(f"distilbert.transformer.layer.{i}.", hf)
+                      for ours, hf in DISTILBERT_LAYER.items()})
+    return names
+
+
 def _albert_modules(m: ModelConfig) -> dict:
     names = {"embeddings.word": "albert.embeddings.word_embeddings",
              "embeddings.position": "albert.embeddings.position_embeddings",
@@ -275,7 +340,8 @@ def _prefixed(prefix: str, hf, suffix: str = ""):
 
 def key_map(m: ModelConfig) -> dict:
     """{our parameter name: HF name or tuple of HF names} for every parameter of a model of config m."""
-    modules = {"albert": _albert_modules, "roberta": _roberta_modules}.get(m.arch, _bert_modules)(m)
+    modules = {"albert": _albert_modules, "roberta": _roberta_modules,
+               "distilbert": _distilbert_modules}.get(m.arch, _bert_modules)(m)
     names = {}
     for ours, hf in modules.items():
         for param in ("weight",) if ours in EMBEDDING_TABLES else ("weight", "bias"):
@@ -284,13 +350,17 @@ def key_map(m: ModelConfig) -> dict:
     return names
 
 
-MLM_HEADS = {"bert": ("cls.predictions", "bert"), "albert": ("predictions", "albert"), "roberta": ("lm_head", "roberta")}
+MLM_HEADS = {"bert": ("cls.predictions", "bert"), "albert": ("predictions", "albert"),
+             "roberta": ("lm_head", "roberta"), "distilbert": ("vocab_projector", "distilbert")}
 """arch -> (the HF MLM head's prefix, the encoder's prefix)."""
 
 
 def tied_copies(m: ModelConfig) -> dict:
-    """{HF name: HF name it is a copy of}: the decoder tied to the word embeddings and its bias."""
+    """{HF name: HF name it is a copy of}: the decoder tied to the word embeddings and its bias
+    (DistilBERT's vocab_projector is the decoder itself, with its one bias)."""
     head, base = MLM_HEADS[m.arch]
+    if m.arch == "distilbert":
+        return {f"{head}.weight": f"{base}.embeddings.word_embeddings.weight"}
     return {f"{head}.decoder.weight": f"{base}.embeddings.word_embeddings.weight",
             f"{head}.decoder.bias": f"{head}.bias"}
 
@@ -320,9 +390,13 @@ def finetuned_key_map(m: ModelConfig, head) -> dict:
 
 def head_names(m: ModelConfig, task: str) -> dict:
     """{our name: HF name} of a fine-tuned head's layers the encoder's key_map does not name: the output
-    layer, and RoBERTa's sequence head (RobertaClassificationHead: dense + tanh = our pooler, out_proj)."""
+    layer, RoBERTa's sequence head (RobertaClassificationHead: dense + tanh = our pooler, out_proj) and
+    DistilBERT's pre_classifier (+ ReLU: our pooler of a distilbert sequence head)."""
     if m.arch == "roberta" and task == "sequence":
         return {f"{ours}.{p}": f"classifier.{hf}.{p}" for ours, hf in (("pooler", "dense"), ("classifier", "out_proj"))
+                for p in ("weight", "bias")}
+    if m.arch == "distilbert" and task == "sequence":
+        return {f"{ours}.{p}": f"{hf}.{p}" for ours, hf in (("pooler", "pre_classifier"), ("classifier", "classifier"))
                 for p in ("weight", "bias")}
     layer = HEAD_MODULES[task]
     return {f"{layer}.{p}": f"{layer}.{p}" for p in ("weight", "bias")}
@@ -485,14 +559,24 @@ def _check_tokenizer_hash(tokenizer_dir: str, recorded: str, ckpt_dir: str) -> N
 
 
 def export_tokenizer(tokenizer_dir: str, out_dir: str, spec: dict) -> None:
-    """Copy tokenizer.json / vocab.txt and write a tokenizer_config.json AutoTokenizer understands."""
+    """Copy tokenizer.json / vocab.txt and write a tokenizer_config.json AutoTokenizer understands.
+    A RoBERTa byte-level BPE tokenizer gets RoBERTa's files instead of a vocab.txt: vocab.json and
+    merges.txt (from tokenizer.json, what the slow RobertaTokenizer reads) and its special tokens."""
     for name in spec["files"]:
         shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
-    if spec["vocab"] and "vocab.txt" not in spec["files"]:
-        with open(os.path.join(out_dir, "vocab.txt"), "w", encoding="utf-8") as f:
-            f.writelines(token + "\n" for token in sorted(spec["vocab"], key=spec["vocab"].get))
-    settings = dict(SPECIAL_TOKENS, tokenizer_class=spec["class"], do_lower_case=spec["lowercase"],
-                    model_max_length=spec["model_max_length"])
+    if spec["merges"] is not None:
+        with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(spec["vocab"], f, ensure_ascii=False)
+        with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+            f.writelines(["#version: 0.2\n", *(" ".join(pair) + "\n" for pair in spec["merges"])])
+        settings = dict(special_tokens_map("BPE"), tokenizer_class=spec["class"], add_prefix_space=False,
+                        trim_offsets=True, model_max_length=spec["model_max_length"])
+    else:
+        if spec["vocab"] and "vocab.txt" not in spec["files"]:
+            with open(os.path.join(out_dir, "vocab.txt"), "w", encoding="utf-8") as f:
+                f.writelines(token + "\n" for token in sorted(spec["vocab"], key=spec["vocab"].get))
+        settings = dict(special_tokens_map("WordPiece"), tokenizer_class=spec["class"],
+                        do_lower_case=spec["lowercase"], model_max_length=spec["model_max_length"])
     if spec["strip_accents"] is not None:
         settings["strip_accents"] = spec["strip_accents"]
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
@@ -505,8 +589,10 @@ def _tokenizer_spec(tokenizer_dir: str, m: ModelConfig) -> dict:
     if not files:
         raise FileNotFoundError(f"tokenizer directory {tokenizer_dir}: expected tokenizer.json or vocab.txt in it "
                                 "(pass --tokenizer DIR to export with another one)")
-    spec = {"files": files, "class": "BertTokenizerFast", "lowercase": None, "strip_accents": None,
-            "vocab": None, "model_max_length": max_seq_len(m)}
+    # DistilBERT's tokenizer is BERT's WordPiece, less the token_type_ids its models take none of.
+    wordpiece = "DistilBertTokenizerFast" if m.arch == "distilbert" else "BertTokenizerFast"
+    spec = {"files": files, "class": wordpiece, "lowercase": None, "strip_accents": None,
+            "vocab": None, "merges": None, "model_max_length": max_seq_len(m)}
     model = {}
     if "tokenizer.json" in files:
         with open(os.path.join(tokenizer_dir, "tokenizer.json"), encoding="utf-8") as f:
@@ -514,6 +600,11 @@ def _tokenizer_spec(tokenizer_dir: str, m: ModelConfig) -> dict:
         model = data.get("model") or {}
         if model.get("type") == "WordPiece":
             spec["vocab"] = model.get("vocab")
+        elif model.get("type") == "BPE" and set(BPE_SPECIAL_TOKENS) <= {*model.get("vocab", {}), *_added_tokens(data)}:
+            # RoBERTa's byte-level BPE (data_prep vocab --model bpe): its files, not data_prep's vocab.txt listing
+            spec.update(files=["tokenizer.json"], vocab={**model["vocab"], **_added_tokens(data)}, lowercase=False,
+                        merges=[m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])])
+            spec["class"] = "RobertaTokenizerFast"
         else:
             spec["class"] = "PreTrainedTokenizerFast"
         spec["lowercase"], spec["strip_accents"] = normalizer_flags(data.get("normalizer"))
@@ -531,6 +622,11 @@ def _tokenizer_spec(tokenizer_dir: str, m: ModelConfig) -> dict:
     if spec["lowercase"] is None:  # a bare vocab.txt: as data_prep reads it, uncased unless declared
         spec["lowercase"] = declared_lowercase(tokenizer_dir)
     return spec
+
+
+def _added_tokens(tokenizer_json: dict) -> dict[str, int]:
+    """{content: id} of a tokenizer.json's added tokens (RoBERTa's <mask> is one, outside the BPE vocab)."""
+    return {t["content"]: t["id"] for t in tokenizer_json.get("added_tokens") or []}
 
 
 def import_hf(hf_dir: str, out_dir: str) -> Config:
@@ -615,7 +711,7 @@ def _read_hf_config(hf_dir: str, supported: tuple = SUPPORTED_HF_ARCHITECTURES):
         raise FileNotFoundError(f"{hf_dir}: expected a transformers model directory with config.json")
     data = read_json_object(path)
     model_type = data.get("model_type")
-    if model_type not in ("bert", "megatron-bert", "albert", "roberta"):
+    if model_type not in ("bert", "megatron-bert", "albert", "roberta", "distilbert"):
         raise ValueError(f"{path}: model_type {model_type!r} (architectures {data.get('architectures')}) is not "
                          f"supported; expected one of {', '.join(supported)}")
     try:

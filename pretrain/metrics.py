@@ -1,4 +1,5 @@
-"""Monitoring: TensorBoard scalars, a JSONL log, progress with ETA, throughput/MFU, a PNG.
+"""Monitoring: TensorBoard scalars, a JSONL log, progress with ETA, throughput/MFU, a PNG; the optional
+MLflow / W&B trackers (pretrain/trackers.py) get the same scalars and the config.
 
 Only rank 0 writes.  Values arrive as plain floats already reduced across ranks.  Progress: a tqdm bar
 when stderr is a terminal and ``progress_bar`` is on; otherwise (a SLURM log file, a pipe, or the bar off)
@@ -14,6 +15,7 @@ import sys
 import time
 from typing import Optional
 
+from pretrain.trackers import open_trackers
 from pretrain.weights import atomic_write_text
 
 # Dense bf16/fp16 tensor-core peak TFLOP/s by device-name substring (first match wins).
@@ -50,15 +52,17 @@ def throughput(seqs: int, tokens: int, seconds: float, flops_per_seq: float,
 
 
 class MetricsLogger:
-    """TensorBoard + JSONL + tqdm progress bar on rank 0; a no-op elsewhere."""
+    """TensorBoard + JSONL + tqdm progress bar + the trackers that ``trackers`` (a logging section: its
+    ``trackers`` list and their settings) names, on rank 0; a no-op elsewhere."""
 
     def __init__(self, run_dir: str, *, rank: int, max_steps: int, start_step: int,
-                 tensorboard: bool = True, progress_bar: bool = True):
+                 tensorboard: bool = True, progress_bar: bool = True, trackers=None):
         self.enabled = rank == 0
         self.run_dir = run_dir
         self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
         self.writer = None
         self.bar = None
+        self.trackers = []
         if not self.enabled:
             return
         self.max_steps, self.began = max_steps, (time.time(), start_step)
@@ -71,6 +75,8 @@ class MetricsLogger:
         if progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        if trackers is not None:
+            self.trackers = open_trackers(trackers, run_dir, start_step, self.message)
         if dropped:
             self.message(f"{self.jsonl_path}: dropped {dropped} line(s) logged after step {start_step} by a run "
                          f"that stopped after its last checkpoint (or cut short); this run logs those steps anew")
@@ -78,11 +84,14 @@ class MetricsLogger:
     def log(self, step: int, values: dict, kind: str = "train") -> None:
         if not self.enabled:
             return
+        now = time.time()
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(key, value, step)
-        record = {"kind": kind, "step": step, "time": time.time(), **values}
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+        for tracker in self.trackers:
+            tracker.log(step, scalars, now)
+        record = {"kind": kind, "step": step, "time": now, **values}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if kind != "train":
@@ -96,7 +105,8 @@ class MetricsLogger:
 
     def log_run(self, step: int, config: dict, world_size: int) -> None:
         """A ``kind: run`` row (each start of the run, at the step it starts from) with the resolved config
-        and the run's metadata (run_metadata), and both as TensorBoard text (``run/config``, ``run/metadata``)."""
+        and the run's metadata (run_metadata), both as TensorBoard text (``run/config``, ``run/metadata``) and to
+        the trackers."""
         if not self.enabled:
             return
         meta = run_metadata(world_size)
@@ -104,6 +114,8 @@ class MetricsLogger:
             import yaml
             self.writer.add_text("run/config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", step)
             self.writer.add_text("run/metadata", "```\n" + json.dumps(meta, indent=2) + "\n```", step)
+        for tracker in self.trackers:
+            tracker.log_run(config, meta)
         self.jsonl.write(json.dumps({"kind": "run", "step": step, "time": time.time(), **meta, "config": config}) + "\n")
         self.jsonl.flush()
 
@@ -127,6 +139,8 @@ class MetricsLogger:
             self.writer.close()
         if self.bar is not None:
             self.bar.close()
+        for tracker in self.trackers:
+            tracker.close()
         self.jsonl.close()
 
 

@@ -12,7 +12,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -49,6 +49,20 @@ def device_for(dist_env: DistEnv) -> torch.device:
         torch.cuda.set_device(dist_env.local_rank)
         return torch.device("cuda", dist_env.local_rank)
     return torch.device("cpu")
+
+
+@dataclass
+class Objective:
+    """What a run trains where it is not pretraining's model and losses (distillation's: pretrain/distill.py)."""
+    wrap: Callable[[torch.nn.Module, torch.device], torch.nn.Module]
+    """``wrap(model, device)``: the module the engine trains, made from the freshly built model of the ``model``
+    section (before checkpoint.init_from or a resume loads weights into it, through the module's
+    ``load_consolidated_state_dict``)."""
+    stats: Callable[[Any, torch.Tensor], dict]
+    """The engine's metric sums of one micro-batch (pretrain.engine.Engine's ``stats``); each ``loss_<name>_sum``
+    among them is logged as ``train/loss_<name>``."""
+    fingerprints: dict
+    """Added to the checkpoints' fingerprints (pretrain.checkpoint.check_fingerprints compares them)."""
 
 
 @dataclass
@@ -104,13 +118,15 @@ def hold_run_dir(run_dir: str, rank: int, device: torch.device) -> Optional[int]
 
 
 def build_run(cfg: Config, dist_env: DistEnv, device: torch.device, stop: StopSignal, faults: Faults,
-              load_universal: bool = False) -> Run:
+              load_universal: bool = False, objective: Optional[Objective] = None) -> Run:
     from pretrain.model import build_model
     from pretrain.optim import build_optimizer, build_scheduler
     from pretrain.weights import load_weights
 
     seed_everything(cfg.training.seed, 0)          # identical initial weights on every rank
-    model = build_model(cfg.model, cfg.kernels)
+    model = build_model(cfg.model, cfg.kernels, cfg.training.activation_checkpointing)
+    if objective is not None:
+        model = objective.wrap(model, device)
     if cfg.checkpoint.init_from:
         try:
             _, state_dict, _ = load_weights(cfg.checkpoint.init_from)
@@ -121,23 +137,24 @@ def build_run(cfg: Config, dist_env: DistEnv, device: torch.device, stop: StopSi
     optimizer = build_optimizer(model, cfg.optimizer, cfg.kernels.lamb)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.training.max_steps)
     engine = Engine(cfg, model, optimizer, scheduler, dist_env.world_size, load_universal=load_universal,
-                    stop=stop, faults=faults)
+                    stop=stop, faults=faults, stats=objective.stats if objective is not None else None)
     seed_everything(cfg.training.seed, dist_env.rank)  # per-rank dropout streams
     return Run(cfg, dist_env, device, engine)
 
 
 def train(cfg: Config, dist_env: DistEnv, *, stop_after_step: Optional[int] = None,
-          fault: Optional[str] = None, stop: Optional[StopSignal] = None) -> int:
+          fault: Optional[str] = None, stop: Optional[StopSignal] = None,
+          objective: Optional[Objective] = None) -> int:
     """Train to ``training.max_steps`` (or checkpoint and return 75 at ``stop_after_step``).
 
-    ``fault``: a fault for the tests to inject (see pretrain.faults).  Raises RunDirError when
-    another run holds ``logging.run_dir``.
+    ``fault``: a fault for the tests to inject (see pretrain.faults).  ``objective``: what is trained, where it
+    is not pretraining (distillation).  Raises RunDirError when another run holds ``logging.run_dir``.
     """
     faults = Faults.parse(fault)
     device = join_job(cfg, dist_env)
     lock = hold_run_dir(cfg.logging.run_dir, dist_env.rank, device)
     try:
-        code = _train(cfg, dist_env, device, stop_after_step, faults, stop or StopSignal())
+        code = _train(cfg, dist_env, device, stop_after_step, faults, stop or StopSignal(), objective)
     finally:
         if lock is not None:
             os.close(lock)
@@ -146,21 +163,23 @@ def train(cfg: Config, dist_env: DistEnv, *, stop_after_step: Optional[int] = No
 
 
 def _train(cfg: Config, dist_env: DistEnv, device: torch.device, stop_after_step: Optional[int],
-           faults: Faults, stop: StopSignal) -> int:
+           faults: Faults, stop: StopSignal, objective: Optional[Objective] = None) -> int:
     run_dir = cfg.logging.run_dir
     ckpt_root = os.path.join(run_dir, cfg.checkpoint.dir)
     resuming = cfg.checkpoint.resume == "auto" and ckpt.latest_tag(ckpt_root) is not None
     new_world = resuming and ckpt.saved_world_size(ckpt_root) != dist_env.world_size
-    run = build_run(cfg, dist_env, device, stop, faults, load_universal=new_world)
+    run = build_run(cfg, dist_env, device, stop, faults, load_universal=new_world, objective=objective)
     train_split = open_split(cfg.data, "train", cfg.training, cfg.model.vocab_size)
     val_split = open_split(cfg.data, "val", cfg.training, cfg.model.vocab_size, required=False)
     prints = ckpt.fingerprints(cfg, train_split.fingerprint, train_split.tokenizer_hash, train_split.converted_from)
+    prints.update(objective.fingerprints if objective is not None else {})
     saver = _Saver(run, ckpt_root, prints, {"tokenizer_dir": train_split.tokenizer_dir, "fingerprints": prints})
     state, messages = _starting_state(run, ckpt_root, prints, resuming, new_world)
     static = not train_split.info["dynamic"]
     messages += [f"warning: {w}" for w in ignored_option_warnings(cfg, static_masking=static)]
     logger = MetricsLogger(run_dir, rank=dist_env.rank, max_steps=cfg.training.max_steps, start_step=state.step,
-                           tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
+                           tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
+                           trackers=cfg.logging)
     for message in messages:
         logger.message(message)
     logger.log_run(state.step, cfg.to_dict(), dist_env.world_size)
@@ -226,6 +245,9 @@ def _starting_state(run: Run, ckpt_root: str, prints: dict, resuming: bool,
                         + "; step, data position and schedule start afresh")
     if run.engine.compiled:
         messages.append("kernels.compile: the model runs through torch.compile (the first steps compile)")
+    # Read off the built model (a distillation run trains a wrapper around it), not the config.
+    if any(getattr(m, "activation_checkpointing", False) for m in run.engine.model.modules()):
+        messages.append("training.activation_checkpointing: each encoder layer is recomputed in the backward pass")
     return state, messages
 
 
@@ -391,6 +413,8 @@ class _Window:
         if tot["sentence_count"] > 0:
             values["train/sentence_loss"] = tot["sentence_loss_sum"] / micro
             values["train/sentence_accuracy"] = tot["sentence_correct"] / tot["sentence_count"]
+        values.update({f"train/{k[:-len('_sum')]}": tot[k] / micro for k in keys
+                       if k.startswith("loss_") and k != "loss_sum"})    # an Objective's loss components
         if (scale := run.engine.loss_scale()) is not None:
             values["train/loss_scale"] = scale
         values.update(throughput(self.steps * global_batch, int(tot["tokens"]), seconds, rates.flops_per_seq,

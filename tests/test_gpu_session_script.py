@@ -57,3 +57,10 @@ def test_kernels_and_train_stages_leave_their_results(tmp_path):
     assert packing["real_token_fraction"] > default["real_token_fraction"]
 
     assert run_stage(tmp_path, "nonsense").returncode == 2
+
+
+def test_memory_stage_leaves_the_activation_checkpointing_table(tmp_path):
+    memory = run_stage(tmp_path, "memory")
+    assert memory.returncode == 0, memory.stdout[-3000:] + memory.stderr[-3000:]
+    table = (tmp_path / "memory_base_512.md").read_text()
+    assert "| micro batch | peak off, MiB | peak on, MiB |" in table and "checkpointing on :" in table, table

@@ -1,11 +1,13 @@
-"""Train a BERT WordPiece vocabulary (HF tokenizers), or import an existing vocab.txt / tokenizer.json.
+"""Train a BERT WordPiece or RoBERTa byte-level BPE vocabulary (HF tokenizers), or import an existing
+vocab.txt / tokenizer.json.
 
 The output directory holds tokenizer.json, vocab.txt, tokenizer_config.json,
-special_tokens_map.json (transformers' BertTokenizerFast loads it) and vocab_info.json (hash,
-size, special ids).  Training is deterministic; a rerun with the same inputs and settings is
-skipped.  Examples:
+special_tokens_map.json (transformers' BertTokenizerFast, or RobertaTokenizerFast for BPE, loads it)
+and vocab_info.json (hash, size, model, special ids).  Training is deterministic; a rerun with the
+same inputs and settings is skipped.  Examples:
 
   python -m data_prep vocab --input corpus/ --vocab-size 30522 --out vocab/
+  python -m data_prep vocab --input corpus/ --model bpe --vocab-size 50265 --out vocab/
   python -m data_prep vocab --from bert-base-uncased/vocab.txt --out vocab/
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from data_prep.commands._common import add_config_flags, config_from_args, reports_errors
 from data_prep.errors import PrepError
 
-HELP = "train a WordPiece vocabulary (or import vocab.txt / tokenizer.json) into a tokenizer directory"
+HELP = "train a WordPiece or byte-level BPE vocabulary (or import one) into a tokenizer directory"
 
 
 def add_arguments(parser):

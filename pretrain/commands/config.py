@@ -24,17 +24,22 @@ def add_arguments(parser) -> None:
 def load_or_report(args, world_size, announce: bool = True):
     """The config of ``--config`` and the overrides, its warnings printed once as ``warning: ...``
     lines (where ``announce``: rank 0 of a distributed run); None after printing every problem
-    of an invalid one (the command then exits with status 2)."""
+    of an invalid one, or a tracker package that is not installed (the command then exits with status 2)."""
     import sys
 
     from data_prep.settings import collected_warnings
     from pretrain.config import ConfigError, load_config
+    from pretrain.trackers import missing_packages
 
     try:
         with collected_warnings() as warnings:
             cfg = load_config(args.config, args.overrides, world_size=world_size)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
+        return None
+    missing = missing_packages(cfg.logging.trackers)
+    if missing:
+        print("\n".join(f"error: {line}" for line in missing), file=sys.stderr)
         return None
     for warning in warnings if announce else []:
         print(f"warning: {warning}", file=sys.stderr)

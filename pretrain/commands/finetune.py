@@ -105,6 +105,11 @@ def run(args) -> int:
         return 2
     for warning in warnings if announce else []:
         print(f"warning: {warning}", file=sys.stderr)
+    from pretrain.trackers import missing_packages
+    missing = sorted({line for cfg in configs.values() for line in missing_packages(cfg.logging.trackers)})
+    if missing:
+        print("\n".join(f"error: {line}" for line in missing), file=sys.stderr)
+        return 2
     import torch
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     logging.basicConfig(level=logging.INFO if announce else logging.WARNING,
@@ -136,11 +141,12 @@ def _finetune(cfg, dist_env, prefix: str, stop) -> tuple[int, dict | None]:
     from pretrain.checkpoint import CheckpointError
     from pretrain.finetune.prepare import FinetuneInputError
     from pretrain.finetune.train import finetune
+    from pretrain.trackers import TrackerError
     from pretrain.trainer import EXIT_DONE, EXIT_ERROR, EXIT_REQUEUE, NonFiniteLossError, RunDirError
     try:
         summary = finetune(cfg, dist_env, stop)
         return (EXIT_DONE, summary) if summary is not None else (EXIT_REQUEUE, None)
-    except (FinetuneInputError, RunDirError, CheckpointError) as err:
+    except (FinetuneInputError, RunDirError, CheckpointError, TrackerError) as err:
         print(f"error: {prefix}{err}", file=sys.stderr)
         return 2, None
     except NonFiniteLossError as err:

@@ -25,7 +25,9 @@ def argparse_suppress():
     return argparse.SUPPRESS  # test-only fault injection, e.g. kill-during-save@4
 
 
-def run(args) -> int:
+def run(args, prepare=None) -> int:
+    """``prepare(cfg, world_size) -> (cfg, trainer.Objective)``: what a run trains where it is not
+    pretraining (``pretrain distill``'s); its ConfigError or CheckpointError exits 2."""
     from pretrain.signals import StopSignal
     stop = StopSignal()          # first: a stop request during start-up is kept, not fatal
 
@@ -55,9 +57,15 @@ def run(args) -> int:
     from pretrain.trainer import EXIT_ERROR, NonFiniteLossError, RunDirError, train
     from pretrain.data import DataError
     from pretrain.checkpoint import CheckpointError
+    from pretrain.config import ConfigError
+    from pretrain.trackers import TrackerError
     try:
-        return train(cfg, dist_env, stop_after_step=args.stop_after_step, fault=args.fault, stop=stop)
-    except (DataError, CheckpointError, RunDirError) as err:
+        objective = None
+        if prepare is not None:
+            cfg, objective = prepare(cfg, dist_env.world_size)
+        return train(cfg, dist_env, stop_after_step=args.stop_after_step, fault=args.fault, stop=stop,
+                     objective=objective)
+    except (DataError, CheckpointError, RunDirError, ConfigError, TrackerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:

@@ -103,7 +103,7 @@ class Engine:
                  world_size: int, *, load_universal: bool = False, stop: Optional[StopSignal] = None,
                  faults: Faults = NO_FAULTS, stats: Optional[Callable[[Any, torch.Tensor], dict]] = None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.stats = stats or _output_stats
+        self.stats = stats or output_stats
         self.zero_stage, self.precision = cfg.zero.stage, cfg.training.precision
         self.accum = cfg.grad_accum_steps(world_size)
         self.stop, self.faults = stop, faults
@@ -199,7 +199,7 @@ class Engine:
         return load_checkpoint(self._ds, load_dir, tag, load_optimizer_states)
 
 
-def _output_stats(out, loss: torch.Tensor) -> dict:
+def output_stats(out, loss: torch.Tensor) -> dict:
     """Pretraining's detached sums for metrics, of a PretrainOutput (no host sync here)."""
     zero = torch.zeros((), device=loss.device)
     return {

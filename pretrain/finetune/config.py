@@ -31,7 +31,7 @@ import yaml
 from data_prep import settings
 from data_prep.settings import ConfigError, ConfigFileError, setting
 from pretrain import config as pretraining
-from pretrain.config import KernelsConfig, OptimizerConfig, ScheduleConfig, ZeroConfig
+from pretrain.config import KernelsConfig, OptimizerConfig, ScheduleConfig, TrackersConfig, ZeroConfig
 
 __all__ = ["FinetuneConfig", "ConfigError", "load_finetune_config", "finetune_config_from_dict", "dump_config",
            "column", "TASK_TYPES", "METRICS", "MAIN_METRIC", "DEFAULT_WARMUP_RATIO"]
@@ -122,7 +122,8 @@ class ModelSection:
     tokenizer: Optional[str] = setting(None, path=True)
     """Tokenizer directory (tokenizer.json or vocab.txt); None: the checkpoint's."""
     head_dropout: Optional[float] = setting(None, ge=0, lt=1)
-    """Dropout before the output layer (classification, token); None: the encoder's hidden_dropout."""
+    """Dropout before the output layer (classification, token; qa for arch distilbert, as its qa_dropout);
+    None: the encoder's hidden_dropout."""
     new_head: bool = False
     """Start a fresh head even when the checkpoint is fine-tuned for the same task type."""
     init: Literal["pretrained", "random"] = "pretrained"
@@ -159,6 +160,9 @@ class TrainingSection:
     """Stop with an error after this many consecutive steps with a non-finite loss."""
     collective_timeout_s: int = setting(1800, gt=0)
     """Timeout of collective operations, so a dead rank gives an error instead of a hang."""
+    activation_checkpointing: bool = False
+    """Recompute each encoder layer's activations in the backward pass instead of keeping them, as
+    pretraining's: the same losses, less memory for long sequences, about one more encoder forward a step."""
 
 
 @dataclass
@@ -225,7 +229,7 @@ class CheckpointSection:
 
 
 @dataclass
-class FinetuneLoggingConfig:
+class FinetuneLoggingConfig(TrackersConfig):
     run_dir: str = setting("runs/finetune", path=True, flags="--out")
     """Root of the outputs: metrics.json, config.yaml, and per seed SEED_DIR = seed-N with metrics.jsonl,
     TensorBoard events, predictions.jsonl, best/ and hf/."""

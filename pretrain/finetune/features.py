@@ -5,7 +5,10 @@ The tokenizer is an HF ``tokenizers`` object as ``data_prep.vocab.load_tokenizer
 tokenizer.json or a vocab.txt).  Texts are encoded without special tokens and this module lays
 out ``[CLS]``/``[SEP]`` itself with the tokenizer's ids, so truncation and windows are exact
 whatever post-processor the file declares; truncation or padding stored in a tokenizer.json is
-ignored (a copy without it is used).
+ignored (a copy without it is used).  A RoBERTa byte-level BPE tokenizer gets RoBERTa's framing, as
+transformers' RobertaTokenizer lays it out: ``<s>`` for [CLS], ``</s>`` for [SEP], ``</s></s>``
+between the two texts of a pair (one token more to make room for), token types all 0, and each
+pre-split word of token classification encoded after a space (``add_prefix_space=True``).
 
 Features are unpadded lists, one dataclass per task; :func:`collate` pads a batch to its longest
 feature (dynamic padding) and returns int64 tensors (float32 regression labels).
@@ -99,21 +102,34 @@ class _Specials:
     cls: int
     sep: int
     unk: int
+    roberta: bool = False  # a RoBERTa BPE tokenizer: </s></s> between a pair's texts, token types all 0
+
+    @property
+    def between(self) -> list[int]:
+        """The separators between the two texts of a pair."""
+        return [self.sep, self.sep] if self.roberta else [self.sep]
+
+    def pair_types(self, n_first: int, n_second: int) -> list[int]:
+        """Token types of a pair laid out as [CLS] first [SEP](s) second [SEP] (both counts include their [SEP])."""
+        return [0] * (n_first + n_second + 1) if self.roberta else [0] * (n_first + 1) + [1] * n_second
 
 
 def _prepare(tokenizer):
     """(tokenizer without stored truncation/padding, special ids)."""
-    ids = {t: tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[UNK]")}
-    missing = [t for t, i in ids.items() if i is None]
-    if missing:
-        raise ValueError(f"tokenizer lacks the special tokens {missing}; expected a BERT WordPiece tokenizer")
+    from data_prep.errors import PrepError
+    from data_prep.vocab import special_token_ids, tokenizer_model
+
+    try:
+        ids = special_token_ids(tokenizer)
+    except PrepError as err:
+        raise ValueError(f"{err} (a BERT WordPiece or RoBERTa BPE tokenizer)") from None
     if tokenizer.truncation is not None or tokenizer.padding is not None:
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_str(tokenizer.to_str())
         tokenizer.no_truncation()
         tokenizer.no_padding()
-    return tokenizer, _Specials(ids["[CLS]"], ids["[SEP]"], ids["[UNK]"])
+    return tokenizer, _Specials(ids["cls"], ids["sep"], ids["unk"], tokenizer_model(tokenizer) == "BPE")
 
 
 def _encode(tokenizer, texts: list) -> list:
@@ -127,9 +143,10 @@ def _encode(tokenizer, texts: list) -> list:
 def encode_classification(tokenizer, examples: Sequence[ClassificationExample], max_length: int,
                           label_to_id: Optional[dict[str, int]]) -> list[ClassificationFeature]:
     """One feature per example (see the module doc); ``label_to_id=None`` for regression."""
-    if max_length < 3:
-        raise ValueError(f"max_length must be >= 3 ([CLS] A [SEP] B [SEP] needs room), got {max_length}")
     tokenizer, special = _prepare(tokenizer)
+    framing = 2 + len(special.between)  # [CLS] A [SEP] ([SEP]) B [SEP]
+    if max_length < framing:
+        raise ValueError(f"max_length must be >= {framing} ([CLS] A [SEP] B [SEP] needs room), got {max_length}")
     firsts = _encode(tokenizer, [ex.text for ex in examples])
     pairs = [i for i, ex in enumerate(examples) if ex.text_pair]  # "" is no pair, as in BERT and transformers
     seconds = dict(zip(pairs, _encode(tokenizer, [examples[i].text_pair for i in pairs])))
@@ -138,9 +155,9 @@ def encode_classification(tokenizer, examples: Sequence[ClassificationExample], 
         a = first.ids
         if i in seconds:
             b = seconds[i].ids
-            n_a, n_b = truncate_longest_first(len(a), len(b), max_length - 3)
-            ids = [special.cls, *a[:n_a], special.sep, *b[:n_b], special.sep]
-            types = [0] * (n_a + 2) + [1] * (n_b + 1)
+            n_a, n_b = truncate_longest_first(len(a), len(b), max_length - 2 - len(special.between))
+            ids = [special.cls, *a[:n_a], *special.between, *b[:n_b], special.sep]
+            types = special.pair_types(n_a + len(special.between), n_b + 1)
         else:
             ids = [special.cls, *a[:max_length - 2], special.sep]
             types = [0] * len(ids)
@@ -200,7 +217,9 @@ def encode_tokens(tokenizer, sentences: Sequence[TokenSentence], max_length: int
         raise ValueError(f"stride must be in [1, max_length - 2 = {room}], got {stride}")
     tokenizer, special = _prepare(tokenizer)
     continuation = _continuation_ids(label_to_id) if label_all_subtokens and label_to_id else None
-    encodings = tokenizer.encode_batch([list(s.tokens) for s in sentences], is_pretokenized=True,
+    # RoBERTa's words each get the space before them (Ġ), as transformers' add_prefix_space=True gives
+    space = " " if special.roberta else ""
+    encodings = tokenizer.encode_batch([[space + w for w in s.tokens] for s in sentences], is_pretokenized=True,
                                        add_special_tokens=False) if sentences else []
     features = []
     for index, (sentence, encoding) in enumerate(zip(sentences, encodings)):
@@ -316,11 +335,13 @@ def _as_numpy(x) -> np.ndarray:
 def encode_squad(tokenizer, examples: Sequence[QAExample], max_length: int = 384, doc_stride: int = 128,
                  max_query_length: int = 64) -> list[SquadFeature]:
     """Features of SQuAD questions, one per context window (see the module doc)."""
-    if max_length <= max_query_length + 3:
-        raise ValueError(f"max_length ({max_length}) must be greater than max_query_length ({max_query_length}) + 3")
     if doc_stride < 1:
         raise ValueError(f"doc_stride must be >= 1, got {doc_stride}")
     tokenizer, special = _prepare(tokenizer)
+    framing = 2 + len(special.between)  # [CLS] question [SEP] ([SEP]) context [SEP]
+    if max_length <= max_query_length + framing:
+        raise ValueError(f"max_length ({max_length}) must be greater than max_query_length ({max_query_length}) "
+                         f"+ {framing}")
     unique = list(dict.fromkeys(ex.context for ex in examples))  # SQuAD asks several questions per context
     contexts = dict(zip(unique, _encode(tokenizer, unique)))
     questions = _encode(tokenizer, [ex.question for ex in examples])
@@ -329,7 +350,7 @@ def encode_squad(tokenizer, examples: Sequence[QAExample], max_length: int = 384
         context = contexts[ex.context]
         query = question.ids[:max_query_length]
         answer = None if ex.is_impossible or not ex.answers else _answer_tokens(context.offsets, ex.answers[0])
-        spans = _doc_spans(len(context.ids), max_length - len(query) - 3, doc_stride)
+        spans = _doc_spans(len(context.ids), max_length - len(query) - 2 - len(special.between), doc_stride)
         for k in range(len(spans)):
             features.append(_squad_feature(query, context, spans, k, answer, special, index))
     return features
@@ -366,9 +387,9 @@ def _is_max_context(spans: list[tuple[int, int]], k: int, position: int) -> bool
 
 def _squad_feature(query, context, spans, k, answer, special: _Specials, index) -> SquadFeature:
     start, length = spans[k]
-    base = len(query) + 2  # index of the window's first context token
-    ids = [special.cls, *query, special.sep, *context.ids[start:start + length], special.sep]
-    types = [0] * base + [1] * (length + 1)
+    base = len(query) + 1 + len(special.between)  # index of the window's first context token
+    ids = [special.cls, *query, *special.between, *context.ids[start:start + length], special.sep]
+    types = special.pair_types(base - 1, length + 1)
     offsets = [None] * base + [tuple(o) for o in context.offsets[start:start + length]] + [None]
     max_context = [False] * base + [_is_max_context(spans, k, start + i) for i in range(length)] + [False]
     start_position = end_position = 0

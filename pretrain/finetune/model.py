@@ -1,19 +1,20 @@
-"""Task models for fine-tuning: our BERT/ALBERT encoder and one output head, as HF's task classes.
+"""Task models for fine-tuning: our BERT-family encoder and one output head, as HF's task classes.
 
     task       head (parameter names)                                  loss (labels)
-    sequence   pooler (dense + tanh on [CLS]), dropout, classifier      cross-entropy (class ids), or MSE
-               [num_labels, H]                                          (problem_type regression, num_labels 1)
+    sequence   pooler (dense + tanh on [CLS]; DistilBERT: + ReLU),      cross-entropy (class ids), or MSE
+               dropout, classifier [num_labels, H]                      (problem_type regression, num_labels 1)
     token      dropout, classifier [num_labels, H] on every token       cross-entropy, IGNORE_INDEX skipped
-    qa         qa_outputs [2, H] -> start / end logits                  mean of the start and end
-                                                                         cross-entropies (positions)
+    qa         (DistilBERT: dropout), qa_outputs [2, H] -> start / end   mean of the start and end
+               logits                                                   cross-entropies (positions)
 
 The encoder is BertForPretraining's (its modules under the same names ``embeddings``, ``encoder``,
 ``pooler``, so our checkpoints load by name and pretrain.hf's key map applies); the MLM and sentence
-heads are not part of it.  Heads follow transformers' Bert/MegatronBert/Albert/Roberta
+heads are not part of it.  Heads follow transformers' Bert/MegatronBert/Albert/Roberta/DistilBert
 ...ForSequenceClassification, ...ForTokenClassification and ...ForQuestionAnswering (same structure,
-dropout and losses; QA has no head dropout there, nor here; RoBERTa's sequence head also drops out
-before the pooler's dense, as its RobertaClassificationHead does), so that pretrain.hf.export_finetuned writes them and HF's logits equal
-ours.  New head weights start as HF's: normal(0, initializer_range), biases 0.
+dropout and losses; QA has no head dropout there, nor here, but DistilBERT's qa_dropout; RoBERTa's
+sequence head also drops out before the pooler's dense, as its RobertaClassificationHead does;
+DistilBERT's sequence head pools with pre_classifier + ReLU, not tanh), so that
+pretrain.hf.export_finetuned writes them and HF's logits equal ours.  New head weights start as HF's: normal(0, initializer_range), biases 0.
 
 :func:`from_pretrained` starts from our checkpoint (what pretrain.weights.load_weights reads) or a
 transformers directory (pretrain.hf.read_hf_weights); :func:`save_finetuned` writes our checkpoint
@@ -54,7 +55,8 @@ class HeadConfig:
     None: regression when num_labels is 1, as transformers decides."""
     dropout: Optional[float] = None
     """Dropout before the output layer; None: the model's hidden_dropout (transformers'
-    classifier_dropout=None).  qa has none (transformers' QA classes have none)."""
+    classifier_dropout=None).  qa has none (transformers' QA classes have none), but for arch distilbert
+    (DistilBertForQuestionAnswering's qa_dropout)."""
 
 
 def resolve_head(head: HeadConfig, m: ModelConfig) -> HeadConfig:
@@ -64,11 +66,12 @@ def resolve_head(head: HeadConfig, m: ModelConfig) -> HeadConfig:
         raise ValueError(f"task: got {head.task!r}, expected one of {', '.join(TASKS)}")
     labels = list(head.labels) if head.labels is not None else None
     num_labels = head.num_labels if head.num_labels is not None else (len(labels) if labels else None)
+    qa_dropout = m.arch == "distilbert"    # DistilBertForQuestionAnswering alone drops out before qa_outputs
     if head.task == "qa":
         num_labels = 2 if num_labels is None else num_labels
         if num_labels != 2:
             problems.append(f"num_labels: a qa head has 2 outputs (start, end), got {num_labels}")
-        if head.dropout:
+        if head.dropout and not qa_dropout:
             problems.append(f"dropout: a qa head has no dropout (as transformers' ...ForQuestionAnswering), "
                             f"got {head.dropout}")
         if head.problem_type is not None:
@@ -91,7 +94,8 @@ def resolve_head(head: HeadConfig, m: ModelConfig) -> HeadConfig:
         problems.append(f"labels: {len(labels)} names for num_labels={num_labels}")
     if labels is not None and len(set(labels)) != len(labels):
         problems.append(f"labels: names must be distinct, got {labels}")
-    dropout = 0.0 if head.task == "qa" else (m.hidden_dropout if head.dropout is None else head.dropout)
+    dropout = 0.0 if head.task == "qa" and not qa_dropout else (m.hidden_dropout if head.dropout is None
+                                                               else head.dropout)
     if not 0 <= dropout < 1:
         problems.append(f"dropout: must be in [0, 1), got {dropout}")
     if problems:
@@ -130,7 +134,7 @@ class FinetuneModel(nn.Module):
         task = self.head.task
         # As transformers: only the sequence head pools; token and qa models have no pooler.
         self.pooler = nn.Linear(hidden, hidden) if task == "sequence" else None
-        self.dropout = nn.Dropout(self.head.dropout) if task != "qa" else None
+        self.dropout = nn.Dropout(self.head.dropout) if task != "qa" or cfg.arch == "distilbert" else None
         if task == "qa":
             self.qa_outputs = nn.Linear(hidden, 2)
         else:
@@ -148,6 +152,8 @@ class FinetuneModel(nn.Module):
         """A padded batch (pretrain.finetune.features.collate's keys); the loss when its targets are given."""
         hidden = self.encode(input_ids, attention_mask, token_type_ids)
         if self.head.task == "qa":
+            if self.dropout is not None:
+                hidden = self.dropout(hidden)
             start_logits, end_logits = self.qa_outputs(hidden).unbind(dim=-1)
             loss = None
             if start_positions is not None and end_positions is not None:
@@ -157,7 +163,8 @@ class FinetuneModel(nn.Module):
             first = hidden[:, 0]
             if self.config.arch == "roberta":      # RobertaClassificationHead drops out before its dense too
                 first = self.dropout(first)
-            features = torch.tanh(self.pooler(first))
+            pooled = self.pooler(first)     # DistilBERT's pre_classifier is followed by a ReLU, BERT's pooler a tanh
+            features = torch.relu(pooled) if self.config.arch == "distilbert" else torch.tanh(pooled)
         else:
             features = hidden
         logits = self.classifier(self.dropout(features))

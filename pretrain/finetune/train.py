@@ -98,12 +98,14 @@ def load_model(cfg: FinetuneConfig, data: TaskData, seed: int):
     from pretrain.finetune.model import from_pretrained
     seed_everything(seed, 0)          # the same fresh head on every rank
     try:
-        return from_pretrained(cfg.model.checkpoint, data.head_task, data.num_labels, labels=data.labels,
-                               problem_type=data.problem_type, head_dropout=cfg.model.head_dropout,
-                               new_head=cfg.model.new_head, random_init=cfg.model.init == "random",
-                               kernels=cfg.kernels)
+        model, report = from_pretrained(cfg.model.checkpoint, data.head_task, data.num_labels, labels=data.labels,
+                                        problem_type=data.problem_type, head_dropout=cfg.model.head_dropout,
+                                        new_head=cfg.model.new_head, random_init=cfg.model.init == "random",
+                                        kernels=cfg.kernels)
     except (OSError, ValueError) as err:      # missing, not a checkpoint, bad head settings, damaged files
         raise FinetuneInputError(f"model.checkpoint: {err}") from None
+    model.encoder.activation_checkpointing = cfg.training.activation_checkpointing
+    return model, report
 
 
 def finetune(cfg: FinetuneConfig, dist_env: DistEnv, stop: Optional[StopSignal] = None) -> Optional[dict]:
@@ -162,9 +164,11 @@ def _load_notes(report) -> list[str]:
 FINGERPRINTED = ("task", "token", "qa", "model", "training", "optimizer", "schedule", "eval")
 # Not part of a seed's trajectory: the layout (the same global batches for any micro batch, accumulation and
 # world size), the collective timeout and the non-finite limit (as pretraining's config_fingerprint), the dev
-# batch size; and the seed list: each seed's run is its own, so a rerun with more seeds adds them.
+# batch size, activation checkpointing (the same losses); and the seed list: each seed's run is its own, so a
+# rerun with more seeds adds them.
 NOT_FINGERPRINTED = ("training.micro_batch_size", "training.grad_accum_steps", "training.collective_timeout_s",
-                     "training.max_nonfinite_steps", "training.seeds", "eval.micro_batch_size")
+                     "training.max_nonfinite_steps", "training.seeds", "eval.micro_batch_size",
+                     "training.activation_checkpointing")
 TASK_FILES = ("task.train", "task.dev")
 
 
@@ -291,7 +295,8 @@ def train_seed(cfg: FinetuneConfig, data: TaskData, plan: Plan, model, seed: int
     batches = micro_batch_stream(data.train_features, data.pad_id, plan.global_batch, t.micro_batch_size, plan.accum,
                                  rank, seed, t.length_grouped, t.length_group_batches, first_batch=state.step)
     logger = MetricsLogger(out_dir, rank=rank, max_steps=plan.max_steps, start_step=state.step,
-                           tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
+                           tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
+                           trackers=cfg.logging)
     logger.log_run(state.step, cfg.to_dict(), world)
     if resume_from is not None:
         logger.message(f"seed {seed}: resumed from {os.path.join(ckpt_root, resume_from)} at step {state.step}")

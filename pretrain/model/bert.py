@@ -1,8 +1,8 @@
-"""BERT / ALBERT / RoBERTa encoder with MLM and NSP/SOP heads, in plain torch.
+"""BERT / ALBERT / RoBERTa / DistilBERT encoder with MLM and NSP/SOP heads, in plain torch.
 
 Layout (parameter names in brackets):
 
-    embeddings     word [V_pad, E], position, token_type, norm (post-LN only),
+    embeddings     word [V_pad, E], position, token_type (not DistilBERT), norm (post-LN only),
                    projection E -> H (ALBERT with embedding_size set)
     encoder        layers.{i}: attention.qkv [3H, H], attention.out, attention_norm,
                    ffn.up [I, H], ffn.down [H, I], ffn_norm;  final_norm (pre-LN only)
@@ -12,8 +12,11 @@ Layout (parameter names in brackets):
 
 Post-LN (original BERT): h = LN(h + sublayer(h)), with LN on the embeddings.
 Pre-LN (Megatron-BERT): h = h + sublayer(LN(h)), no LN on the embeddings, a final LN after the
-encoder.  RoBERTa is the post-LN layout with its position ids (from 2; padding slots at 1).  The vocabulary is padded to a multiple of ``pad_vocab_multiple`` rows for fast
-matmuls; padded rows start at zero and the padded logit columns are sliced off before any loss.
+encoder.  RoBERTa is the post-LN layout with its position ids (from 2; padding slots at 1); DistilBERT
+the post-LN layout without token types and without dropout on the attention output (its MLM head,
+vocab_transform, activation, vocab_layer_norm, vocab_projector, is our mlm_head).  The vocabulary
+is padded to a multiple of ``pad_vocab_multiple`` rows for fast matmuls; padded rows start at zero and
+the padded logit columns are sliced off before any loss.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from data_prep.masking import IGNORE_INDEX
 from pretrain.config import KernelsConfig, ModelConfig, position_offset
@@ -85,7 +89,7 @@ class Embeddings(nn.Module):
         size = embedding_size(cfg)
         self.word = nn.Embedding(padded_vocab_size(cfg), size)
         self.position = nn.Embedding(cfg.max_position_embeddings, size)
-        self.token_type = nn.Embedding(cfg.type_vocab_size, size)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, size) if cfg.arch != "distilbert" else None
         # Pre-LN normalizes inside every layer, so (as in Megatron-BERT) the embeddings are not.
         post = cfg.layer_norm_position == "post"
         self.norm = LayerNorm(size, cfg.layer_norm_eps, norm_impl) if post else None
@@ -93,7 +97,9 @@ class Embeddings(nn.Module):
         self.projection = nn.Linear(size, cfg.hidden_size) if has_projection(cfg) else None
 
     def forward(self, input_ids, token_type_ids, position_ids):
-        x = self.word(input_ids) + self.position(position_ids) + self.token_type(token_type_ids)
+        x = self.word(input_ids) + self.position(position_ids)
+        if self.token_type is not None:     # DistilBERT has no token types: its segment ids are ignored
+            x = x + self.token_type(token_type_ids)
         if self.norm is not None:
             x = self.norm(x)
         x = self.dropout(x)
@@ -191,22 +197,30 @@ class Layer(nn.Module):
         self.ffn = FeedForward(cfg)
         self.ffn_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, kernels.layer_norm)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
+        # DistilBERT drops out the FFN's output only: no dropout follows its attention's out_lin.
+        self.attention_dropout = nn.Identity() if cfg.arch == "distilbert" else self.dropout
         self.pre_ln = cfg.layer_norm_position == "pre"
 
     def forward(self, h, keep, tokens: Unpadded | None = None):
         if self.pre_ln:
             return self.forward_pre_ln(h, keep, tokens)
-        h = self.attention_norm(self.dropout(self.attention(h, keep, tokens)), residual=h)
+        h = self.attention_norm(self.attention_dropout(self.attention(h, keep, tokens)), residual=h)
         return self.ffn_norm(self.dropout(self.ffn(h)), residual=h)
 
     def forward_pre_ln(self, h, keep, tokens: Unpadded | None = None):
         # The second LN also hands back the residual sum, so a fused kernel does both in one pass.
         x = self.attention_norm(h)
-        x, h = self.ffn_norm(self.dropout(self.attention(x, keep, tokens)), residual=h, return_sum=True)
+        x, h = self.ffn_norm(self.attention_dropout(self.attention(x, keep, tokens)), residual=h, return_sum=True)
         return h + self.dropout(self.ffn(x))
 
 
 class Encoder(nn.Module):
+    activation_checkpointing: bool = False
+    """Keep only each layer's input for the backward pass and recompute the layer's activations there
+    (``training.activation_checkpointing``; torch.utils.checkpoint, non-reentrant, which replays the
+    dropout draws from the saved RNG state): the same losses and gradients, for one more encoder forward
+    a step.  Applies only while gradients are recorded; evaluation runs the layers plainly."""
+
     def __init__(self, cfg: ModelConfig, kernels: KernelsConfig):
         super().__init__()
         unique_layers = 1 if cfg.share_layers else cfg.num_layers
@@ -216,8 +230,16 @@ class Encoder(nn.Module):
         self.final_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, kernels.layer_norm) if pre else None
 
     def forward(self, h, keep, tokens: Unpadded | None = None):
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
+        # The recomputation compares the shapes of what it saves again with the first pass's; jagged
+        # attention saves (strided) nested tensors, which have no shape to read, so it goes unchecked.
+        check = "none" if isinstance(keep, Jagged) else "default"
         for i in range(self.num_layers):
-            h = self.layers[i % len(self.layers)](h, keep, tokens)
+            layer = self.layers[i % len(self.layers)]
+            if recompute:
+                h = checkpoint(layer, h, keep, tokens, use_reentrant=False, determinism_check=check)
+            else:
+                h = layer(h, keep, tokens)
         return h if self.final_norm is None else self.final_norm(h)
 
 

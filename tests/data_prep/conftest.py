@@ -74,6 +74,16 @@ def zh_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory) -> Path:
+    """A 2,000-token RoBERTa byte-level BPE vocabulary trained on English and the Chinese documents."""
+    from data_prep.vocab import save_tokenizer_dir, train_bpe
+
+    out = tmp_path_factory.mktemp("tok_bpe")
+    save_tokenizer_dir(train_bpe(lambda: iter(english_docs(200_000) + ZH_DOCS * 3), 2000), out)
+    return out
+
+
 def run_shards(inputs, tokenizer, out: Path, overwrite: bool = False, **flat):
     """The shards stage in this process with small defaults; returns the manifest."""
     settings = {"input.paths": [str(p) for p in inputs], "out": str(out), "progress": False,

@@ -216,3 +216,43 @@ def test_importing_a_bare_vocab_txt_follows_its_tokenizer_config(tokenizer_dir, 
     assert json.loads((tmp_path / "a" / "vocab_info.json").read_text())["lowercase"] is False
     assert main(["vocab", "--from", str(src / "vocab.txt"), "--uncased", "--out", str(tmp_path / "b")]) == 0
     assert json.loads((tmp_path / "b" / "vocab_info.json").read_text())["lowercase"] is True
+
+
+def test_bpe_vocab_then_roberta_framed_shards_verify_stats_inspect(tmp_path, capsys):
+    """`vocab --model bpe`, then NSP shards framed <s> A </s></s> B </s> with whole-word flags from Ġ;
+    verify, stats and inspect read them; a BPE vocabulary is cased: --uncased is one line of error."""
+    from tests.data_prep.conftest import ZH_DOCS, split_samples
+
+    corpus = write_lines(tmp_path / "en.txt", english_docs(60_000) + ZH_DOCS)
+    tok = tmp_path / "vocab"
+    assert main(["vocab", "--input", str(corpus), "--model", "bpe", "--vocab-size", "800", "--out", str(tok)]) == 0
+    info = json.loads((tok / "vocab_info.json").read_text())
+    assert (info["model"], info["vocab_size"], info["cls_id"], info["pad_id"], info["sep_id"], info["mask_id"]) == \
+        ("BPE", 800, 0, 1, 2, 799)
+    assert main(["vocab", "--input", str(corpus), "--model", "bpe", "--uncased", "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("expected null or false with vocab.model=bpe (byte-level BPE keeps the text as it is, "
+                            "as RoBERTa does)")
+    out = tmp_path / "shards"
+    assert main(["shards", "--input", str(corpus), "--tokenizer", str(tok), "--out", str(out), "--seq-len", "64",
+                 "--objective", "nsp", "--masking", "dynamic", "--whole-word-mask", "--max-predictions", "10",
+                 "--text-per-shard-mb", "0.03", "--val-fraction", "0.1", "--no-progress"]) == 0
+    samples = list(split_samples(out))
+    assert samples
+    for s in samples:
+        ids = s["input_ids"].tolist()
+        assert len(ids) <= 64 and ids[0] == 0 and ids[-1] == 2 and ids.count(2) == 3 and 1 not in ids
+        first = ids.index(2)
+        assert ids[first + 1] == 2 and s["word_starts"][[0, first, first + 1, len(ids) - 1]].all()
+    assert max(len(s["input_ids"]) for s in samples) == 64
+    from data_prep.vocab import read_tokenizer
+
+    pieces = read_tokenizer(tok).get_vocab()
+    marked = {i for t, i in pieces.items() if t.startswith("\u0120")}
+    starts = [(int(i) in marked, bool(w)) for s in samples for i, w in zip(s["input_ids"], s["word_starts"])]
+    assert all(w for m, w in starts if m) and sum(not w for _, w in starts) > 0.1 * len(starts)
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 0 and main(["stats", str(out)]) == 0
+    assert main(["inspect", str(out), "-n", "2"]) == 0
+    shown = capsys.readouterr().out
+    assert "<s> " in shown and "</s> </s>" in shown and "\u0120" in shown and "[MASK:" in shown

@@ -53,7 +53,7 @@ def test_pairs_fit_and_labels_are_balanced_on_short_documents(objective):
     # 4 binomial standard deviations
     assert abs(labels.mean() - 0.5) < 4 * 0.5 / np.sqrt(len(labels))
     for inst in insts:
-        (a,), b = inst.a, inst.b
+        (a,) = inst.a
         assert a[1] > a[0] and b[1] > b[0] and (a[1] - a[0]) + (b[1] - b[0]) <= seq_len - 3
         same_doc = doc_of(unit, a[0]) == doc_of(unit, b[0])
         if objective == "nsp" and inst.label == 1:
@@ -156,3 +156,60 @@ def test_same_rng_same_instances():
     a = create_instances(unit, "nsp", 128, 0.1, instance_rng(7))
     b = create_instances(unit, "nsp", 128, 0.1, instance_rng(7))
     assert a == b
+
+
+# RoBERTa's framing (a BPE tokenizer): <s> A </s></s> B </s>; ids as RoBERTa's, <s> 0 and </s> 2
+BOS, EOS = 0, 2
+
+
+def roberta_row(inst: Instance, tokens: np.ndarray, word_starts: np.ndarray | None = None):
+    ids = np.full(256, -1, dtype=np.int32)
+    starts = np.zeros(256, dtype=np.uint8) if word_starts is not None else None
+    n = fill_row(inst, tokens, BOS, EOS, ids, word_starts, starts, double_sep=True)
+    return ids[:n], None if starts is None else starts[:n]
+
+
+def test_roberta_pair_framing_and_word_starts():
+    unit = make_unit([[3, 2]])
+    starts = np.array([1, 0, 1, 0, 1], dtype=bool)
+    ids, ws = roberta_row(Instance(((0, 3),), (3, 5), 0), unit.tokens, starts)
+    assert ids.tolist() == [BOS, 100, 101, 102, EOS, EOS, 103, 104, EOS]
+    assert ws.tolist() == [1, 1, 0, 1, 1, 1, 0, 1, 1]
+    single, _ = roberta_row(Instance(((0, 5),), None, -1), unit.tokens)
+    assert single.tolist() == [BOS, 100, 101, 102, 103, 104, EOS]
+
+
+@pytest.mark.parametrize("objective", ["nsp", "sop"])
+def test_roberta_pairs_leave_room_for_the_second_separator(objective):
+    rng = np.random.default_rng(2)
+    unit = make_unit([[int(n) for n in rng.integers(3, 60, size=rng.integers(1, 5))] for _ in range(400)])
+    seq_len = 64
+    insts = create_instances(unit, objective, seq_len, 0.0, instance_rng(3), double_sep=True)
+    lengths = [len(roberta_row(inst, unit.tokens)[0]) for inst in insts]
+    assert max(lengths) == seq_len  # long documents fill the row exactly, the two </s> counted
+    for inst in insts:
+        ids, _ = roberta_row(inst, unit.tokens)
+        (a,) = inst.a
+        assert ids[a[1] - a[0] + 1: a[1] - a[0] + 3].tolist() == [EOS, EOS] and ids[-1] == EOS
+
+
+def test_roberta_full_sentences_double_separator_between_documents():
+    docs = [[7, 9, 30], [12], [5, 50, 8], [20, 20]]
+    unit = make_unit(docs)
+    seq_len = 64
+    insts = create_instances(unit, "full-sentences", seq_len, 0.1, instance_rng(5), double_sep=True)
+    seen = []
+    for inst in insts:
+        ids, _ = roberta_row(inst, unit.tokens)
+        assert len(ids) <= seq_len and ids[0] == BOS and ids[-1] == EOS
+        seen.extend(t for s, e in inst.a for t in range(s, e))
+    assert seen == list(range(len(unit.tokens)))
+    first, _ = roberta_row(insts[0], unit.tokens)
+    # 1 + 46 + 1 + 1 + 12 + 1 = 62: the third document (63 tokens) starts the next row
+    assert first.tolist() == [BOS] + list(range(100, 146)) + [EOS, EOS] + list(range(146, 158)) + [EOS]
+    # two documents that fill 64 exactly with one [SEP] between them need two rows with two
+    tight = make_unit([[30], [31]])
+    (one,) = create_instances(tight, "full-sentences", 64, 0.1, instance_rng(5))
+    assert len(row_of(one, tight.tokens)[0]) == 64
+    a, b = create_instances(tight, "full-sentences", 64, 0.1, instance_rng(5), double_sep=True)
+    assert [len(roberta_row(i, tight.tokens)[0]) for i in (a, b)] == [32, 33]

@@ -117,3 +117,49 @@ def test_config_is_validated():
     with pytest.raises(ValueError):
         MaskingConfig(vocab_size=10, mask_id=4, special_ids=(0, 1, 2, 3, 4), mask_token_prob=0.95,
                       random_token_prob=0.1)
+
+
+def test_bpe_whole_words_from_the_word_start_mark(bpe_tokenizer_dir):
+    """Byte-level BPE: a word is a Ġ token (or a sentence's first) and the tokens after it without Ġ;
+    whole-word masking masks all of a word's pieces; a CJK character cut into byte tokens stays whole."""
+    from data_prep.encode import encode_documents
+    from data_prep.vocab import load_tokenizer_dir
+    from tests.data_prep.conftest import ZH_DOCS, english_docs
+
+    tok, info = load_tokenizer_dir(bpe_tokenizer_dir)
+    table = continuation_table(tok.get_vocab(), "BPE")
+    assert not table[tok.token_to_id("\u0120the")] and table[tok.token_to_id("the")]
+    docs = english_docs(20_000)[:40] + ZH_DOCS
+    unit = encode_documents(docs, tok, max_segment_tokens=500, is_continuation=table)
+    pieces = [tok.id_to_token(int(t)) for t in unit.tokens]
+    firsts = set(unit.seg_start)
+    for i, piece in enumerate(pieces):
+        if i in firsts or piece.startswith("\u0120"):
+            assert unit.word_starts[i], piece
+    english = unit.seg_start[unit.doc_first[40]]
+    assert sum(unit.word_starts[:english]) == sum(p.startswith("\u0120") for p in pieces[:english]) + \
+        len([s for s in unit.seg_start if s < english])  # nothing else starts an English word
+    # Chinese: jieba's words.  A byte token can hold the end of one character and the start of the next
+    # (BPE merges bytes, not characters): it goes with its first character's word, so a few words decode
+    # with a cut character; the rest are jieba's words (punctuation without Ġ joins the word before it).
+    import jieba
+
+    jieba_words = {w for d in ZH_DOCS for w in jieba.lcut(d)}
+    zh_words = np.cumsum(unit.word_starts[english:])
+    texts = [tok.decode(unit.tokens[english:][zh_words == w].tolist()) for w in np.unique(zh_words)]
+    found = [t.rstrip("。！？，：“”") in jieba_words for t in texts]
+    assert sum(found) > 0.8 * len(texts) and sum(len(t) > 1 for t, f in zip(texts, found) if f) > 40
+
+    special = info.special_ids
+    config = MaskingConfig(vocab_size=info.vocab_size, mask_id=info.mask_id, special_ids=special, max_predictions=40)
+    rng = np.random.default_rng(8)
+    for s in range(len(unit.seg_start)):
+        lo, hi = unit.seg_start[s], unit.seg_end[s]
+        ids = np.concatenate([[info.cls_id], unit.tokens[lo:hi], [info.sep_id]])
+        starts = np.concatenate([[1], unit.word_starts[lo:hi], [1]]).astype(bool)
+        out = mask_tokens(ids, rng, config, word_starts=starts)
+        chosen = np.zeros(len(ids), bool)
+        chosen[out.masked_lm_positions] = True
+        word = np.cumsum(starts)
+        for w in np.unique(word[chosen]):
+            assert chosen[(word == w) & ~np.isin(ids, special)].all(), "a word was masked only in part"

@@ -27,7 +27,7 @@ FLOAT_KEYS = _float_keys()
 
 def test_float_keys_are_found():
     assert {"optimizer.lr", "optimizer.betas", "schedule.warmup_ratio", "data.mlm_probability",
-            "logging.peak_tflops", "model.layer_norm_eps"} <= set(FLOAT_KEYS) and len(FLOAT_KEYS) == 16
+            "logging.peak_tflops", "model.layer_norm_eps", "distill.temperature"} <= set(FLOAT_KEYS) and len(FLOAT_KEYS) == 21
 
 
 @pytest.mark.parametrize("key", FLOAT_KEYS)
