@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from pretrain.engine import all_reduce_sum, convert_to_universal
+from pretrain.engine import agree, convert_to_universal
 from pretrain.config import Config
 from pretrain.weights import (TOKENIZER_DIR, CheckpointError, UnreadableFileError, atomic_write, atomic_write_text,
                               copy_tokenizer,
@@ -341,11 +341,7 @@ def _agree(error: Optional[Exception], device: torch.device,
            elsewhere: str = "loading the checkpoint failed on another rank (its error names the file)") -> None:
     """Raise on every rank if any rank failed (``elsewhere`` on the ranks that did not): one rank's
     bad file must not leave the others waiting in the next collective."""
-    failed = all_reduce_sum(torch.tensor([0.0 if error is None else 1.0], device=device))
-    if error is not None:
-        raise error
-    if failed.item() > 0:
-        raise CheckpointError(elsewhere)
+    agree(error, device, CheckpointError(elsewhere))
 
 
 def saved_trainer_state(root: str) -> Optional[dict]:

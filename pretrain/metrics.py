@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Optional
 
-from pretrain.trackers import open_trackers
+from pretrain.trackers import TrackerError, open_trackers
 from pretrain.weights import atomic_write_text
 
 # Dense bf16/fp16 tensor-core peak TFLOP/s by device-name substring (first match wins).
@@ -49,6 +49,20 @@ def throughput(seqs: int, tokens: int, seconds: float, flops_per_seq: float,
     if peak_tflops:
         out["perf/mfu"] = tflops / peak_tflops
     return out
+
+
+def open_logger(run_dir: str, device, **settings) -> "MetricsLogger":
+    """``MetricsLogger(run_dir, **settings)`` on every rank of the job; when a tracker cannot start on rank 0,
+    TrackerError on every rank (the others must not wait for rank 0 in the next collective)."""
+    from pretrain.engine import agree
+
+    logger = error = None
+    try:
+        logger = MetricsLogger(run_dir, **settings)
+    except TrackerError as err:
+        error = err
+    agree(error, device, TrackerError("logging.trackers: a tracker could not start on rank 0 (its error says why)"))
+    return logger
 
 
 class MetricsLogger:

@@ -25,7 +25,7 @@ from pretrain.downstream import Downstream
 from pretrain.engine import Engine, all_reduce_sum, init_distributed, shutdown_distributed
 from pretrain.evaluate import eval_metrics, eval_sums
 from pretrain.faults import Faults
-from pretrain.metrics import MetricsLogger, peak_tflops_for, plot_curves, throughput
+from pretrain.metrics import MetricsLogger, open_logger, peak_tflops_for, plot_curves, throughput
 from pretrain.packing import fill
 from pretrain.signals import StopSignal
 
@@ -177,9 +177,9 @@ def _train(cfg: Config, dist_env: DistEnv, device: torch.device, stop_after_step
     state, messages = _starting_state(run, ckpt_root, prints, resuming, new_world)
     static = not train_split.info["dynamic"]
     messages += [f"warning: {w}" for w in ignored_option_warnings(cfg, static_masking=static)]
-    logger = MetricsLogger(run_dir, rank=dist_env.rank, max_steps=cfg.training.max_steps, start_step=state.step,
-                           tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
-                           trackers=cfg.logging)
+    logger = open_logger(run_dir, device, rank=dist_env.rank, max_steps=cfg.training.max_steps,
+                         start_step=state.step, tensorboard=cfg.logging.tensorboard,
+                         progress_bar=cfg.logging.progress_bar, trackers=cfg.logging)
     for message in messages:
         logger.message(message)
     logger.log_run(state.step, cfg.to_dict(), dist_env.world_size)

@@ -29,7 +29,7 @@ from pretrain.signals import STOP_SIGNALS, StopSignal
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineSettings", "all_reduce_sum", "convert_to_universal", "deepspeed_config",
+__all__ = ["Engine", "EngineSettings", "agree", "all_reduce_sum", "convert_to_universal", "deepspeed_config",
            "init_distributed", "initialize", "shutdown_distributed"]
 
 
@@ -74,6 +74,16 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def agree(error: Optional[Exception], device: torch.device, elsewhere: Exception) -> None:
+    """Raise on every rank if any rank failed: ``error`` where it happened, ``elsewhere`` on the others
+    (one rank's failure must not leave the others waiting in the next collective)."""
+    failed = all_reduce_sum(torch.tensor([0.0 if error is None else 1.0], device=device))
+    if error is not None:
+        raise error
+    if failed.item() > 0:
+        raise elsewhere
 
 
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):

@@ -47,7 +47,7 @@ from pretrain.finetune.config import FinetuneConfig, dump_config, warmup_ratio_o
 from pretrain.finetune.evaluate import better, dev_metrics, dev_outputs
 from pretrain.finetune.prepare import (FinetuneInputError, TaskData, encode_task, micro_batch_stream, read_task,
                                        steps_per_epoch)
-from pretrain.metrics import MetricsLogger
+from pretrain.metrics import open_logger
 from pretrain.signals import StopSignal
 from pretrain.trainer import EXIT_REQUEUE, NonFiniteLossError, hold_run_dir, join_job, seed_everything
 from pretrain.weights import EXTRA_FILE, read_json_object
@@ -294,9 +294,9 @@ def train_seed(cfg: FinetuneConfig, data: TaskData, plan: Plan, model, seed: int
     t = cfg.training
     batches = micro_batch_stream(data.train_features, data.pad_id, plan.global_batch, t.micro_batch_size, plan.accum,
                                  rank, seed, t.length_grouped, t.length_group_batches, first_batch=state.step)
-    logger = MetricsLogger(out_dir, rank=rank, max_steps=plan.max_steps, start_step=state.step,
-                           tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
-                           trackers=cfg.logging)
+    logger = open_logger(out_dir, device, rank=rank, max_steps=plan.max_steps, start_step=state.step,
+                         tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
+                         trackers=cfg.logging)
     logger.log_run(state.step, cfg.to_dict(), world)
     if resume_from is not None:
         logger.message(f"seed {seed}: resumed from {os.path.join(ckpt_root, resume_from)} at step {state.step}")

@@ -284,6 +284,18 @@ def test_an_mlflow_server_that_does_not_answer_is_one_line(tmp_path, monkeypatch
     assert "\n" not in str(err.value) and not (tmp_path / "trackers.json").exists()
 
 
+def test_a_tracker_failing_on_rank_0_ends_every_rank_at_once(data, tmp_path):
+    """Only rank 0 opens trackers: when one cannot start, the other ranks learn it and exit alike, instead
+    of waiting for rank 0 in their next collective (training.collective_timeout_s, 30 min by default)."""
+    uri = f"http://127.0.0.1:{free_port()}"                               # nothing listens there
+    run = launch(tmp_path / "run", TINY + data_overrides(data) + [
+        "logging.trackers=[mlflow]", f"logging.mlflow_tracking_uri={uri}", "training.max_steps=2",
+        "training.collective_timeout_s=600"], nproc=2, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}, timeout=240)
+    assert run.codes == [2, 2], run.explain()
+    assert f"MLflow cannot start a run at {uri}: " in run.logs[0]
+    assert "logging.trackers: a tracker could not start on rank 0 (its error says why)" in run.logs[1]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("sqlalchemy") is not None, reason="a full mlflow opens sqlite stores")
 def test_a_database_store_without_the_full_mlflow_says_so(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"                            # MLflow's default kind of store
