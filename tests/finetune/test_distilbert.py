@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.finetune.test_model import HEADS, export, load_hf, outputs, targets
+from tests.finetune.test_model import HEADS, eight_steps, export, load_hf, outputs, targets
 from tests.finetune.test_train import classification_files, corpus_lines, finetune, read_jsonl
 from tests.pretrain.test_distilbert import DISTILBERT, distilbert_config, hf_inputs
 from tests.pretrain.test_hf import assert_rel_close, padded_inputs, perturb, run_config, transformers, write_tokenizer
@@ -69,18 +69,8 @@ def test_training_follows_transformers_step_by_step(tmp_path):
     hf_model = load_hf(tmp_path / "hf", "DistilBertForSequenceClassification").train()
     inputs = padded_inputs()
     labels = targets(model.head, inputs)
-    runs = []
-    for m, batch in ((model, inputs), (hf_model, hf_inputs(inputs))):
-        opt, losses = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01), []
-        for step in range(8):
-            torch.manual_seed(100 + step)
-            loss = m(**batch, **labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        runs.append(losses)
+    runs = [eight_steps(m, {**batch, **labels}, torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01))
+            for m, batch in ((model, inputs), (hf_model, hf_inputs(inputs)))]
     assert runs[0][-1] < runs[0][0]                        # it trains
     assert runs[0] == pytest.approx(runs[1], rel=1e-5, abs=1e-6)
 

@@ -423,20 +423,23 @@ def test_training_follows_transformers_step_by_step(tmp_path):
         assert decay and rest
         return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
                                  lr=1e-3, eps=1e-8)
-    runs = []
-    for m in (model, hf_model):
-        opt, losses = adamw(m.named_parameters()), []
-        for step in range(8):
-            torch.manual_seed(100 + step)
-            loss = m(**inputs, **labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        runs.append(losses)
+    runs = [eight_steps(m, {**inputs, **labels}, adamw(m.named_parameters())) for m in (model, hf_model)]
     assert runs[0][-1] < runs[0][0]                        # it trains
     assert runs[0] == pytest.approx(runs[1], rel=1e-5, abs=1e-6)
+
+
+def eight_steps(model, batch: dict, opt) -> list[float]:
+    """The losses of eight ``opt`` steps on ``batch`` with clipping at 1.0, the global seed set before each."""
+    losses = []
+    for step in range(8):
+        torch.manual_seed(100 + step)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
 
 
 # ---------------------------------------------------------------------------------------------

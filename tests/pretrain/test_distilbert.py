@@ -9,14 +9,14 @@ import warnings
 import pytest
 import torch
 
-from tests.pretrain.test_hf import (VOCAB, assert_rel_close, load_hf, padded_inputs, perturb, save_ours, tiny,
-                                    transformers, write_tokenizer)
+from tests.pretrain.test_hf import (VOCAB, assert_rel_close, load_hf, padded_inputs, perturb, round_trip, save_ours,
+                                    tiny, transformers)
 from data_prep.settings import ConfigError, ConfigWarning
 from pretrain.cli import main
 from pretrain.config import load_config
 from pretrain.hf import export_checkpoint
 from pretrain.model import build_model
-from pretrain.weights import load_model, load_weights
+from pretrain.weights import load_model
 
 DISTILBERT = tiny(arch="distilbert", sentence_head="none")
 
@@ -160,16 +160,7 @@ def test_import_refuses_sinusoidal_positions(tmp_path, capsys):
 
 
 def test_export_then_import_round_trips_exactly_with_its_tokenizer(tmp_path):
-    model, ckpt = save_ours(tmp_path, DISTILBERT)
-    tokenizer = write_tokenizer(tmp_path / "tok")
-    assert main(["export", "--checkpoint", ckpt, "--out", str(tmp_path / "hf"), "--tokenizer", tokenizer]) == 0
-    assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
-    config, state_dict, _ = load_weights(str(tmp_path / "back"))
-    assert config.model == DISTILBERT
-    original = model.consolidated_state_dict()
-    assert set(state_dict) == set(original)
-    for key in original:
-        assert torch.equal(state_dict[key], original[key]), key
+    model, _ = round_trip(tmp_path, DISTILBERT)
     settings = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     assert settings["tokenizer_class"] == "DistilBertTokenizerFast"
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))

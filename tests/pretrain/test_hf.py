@@ -298,7 +298,13 @@ def test_import_matches_transformers(tmp_path, case):
 
 
 def test_export_then_import_round_trips_exactly(tmp_path):
-    model_cfg = tiny(arch="albert", embedding_size=16, share_layers=True, sentence_head="sop")
+    _, extra = round_trip(tmp_path, tiny(arch="albert", embedding_size=16, share_layers=True, sentence_head="sop"))
+    assert sorted(os.listdir(extra["tokenizer_dir"])) == ["tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+
+
+def round_trip(tmp_path, model_cfg: ModelConfig):
+    """Our checkpoint of ``model_cfg`` exported with a tokenizer to tmp_path/hf and imported back: every
+    tensor and the model config come back exactly.  Returns (the model, the import's extra)."""
     model, ckpt = save_ours(tmp_path, model_cfg)
     tokenizer = write_tokenizer(tmp_path / "tok")
     assert main(["export", "--checkpoint", ckpt, "--out", str(tmp_path / "hf"), "--tokenizer", tokenizer]) == 0
@@ -309,7 +315,7 @@ def test_export_then_import_round_trips_exactly(tmp_path):
     assert set(state_dict) == set(original)
     for key in original:
         assert torch.equal(state_dict[key], original[key]), key
-    assert sorted(os.listdir(extra["tokenizer_dir"])) == ["tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+    return model, extra
 
 
 def test_exported_and_imported_files_follow_the_umask(tmp_path):
