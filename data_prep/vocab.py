@@ -313,7 +313,7 @@ def install_tokenizer_dir(tokenizer, out_dir: Path, info: TokenizerInfo) -> None
                         f"this run's tokenizer is {info.sha256[:12]}... (mismatched tokenizer)")
 
 
-def _read_vocab_txt(path: Path) -> dict[str, int]:
+def read_vocab_txt(path: Path) -> dict[str, int]:
     vocab: dict[str, int] = {}
     try:
         lines = path.read_text(encoding="utf-8").split("\n")
@@ -367,7 +367,7 @@ def read_tokenizer(path: Path, lowercase: bool | None = None, validate: bool = T
         return tok
     if lowercase is None:
         lowercase = declared_lowercase(path.parent)
-    return build_bert_tokenizer(_read_vocab_txt(path), lowercase)
+    return build_bert_tokenizer(read_vocab_txt(path), lowercase)
 
 
 def declared_lowercase(tokenizer_dir) -> bool:

@@ -493,13 +493,18 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def ignored_option_warnings(cfg: Config, static_masking: bool) -> list[str]:
-    """Settings the shards make ineffective (known once the manifest is read); those that the
-    config alone shows are issued by ``load_config`` as ConfigWarning."""
+def ignored_option_warnings(cfg: Config, static_masking: bool, objective: Optional[str] = None) -> list[str]:
+    """Settings the shards make ineffective, and what of the shards the model leaves unused (known once the
+    manifest is read: its masking and ``objective``); those that the config alone shows are issued by
+    ``load_config`` as ConfigWarning."""
+    warnings = []
     if static_masking and cfg.data.mlm_probability is not None:
-        return [f"data.mlm_probability={cfg.data.mlm_probability} has no effect: the shards are statically "
-                "masked (data_prep wrote their masks); it still enters the config fingerprint"]
-    return []
+        warnings.append(f"data.mlm_probability={cfg.data.mlm_probability} has no effect: the shards are statically "
+                        "masked (data_prep wrote their masks); it still enters the config fingerprint")
+    if objective in ("nsp", "sop") and cfg.model.sentence_head == "none":
+        warnings.append(f"the shards are {objective} instances but model.sentence_head is none: their sentence "
+                        "labels are ignored (masked LM only)")
+    return warnings
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,6 +535,14 @@ def _roberta_distilbert_layout(cfg: Config, _world_size):
     if m.arch in ("roberta", "distilbert") and (m.sentence_head != "none" or m.layer_norm_position != "post"):
         return (f"model.arch={m.arch} is post-LN without a sentence head: got model.sentence_head="
                 f"{m.sentence_head}, model.layer_norm_position={m.layer_norm_position} (expected none, post)")
+
+
+@RULES.check("model.arch", "model.layer_norm_eps")
+def _distilbert_eps(cfg: Config, _world_size):
+    m = cfg.model
+    if m.arch == "distilbert" and m.layer_norm_eps != 1e-12:
+        return (f"model.layer_norm_eps: got {m.layer_norm_eps} with model.arch=distilbert, expected 1e-12 "
+                f"(transformers' DistilBERT has it built in, so no other value could be exported)")
 
 
 @RULES.check("model.arch", "model.sentence_head")

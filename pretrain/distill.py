@@ -58,6 +58,8 @@ class Teacher:
     tokenizer: str | None = None
     """The hash of the tokenizer our checkpoint records it was trained with (None: unknown, e.g. a transformers
     directory)."""
+    tokens: dict | None = None
+    """{token: id} of a transformers directory's tokenizer files (None: ours, or a directory without them)."""
 
 
 def load_teacher(path: str) -> Teacher:
@@ -70,35 +72,51 @@ def load_teacher(path: str) -> Teacher:
         if is_hf_dir(path):
             with tempfile.TemporaryDirectory(prefix="teacher-") as tmp:
                 import_hf(path, tmp)
-                config, state_dict, _ = load_weights(tmp)
+                config, state_dict, imported = load_weights(tmp)
+                tokens = token_ids(imported.get("tokenizer_dir"))
             where = os.path.abspath(path)
             extra = {}
         else:
             config, state_dict, extra = load_weights(path)
-            where = os.path.abspath(resolve_checkpoint_dir(path))
+            where, tokens = os.path.abspath(resolve_checkpoint_dir(path)), None
     except (OSError, ValueError, ConfigError) as err:   # missing, not a checkpoint, unsupported HF class
         raise CheckpointError(f"distill.teacher: {err}") from None
     return Teacher(config.model, state_dict, {"sha256": weights_sha256(state_dict), "path": where},
-                   (extra.get("fingerprints") or {}).get("tokenizer"))
+                   (extra.get("fingerprints") or {}).get("tokenizer"), tokens)
 
 
-def check_tokenizer(teacher: Teacher, data_tokenizer: str | None) -> None:
-    """Refuse a teacher whose recorded tokenizer is not ``data.tokenizer`` (which the trainer checks against
-    the shards): it would read other tokens than the student's.  Unchecked when either is unknown."""
+def token_ids(tokenizer_dir: str | None) -> dict | None:
+    """{token: id} of a tokenizer directory's tokenizer.json (or vocab.txt); None without either."""
     from pathlib import Path
 
-    from data_prep.errors import PrepError
-    from data_prep.vocab import load_tokenizer_dir
-    if teacher.tokenizer is None or not data_tokenizer:
-        return
-    try:
-        found = load_tokenizer_dir(Path(data_tokenizer))[1].sha256
-    except PrepError:
-        return          # the trainer reports data.tokenizer's problem
-    if found != teacher.tokenizer:
-        raise CheckpointError(f"distill.teacher: {teacher.identity['path']} was trained with tokenizer "
-                              f"{teacher.tokenizer}, but data.tokenizer ({data_tokenizer}) hashes to {found}: "
-                              f"distil on shards of the teacher's tokenizer")
+    from data_prep.vocab import read_vocab_txt
+    if not tokenizer_dir:
+        return None
+    found = Path(tokenizer_dir)
+    if (found / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+        return Tokenizer.from_file(str(found / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    return read_vocab_txt(found / "vocab.txt") if (found / "vocab.txt").is_file() else None
+
+
+def check_data(teacher: Teacher, shards) -> None:
+    """Refuse shards the teacher cannot read: of another tokenizer than the one our checkpoint records, or
+    (a transformers directory) a tokenizer whose tokens have other ids than the directory's own tokenizer
+    files give them.  A transformers directory without tokenizer files is checked by vocabulary size only
+    (pretrain.data.open_split: the shards' must fit the model's).  ``shards``: the training Mixture."""
+    from pretrain.data import DataError
+
+    where = f"distill.teacher: {teacher.identity['path']}"
+    if teacher.tokenizer is not None and teacher.tokenizer != shards.tokenizer_hash:
+        raise DataError(f"{where} was trained with tokenizer {teacher.tokenizer}, but the shards' tokenizer is "
+                        f"{shards.tokenizer_hash}: distil on shards of the teacher's tokenizer")
+    if teacher.tokenizer is None and teacher.tokens is not None:
+        ours = token_ids(shards.tokenizer_dir) or {}
+        other = sorted(t for t, i in ours.items() if teacher.tokens.get(t) != i)
+        if other:
+            raise DataError(f"{where}: its tokenizer gives {len(other)} of the shards' {len(ours)} tokens other ids "
+                            f"(e.g. {other[0]!r}: {teacher.tokens.get(other[0])} vs {ours[other[0]]}): distil on "
+                            f"shards of the teacher's tokenizer")
 
 
 def weights_sha256(state_dict: dict) -> str:
@@ -271,7 +289,8 @@ def objective(cfg: Config, teacher: Teacher) -> Objective:
         student.load_consolidated_state_dict(student_weights(teacher.state_dict, layers, student.state_dict()))
         return Distiller(student, frozen_teacher(teacher, cfg, device), cfg.distill)
 
-    return Objective(wrap=wrap, stats=distill_stats, fingerprints={"teacher": teacher.identity})
+    return Objective(wrap=wrap, stats=distill_stats, fingerprints={"teacher": teacher.identity},
+                     check_data=lambda shards: check_data(teacher, shards))
 
 
 def prepare(cfg: Config, world_size: int | None = None) -> tuple[Config, Objective]:
@@ -280,10 +299,13 @@ def prepare(cfg: Config, world_size: int | None = None) -> tuple[Config, Objecti
         raise ConfigError(["distill.teacher: missing: pretrain distill needs a teacher (one of our checkpoint "
                            "directories or a transformers directory)"])
     teacher = load_teacher(cfg.distill.teacher)
-    check_tokenizer(teacher, cfg.data.tokenizer)
     out = distill_config(cfg, teacher, world_size)
     replaced = " (the config's model section is replaced by it)" if cfg.model not in (ModelConfig(), out.model) else ""
-    log.info("distilling %s (%d layers) into a %s student of %d layers, from teacher layers %s%s",
-             teacher.identity["path"], teacher.model.num_layers, out.model.arch, out.model.num_layers,
-             layer_map(teacher.model, cfg.distill), replaced)
+    log.info("distilling %s (%s) into a %s student of %s, from teacher layers %s%s",
+             teacher.identity["path"], _layers(teacher.model.num_layers), out.model.arch,
+             _layers(out.model.num_layers), layer_map(teacher.model, cfg.distill), replaced)
     return out, objective(out, teacher)
+
+
+def _layers(n: int) -> str:
+    return f"{n} layer" + ("" if n == 1 else "s")

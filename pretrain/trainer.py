@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from pretrain import checkpoint as ckpt
-from pretrain.config import Config, ignored_option_warnings
-from pretrain.data import DataPosition, Mixture, build_eval_loader, build_train_loader, open_split
+from pretrain.config import Config, ConfigError, ignored_option_warnings
+from pretrain.data import DataError, DataPosition, Mixture, build_eval_loader, build_train_loader, open_split
 from pretrain.distributed import DistEnv
 from pretrain.downstream import Downstream
-from pretrain.engine import Engine, all_reduce_sum, init_distributed, shutdown_distributed
+from pretrain.engine import Engine, agree, all_reduce_sum, init_distributed, shutdown_distributed
 from pretrain.evaluate import eval_metrics, eval_sums
 from pretrain.faults import Faults
 from pretrain.metrics import MetricsLogger, open_logger, peak_tflops_for, plot_curves, throughput
@@ -63,6 +63,9 @@ class Objective:
     among them is logged as ``train/loss_<name>``."""
     fingerprints: dict
     """Added to the checkpoints' fingerprints (pretrain.checkpoint.check_fingerprints compares them)."""
+    check_data: Callable[[Mixture], None]
+    """Called with the training split before training: raises DataError for shards the objective cannot
+    train on."""
 
 
 @dataclass
@@ -144,14 +147,24 @@ def build_run(cfg: Config, dist_env: DistEnv, device: torch.device, stop: StopSi
 
 def train(cfg: Config, dist_env: DistEnv, *, stop_after_step: Optional[int] = None,
           fault: Optional[str] = None, stop: Optional[StopSignal] = None,
-          objective: Optional[Objective] = None) -> int:
+          prepare: Optional[Callable[[Config, int], tuple[Config, Objective]]] = None) -> int:
     """Train to ``training.max_steps`` (or checkpoint and return 75 at ``stop_after_step``).
 
-    ``fault``: a fault for the tests to inject (see pretrain.faults).  ``objective``: what is trained, where it
-    is not pretraining (distillation).  Raises RunDirError when another run holds ``logging.run_dir``.
+    ``fault``: a fault for the tests to inject (see pretrain.faults).  ``prepare(cfg, world_size) -> (cfg,
+    Objective)``: what is trained, where it is not pretraining (distillation's); it runs on every rank once the
+    job is joined, and its ConfigError or CheckpointError on any rank ends every rank.  Raises RunDirError when
+    another run holds ``logging.run_dir``.
     """
     faults = Faults.parse(fault)
     device = join_job(cfg, dist_env)
+    objective = None
+    if prepare is not None:
+        error = None
+        try:
+            cfg, objective = prepare(cfg, dist_env.world_size)
+        except (ConfigError, ckpt.CheckpointError) as err:   # a teacher missing or unreadable on this node
+            error = err
+        agree(error, device, ckpt.CheckpointError("preparing the run failed on another rank (its error says why)"))
     lock = hold_run_dir(cfg.logging.run_dir, dist_env.rank, device)
     try:
         code = _train(cfg, dist_env, device, stop_after_step, faults, stop or StopSignal(), objective)
@@ -171,12 +184,16 @@ def _train(cfg: Config, dist_env: DistEnv, device: torch.device, stop_after_step
     run = build_run(cfg, dist_env, device, stop, faults, load_universal=new_world, objective=objective)
     train_split = open_split(cfg.data, "train", cfg.training, cfg.model.vocab_size)
     val_split = open_split(cfg.data, "val", cfg.training, cfg.model.vocab_size, required=False)
+    _check_padding(cfg, train_split)
+    if objective is not None:
+        objective.check_data(train_split)
     prints = ckpt.fingerprints(cfg, train_split.fingerprint, train_split.tokenizer_hash, train_split.converted_from)
     prints.update(objective.fingerprints if objective is not None else {})
     saver = _Saver(run, ckpt_root, prints, {"tokenizer_dir": train_split.tokenizer_dir, "fingerprints": prints})
     state, messages = _starting_state(run, ckpt_root, prints, resuming, new_world)
     static = not train_split.info["dynamic"]
-    messages += [f"warning: {w}" for w in ignored_option_warnings(cfg, static_masking=static)]
+    messages += [f"warning: {w}" for w in ignored_option_warnings(cfg, static_masking=static,
+                                                                  objective=train_split.info["objective"])]
     logger = open_logger(run_dir, device, rank=dist_env.rank, max_steps=cfg.training.max_steps,
                          start_step=state.step, tensorboard=cfg.logging.tensorboard,
                          progress_bar=cfg.logging.progress_bar, trackers=cfg.logging)
@@ -199,6 +216,17 @@ def _train(cfg: Config, dist_env: DistEnv, device: torch.device, stop_after_step
     if dist_env.rank == 0 and code == EXIT_DONE:
         plot_curves(logger.jsonl_path, os.path.join(run_dir, "curves.png"))
     return code
+
+
+def _check_padding(cfg: Config, split: Mixture) -> None:
+    """What export would refuse after the whole run, refused before it: RoBERTa pads with id 1."""
+    from pretrain.hf import ROBERTA_PAD_ID
+
+    pad = split.info["special_ids"]["pad"]
+    if cfg.model.arch == "roberta" and pad != ROBERTA_PAD_ID:
+        raise DataError(f"{split.splits[0].dir}: the shards' tokenizer pads with id {pad}, but model.arch=roberta "
+                        f"needs RoBERTa's <pad> at id {ROBERTA_PAD_ID} (a vocabulary from `python -m data_prep vocab "
+                        f"--model bpe`); or train model.arch=bert on these shards")
 
 
 def _starting_state(run: Run, ckpt_root: str, prints: dict, resuming: bool,

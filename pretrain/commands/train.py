@@ -59,12 +59,14 @@ def run(args, prepare=None) -> int:
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError
     from pretrain.trackers import TrackerError
+    if prepare is None and cfg.distill.teacher:
+        print(f"error: distill.teacher is set ({cfg.distill.teacher}): this is a distillation config, which "
+              f"`python -m pretrain train` would not distill; run `python -m pretrain distill` with it",
+              file=sys.stderr)
+        return 2
     try:
-        objective = None
-        if prepare is not None:
-            cfg, objective = prepare(cfg, dist_env.world_size)
         return train(cfg, dist_env, stop_after_step=args.stop_after_step, fault=args.fault, stop=stop,
-                     objective=objective)
+                     prepare=prepare)
     except (DataError, CheckpointError, RunDirError, ConfigError, TrackerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -394,9 +394,7 @@ class BertForPretraining(nn.Module):
             out.sentence_logits = self.sentence_logits(hidden, cls_positions)
         if masked_lm_labels is not None:
             out.mlm_loss, out.mlm_correct, out.mlm_count = loss_and_accuracy(out.mlm_logits, masked_lm_labels)
-        if sentence_labels is not None:
-            if out.sentence_logits is None:
-                raise ValueError("sentence_labels given, but model.sentence_head is 'none'")
+        if sentence_labels is not None and out.sentence_logits is not None:   # no head: NSP/SOP shards' labels unused
             out.sentence_loss, out.sentence_correct, out.sentence_count = loss_and_accuracy(
                 out.sentence_logits, sentence_labels)
         losses = [x for x in (out.mlm_loss, out.sentence_loss) if x is not None]

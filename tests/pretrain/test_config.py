@@ -240,6 +240,24 @@ def test_mlm_probability_with_static_shards_is_reported_for_the_trainer():
     assert ignored_option_warnings(load_config(None), static_masking=True) == []
 
 
+def test_sentence_labels_a_model_leaves_unused_are_reported_for_the_trainer():
+    from pretrain.config import ignored_option_warnings
+
+    roberta = load_config(REPO / "configs" / "roberta-base.yaml")
+    for objective in ("nsp", "sop"):
+        (warning,) = ignored_option_warnings(roberta, static_masking=False, objective=objective)
+        assert warning == (f"the shards are {objective} instances but model.sentence_head is none: their sentence "
+                           "labels are ignored (masked LM only)")
+    assert ignored_option_warnings(roberta, static_masking=False, objective="full-sentences") == []
+    assert ignored_option_warnings(load_config(None), static_masking=False, objective="nsp") == []
+
+
+def test_distilbert_needs_transformers_layer_norm_eps():
+    with pytest.raises(ConfigError, match=r"model.layer_norm_eps: got 1e-05 with model.arch=distilbert, expected "
+                                          r"1e-12 \(transformers' DistilBERT has it built in"):
+        load_config(None, ["model.arch=distilbert", "model.sentence_head=none", "model.layer_norm_eps=1e-5"])
+
+
 def test_allgather_bucket_is_its_own_key():
     cfg = load_config(None, ["zero.reduce_bucket_size=1000"])
     assert (cfg.zero.reduce_bucket_size, cfg.zero.allgather_bucket_size) == (1000, 50_000_000)

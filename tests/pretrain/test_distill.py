@@ -11,7 +11,6 @@ student exports to DistilBertForMaskedLM (transformers' logits equal ours) and f
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -288,14 +287,24 @@ def test_resume_is_exact_each_component_logged_and_another_teacher_refused(setup
 
 
 @pytest.mark.slow
-def test_a_teacher_of_another_tokenizer_is_refused(setup, tmp_path):
-    root, data, *_ = setup
-    teacher = save_teacher(tmp_path / "teacher", data, 0, tokenizer="0" * 64)
-    cfg = Config(data=dataclasses.replace(Config().data, tokenizer=str(data / "tokenizer")),
-                 distill=DistillConfig(teacher=str(teacher)))
-    with pytest.raises(CheckpointError, match=f"distill.teacher: {teacher} was trained with tokenizer 0000.*but "
-                                              f"data.tokenizer \\({data / 'tokenizer'}\\) hashes to"):
-        prepare(cfg)
+def test_a_teacher_of_another_tokenizer_is_refused(setup, tmp_path, capsys):
+    """Ours by the tokenizer hash its checkpoint records; a transformers directory by its own tokenizer files'
+    ids (here its vocab.txt with two tokens swapped), whether or not data.tokenizer is given."""
+    from pretrain.hf import export_checkpoint
+    root, data, teacher, _, overrides = setup
+    other = save_teacher(tmp_path / "teacher", data, 0, tokenizer="0" * 64)
+    assert distill(tmp_path / "ours", overrides + [f"distill.teacher={other}", "data.tokenizer=null"]) == 2
+    err = capsys.readouterr().err
+    assert f"distill.teacher: {other} was trained with tokenizer 0000" in err and "but the shards' tokenizer is" in err
+    hf = tmp_path / "hf"
+    export_checkpoint(str(teacher), str(hf))
+    (hf / "tokenizer.json").unlink()
+    tokens = (hf / "vocab.txt").read_text().splitlines()
+    tokens[10], tokens[11] = tokens[11], tokens[10]
+    (hf / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    assert distill(tmp_path / "hf-run", overrides + [f"distill.teacher={hf}"]) == 2
+    err = capsys.readouterr().err
+    assert f"distill.teacher: {hf}: its tokenizer gives 2 of the shards' " in err and "other ids" in err, err
 
 
 @pytest.mark.slow

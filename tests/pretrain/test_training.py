@@ -203,6 +203,22 @@ def test_non_finite_losses_are_skipped_counted_and_bounded(dynamic_data, tmp_pat
     assert "3 consecutive steps with a non-finite loss (training.max_nonfinite_steps=3) at step 4" in stopped.logs[0]
 
 
+def test_what_would_fail_at_the_end_is_refused_at_the_start(dynamic_data, tmp_path):
+    """model.arch=roberta on WordPiece shards (export needs <pad> at id 1), and a distillation config given to
+    `pretrain train` (which would train the config's model section from scratch): exit 2, one line, nothing run."""
+    base = TINY + data_overrides(dynamic_data) + ["training.max_steps=2"]
+    roberta = launch(tmp_path / "roberta", base + ["model.arch=roberta", "model.sentence_head=none",
+                                                   "model.max_position_embeddings=130"], nproc=1)
+    assert roberta.codes == [2], roberta.explain()
+    assert ("the shards' tokenizer pads with id 0, but model.arch=roberta needs RoBERTa's <pad> at id 1 (a "
+            "vocabulary from `python -m data_prep vocab --model bpe`)") in roberta.logs[0]
+    distill = launch(tmp_path / "distill", base + [f"distill.teacher={tmp_path}"], nproc=1)
+    assert distill.codes == [2], distill.explain()
+    assert (f"error: distill.teacher is set ({tmp_path}): this is a distillation config, which `python -m pretrain "
+            f"train` would not distill; run `python -m pretrain distill` with it") in distill.logs[0]
+    assert not any((tmp_path / run / "checkpoints").exists() for run in ("roberta", "distill"))
+
+
 def test_changed_run_definition_is_refused_on_resume_unless_allowed(dynamic_data, tmp_path):
     base = TINY + data_overrides(dynamic_data) + ["zero.stage=0"]
     first = launch(tmp_path / "run", base + ["training.max_steps=4"], nproc=1, extra_args=["--stop-after-step", "2"])
