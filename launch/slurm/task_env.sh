@@ -32,7 +32,7 @@ elif [[ -n ${BERTFORGE_APPTAINER_IMAGE:-} ]]; then
   wrap+=("$BERTFORGE_APPTAINER_IMAGE")
 fi
 if [[ -n ${BERTFORGE_ENV_HOOK:-} ]]; then  # exec: the program keeps the task's pid and gets srun's signals
-  wrap+=(bash -c 'source "$0" || { echo "$0: sourcing it failed on $(hostname)" >&2; exit 2; }; exec "$@"'
+  wrap+=(bash -c 'source "$0" >&2 || { echo "$0: sourcing it failed on $(hostname)" >&2; exit 2; }; exec "$@"'
          "$BERTFORGE_ENV_HOOK")
 fi
 return 0

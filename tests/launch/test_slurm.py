@@ -352,9 +352,11 @@ def test_staging_copies_verifies_and_the_training_reads_the_copy(slurm, shards, 
     data[len(data) // 2] ^= 1
     damaged.write_bytes(bytes(data))
     run_dir = tmp_path / "run"
+    hook = tmp_path / "setup.sh"          # what it prints must not reach the override the staging prints
+    hook.write_text('echo "environment ready"\n')
     job = slurm.sbatch(*TEST_SBATCH, f"--output={tmp_path}/slurm-%j.out", SBATCH,
                        *train_args(run_dir, shards, steps=4), f"data.cache_dir={tmp_path / 'cache'}",
-                       env={"BERTFORGE_STAGE_SHARDS": "1"})
+                       env={"BERTFORGE_STAGE_SHARDS": "1", "BERTFORGE_ENV_HOOK": str(hook)})
     info = slurm.wait(job)
     log = job_log(tmp_path, job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), explain(slurm, tmp_path, job)
@@ -369,6 +371,27 @@ def test_staging_copies_verifies_and_the_training_reads_the_copy(slurm, shards, 
     from pretrain.weights import load_model
     _, cfg, _ = load_model(str(run_dir / "checkpoints"))
     assert cfg.data.dir == str(copy) and sorted(losses(run_dir)) == [1, 2, 3, 4]
+
+
+def test_usr1_during_the_staging_requeues_before_any_training(slurm, shards, tmp_path):
+    """The stop signal while the shards are being staged (the hook holds the staging step for a while) is
+    held until the staging ends, then the job goes back to the queue (here MAX_REQUEUES=0: it gives up
+    with 75) without starting the training."""
+    hook = tmp_path / "setup.sh"
+    hook.write_text(f'if [[ ${{SLURM_STEP_ID:-batch}} == 0 ]]; then touch "{tmp_path}/staging"; sleep 5; fi\n')
+    job = slurm.sbatch(*TEST_SBATCH, f"--output={tmp_path}/slurm-%j.out", SBATCH,
+                       *train_args(tmp_path / "run", shards, steps=4), f"data.cache_dir={tmp_path / 'cache'}",
+                       env={"BERTFORGE_STAGE_SHARDS": "1", "BERTFORGE_ENV_HOOK": str(hook), "MAX_REQUEUES": "0"})
+    slurm.wait(job, until=lambda info: (tmp_path / "staging").exists()
+               or info["JobState"] not in ("PENDING", "RUNNING"))
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
+    info = slurm.wait(job, timeout=120)
+    log = job_log(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "75:0"), explain(slurm, tmp_path, job)
+    assert "SIGUSR1 (time limit or preemption near) during the staging" in log
+    assert ("stopped during the staging, before any training, but the job was already requeued 0 times "
+            "(MAX_REQUEUES=0): giving up") in log
+    assert "copied, verified" in log and "running: srun" not in log
 
 
 def test_staging_a_mixture_copies_the_local_source_and_keeps_names_and_weights(shards, tmp_path):
