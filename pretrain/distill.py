@@ -287,7 +287,9 @@ def objective(cfg: Config, teacher: Teacher) -> Objective:
 
     def wrap(student: nn.Module, device: torch.device) -> Distiller:
         student.load_consolidated_state_dict(student_weights(teacher.state_dict, layers, student.state_dict()))
-        return Distiller(student, frozen_teacher(teacher, cfg, device), cfg.distill)
+        distiller = Distiller(student, frozen_teacher(teacher, cfg, device), cfg.distill)
+        teacher.state_dict = None     # the frozen copy is all the run needs: the fp32 host copy goes
+        return distiller
 
     return Objective(wrap=wrap, stats=distill_stats, fingerprints={"teacher": teacher.identity},
                      check_data=lambda shards: check_data(teacher, shards))

@@ -52,16 +52,18 @@ def throughput(seqs: int, tokens: int, seconds: float, flops_per_seq: float,
 
 
 def open_logger(run_dir: str, device, **settings) -> "MetricsLogger":
-    """``MetricsLogger(run_dir, **settings)`` on every rank of the job; when a tracker cannot start on rank 0,
-    TrackerError on every rank (the others must not wait for rank 0 in the next collective)."""
+    """``MetricsLogger(run_dir, **settings)`` on every rank of the job; when it cannot start on rank 0 (a tracker
+    that cannot, a run dir it cannot write), rank 0's error there and TrackerError on the other ranks (they
+    must not wait for rank 0 in the next collective)."""
     from pretrain.engine import agree
 
     logger = error = None
     try:
         logger = MetricsLogger(run_dir, **settings)
-    except TrackerError as err:
+    except Exception as err:        # raised again here by agree: on the other ranks, the line below
         error = err
-    agree(error, device, TrackerError("logging.trackers: a tracker could not start on rank 0 (its error says why)"))
+    agree(error, device, TrackerError("logging: the metrics logger (metrics.jsonl, TensorBoard, logging.trackers) "
+                                      "could not start on rank 0 (its error says why)"))
     return logger
 
 

@@ -98,7 +98,13 @@ def open_trackers(section, run_dir: str, start_step: int, say: Callable[[str], N
     try:
         for tracker in section.trackers:
             kind = {"mlflow": MlflowTracker, "wandb": WandbTracker}[tracker]
-            opened.append(kind(section, name, ids.get(tracker), say))
+            try:
+                opened.append(kind(section, name, ids.get(tracker), say))
+            except TrackerError:
+                raise
+            except Exception as err:     # e.g. a protobuf version the package cannot import with
+                detail = (str(err).strip().splitlines() or [""])[0]
+                raise TrackerError(f"logging.trackers: {tracker} cannot start: {type(err).__name__}: {detail}") from err
     except BaseException:
         for t in opened:
             t.close()
@@ -123,7 +129,25 @@ def _text(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-class MlflowTracker:
+class _Tracker:
+    """What the trackers share: a failure once the run has started (a server gone, a disk full) is said once
+    and ends the logging to that tracker, not the training."""
+    name: str
+    errors: tuple
+    """The exceptions a failure to send raises."""
+
+    def _guarded(self, what: str, send: Callable[[], None]) -> None:
+        if self.failed:
+            return
+        try:
+            send()
+        except self.errors as err:
+            self.failed = True
+            self.say(f"{self.name}: {what} failed ({str(err).strip().splitlines()[0]}); it gets nothing more from "
+                     f"this run (metrics.jsonl and TensorBoard have it all)")
+
+
+class MlflowTracker(_Tracker):
     """One MLflow run, through MlflowClient (no process-wide active run or URI is set): scalars as metrics
     at their step, the config as params (``model.hidden_size``), the metadata as tags (``run.git``,
     ``run.versions.torch``).  Params cannot change once logged: a key whose value differs at a later start
@@ -171,16 +195,6 @@ class MlflowTracker:
                 raise
             return False
 
-    def _guarded(self, what: str, send: Callable[[], None]) -> None:
-        if self.failed:
-            return
-        try:
-            send()
-        except self.errors as err:
-            self.failed = True
-            self.say(f"mlflow: {what} failed ({str(err).strip().splitlines()[0]}); MLflow gets nothing more from "
-                     f"this run (metrics.jsonl and TensorBoard have it all)")
-
     def log(self, step: int, scalars: dict, when: float) -> None:
         metrics = [self.Metric(MLFLOW_NOT_IN_KEYS.sub("_", k), float(v), int(when * 1000), step)
                    for k, v in scalars.items()]
@@ -200,7 +214,7 @@ class MlflowTracker:
         self._guarded("ending the run", lambda: self.client.set_terminated(self.run_id))
 
 
-class WandbTracker:
+class WandbTracker(_Tracker):
     """One W&B run: scalars with ``step`` beside them as their x-axis (W&B's own step only grows, so a
     row logged late, a downstream score at its checkpoint's step, would be dropped), the config as the
     run's config with the metadata under ``run_metadata``.  W&B's capture of stdout/stderr is off (the
@@ -209,6 +223,7 @@ class WandbTracker:
 
     def __init__(self, section, run_name: str, run_id: Optional[str], say: Callable[[str], None]):
         wandb = _import("wandb")
+        self.errors, self.say, self.failed = (wandb.Error, OSError), say, False
         try:
             self.run = wandb.init(project=section.wandb_project, entity=section.wandb_entity,
                                   mode=section.wandb_mode, name=run_name, id=run_id,
@@ -221,10 +236,11 @@ class WandbTracker:
         self.run.define_metric("*", step_metric=STEP_KEY)
 
     def log(self, step: int, scalars: dict, when: float) -> None:
-        self.run.log({STEP_KEY: step, **scalars})
+        self._guarded(f"logging step {step}", lambda: self.run.log({STEP_KEY: step, **scalars}))
 
     def log_run(self, config: dict, meta: dict) -> None:
-        self.run.config.update({**config, "run_metadata": meta}, allow_val_change=True)
+        self._guarded("logging the config", lambda: self.run.config.update({**config, "run_metadata": meta},
+                                                                           allow_val_change=True))
 
     def close(self) -> None:
-        self.run.finish()
+        self._guarded("ending the run", self.run.finish)

@@ -269,8 +269,37 @@ def test_mlflow_names_and_a_store_lost_mid_run(tmp_path, offline, capsys):
     logger.close()                                                         # training goes on, and ends
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("mlflow:")]
     assert len(said) == 1 and said[0].startswith("mlflow: logging step 2 failed (") and said[0].endswith(
-        "MLflow gets nothing more from this run (metrics.jsonl and TensorBoard have it all)")
+        "it gets nothing more from this run (metrics.jsonl and TensorBoard have it all)")
     assert [r["step"] for r in read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))] == [1, 2, 3]
+
+
+def test_a_wandb_failure_mid_run_is_said_once_and_an_odd_error_at_start_is_one_line(tmp_path, offline, capsys,
+                                                                                      monkeypatch):
+    section = LoggingConfig(run_dir=str(tmp_path / "run"), trackers=["wandb"])
+    logger = MetricsLogger(section.run_dir, rank=0, max_steps=10, start_step=0, tensorboard=False,
+                           progress_bar=False, trackers=section)
+    (tracker,) = logger.trackers
+
+    def gone(*_, **__):
+        raise wandb.Error("the service process went away")
+    monkeypatch.setattr(tracker.run, "log", gone)
+    for step in (1, 2):
+        logger.log(step, {"train/loss": 1.0})
+    logger.close()
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wandb:")]
+    assert said == ["wandb: logging step 1 failed (the service process went away); it gets nothing more from this "
+                    "run (metrics.jsonl and TensorBoard have it all)"]
+    assert [r["step"] for r in read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))] == [1, 2]
+
+    import pretrain.trackers as trackers
+
+    def odd(self, *_):
+        raise TypeError("Descriptors cannot be created directly.\nIf this call came from a _pb2.py file ...")
+    monkeypatch.setattr(trackers.WandbTracker, "__init__", odd)
+    with pytest.raises(TrackerError) as err:
+        MetricsLogger(str(tmp_path / "other"), rank=0, max_steps=1, start_step=0, tensorboard=False,
+                      progress_bar=False, trackers=section)
+    assert str(err.value) == "logging.trackers: wandb cannot start: TypeError: Descriptors cannot be created directly."
 
 
 def test_an_mlflow_server_that_does_not_answer_is_one_line(tmp_path, monkeypatch):
@@ -293,7 +322,8 @@ def test_a_tracker_failing_on_rank_0_ends_every_rank_at_once(data, tmp_path):
         "training.collective_timeout_s=600"], nproc=2, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}, timeout=240)
     assert run.codes == [2, 2], run.explain()
     assert f"MLflow cannot start a run at {uri}: " in run.logs[0]
-    assert "logging.trackers: a tracker could not start on rank 0 (its error says why)" in run.logs[1]
+    assert ("logging: the metrics logger (metrics.jsonl, TensorBoard, logging.trackers) could not start on rank 0 "
+            "(its error says why)") in run.logs[1]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sqlalchemy") is not None, reason="a full mlflow opens sqlite stores")
