@@ -123,7 +123,7 @@ class ModelSection:
     """Tokenizer directory (tokenizer.json or vocab.txt); None: the checkpoint's."""
     head_dropout: Optional[float] = setting(None, ge=0, lt=1)
     """Dropout before the output layer (classification, token; qa for arch distilbert, as its qa_dropout);
-    None: the encoder's hidden_dropout."""
+    None: the encoder's hidden_dropout (arch distilbert's classification head: 0.2, its seq_classif_dropout)."""
     new_head: bool = False
     """Start a fresh head even when the checkpoint is fine-tuned for the same task type."""
     init: Literal["pretrained", "random"] = "pretrained"

@@ -40,6 +40,10 @@ HEAD_KEY = "finetune_head"
 """The key of extra.json (our checkpoints) that records a fine-tuned model's HeadConfig."""
 
 
+DISTILBERT_SEQ_CLASSIF_DROPOUT = 0.2
+"""transformers' DistilBertConfig default dropout before a sequence head's classifier (seq_classif_dropout)."""
+
+
 @dataclass
 class HeadConfig:
     """The task head of a FinetuneModel (resolve_head fills the fields left None)."""
@@ -55,7 +59,8 @@ class HeadConfig:
     None: regression when num_labels is 1, as transformers decides."""
     dropout: Optional[float] = None
     """Dropout before the output layer; None: the model's hidden_dropout (transformers'
-    classifier_dropout=None).  qa has none (transformers' QA classes have none), but for arch distilbert
+    classifier_dropout=None), for arch distilbert's sequence head 0.2 (DistilBertConfig's seq_classif_dropout
+    default).  qa has none (transformers' QA classes have none), but for arch distilbert
     (DistilBertForQuestionAnswering's qa_dropout)."""
 
 
@@ -94,8 +99,8 @@ def resolve_head(head: HeadConfig, m: ModelConfig) -> HeadConfig:
         problems.append(f"labels: {len(labels)} names for num_labels={num_labels}")
     if labels is not None and len(set(labels)) != len(labels):
         problems.append(f"labels: names must be distinct, got {labels}")
-    dropout = 0.0 if head.task == "qa" and not qa_dropout else (m.hidden_dropout if head.dropout is None
-                                                               else head.dropout)
+    default = DISTILBERT_SEQ_CLASSIF_DROPOUT if m.arch == "distilbert" and head.task == "sequence" else m.hidden_dropout
+    dropout = 0.0 if head.task == "qa" and not qa_dropout else (default if head.dropout is None else head.dropout)
     if not 0 <= dropout < 1:
         problems.append(f"dropout: must be in [0, 1), got {dropout}")
     if problems:

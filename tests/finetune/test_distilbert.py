@@ -76,8 +76,8 @@ def test_training_follows_transformers_step_by_step(tmp_path):
 
 
 HF_SOURCES = {    # architecture: (DistilBertConfig settings, the head dropout read from them)
-    "DistilBertModel": ({}, 0.1),          # no head: the encoder's dropout
-    "DistilBertForMaskedLM": ({}, 0.1),
+    "DistilBertModel": ({}, 0.2),          # no head: a fresh sequence head's, seq_classif_dropout's default
+    "DistilBertForMaskedLM": ({}, 0.2),
     "DistilBertForSequenceClassification": (dict(num_labels=3, seq_classif_dropout=0.3), 0.3),
     "DistilBertForQuestionAnswering": (dict(qa_dropout=0.25), 0.25),
     "DistilBertForTokenClassification": (dict(num_labels=3, dropout=0.2), 0.2),   # its encoder's dropout
@@ -135,6 +135,13 @@ def test_qa_head_dropout_is_allowed_for_distilbert_only():
     assert FinetuneModel(DISTILBERT, HeadConfig("qa")).head.dropout == DISTILBERT.hidden_dropout
     with pytest.raises(ValueError, match="a qa head has no dropout"):
         FinetuneModel(dataclasses.replace(DISTILBERT, arch="bert"), HeadConfig("qa", dropout=0.2))
+
+
+def test_a_sequence_head_drops_out_as_transformers_by_default():
+    """head_dropout unset: DistilBertConfig's own default, seq_classif_dropout (not the encoder's dropout)."""
+    assert FinetuneModel(DISTILBERT, HeadConfig("sequence", num_labels=2)).head.dropout == \
+        transformers.DistilBertConfig().seq_classif_dropout == 0.2
+    assert FinetuneModel(DISTILBERT, HeadConfig("token", num_labels=2)).head.dropout == DISTILBERT.hidden_dropout
 
 
 def test_finetune_command_trains_a_distilbert_checkpoint(tmp_path):
