@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from tests.finetune.test_model import HEADS, eight_steps, export, load_hf, outputs, targets
+from tests.finetune.test_model import (HEADS, eight_steps, export, load_hf, outputs, same_outputs_and_losses,
+                                      targets)
 from tests.finetune.test_train import classification_files, corpus_lines, finetune, read_jsonl
 from tests.pretrain.test_distilbert import DISTILBERT, distilbert_config, hf_inputs
 from tests.pretrain.test_hf import assert_rel_close, padded_inputs, perturb, run_config, transformers, write_tokenizer
@@ -35,19 +36,9 @@ def test_export_matches_transformers_in_eval_and_train_mode(tmp_path, head_case)
     assert export(model, tmp_path / "hf")["architecture"] == architecture
     hf_model = load_hf(tmp_path / "hf", architecture)
     inputs = padded_inputs()           # ours ignores the token_type_ids; transformers' takes none
-    labels = targets(model.head, inputs)
-    with torch.no_grad():
-        ours, theirs = model(**inputs, **labels), hf_model(**hf_inputs(inputs), **labels)
-    assert_rel_close(outputs(ours), outputs(theirs))
-    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
-    model.train(), hf_model.train()
-    torch.manual_seed(5)
-    ours = model(**inputs, **labels).loss
-    torch.manual_seed(5)
-    theirs = hf_model(**hf_inputs(inputs), **labels).loss
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    ours = same_outputs_and_losses(model, hf_model, inputs, hf_inputs(inputs))
     torch.manual_seed(6)
-    assert model(**inputs, **labels).loss != ours          # dropout was on
+    assert model(**inputs, **targets(model.head, inputs)).loss != ours          # dropout was on
 
 
 def test_sequence_head_is_pre_classifier_relu_classifier():

@@ -463,17 +463,25 @@ def test_roberta_export_matches_transformers_in_eval_and_train_mode(tmp_path, he
     assert export(model, tmp_path / "hf")["architecture"] == architecture
     hf_model = load_hf(tmp_path / "hf", architecture)
     inputs = roberta_batch()
+    same_outputs_and_losses(model, hf_model, inputs, inputs)
+
+
+def same_outputs_and_losses(model, hf_model, inputs: dict, hf_inputs: dict) -> torch.Tensor:
+    """Ours on ``inputs`` and transformers' on ``hf_inputs`` (the same batch as each model takes it): the
+    same outputs and loss in eval mode (1e-5), the same loss in train mode from one seed (dropout drawn
+    alike); returns our train-mode loss."""
     labels = targets(model.head, inputs)
     with torch.no_grad():
-        ours, theirs = model(**inputs, **labels), hf_model(**inputs, **labels)
+        ours, theirs = model(**inputs, **labels), hf_model(**hf_inputs, **labels)
     assert_rel_close(outputs(ours), outputs(theirs))
     torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
     model.train(), hf_model.train()
     torch.manual_seed(5)
     ours = model(**inputs, **labels).loss
     torch.manual_seed(5)
-    theirs = hf_model(**inputs, **labels).loss
+    theirs = hf_model(**hf_inputs, **labels).loss
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    return ours
     torch.manual_seed(6)
     assert model(**inputs, **labels).loss != ours          # dropout was on
 
