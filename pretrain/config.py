@@ -77,6 +77,10 @@ class ModelConfig:
     """Pad the embedding/decoder rows to a multiple of this inside the model (never in exports)."""
 
 
+DISTILBERT_LAYER_NORM_EPS = 1e-12
+"""transformers' DistilBERT has this LayerNorm epsilon built in (its config has no setting for it)."""
+
+
 def position_offset(m: ModelConfig) -> int:
     """Where position ids start: 0, or RoBERTa's 2 (its padding index 1 is the padding slots' position)."""
     return 2 if m.arch == "roberta" else 0
@@ -540,8 +544,9 @@ def _roberta_distilbert_layout(cfg: Config, _world_size):
 @RULES.check("model.arch", "model.layer_norm_eps")
 def _distilbert_eps(cfg: Config, _world_size):
     m = cfg.model
-    if m.arch == "distilbert" and m.layer_norm_eps != 1e-12:
-        return (f"model.layer_norm_eps: got {m.layer_norm_eps} with model.arch=distilbert, expected 1e-12 "
+    if m.arch == "distilbert" and m.layer_norm_eps != DISTILBERT_LAYER_NORM_EPS:
+        return (f"model.layer_norm_eps: got {m.layer_norm_eps} with model.arch=distilbert, expected "
+                f"{DISTILBERT_LAYER_NORM_EPS} "
                 f"(transformers' DistilBERT has it built in, so no other value could be exported)")
 
 

@@ -46,7 +46,8 @@ import shutil
 import warnings
 
 from data_prep.vocab import BPE_SPECIAL_TOKENS, declared_lowercase, normalizer_flags, special_tokens_map
-from pretrain.config import Config, ModelConfig, TrainingConfig, config_from_dict, max_seq_len
+from pretrain.config import (DISTILBERT_LAYER_NORM_EPS, Config, ModelConfig, TrainingConfig, config_from_dict,
+                             max_seq_len)
 from pretrain.weights import read_json_object
 
 SUPPORTED_HF_ARCHITECTURES = ("BertForPreTraining", "BertForMaskedLM", "MegatronBertForPreTraining",
@@ -65,8 +66,6 @@ FINETUNE_SOURCE_ARCHITECTURES = SUPPORTED_HF_ARCHITECTURES + FINETUNED_HF_ARCHIT
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 ROBERTA_PAD_ID = 1
 """RoBERTa's padding index: transformers' position ids count from it + 1, and padding slots sit at it."""
-DISTILBERT_LAYER_NORM_EPS = 1e-12
-"""transformers' DistilBERT has this LayerNorm epsilon built in (its config has no setting for it)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,11 +76,7 @@ def hf_family(m: ModelConfig) -> str:
     for ``m``."""
     if m.arch == "roberta":
         return "Roberta"
-    if m.arch == "distilbert":
-        if m.layer_norm_eps != DISTILBERT_LAYER_NORM_EPS:
-            raise ValueError(f"model.layer_norm_eps={m.layer_norm_eps} with model.arch=distilbert has no HuggingFace "
-                             f"equivalent (DistilBertModel's LayerNorms use {DISTILBERT_LAYER_NORM_EPS}); it cannot "
-                             "be exported")
+    if m.arch == "distilbert":      # its layer_norm_eps is transformers' (a config rule)
         return "DistilBert"
     if m.arch == "albert":
         if m.layer_norm_position == "pre":

@@ -53,7 +53,7 @@ def test_pairs_fit_and_labels_are_balanced_on_short_documents(objective):
     # 4 binomial standard deviations
     assert abs(labels.mean() - 0.5) < 4 * 0.5 / np.sqrt(len(labels))
     for inst in insts:
-        (a,) = inst.a
+        (a,), b = inst.a, inst.b
         assert a[1] > a[0] and b[1] > b[0] and (a[1] - a[0]) + (b[1] - b[0]) <= seq_len - 3
         same_doc = doc_of(unit, a[0]) == doc_of(unit, b[0])
         if objective == "nsp" and inst.label == 1:
