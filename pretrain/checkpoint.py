@@ -37,7 +37,7 @@ import torch.distributed as dist
 import yaml
 
 from pretrain.engine import agree, convert_to_universal
-from pretrain.config import Config
+from pretrain.config import Config, flatten
 from pretrain.weights import (TOKENIZER_DIR, CheckpointError, UnreadableFileError, atomic_write, atomic_write_text,
                               copy_tokenizer,
                               load_torch_file, read_json_object, save_weights)
@@ -112,10 +112,10 @@ def config_changes(ckpt_dir: str, cfg: Config) -> dict:
     from pretrain.weights import CONFIG_FILE
     try:
         with open(os.path.join(ckpt_dir, CONFIG_FILE), encoding="utf-8") as f:
-            then = _flat(fingerprinted_settings(yaml.safe_load(f)))
+            then = flatten(fingerprinted_settings(yaml.safe_load(f)))
     except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
         return {}
-    now = _flat(fingerprinted_settings(cfg.to_dict()))
+    now = flatten(fingerprinted_settings(cfg.to_dict()))
     names = {"mlm_probability": "data.mlm_probability"}
     return {names.get(k, k): (then.get(k), now.get(k)) for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)}
 
@@ -126,16 +126,6 @@ def extends_the_run(changes: dict) -> bool:
         return False
     then, now = changes["training.max_steps"]
     return isinstance(then, int) and isinstance(now, int) and now > then
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 CONVERTED_FROM = "data_converted_from"   # fingerprints' key: the data fingerprint of the directory converted

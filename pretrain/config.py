@@ -493,6 +493,17 @@ def _default_name(location: str) -> Optional[str]:
     return parts[-1] if parts else location
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"model": {"hidden_size": 64}}`` -> ``{"model.hidden_size": 64}`` (lists stay values)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 

@@ -23,6 +23,7 @@ import os
 import re
 from typing import Callable, Optional
 
+from pretrain.config import flatten
 from pretrain.weights import atomic_write_text
 
 # tracker name -> the module it needs
@@ -111,17 +112,6 @@ def open_trackers(section, run_dir: str, start_step: int, say: Callable[[str], N
         raise
     atomic_write_text(path, json.dumps({t.name: t.run_id for t in opened}, indent=2) + "\n")
     return opened
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """``{"model": {"hidden_size": 64}}`` -> ``{"model.hidden_size": 64}`` (lists stay values)."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _text(value) -> str:
